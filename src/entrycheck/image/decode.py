@@ -1,0 +1,81 @@
+"""Instruction decoding with capstone, shared by the loader, disasm and the machine.
+
+The loader decodes the object once to learn how each undefined symbol is used
+(through %gs, called, or plain data); the machine decodes the patched image once
+to find the few instructions it must hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+import capstone
+from capstone import x86_const as X
+
+GS_PREFIX = 0x65
+
+
+@dataclass(frozen=True)
+class Insn:
+    address: int
+    size: int
+    mnemonic: str
+    op_str: str
+    raw: bytes
+    gs: bool                   # has a %gs segment override
+    branch_target: int | None  # for direct call/jmp/jcc
+    is_call: bool
+    is_jump: bool              # any jmp/jcc (direct or not)
+    rip_target: int | None     # address of a RIP-relative memory operand
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+
+@lru_cache(maxsize=4)
+def _engine(att: bool) -> capstone.Cs:
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    if att:
+        md.syntax = capstone.CS_OPT_SYNTAX_ATT
+    md.skipdata = False
+    return md
+
+
+def _convert(ins: capstone.CsInsn) -> Insn:
+    gs = ins.prefix[1] == GS_PREFIX
+    is_call = ins.group(capstone.CS_GRP_CALL)
+    is_jump = ins.group(capstone.CS_GRP_JUMP)
+    target = None
+    rip_target = None
+    for op in ins.operands:
+        if op.type == X.X86_OP_IMM and (is_call or is_jump):
+            target = op.imm & ((1 << 64) - 1)
+        elif op.type == X.X86_OP_MEM and op.mem.base == X.X86_REG_RIP:
+            rip_target = (ins.address + ins.size + op.mem.disp) & ((1 << 64) - 1)
+    return Insn(ins.address, ins.size, ins.mnemonic, ins.op_str, bytes(ins.bytes), gs,
+                target, is_call, is_jump, rip_target)
+
+
+def decode_one(code: bytes, address: int, *, att: bool = True) -> Insn | None:
+    for ins in _engine(att).disasm(code[:16], address, 1):
+        return _convert(ins)
+    return None
+
+
+def sweep(code: bytes, address: int, *, att: bool = True) -> Iterator[Insn]:
+    """Linear sweep over ``code``; an undecodable byte is skipped (yielded as '.byte')."""
+    md = _engine(att)
+    offset = 0
+    while offset < len(code):
+        for ins in md.disasm(code[offset:], address + offset):
+            yield _convert(ins)
+            offset += ins.size
+        if offset < len(code):
+            byte = code[offset]
+            yield Insn(address + offset, 1, ".byte", f"{byte:#04x}", bytes([byte]), False,
+                       None, False, False, None)
+            offset += 1

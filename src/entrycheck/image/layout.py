@@ -1,0 +1,81 @@
+"""Where everything lives in the model's virtual address space.
+
+Kernel-style, canonical-high addresses throughout: the entry code tests address
+signs (a negative GSBASE means "kernel"), compares RIP against its own labels and
+RSP against the IST stacks, so nothing may live at a low address except user space.
+
+    0xffffffff81000000  the object's sections (text first)        IMAGE_BASE
+    0xffffffff81800000  kernel code that exceptions interrupt     KERNEL_TEXT_BASE
+    0xffffffff82000000  one stub per undefined function (C code)  STUB_BASE
+    0xffffffff83000000  model memory for undefined data symbols   DATA_BASE
+    0xffffffff83800000  data the kernel keeps in .entry.text      ENTRY_DATA_BASE
+    0xffff888000100000  the per-cpu area of the one modelled CPU  PERCPU_BASE
+    0xffffc90000010000  the current task's stack                  TASK_STACK_BASE
+    0xfffffe0000001000  cpu_entry_area: GDT, entry stack, IST     CEA_BASE
+    0x0000000000400000  user space (never executed)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+PAGE = 0x1000
+
+IMAGE_BASE = 0xFFFFFFFF81000000
+KERNEL_TEXT_BASE = 0xFFFFFFFF81800000
+STUB_BASE = 0xFFFFFFFF82000000
+STUB_STRIDE = 0x10
+DATA_BASE = 0xFFFFFFFF83000000
+ENTRY_DATA_BASE = 0xFFFFFFFF83800000
+PERCPU_BASE = 0xFFFF888000100000
+TASK_STACK_BASE = 0xFFFFC90000010000
+TASK_STACK_SIZE = 0x4000          # THREAD_SIZE (16 KiB)
+CEA_BASE = 0xFFFFFE0000001000
+USER_BASE = 0x0000000000400000
+
+# A user GSBASE no %gs: access can reach: low, canonical, and never mapped.
+USER_GSBASE_POISON = 0x00007F5EC0DE0000
+
+
+class Perm(enum.Flag):
+    R = 1
+    W = 2
+    X = 4
+
+
+@dataclass(frozen=True)
+class Region:
+    """A range of virtual memory with its contents and permissions."""
+
+    name: str
+    start: int
+    size: int
+    perm: Perm
+    user_mapped: bool         # mapped by the PTI user page tables
+    data: bytes = b""         # initial contents (zero-filled to size)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    def contains(self, addr: int) -> bool:
+        return self.start <= addr < self.end
+
+
+def page_up(value: int) -> int:
+    return (value + PAGE - 1) & ~(PAGE - 1)
+
+
+def page_down(value: int) -> int:
+    return value & ~(PAGE - 1)
+
+
+def align_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+def canonical(addr: int) -> bool:
+    """True when ``addr`` is a canonical 48-bit address."""
+    top = addr >> 47
+    return top == 0 or top == (1 << 17) - 1
