@@ -1,0 +1,591 @@
+"""Apply a series of kernel patches to a source tree, all or nothing.
+
+Accepted inputs: ``git format-patch`` mail (headers, message, diffstat, signature
+around the diff), plain unified diffs (``diff -u``, ``git diff``), and patches
+copied out of a web mail archive, whose whitespace and context markers are gone
+and whose context may have drifted from the tree (see ``patchmatch``).
+
+The file headers are read with ``whatthepatch``.  Hunk bodies are read here,
+driven by the line counts of each ``@@`` header: in an archived patch a context
+line has no marker, so only the counts say where a hunk ends, and they let the
+reconstruction of each line's kind be checked.
+
+Every hunk of every patch is placed in memory first, each patch on the result of
+the ones before it.  Only when all of them fit is anything written, and then
+each changed file is written as a new file renamed over the old one: the
+destination may share inodes with the source tree (``cp -al``), which must not
+change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from collections.abc import Sequence
+
+from whatthepatch.patch import parse_header
+
+from entrycheck.errors import InputError
+from entrycheck.kernel.patchmatch import (
+    ADDED,
+    CONTEXT,
+    REMOVED,
+    Fit,
+    HunkMismatch,
+    already_applied,
+    new_side_as_given,
+    normalise,
+    place_hunk,
+    restore_new_side,
+)
+
+__all__ = [
+    "ApplyResult",
+    "FilePatch",
+    "Hunk",
+    "HunkLine",
+    "HunkPlacement",
+    "PatchSet",
+    "apply_patches",
+    "parse_patch",
+]
+
+_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+_GIT_DIFF = re.compile(r"^diff --git (?:a/)?(\S+) (?:b/)?(\S+)")
+_GIT_EXTENDED = re.compile(
+    r"^(index |new file mode |deleted file mode |old mode |new mode |similarity index "
+    r"|dissimilarity index |rename from |rename to |copy from |copy to )"
+)
+_UNSUPPORTED = re.compile(r"^(rename from |copy from |old mode |GIT binary patch|Binary files )")
+_DEV_NULL = "/dev/null"
+
+
+@dataclass(frozen=True)
+class HunkLine:
+    """One line of a hunk: kind is ' ' (context), '-' (removed) or '+' (added)."""
+
+    kind: str
+    text: str
+    marked: bool  # False for a context line that lost its ' ' marker
+
+
+@dataclass(frozen=True)
+class Hunk:
+    """One ``@@`` hunk; ``number`` is 1-based within its file's diff."""
+
+    number: int
+    old_start: int
+    old_count: int
+    new_start: int
+    new_count: int
+    lines: tuple[HunkLine, ...]
+    old_no_newline: bool = False
+    new_no_newline: bool = False
+
+    @property
+    def old_side(self) -> tuple[HunkLine, ...]:
+        return tuple(line for line in self.lines if line.kind != ADDED)
+
+    @property
+    def header(self) -> str:
+        return f"@@ -{self.old_start},{self.old_count} +{self.new_start},{self.new_count} @@"
+
+
+@dataclass(frozen=True)
+class FilePatch:
+    """The diff of one file: ``old_path``/``new_path`` as written, None for /dev/null."""
+
+    old_path: str | None
+    new_path: str | None
+    hunks: tuple[Hunk, ...]
+    new_mode: int | None = None
+
+    @property
+    def display_path(self) -> str:
+        return _strip_ab(self.new_path or self.old_path or "?")
+
+
+@dataclass(frozen=True)
+class PatchSet:
+    """A parsed patch.
+
+    ``mangled``: some context line lost its marker, so whitespace is not the tree's.
+    ``indent_hints``: in a mangled patch, +/- lines keep one space where the line
+    was indented (some do, some do not), so column-0 lines can be told apart.
+    """
+
+    name: str
+    files: tuple[FilePatch, ...]
+    mangled: bool
+    indent_hints: bool
+
+
+@dataclass(frozen=True)
+class HunkPlacement:
+    """How one hunk was placed."""
+
+    file: str
+    hunk: int  # 1-based hunk number within that file's diff
+    header_line: int  # old-file line the header claimed (1-based)
+    placed_line: int  # old-file line where it was applied (1-based)
+    context_mismatches: int  # drifted context lines tolerated
+    whitespace_repaired: bool  # matched only after whitespace normalisation
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    files: tuple[str, ...]  # relative paths written (or deleted)
+    placements: tuple[HunkPlacement, ...]
+
+
+@dataclass(frozen=True)
+class _Content:
+    lines: tuple[str, ...]
+    final_newline: bool
+    mode: int | None = None  # permission bits to give the file, None to keep
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _strip_ab(path: str) -> str:
+    return path[2:] if path.startswith(("a/", "b/")) else path
+
+
+def _header_paths(block: Sequence[str]) -> tuple[str | None, str | None]:
+    header = parse_header(list(block))
+    if header is not None and header.old_path and header.new_path:
+        old, new = header.old_path, header.new_path
+    else:
+        old = next(line[4:] for line in block if line.startswith("--- "))
+        new = next(line[4:] for line in block if line.startswith("+++ "))
+        old, new = old.split("\t")[0].strip(), new.split("\t")[0].strip()
+    return (None if old == _DEV_NULL else old), (None if new == _DEV_NULL else new)
+
+
+def _mode(block: Sequence[str]) -> int | None:
+    for line in block:
+        match = re.match(r"^(?:new file mode|new mode) ([0-7]{6})$", line)
+        if match:
+            return int(match.group(1), 8) & 0o7777
+    return None
+
+
+def _fail(name: str, where: str, what: str, todo: str) -> InputError:
+    return InputError(f"patch {name}: {where}: {what}; {todo}")
+
+
+def _read_hunk(
+    lines: Sequence[str], i: int, number: int, name: str, path: str
+) -> tuple[Hunk, int]:
+    """Read the hunk whose header is ``lines[i]``; return it and the next index."""
+    match = _HUNK.match(lines[i])
+    assert match is not None
+    old_start, new_start = int(match.group(1)), int(match.group(3))
+    old_count = int(match.group(2)) if match.group(2) is not None else 1
+    new_count = int(match.group(4)) if match.group(4) is not None else 1
+    old_left, new_left = old_count, new_count
+    body: list[HunkLine] = []
+    no_newline = {"old": False, "new": False}
+    where = f"{path} hunk {number}"
+    todo = "the patch is truncated or its lines were re-wrapped; take it from another source"
+    i += 1
+
+    def mark_no_newline() -> None:
+        if body and body[-1].kind != ADDED:
+            no_newline["old"] = True
+        if body and body[-1].kind != REMOVED:
+            no_newline["new"] = True
+
+    while old_left > 0 or new_left > 0:
+        if i >= len(lines) or _HUNK.match(lines[i]) or lines[i].startswith("diff --git "):
+            raise _fail(
+                name, where,
+                f"header {match.group(0)} announces {old_count} old and {new_count} new lines"
+                f" but the hunk ends after {old_count - old_left} and {new_count - new_left}",
+                todo,
+            )
+        line = lines[i]
+        i += 1
+        if line.startswith("\\ "):  # "\ No newline at end of file"
+            mark_no_newline()
+            continue
+        marker = line[:1]
+        if marker == REMOVED:
+            body.append(HunkLine(REMOVED, line[1:], True))
+            old_left -= 1
+        elif marker == ADDED:
+            body.append(HunkLine(ADDED, line[1:], True))
+            new_left -= 1
+        elif marker == CONTEXT:
+            body.append(HunkLine(CONTEXT, line[1:], True))
+            old_left, new_left = old_left - 1, new_left - 1
+        else:
+            body.append(HunkLine(CONTEXT, line, False))
+            old_left, new_left = old_left - 1, new_left - 1
+        if old_left < 0 or new_left < 0:
+            raise _fail(
+                name, where,
+                f"more lines than its header {match.group(0)} announces"
+                " (a context line that starts with '-' or '+' lost its marker?)",
+                todo,
+            )
+    if i < len(lines) and lines[i].startswith("\\ "):
+        mark_no_newline()
+        i += 1
+    hunk = Hunk(
+        number, old_start, old_count, new_start, new_count, tuple(body),
+        no_newline["old"], no_newline["new"],
+    )
+    return hunk, i
+
+
+def _is_file_header(lines: Sequence[str], i: int) -> bool:
+    return (
+        lines[i].startswith("--- ")
+        and i + 2 < len(lines)
+        and lines[i + 1].startswith("+++ ")
+        and _HUNK.match(lines[i + 2]) is not None
+    )
+
+
+def _read_file(
+    lines: Sequence[str], i: int, first: int, name: str
+) -> tuple[FilePatch, int]:
+    """Read one file's diff whose ``---`` line is ``lines[i]``; ``first`` starts its header."""
+    block = lines[first : i + 2]
+    old, new = _header_paths(block)
+    path = _strip_ab(new or old or "?")
+    if any(line.startswith(("rename from ", "copy from ")) for line in block):
+        raise _fail(
+            name, path, "renames and copies are not supported",
+            "give a patch that changes files in place",
+        )
+    hunks: list[Hunk] = []
+    i += 2
+    while i < len(lines) and _HUNK.match(lines[i]):
+        hunk, i = _read_hunk(lines, i, len(hunks) + 1, name, path)
+        hunks.append(hunk)
+        j = i
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        if j < len(lines) and _HUNK.match(lines[j]):
+            i = j
+            continue
+        j = i
+        while j < len(lines) and not (
+            _HUNK.match(lines[j]) or lines[j].startswith(("diff ", "--- ", "Index: "))
+        ):
+            j += 1
+        if j < len(lines) and _HUNK.match(lines[j]):
+            raise _fail(
+                name, f"{path} hunk {hunk.number}",
+                f"more lines than its header {hunk.header} announces",
+                "the patch was edited by hand or re-wrapped; fix the hunk's line counts",
+            )
+    return FilePatch(old, new, tuple(hunks), _mode(block)), i
+
+
+def _header_start(lines: Sequence[str], i: int) -> int:
+    """Index of the first line of the git extended header before ``lines[i]``."""
+    first = i
+    while first > 0 and _GIT_EXTENDED.match(lines[first - 1]):
+        first -= 1
+    if first > 0 and lines[first - 1].startswith("diff --git "):
+        first -= 1
+    return first
+
+
+def _headerless_git_file(
+    lines: Sequence[str], i: int, name: str
+) -> tuple[FilePatch | None, int]:
+    """A ``diff --git`` section without ``---``/``+++``: empty new/deleted file, or error."""
+    j = i + 1
+    block = [lines[i]]
+    while j < len(lines) and (_GIT_EXTENDED.match(lines[j]) or _UNSUPPORTED.match(lines[j])):
+        block.append(lines[j])
+        j += 1
+    if j < len(lines) and _is_file_header(lines, j):
+        return None, i + 1
+    match = _GIT_DIFF.match(lines[i])
+    path = match.group(2) if match else lines[i][len("diff --git ") :]
+    if any(_UNSUPPORTED.match(line) for line in block):
+        raise _fail(
+            name, path, "renames, copies, mode changes and binary diffs are not supported",
+            "give a patch that only changes the text of files",
+        )
+    if any(line.startswith("new file mode ") for line in block):
+        return FilePatch(None, path, (), _mode(block)), j
+    if any(line.startswith("deleted file mode ") for line in block):
+        return FilePatch(path, None, ()), j
+    return None, i + 1
+
+
+def parse_patch(text: str, name: str = "patch") -> PatchSet:
+    """Parse a patch (mail, unified diff or archived copy) into its file diffs."""
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    if lines and not lines[-1]:
+        lines.pop()  # what follows the final newline is not a line
+    files: list[FilePatch] = []
+    i = 0
+    while i < len(lines):
+        if _is_file_header(lines, i):
+            fp, i = _read_file(lines, i, _header_start(lines, i), name)
+            files.append(fp)
+        elif lines[i].startswith("diff --git "):
+            fp_or_none, i = _headerless_git_file(lines, i, name)
+            if fp_or_none is not None:
+                files.append(fp_or_none)
+        else:
+            i += 1
+    if not files:
+        raise InputError(
+            f"patch {name}: no unified diff found; give a file made by git format-patch,"
+            " git diff or diff -u"
+        )
+    hunk_lines = [line for fp in files for hunk in fp.hunks for line in hunk.lines]
+    mangled = any(not line.marked and line.text.strip() for line in hunk_lines)
+    changed = [line.text for line in hunk_lines if line.kind != CONTEXT and line.text.strip()]
+    indented = [text[:1].isspace() for text in changed]
+    hints = mangled and any(indented) and not all(indented)
+    return PatchSet(name, tuple(files), mangled, hints)
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def _split(data: bytes, mode: int | None) -> _Content:
+    text = data.decode("utf-8", errors="surrogateescape")
+    if not text:
+        return _Content((), False, mode)
+    final_newline = text.endswith("\n")
+    body = text[:-1] if final_newline else text
+    return _Content(tuple(body.split("\n")), final_newline, mode)
+
+
+def _join(content: _Content) -> bytes:
+    text = "\n".join(content.lines)
+    if content.lines and content.final_newline:
+        text += "\n"
+    return text.encode("utf-8", errors="surrogateescape")
+
+
+def _safe_relative(path: str, name: str) -> str:
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+        raise InputError(
+            f"patch {name}: path {path!r} leaves the tree; give a patch with relative paths"
+        )
+    return str(pure)
+
+
+class _Tree:
+    """The series' view of the tree: files read from ``src`` on demand, edits in memory."""
+
+    def __init__(self, src: Path) -> None:
+        self.src = src
+        self.original: dict[str, _Content | None] = {}
+        self.current: dict[str, _Content | None] = {}
+
+    def get(self, path: str) -> _Content | None:
+        if path not in self.current:
+            full = self.src / path
+            content = _split(full.read_bytes(), None) if full.is_file() else None
+            self.original[path] = content
+            self.current[path] = content
+        return self.current[path]
+
+    def exists(self, path: str) -> bool:
+        return self.get(path) is not None
+
+    def dir_exists(self, path: str) -> bool:
+        parent = str(PurePosixPath(path).parent)
+        if parent == "." or (self.src / parent).is_dir():
+            return True
+        prefix = parent + "/"
+        return any(p.startswith(prefix) and c is not None for p, c in self.current.items())
+
+    def changed(self) -> list[str]:
+        return sorted(p for p in self.current if self.current[p] != self.original[p])
+
+
+def _strip_levels(path: str) -> list[str]:
+    parts = PurePosixPath(path).parts
+    return [str(PurePosixPath(*parts[k:])) for k in range(len(parts))]
+
+
+def _resolve(fp: FilePatch, tree: _Tree, name: str) -> str:
+    """The tree path a file diff applies to (strips a/, b/ or other leading components)."""
+    if fp.old_path is None:
+        assert fp.new_path is not None
+        default = _strip_ab(fp.new_path)
+        deeper = [p for p in _strip_levels(default)[1:] if "/" in p and tree.dir_exists(p)]
+        found = default if tree.dir_exists(default) or not deeper else deeper[0]
+        return _safe_relative(found, name)
+    candidates = [fp.old_path] if fp.new_path is None else [fp.new_path, fp.old_path]
+    level_lists = [_strip_levels(c) for c in candidates]
+    for k in range(max(len(levels) for levels in level_lists)):
+        for levels in level_lists:
+            if k < len(levels) and tree.exists(_safe_relative(levels[k], name)):
+                return _safe_relative(levels[k], name)
+    raise InputError(
+        f"patch {name}: {fp.display_path} does not exist in the tree;"
+        " check that the patch is meant for this tree"
+    )
+
+
+def _patch_file(
+    patch: PatchSet, fp: FilePatch, path: str, content: _Content
+) -> tuple[_Content, list[HunkPlacement]]:
+    """Place every hunk of one file diff on ``content`` and return the new content."""
+    file_norm = [normalise(line) for line in content.lines]
+    tabless = not any("\t" in line.text for f in patch.files for h in f.hunks for line in h.lines)
+    placed: list[tuple[Hunk, Fit]] = []
+    for hunk in fp.hunks:
+        old_side = [(line.kind, line.text) for line in hunk.old_side]
+        try:
+            fit = place_hunk(content.lines, file_norm, old_side, hunk.old_start)
+        except HunkMismatch as error:
+            advice = error.advice
+            pairs = [(line.kind, line.text) for line in hunk.lines]
+            if already_applied(content.lines, file_norm, pairs, hunk.new_start):
+                advice = "the hunk's result is already in the tree: is the patch applied already?"
+            raise _fail(patch.name, f"{path} hunk {hunk.number}", error.reason, advice) from None
+        if placed:
+            previous_hunk, previous = placed[-1]
+            end = previous.start + len(previous_hunk.old_side)
+            if fit.start < end:
+                raise _fail(
+                    patch.name, f"{path} hunk {hunk.number}",
+                    f"fits at line {fit.start + 1}, before the end of hunk"
+                    f" {previous_hunk.number} (line {end})",
+                    "the hunks are out of order; fix the patch",
+                )
+        placed.append((hunk, fit))
+    lines: list[str] = []
+    final_newline = content.final_newline
+    position = 0
+    placements = []
+    for hunk, fit in placed:
+        size = len(hunk.old_side)
+        tree_old = content.lines[fit.start : fit.start + size]
+        lines.extend(content.lines[position : fit.start])
+        pairs = [(line.kind, line.text) for line in hunk.lines]
+        repair = patch.mangled or (
+            fit.whitespace_repaired and tabless and any("\t" in line for line in tree_old)
+        )
+        if repair:
+            lines.extend(restore_new_side(pairs, tree_old, content.lines, fit.start, patch.indent_hints))
+        else:
+            lines.extend(new_side_as_given(pairs, tree_old))
+        position = fit.start + size
+        if position == len(content.lines):
+            if hunk.new_no_newline:
+                final_newline = False
+            elif hunk.old_no_newline or not content.lines:
+                final_newline = True
+        placements.append(
+            HunkPlacement(
+                path, hunk.number, hunk.old_start, fit.start + 1,
+                fit.context_mismatches, fit.whitespace_repaired,
+            )
+        )
+    lines.extend(content.lines[position:])
+    mode = fp.new_mode if fp.new_mode is not None else content.mode
+    return _Content(tuple(lines), final_newline, mode), placements
+
+
+def _delete_file(patch: PatchSet, fp: FilePatch, path: str, content: _Content) -> None:
+    """Check that a deletion removes exactly the file's lines."""
+    removed = [normalise(line.text) for hunk in fp.hunks for line in hunk.lines if line.kind == REMOVED]
+    if removed != [normalise(line) for line in content.lines]:
+        raise _fail(
+            patch.name, path, "the deletion does not match the file's content",
+            "check that the patch is meant for this tree",
+        )
+
+
+def _compute(src_tree: Path, patches: Sequence[PatchSet]) -> tuple[_Tree, list[HunkPlacement]]:
+    tree = _Tree(src_tree)
+    placements: list[HunkPlacement] = []
+    for patch in patches:
+        for fp in patch.files:
+            path = _resolve(fp, tree, patch.name)
+            content = tree.get(path)
+            if fp.old_path is None:
+                if content is not None:
+                    raise _fail(
+                        patch.name, path, "the patch creates this file but it already exists",
+                        "check that the patch is not already applied",
+                    )
+                content, placed = _patch_file(patch, fp, path, _Content((), True, 0o644))
+                tree.current[path] = _Content(content.lines, content.final_newline, fp.new_mode or 0o644)
+                placements.extend(placed)
+                continue
+            assert content is not None
+            if fp.new_path is None:
+                _delete_file(patch, fp, path, content)
+                tree.current[path] = None
+                continue
+            tree.current[path], placed = _patch_file(patch, fp, path, content)
+            placements.extend(placed)
+    return tree, placements
+
+
+def _write(dest_tree: Path, tree: _Tree, paths: Sequence[str]) -> None:
+    """Stage every changed file as a temporary file, then rename them all into place."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path in paths:
+            content = tree.current[path]
+            if content is None:
+                continue
+            target = dest_tree / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            mode = content.mode
+            if mode is None:
+                mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
+            fd, temp_name = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".new", dir=target.parent
+            )
+            staged.append((path, Path(temp_name)))
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(_join(content))
+            os.chmod(temp_name, mode)
+        for path, staged_file in staged:
+            os.replace(staged_file, dest_tree / path)
+        for path in paths:
+            if tree.current[path] is None and (dest_tree / path).exists():
+                (dest_tree / path).unlink()
+    except OSError as error:
+        for _, staged_file in staged:
+            staged_file.unlink(missing_ok=True)
+        raise InputError(
+            f"cannot write the patched tree in {dest_tree}: {error.strerror or error};"
+            " check that the directory is writable and has free space"
+        ) from None
+
+
+def apply_patches(
+    src_tree: Path, patches: Sequence[tuple[str, str]], dest_tree: Path
+) -> ApplyResult:
+    """Apply a series of (name, text) patches from ``src_tree`` into ``dest_tree``.
+
+    ``dest_tree`` must be an existing copy of ``src_tree`` (a hardlink farm is fine).
+    Nothing is written unless every hunk of every patch fits; a failure raises
+    ``InputError`` naming the patch, the file and the hunk.
+    """
+    src_tree, dest_tree = Path(src_tree), Path(dest_tree)
+    if not src_tree.is_dir():
+        raise InputError(f"source tree {src_tree} is not a directory; give the kernel source tree")
+    if not dest_tree.is_dir():
+        raise InputError(f"destination {dest_tree} is not a directory; copy the source tree there first")
+    parsed = [parse_patch(text, name) for name, text in patches]
+    tree, placements = _compute(src_tree, parsed)
+    changed = tree.changed()
+    _write(dest_tree, tree, changed)
+    return ApplyResult(tuple(changed), tuple(placements))
