@@ -1,0 +1,546 @@
+"""Kernel trees and the kernel's own make: recognising trees, staleness, building entry_64.o.
+
+Nothing here writes into a tree it was given.  A clean source tree is built out of
+tree (``make -C SRC O=BUILD``); a tree configured in-tree is first copied into the
+caller's private work directory.  The results of a build (the object, the tree's
+cpufeatures.h, the build's asm-offsets.h and meta.json) are staged in a directory
+that the caller publishes into the cache (see ``cache.Cache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from ..errors import InputError
+from ..progress import Progress, silent
+
+ENTRY_OBJECT = "arch/x86/entry/entry_64.o"
+ENTRY_SOURCE = "arch/x86/entry/entry_64.S"
+CALLING_H = "arch/x86/entry/calling.h"
+CPUFEATURES_H = "arch/x86/include/asm/cpufeatures.h"
+ASM_OFFSETS_H = "include/generated/asm-offsets.h"
+ENTRY_CMD = "arch/x86/entry/.entry_64.o.cmd"
+ASM_OFFSETS_CMD = "arch/x86/kernel/.asm-offsets.s.cmd"
+
+META_JSON = "meta.json"
+STAGED_OBJECT = "entry_64.o"
+STAGED_CPUFEATURES = "cpufeatures.h"
+STAGED_ASM_OFFSETS = "asm-offsets.h"
+STAGED_CONFIG = "kernel.config"
+
+ALWAYS_FINGERPRINTED = (ENTRY_SOURCE, CALLING_H)
+"""Files whose mtime and size always take part in a tree's build fingerprint."""
+
+_GENERATED_PREFIXES = ("include/generated/", "include/config/", "arch/x86/include/generated/")
+_IN_TREE_MARKERS = (".config", "include/config", "arch/x86/include/generated")
+_COPY_EXCLUDES = ("./.git", "*.o", "*.ko", "./vmlinux", "./vmlinux.o")
+
+# Variables that would change what the kernel's make does if inherited from the caller.
+_MAKE_ENV_DROP = frozenset(
+    {
+        "MAKEFLAGS", "MFLAGS", "GNUMAKEFLAGS", "MAKELEVEL", "MAKEFILES",
+        "O", "KBUILD_OUTPUT", "KBUILD_EXTMOD", "KBUILD_SRC", "KCONFIG_CONFIG",
+        "ARCH", "SRCARCH", "CROSS_COMPILE", "LLVM", "LLVM_IAS", "CC", "LD", "AS",
+        "KCFLAGS", "KAFLAGS", "KCPPFLAGS", "V", "W", "C", "M",
+    }
+)
+
+# Debian package -> how to tell it is installed.
+_TOOL_PACKAGES = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc"}
+_HEADER_PACKAGES = {"gelf.h": "libelf-dev", "openssl/opensslv.h": "libssl-dev"}
+_HEADER_DIRS = (Path("/usr/include"), Path("/usr/include/x86_64-linux-gnu"), Path("/usr/local/include"))
+
+
+# --------------------------------------------------------------------------- trees
+
+
+class TreeKind(Enum):
+    """What kind of directory a kernel target is."""
+
+    SOURCE_CLEAN = "clean source tree"  # no configuration: buildable with O=
+    SOURCE_CONFIGURED = "source tree configured in-tree"  # must be copied to build
+    BUILD_DIR = "O= build directory"
+
+
+@dataclass(frozen=True)
+class KernelTree:
+    """A kernel source tree or build directory, by real path."""
+
+    kind: TreeKind
+    path: Path  # the directory as given (resolved)
+    source: Path  # the source tree
+    build: Path | None  # where make puts this tree's objects (None: never configured)
+
+    @property
+    def config(self) -> Path | None:
+        """The tree's .config, if it has one."""
+        if self.build is None or not (self.build / ".config").is_file():
+            return None
+        return self.build / ".config"
+
+    @property
+    def object(self) -> Path | None:
+        """The tree's own entry_64.o, if it has been built."""
+        if self.build is None or not (self.build / ENTRY_OBJECT).is_file():
+            return None
+        return self.build / ENTRY_OBJECT
+
+
+def is_source_tree(path: Path) -> bool:
+    """Whether ``path`` looks like a Linux source tree with the x86-64 entry code."""
+    return (path / "Makefile").is_file() and (path / ENTRY_SOURCE).is_file()
+
+
+def _build_dir_source(path: Path) -> Path | None:
+    """The source tree of O= build directory ``path`` (its ``source`` link or Makefile)."""
+    link = path / "source"
+    if link.is_symlink() or link.is_dir():
+        return link.resolve()
+    makefile = path / "Makefile"
+    if makefile.is_file():
+        text = makefile.read_text(errors="replace")
+        match = re.search(r"^\s*include\s+(\S+)/Makefile\s*$", text, re.MULTILINE) or re.search(
+            r"-C\s+(\S+)", text
+        )
+        if match:
+            return (path / match.group(1)).resolve()
+    return None
+
+
+def inspect_tree(path: Path) -> KernelTree | None:
+    """Classify directory ``path``; None when it is no kernel tree or build directory."""
+    path = path.resolve()
+    if is_source_tree(path):
+        configured = any((path / marker).exists() for marker in _IN_TREE_MARKERS)
+        if configured:
+            return KernelTree(TreeKind.SOURCE_CONFIGURED, path, path, path)
+        return KernelTree(TreeKind.SOURCE_CLEAN, path, path, None)
+    if (path / ".config").is_file():
+        source = _build_dir_source(path)
+        if source is not None and is_source_tree(source):
+            return KernelTree(TreeKind.BUILD_DIR, path, source, path)
+    return None
+
+
+def kernel_version(source: Path) -> str | None:
+    """VERSION.PATCHLEVEL.SUBLEVEL from the top Makefile of ``source`` (None if unreadable)."""
+    try:
+        text = (source / "Makefile").read_text(errors="replace")
+    except OSError:
+        return None
+    fields = {}
+    for name in ("VERSION", "PATCHLEVEL", "SUBLEVEL"):
+        match = re.search(rf"^{name}\s*=\s*(\d+)\s*$", text, re.MULTILINE)
+        if not match:
+            return None
+        fields[name] = match.group(1)
+    return "{VERSION}.{PATCHLEVEL}.{SUBLEVEL}".format(**fields)
+
+
+def is_clean_source(source: Path) -> bool:
+    """Whether ``source`` can be built with O= (kbuild refuses configured trees)."""
+    return not any((source / marker).exists() for marker in _IN_TREE_MARKERS)
+
+
+# --------------------------------------------------------------------------- staleness
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """One prerequisite of an object, as listed by kbuild's fixdep in a .cmd file."""
+
+    path: str  # absolute, or relative to the directory make ran in
+    optional: bool  # $(wildcard ...): only counts when the file exists
+
+
+_DEP_TOKEN = re.compile(r"\$\(wildcard\s+([^)\s]+)\s*\)|([^\s\\]+)")
+
+
+def parse_cmd_deps(cmd_file: Path) -> tuple[Dependency, ...]:
+    """The source file and the ``deps_...`` list of a kbuild ``.<object>.cmd`` file."""
+    deps: list[Dependency] = []
+    in_deps = False
+    for line in cmd_file.read_text(errors="replace").splitlines():
+        if line.startswith("source_") and ":=" in line:
+            deps.append(Dependency(line.split(":=", 1)[1].strip(), optional=False))
+            continue
+        if line.startswith("deps_") and ":=" in line:
+            in_deps = True
+            line = line.split(":=", 1)[1]
+        elif not in_deps:
+            continue
+        for match in _DEP_TOKEN.finditer(line):
+            if match.group(1):
+                deps.append(Dependency(match.group(1), optional=True))
+            else:
+                deps.append(Dependency(match.group(2), optional=False))
+        in_deps = line.rstrip().endswith("\\")
+    return tuple(deps)
+
+
+def object_is_current(build: Path) -> bool:
+    """Whether ``build``'s entry_64.o is newer than .config and all it was made from."""
+    obj = build / ENTRY_OBJECT
+    cmd = build / ENTRY_CMD
+    config = build / ".config"
+    try:
+        built = obj.stat().st_mtime_ns
+        if not cmd.is_file() or config.stat().st_mtime_ns > built:
+            return False
+        deps = parse_cmd_deps(cmd)
+    except OSError:
+        return False
+    for dep in deps:
+        path = Path(dep.path)
+        try:
+            changed = (path if path.is_absolute() else build / path).stat().st_mtime_ns
+        except OSError:
+            if dep.optional:
+                continue
+            return False
+        if changed > built:
+            return False
+    return True
+
+
+def source_relative_deps(deps: Iterable[Dependency], ran_in: Path, source: Path) -> tuple[str, ...]:
+    """The non-generated dependencies that live in ``source``, relative to it.
+
+    ``ran_in`` is the directory make ran in (relative paths are relative to it).
+    """
+    source = source.resolve()
+    found: set[str] = set()
+    for dep in deps:
+        if dep.optional:
+            continue  # $(wildcard include/config/...): derived from .config
+        path = Path(dep.path)
+        if not path.is_absolute():
+            path = ran_in / path
+        try:
+            rel = path.resolve().relative_to(source).as_posix()
+        except ValueError:
+            continue
+        if not rel.startswith(_GENERATED_PREFIXES):
+            found.add(rel)
+    return tuple(sorted(found))
+
+
+def fingerprint(source: Path, deps: Iterable[str]) -> str:
+    """A short hash of the mtimes and sizes of ``deps`` (relative to ``source``).
+
+    entry_64.S and calling.h always count, so that an edited tree gets a new key.
+    """
+    digest = hashlib.sha256()
+    for rel in sorted(set(deps) | set(ALWAYS_FINGERPRINTED)):
+        try:
+            st = (source / rel).stat()
+            digest.update(f"{rel}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
+        except OSError:
+            digest.update(f"{rel}\0missing\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def newest_mtime_ns(source: Path, deps: Iterable[str]) -> int:
+    """The newest mtime among ``deps`` (relative to ``source``); 0 if none exists."""
+    newest = 0
+    for rel in set(deps) | set(ALWAYS_FINGERPRINTED):
+        try:
+            newest = max(newest, (source / rel).stat().st_mtime_ns)
+        except OSError:
+            pass
+    return newest
+
+
+def has_debug_line(obj: Path) -> bool:
+    """Whether ELF file ``obj`` has a .debug_line section (False if unreadable)."""
+    try:
+        with obj.open("rb") as f:
+            return ELFFile(f).get_section_by_name(".debug_line") is not None
+    except (OSError, ELFError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- build tools
+
+
+def _header_present(header: str) -> bool:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        return any((d / header).is_file() for d in _HEADER_DIRS)
+    probe = subprocess.run(
+        [gcc, "-E", "-x", "c", "-o", os.devnull, "-"],
+        input=f"#include <{header}>\n",
+        text=True,
+        capture_output=True,
+        check=False,
+    )
+    return probe.returncode == 0
+
+
+def missing_build_packages(extra_tools: Mapping[str, str] | None = None) -> list[str]:
+    """Debian packages of the kernel build (and ``extra_tools``: tool -> package) not installed."""
+    tools = {**_TOOL_PACKAGES, **(extra_tools or {})}
+    missing = [pkg for tool, pkg in tools.items() if shutil.which(tool) is None]
+    missing += [pkg for header, pkg in _HEADER_PACKAGES.items() if not _header_present(header)]
+    return sorted(set(missing))
+
+
+def _apt_install(packages: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
+    return subprocess.run(
+        ["apt-get", "install", "-y", *packages],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def last_apt_error(output: str) -> str:
+    """The last 'E:' line apt printed (or its last line), for one-line messages."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("E:")]
+    return (errors or lines or ["no output"])[-1]
+
+
+def ensure_build_packages(
+    progress: Progress = silent, extra_tools: Mapping[str, str] | None = None
+) -> None:
+    """Make sure the kernel build dependencies are installed.
+
+    As root with apt-get, missing ones are installed; otherwise an InputError names
+    them and the command that installs them.
+    """
+    missing = missing_build_packages(extra_tools)
+    if not missing:
+        return
+    names = " ".join(missing)
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        how = f"sudo apt-get install {names}" if shutil.which("apt-get") else "your package manager"
+        raise InputError(f"building the kernel needs {names}, which are missing; install them with: {how}")
+    progress(f"installing build dependencies: {names}")
+    result = _apt_install(missing)
+    if result.returncode != 0 and "Unable to locate package" in result.stdout + result.stderr:
+        progress("apt-get update")
+        subprocess.run(["apt-get", "update"], stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        result = _apt_install(missing)
+    if result.returncode != 0:
+        reason = last_apt_error(result.stdout + result.stderr)
+        raise InputError(
+            f"cannot install the build dependencies {names}: {reason}; "
+            f"run: apt-get install {names}"
+        )
+    still = missing_build_packages(extra_tools)
+    if still:
+        raise InputError(f"building the kernel needs {' '.join(still)}, still missing after apt-get install")
+
+
+# --------------------------------------------------------------------------- make
+
+
+def make_jobs() -> int:
+    """How many jobs to give make: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _make_env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in _MAKE_ENV_DROP}
+    env["LC_ALL"] = "C"
+    return env
+
+
+_NOISE = re.compile(r"^(make(\[\d+\])?: (\*\*\*|Entering|Leaving|Nothing)|\s*\*\*\*\s*$|\$ )")
+
+
+def meaningful_error(log: Path) -> str:
+    """The last line of a make log that says what went wrong (make's own '***' lines skipped)."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "no output"
+    useful = [line for line in lines if line and not _NOISE.match(line)]
+    errors = [line for line in useful if re.search(r"\berror\b", line, re.IGNORECASE)]
+    line = (errors or useful or ["no output"])[-1]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+@dataclass(frozen=True)
+class _Make:
+    """How to run the kernel's make for one build (source, output dir, log)."""
+
+    directory: Path  # make -C
+    output: Path | None  # O=
+    log: Path  # appended to
+    log_shown: Path  # where the log will be kept, for messages
+    what: str  # the tree or package, for messages
+
+    @property
+    def out(self) -> Path:
+        """Where objects and the .config end up."""
+        return self.output or self.directory
+
+    def run(self, *targets: str, jobs: int | None = None) -> None:
+        cmd = ["make", "-C", str(self.directory)]
+        if self.output is not None:
+            cmd.append(f"O={self.output}")
+        cmd.append("ARCH=x86_64")
+        if jobs:
+            cmd.append(f"-j{jobs}")
+        cmd += targets
+        self.command(cmd, " ".join(targets))
+
+    def command(self, cmd: Sequence[str], target: str) -> None:
+        with self.log.open("a") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            result = subprocess.run(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=_make_env(), check=False,
+            )
+        if result.returncode != 0:
+            raise InputError(
+                f"cannot build {self.what}: make {target} failed: {meaningful_error(self.log)} "
+                f"(full log: {self.log_shown})"
+            )
+
+
+def _copy_tree(source: Path, dest: Path, log: Path) -> None:
+    """A real copy (not hardlinks) of ``source`` without .git and object files."""
+    dest.mkdir(parents=True)
+    excludes = [f"--exclude={pattern}" for pattern in _COPY_EXCLUDES]
+    with log.open("a") as err:
+        pack = subprocess.Popen(
+            ["tar", "-C", str(source), "--format=posix", *excludes, "-cf", "-", "."],
+            stdout=subprocess.PIPE, stderr=err,
+        )
+        unpack = subprocess.run(
+            ["tar", "-C", str(dest), "--no-same-owner", "-xf", "-"],
+            stdin=pack.stdout, stderr=err, check=False,
+        )
+        assert pack.stdout is not None
+        pack.stdout.close()
+        packed = pack.wait()
+    if packed != 0 or unpack.returncode != 0:
+        raise InputError(f"cannot copy {source} to build it: {meaningful_error(log)}")
+
+
+@dataclass(frozen=True)
+class BuildOutput:
+    """What a finished build recorded in its staged entry."""
+
+    deps: tuple[str, ...]  # non-generated dependencies, relative to the source tree
+    debug_info: bool
+    kernel_version: str | None
+
+
+def build_entry(
+    source: Path,
+    *,
+    work: Path,
+    staged: Path,
+    log: Path,
+    log_shown: Path,
+    what: str,
+    meta: Mapping[str, object],
+    config: Path | None = None,
+    copy_tree: bool = False,
+    debug: bool = False,
+    progress: Progress = silent,
+) -> BuildOutput:
+    """Build entry_64.o from ``source`` inside ``work`` and stage the cache entry at ``staged``.
+
+    Out of tree (``O=work/build``) unless ``copy_tree``, in which case ``source`` is
+    copied to ``work/tree`` and built there in-tree with its own .config.  The
+    configuration is ``config`` if given, else the copy's own .config, else
+    defconfig; ``debug`` adds CONFIG_DEBUG_INFO_DWARF5.  ``meta`` is written to
+    meta.json together with the versions, the dependency list and the debug flag.
+    Raises InputError (naming the make target and the log) when make fails.
+    """
+    source = source.resolve()
+    ensure_build_packages(progress)
+    if copy_tree:
+        progress(f"copying {source}")
+        tree = work / "tree"
+        _copy_tree(source, tree, log)
+        make = _Make(tree, None, log, log_shown, what)
+    else:
+        build_dir = work / "build"
+        build_dir.mkdir()
+        make = _Make(source, build_dir, log, log_shown, what)
+        tree = source
+    dot_config = make.out / ".config"
+
+    progress("configure")
+    if config is not None:
+        shutil.copyfile(config, dot_config)
+        make.run("olddefconfig")
+    elif dot_config.is_file():
+        make.run("olddefconfig")
+    else:
+        make.run("defconfig")
+    if debug:
+        script = tree / "scripts" / "config"
+        make.command(
+            ["bash", str(script), "--file", str(dot_config), "-e", "DEBUG_INFO_DWARF5",
+             "-d", "DEBUG_INFO_NONE"],
+            "scripts/config",
+        )
+        make.run("olddefconfig")
+
+    progress(f"build {ENTRY_OBJECT}")
+    make.run(ENTRY_OBJECT, jobs=make_jobs())
+    obj = make.out / ENTRY_OBJECT
+    if not obj.is_file():
+        raise InputError(f"cannot build {what}: make {ENTRY_OBJECT} produced no object (full log: {log_shown})")
+    debug_info = has_debug_line(obj)
+    if debug and not debug_info:
+        raise InputError(
+            f"the debug build of {what} has no DWARF line info (.debug_line) although "
+            f"CONFIG_DEBUG_INFO_DWARF5 was enabled; check the tree's Kconfig (full log: {log_shown})"
+        )
+
+    deps: list[Dependency] = []
+    for cmd in (ENTRY_CMD, ASM_OFFSETS_CMD):
+        if (make.out / cmd).is_file():
+            deps += parse_cmd_deps(make.out / cmd)
+    relative = source_relative_deps(deps, make.out, tree)
+    version = kernel_version(tree)
+
+    staged.mkdir()
+    shutil.copy2(obj, staged / STAGED_OBJECT)
+    shutil.copyfile(tree / CPUFEATURES_H, staged / STAGED_CPUFEATURES)
+    if (make.out / ASM_OFFSETS_H).is_file():
+        shutil.copyfile(make.out / ASM_OFFSETS_H, staged / STAGED_ASM_OFFSETS)
+    shutil.copyfile(dot_config, staged / STAGED_CONFIG)
+    record = {
+        **meta,
+        "kernel_version": version,
+        "debug_info": debug_info,
+        "deps": list(relative),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "log": str(log_shown),
+    }
+    (staged / META_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return BuildOutput(relative, debug_info, version)
+
+
+def read_meta(entry: Path) -> dict[str, object]:
+    """The meta.json of a published cache entry."""
+    return json.loads((entry / META_JSON).read_text())

@@ -1,0 +1,283 @@
+"""TARGET strings -> ``KernelBuild``: which entry_64.o to load, and what belongs with it.
+
+Accepted forms:
+
+* ``debian:X.Y`` / ``debian:X.Y+debug``: Debian's linux-source-X.Y package, fetched
+  with apt, built with defconfig (``+debug``: plus DWARF line info) and cached;
+* a kernel source tree, or an O= build directory (``DIR+debug`` asks for DWARF line
+  info): its own entry_64.o when that is current, else a build into the cache;
+* a path to an entry_64.o (any relocatable x86-64 ELF object), optionally paired with
+  a kernel tree that supplies cpufeatures.h.
+
+User trees and build directories are never written to: builds happen in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from ..progress import Progress, silent
+from .cache import Cache, safe_name
+from .debian import SERIES, resolve_debian
+from .kbuild import (
+    ASM_OFFSETS_H,
+    CPUFEATURES_H,
+    ENTRY_OBJECT,
+    ENTRY_SOURCE,
+    STAGED_ASM_OFFSETS,
+    STAGED_CPUFEATURES,
+    STAGED_OBJECT,
+    KernelTree,
+    TreeKind,
+    build_entry,
+    fingerprint,
+    has_debug_line,
+    inspect_tree,
+    is_clean_source,
+    kernel_version,
+    newest_mtime_ns,
+    object_is_current,
+    read_meta,
+)
+
+TARGET_FORMS = (
+    "debian:X.Y or debian:X.Y+debug (e.g. debian:6.1, debian:6.12), "
+    "a kernel source tree or O= build directory, or a path to an entry_64.o"
+)
+DEBUG_SUFFIX = "+debug"
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """One kernel entry object and the files that describe it."""
+
+    label: str  # human-readable: "debian:6.1 (linux-source-6.1 6.1.192-2)" or the path given
+    object_path: Path  # the entry_64.o to load
+    cpufeatures_h: Path | None  # the tree's arch/x86/include/asm/cpufeatures.h
+    asm_offsets_h: Path | None  # include/generated/asm-offsets.h of the build
+    source_tree: Path | None  # the source it was built from (read-only use)
+    kernel_version: str | None  # VERSION.PATCHLEVEL.SUBLEVEL from the tree's Makefile
+    package_version: str | None  # Debian package version, when from Debian
+    debug_info: bool  # the object carries DWARF line info (.debug_line)
+
+
+def _existing(path: Path | None) -> Path | None:
+    return path if path is not None and path.exists() else None
+
+
+def _from_entry(entry: Path, label: str, source: Path | None = None) -> KernelBuild:
+    """The KernelBuild of a published cache entry."""
+    meta = read_meta(entry)
+    if source is None and meta.get("source_tree"):
+        source = Path(str(meta["source_tree"]))
+    version = meta.get("package_version")
+    return KernelBuild(
+        label=label,
+        object_path=entry / STAGED_OBJECT,
+        cpufeatures_h=_existing(entry / STAGED_CPUFEATURES),
+        asm_offsets_h=_existing(entry / STAGED_ASM_OFFSETS),
+        source_tree=source if source is not None and source.is_dir() else None,
+        kernel_version=str(meta["kernel_version"]) if meta.get("kernel_version") else None,
+        package_version=str(version) if version else None,
+        debug_info=bool(meta.get("debug_info")),
+    )
+
+
+def _in_place(tree: KernelTree, label: str) -> KernelBuild:
+    """The tree's own, current object, used where it is."""
+    assert tree.object is not None and tree.build is not None
+    return KernelBuild(
+        label=label,
+        object_path=tree.object,
+        cpufeatures_h=_existing(tree.source / CPUFEATURES_H),
+        asm_offsets_h=_existing(tree.build / ASM_OFFSETS_H),
+        source_tree=tree.source,
+        kernel_version=kernel_version(tree.source),
+        package_version=None,
+        debug_info=has_debug_line(tree.object),
+    )
+
+
+def _digest(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
+
+
+def _find_current(cache: Cache, prefix: str, source: Path) -> Path | None:
+    """A published build ``<prefix>-<fingerprint>`` whose recorded deps are unchanged."""
+    for entry in sorted(cache.builds.glob(f"{prefix}-*")):
+        try:
+            deps = read_meta(entry).get("deps", [])
+        except (OSError, ValueError):
+            continue
+        if isinstance(deps, list) and entry.name == f"{prefix}-{fingerprint(source, map(str, deps))}":
+            return entry
+    return None
+
+
+def _build_tree(
+    tree: KernelTree,
+    label: str,
+    *,
+    debug: bool,
+    config: Path | None,
+    key_extra: str,
+    progress: Progress,
+) -> KernelBuild:
+    """Build ``tree``'s entry_64.o into the cache (or find that build there)."""
+    if config is not None and not config.is_file():
+        raise InputError(f"kernel config {config}: no such file")
+    if config is None and tree.kind is TreeKind.BUILD_DIR:
+        config = tree.config
+    # kbuild refuses O= builds of a source tree configured in-tree: build in a copy.
+    copy = tree.kind is TreeKind.SOURCE_CONFIGURED or not is_clean_source(tree.source)
+    if config is not None:
+        config_id = "config:" + _digest(config.read_bytes())
+    elif tree.config is not None:
+        config_id = "own:" + _digest(tree.config.read_bytes())
+    else:
+        config_id = "defconfig"
+    key = [str(tree.path), str(tree.source), tree.kind.name, config_id, debug, key_extra]
+    prefix = f"{safe_name('tree-' + tree.path.name)[:48]}-{_digest(json.dumps(key))}"
+
+    cache = Cache.open()
+    hit = _find_current(cache, prefix, tree.source)
+    if hit is not None:
+        return _from_entry(hit, label)
+    kept_log = cache.log_path(prefix)
+    with cache.locked("build", prefix, progress):
+        hit = _find_current(cache, prefix, tree.source)
+        if hit is not None:
+            return _from_entry(hit, label)
+        with cache.workspace("build", prefix) as work:
+            staged, log = work / "entry", work / "build.log"
+            meta = {
+                "kind": "tree",
+                "label": label,
+                "tree": str(tree.path),
+                "tree_kind": tree.kind.value,
+                "source_tree": str(tree.source),
+                "config": str(config) if config is not None else ("own .config" if copy else "defconfig"),
+                "debug": debug,
+                "key_extra": key_extra,
+                "package_version": None,
+            }
+            started = time.time_ns()
+            try:
+                output = build_entry(
+                    tree.source, work=work, staged=staged, log=log, log_shown=kept_log,
+                    what=label, meta=meta, config=config, copy_tree=copy, debug=debug,
+                    progress=progress,
+                )
+            finally:
+                if log.exists():
+                    os.replace(log, kept_log)
+            if newest_mtime_ns(tree.source, output.deps) > started:
+                raise InputError(f"{label} changed while it was being built; run entrycheck again")
+            final = cache.builds / f"{prefix}-{fingerprint(tree.source, output.deps)}"
+            cache.publish(staged, final)
+    return _from_entry(final, label)
+
+
+def _inspect(path: Path, what: str) -> KernelTree:
+    tree = inspect_tree(path)
+    if tree is None:
+        raise InputError(
+            f"{what} is neither a kernel source tree (a Makefile and {ENTRY_SOURCE}) "
+            "nor an O= build directory (a .config and a source link); "
+            f"expected {TARGET_FORMS}"
+        )
+    return tree
+
+
+def build_tree_object(
+    src_tree: Path,
+    *,
+    debug: bool = False,
+    config: Path | None = None,
+    key_extra: str = "",
+    progress: Progress = silent,
+) -> KernelBuild:
+    """Build entry_64.o of ``src_tree`` (source tree or O= build dir) into the cache.
+
+    Never writes into ``src_tree``.  ``config`` replaces the tree's configuration
+    (default: its own .config, else defconfig); ``debug`` adds DWARF line info;
+    ``key_extra`` distinguishes builds of the same tree that the tree's files do not
+    (e.g. a patch applied to a copy).  The cache key is the tree's real path, the
+    configuration, ``debug``, ``key_extra`` and the mtimes and sizes of entry_64.S,
+    calling.h and every source file the object was built from, so an edited tree
+    is rebuilt.  A failed build raises InputError and publishes nothing.
+    """
+    tree = _inspect(src_tree.expanduser(), str(src_tree))
+    return _build_tree(tree, str(src_tree), debug=debug, config=config, key_extra=key_extra, progress=progress)
+
+
+def _tree_target(spec: str, path: Path, debug: bool, progress: Progress) -> KernelBuild:
+    tree = _inspect(path, spec)
+    obj = tree.object
+    if (
+        obj is not None
+        and tree.build is not None
+        and object_is_current(tree.build)
+        and (not debug or has_debug_line(obj))
+    ):
+        progress(f"using the current {ENTRY_OBJECT} of {spec}")
+        return _in_place(tree, spec)
+    return _build_tree(tree, spec, debug=debug, config=None, key_extra="", progress=progress)
+
+
+def _object_target(spec: str, path: Path, tree: Path | None) -> KernelBuild:
+    kernel: KernelTree | None = None
+    if tree is not None:
+        if not tree.expanduser().is_dir():
+            raise InputError(f"--tree {tree}: no such directory")
+        kernel = _inspect(tree.expanduser(), f"--tree {tree}")
+    return KernelBuild(
+        label=spec,
+        object_path=path.absolute(),
+        cpufeatures_h=_existing(kernel.source / CPUFEATURES_H) if kernel else None,
+        asm_offsets_h=_existing(kernel.build / ASM_OFFSETS_H) if kernel and kernel.build else None,
+        source_tree=kernel.source if kernel else None,
+        kernel_version=kernel_version(kernel.source) if kernel else None,
+        package_version=None,
+        debug_info=has_debug_line(path),
+    )
+
+
+def resolve_target(spec: str, *, tree: Path | None = None, progress: Progress = silent) -> KernelBuild:
+    """Resolve TARGET ``spec`` to a KernelBuild, downloading and building as needed.
+
+    ``tree`` (the --tree option) pairs a bare entry_64.o with the kernel tree it
+    came from (for cpufeatures.h); it is ignored for the other forms, which carry
+    their own tree.  Raises InputError for anything that is not a usable target.
+    """
+    if spec.startswith("debian:"):
+        series = spec[len("debian:"):]
+        debug = series.endswith(DEBUG_SUFFIX)
+        series = series.removesuffix(DEBUG_SUFFIX)
+        if not SERIES.fullmatch(series):
+            raise InputError(f"bad target {spec!r}: expected debian:X.Y or debian:X.Y+debug, e.g. debian:6.1")
+        built = resolve_debian(Cache.open(), series, debug=debug, progress=progress)
+        return _from_entry(built.entry, built.package.label(debug), built.source)
+    if not spec.strip():
+        raise InputError(f"empty target: expected {TARGET_FORMS}")
+    path = Path(spec).expanduser()
+    debug = False
+    if not path.exists() and spec.endswith(DEBUG_SUFFIX):
+        plain = Path(spec.removesuffix(DEBUG_SUFFIX)).expanduser()
+        if plain.is_dir():
+            path, debug = plain, True
+    if path.is_dir():
+        return _tree_target(spec, path, debug, progress)
+    if path.is_file():
+        return _object_target(spec, path, tree)
+    if path.exists():
+        raise InputError(f"{spec} is not a regular file or directory; expected {TARGET_FORMS}")
+    if os.sep in spec or spec.startswith(("~", ".")) or spec.endswith((".o", DEBUG_SUFFIX)):
+        raise InputError(f"{spec}: no such file or directory")
+    raise InputError(f"unknown target {spec!r}: expected {TARGET_FORMS}")
