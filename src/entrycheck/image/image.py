@@ -334,7 +334,10 @@ def relocate(obj: ObjectFile, table: FeatureTable, offsets: Mapping[str, int]) -
         sec = obj.sections[p.index]
         data = bytearray(sec.data if sec.kind != "NOBITS" else bytes(sec.size))
         for rel in obj.relocations.get(p.index, ()):
-            rec = relocs.recipe(rel.type)
+            try:
+                rec = relocs.recipe(rel.type)
+            except InputError as exc:
+                raise InputError(f"{where}: {sec.name}+{rel.offset:#x}: {exc}") from None
             if rel.offset + rec.size > len(data):
                 raise InputError(f"{where}: relocation at {sec.name}+{rel.offset:#x} runs past the section end")
             s = sym_address(rel.symbol)

@@ -137,11 +137,15 @@ def _parse(path: Path, raw: bytes) -> ObjectFile:
 
     sections: list[Section] = []
     for idx, sec in enumerate(elf.iter_sections()):
-        kind = sec["sh_type"].replace("SHT_", "")
+        sh_type = sec["sh_type"]
+        kind = sh_type.replace("SHT_", "") if isinstance(sh_type, str) else f"{sh_type:#x}"
         size = sec["sh_size"]
         if kind == "NOBITS":
             data = b""
         else:
+            if sec["sh_offset"] + size > len(raw):
+                raise InputError(f"{path}: section {sec.name} runs past the end of the file "
+                                 f"({sec['sh_offset'] + size:#x} > {len(raw):#x} bytes)")
             data = sec.data()
             if len(data) != size:
                 raise InputError(f"{path}: section {sec.name} is truncated ({len(data)} of {size} bytes)")

@@ -1,0 +1,337 @@
+"""entrycheck's command line: thin commands, the only place that prints or exits.
+
+Exit codes: 0 clean, 1 violations found (check/diff), 2 bad input, 3 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from entrycheck.errors import EntrycheckError, InputError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+
+
+class _State:
+    debug = False
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"entrycheck: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="entrycheck")
+def cli(debug: bool) -> None:
+    """Run the Linux x86-64 kernel's own entry code on a model CPU and check it.
+
+    TARGET is a path to an entry_64.o, a kernel source tree or O= build directory,
+    or debian:VERSION (e.g. debian:6.1, debian:6.12), fetched and built on first use.
+    """
+    _State.debug = debug or bool(os.environ.get("ENTRYCHECK_DEBUG"))
+
+
+def _resolve(target: str, tree: str | None, progress):
+    from entrycheck.kernel.targets import resolve_target
+
+    return resolve_target(target, tree=Path(tree) if tree else None, progress=progress)
+
+
+def _load(target: str, tree: str | None):
+    from entrycheck.image import load_build
+    from entrycheck.report.progress import terminal_progress
+
+    with terminal_progress() as progress:
+        build = _resolve(target, tree, progress)
+    loaded = load_build(build)
+    return build, loaded
+
+
+def _write_json(dest: str, payload: dict) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    if dest == "-":
+        click.echo(text, nl=False)
+        return
+    path = Path(dest)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {dest}: {exc.strerror}") from exc
+
+
+TREE_OPTION = click.option("--tree", type=click.Path(file_okay=False), default=None,
+                           help="Kernel tree whose cpufeatures.h numbers the features of a bare .o.")
+
+
+@cli.command()
+@click.argument("target")
+@click.argument("symbol")
+@click.option("--features", default="", show_default=False,
+              help="CPU features to patch alternatives for, e.g. pti,pcid (default: none).")
+@TREE_OPTION
+@click.option("--intel", is_flag=True, help="Intel syntax instead of AT&T.")
+@click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the listing as JSON.")
+def disasm(target: str, symbol: str, features: str, tree: str | None, intel: bool, json_out: str | None) -> None:
+    """Show the code that really runs for SYMBOL with a feature set, objdump-like."""
+    from entrycheck.image.features import FeatureSet
+    from entrycheck.report.disasm import disassemble, format_lines
+
+    build, loaded = _load(target, tree)
+    fs = FeatureSet.parse(features)
+    image = loaded.image(fs)
+    lines = disassemble(image, symbol, att=not intel)
+    note = f"# {build.label}; features: {fs}; feature numbers from the {loaded.features.source}"
+    if json_out:
+        _write_json(json_out, {
+            "target": build.label, "kernel_version": build.kernel_version, "symbol": symbol,
+            "features": list(fs.names), "feature_numbers": loaded.features.source,
+            "instructions": [{"address": f"{ln.address:#x}", "at": ln.location, "bytes": ln.raw.hex(),
+                              "text": ln.text, "relocation": ln.reloc, "alternative": ln.alt}
+                             for ln in lines]})
+        if json_out == "-":
+            return
+    click.echo(note, err=True)
+    click.echo(format_lines(image, symbol, lines))
+
+
+FEATURES_HELP = ("CPU features, comma-separated (pti,pcid,fsgsbase,kernel_ibrs or any X86_FEATURE_* name "
+                 "in lower case); repeat for several sets; 'all' = every combination of pti, pcid, fsgsbase "
+                 "and kernel_ibrs (the default); 'none' = no features.")
+
+
+def _feature_sets(values: tuple[str, ...]):
+    from entrycheck.image.features import all_model_feature_sets, parse_feature_sets
+
+    return parse_feature_sets(values) if values else all_model_feature_sets()
+
+
+def _scenarios(text: str | None) -> tuple[str, ...]:
+    from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, scenario
+
+    if not text or text == "all":
+        return DEFAULT_SCENARIOS
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for n in names:
+        scenario(n)
+    return names
+
+
+def _explore_options(f):
+    for opt in reversed([
+        click.option("--features", "features", multiple=True, metavar="LIST", help=FEATURES_HELP),
+        click.option("--scenarios", default=None, metavar="LIST",
+                     help="Scenarios to explore, comma-separated (default: all; see 'entrycheck scenarios')."),
+        click.option("--vectors", default="nmi,mc,db", show_default=True, metavar="LIST",
+                     help="Exceptions to inject: nmi, mc, db, df, vc."),
+        click.option("--depth", default=2, show_default=True, type=click.IntRange(0, 4),
+                     help="Nesting depth of injection (0: the paths alone)."),
+        click.option("--db", "db_mode", type=click.Choice(["watchable", "anywhere"]), default="watchable",
+                     show_default=True, help="Where #DB is injected: as a trap after a data access a "
+                     "hardware breakpoint may watch, or at every boundary."),
+        click.option("--mc-nesting", is_flag=True, help="Also inject #MC inside an #MC handler after it "
+                     "cleared MCIP (Linux assumes this never happens)."),
+        click.option("--handler-effects", default=None, metavar="LIST",
+                     help="Also explore handlers that do this: invalidate-user-asid, switch-kernel-asid."),
+        click.option("--no-prune", is_flag=True, help="Brute force: run every injection to its end."),
+        click.option("--max-runs", type=click.IntRange(1), default=None, help="Stop after this many runs."),
+        click.option("--workers", type=click.IntRange(1, 64), default=None,
+                     help="Worker processes (default: one per CPU)."),
+        click.option("--scheduler", default=None, metavar="ADDRESS",
+                     help="Run on a Dask distributed scheduler, e.g. tcp://host:8786."),
+        TREE_OPTION,
+    ]):
+        f = opt(f)
+    return f
+
+
+def _check_config(loaded, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects, no_prune,
+                  max_runs):
+    from entrycheck.explore.check import CheckConfig, parse_effects, parse_vectors
+
+    sets = _feature_sets(features)
+    for fs in sets:
+        fs.validate(loaded.features)
+    vecs = parse_vectors(vectors, sets)
+    from entrycheck.kernelabi.world import IDT_SYMBOLS
+
+    for v in vecs:
+        if IDT_SYMBOLS[v] not in loaded.symbols:
+            raise InputError(f"this kernel has no entry point for {v.label} ({IDT_SYMBOLS[v]} is missing)")
+    return CheckConfig(scenarios=_scenarios(scenarios), feature_sets=sets, vectors=vecs, depth=depth,
+                       db_anywhere=db_mode == "anywhere", mc_nesting=mc_nesting,
+                       effects=parse_effects(handler_effects), prune=not no_prune, max_runs=max_runs)
+
+
+def _object_ref(build):
+    from entrycheck.explore.check import ObjectRef
+
+    return ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h)
+
+
+def _run_check(build, loaded, cfg, workers, scheduler):
+    from entrycheck.explore.check import default_workers, run_check
+    from entrycheck.report.progress import terminal_progress
+
+    with terminal_progress() as progress:
+        return run_check(_object_ref(build), cfg, workers=workers or default_workers(), scheduler=scheduler,
+                         progress=progress)
+
+
+@cli.command()
+@click.argument("target", required=False)
+@_explore_options
+@click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the result as JSON.")
+@click.option("--explain", default=None, metavar="INVARIANT", help="Say what an invariant checks, and why.")
+def check(target, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects, no_prune, max_runs,
+          workers, scheduler, tree, json_out, explain) -> None:
+    """Inject exceptions at every instruction boundary of every path and check the invariants.
+
+    Exit status: 0 clean, 1 violations found, 2 bad input.
+    """
+    from entrycheck.props.invariants import INVARIANTS, invariant
+
+    if explain:
+        inv = invariant(explain)
+        click.echo(f"{inv.name}: {inv.summary}\n")
+        import textwrap
+
+        click.echo(textwrap.fill(inv.rationale, 80))
+        return
+    if not target:
+        raise click.UsageError("missing TARGET (or use --explain INVARIANT; invariants: "
+                               + ", ".join(INVARIANTS) + ")")
+    from entrycheck.report.jsonout import check_json
+    from entrycheck.report.text import check_summary
+
+    build, loaded = _load(target, tree)
+    cfg = _check_config(loaded, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects,
+                        no_prune, max_runs)
+    result = _run_check(build, loaded, cfg, workers, scheduler)
+    if json_out:
+        _write_json(json_out, check_json(result, target=build.label, kernel_version=build.kernel_version,
+                                         feature_numbers=loaded.features.source))
+    if json_out != "-":
+        click.echo(check_summary(result, target=target, kernel_version=build.kernel_version))
+    sys.exit(1 if result.findings else 0)
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--scenario", "scenario_name", default=None, help="The path to run (see 'entrycheck scenarios').")
+@click.option("--features", default="pti,pcid", show_default=True, metavar="LIST", help="One feature set.")
+@click.option("--inject", "injects", multiple=True, metavar="VEC@SYM+OFF[#N]",
+              help="Deliver VEC before the N-th execution (default 1st) of that instruction, counted from the "
+                   "previous injection; repeat to nest.")
+@click.option("--handler-effects", default=None, metavar="LIST", help="Handlers also do this (see check).")
+@click.option("--finding", default=None, metavar="FILE[:N]",
+              help="Replay violation N (default 0) of a check JSON file.")
+@TREE_OPTION
+@click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the trace as JSON.")
+def trace(target, scenario_name, features, injects, handler_effects, finding, tree, json_out) -> None:
+    """Run one path instruction by instruction and show every privileged state change."""
+    from entrycheck.explore.check import parse_effects
+    from entrycheck.explore.replay import parse_injection, trace as run_trace
+    from entrycheck.explore.scenarios import scenario
+    from entrycheck.image.features import FeatureSet
+    from entrycheck.kernelabi.world import build_world
+    from entrycheck.report.jsonout import trace_json
+    from entrycheck.report.text import trace_text
+
+    if finding:
+        scenario_name, features, injects, handler_effects = _from_finding(finding)
+    if not scenario_name:
+        from entrycheck.explore.scenarios import SCENARIOS
+
+        raise click.UsageError("missing --scenario; choose from " + ", ".join(SCENARIOS))
+    sc = scenario(scenario_name)
+    build, loaded = _load(target, tree)
+    fs = FeatureSet.parse(features)
+    image = loaded.image(fs)
+    world = build_world(image)
+    injections = tuple(parse_injection(i, image) for i in injects)
+    effects = frozenset(parse_effects(handler_effects))
+    t = run_trace(world, sc, injections, effects)
+    if json_out:
+        _write_json(json_out, trace_json(t, image, target=build.label, kernel_version=build.kernel_version,
+                                         features=str(fs)))
+    if json_out != "-":
+        click.echo(trace_text(t, image, target=target, features=str(fs)))
+
+
+def _from_finding(spec: str):
+    path, _, index = spec.rpartition(":") if ":" in spec and spec.rsplit(":", 1)[1].isdigit() else (spec, "", "0")
+    try:
+        doc = json.loads(Path(path).read_text())
+        v = doc["violations"][int(index or 0)]
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from exc
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise InputError(f"{path} has no violation {index or 0} (expected the JSON of entrycheck check)") from None
+    injects = tuple(f"{i['vector']}@{i['at']}" + (f"#{i['hit']}" if i.get("hit", 1) != 1 else "")
+                    for i in v.get("injections", []))
+    return v["scenario"], v["features"], injects, ",".join(v.get("effects", [])) or None
+
+
+@cli.command()
+def scenarios() -> None:
+    """List the scenarios and the invariants."""
+    from entrycheck.explore.scenarios import SCENARIOS
+    from entrycheck.props.invariants import INVARIANTS
+
+    click.echo("Scenarios:")
+    for sc in SCENARIOS.values():
+        click.echo(f"  {sc.name:<24s}{sc.description}" + (f" (needs {sc.needs})" if sc.needs else ""))
+    click.echo("Invariants:")
+    for inv in INVARIANTS.values():
+        click.echo(f"  {inv.name:<30s}{inv.summary}")
+
+
+def main() -> None:
+    _State.debug = "--debug" in sys.argv[1:] or bool(os.environ.get("ENTRYCHECK_DEBUG"))
+    try:
+        cli.main(standalone_mode=False, prog_name="entrycheck")
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("interrupted", 130)
+    except click.UsageError as exc:
+        if _State.debug:
+            raise
+        hint = f" (see: entrycheck {exc.ctx.command.name} --help)" if exc.ctx and exc.ctx.command.name != "cli" \
+            else " (see: entrycheck --help)"
+        _fail(exc.format_message().replace("\n", " ") + hint, EXIT_BAD_INPUT)
+    except click.ClickException as exc:
+        if _State.debug:
+            raise
+        _fail(exc.format_message().replace("\n", " "), EXIT_BAD_INPUT)
+    except InputError as exc:
+        if _State.debug:
+            raise
+        _fail(str(exc).replace("\n", " "), EXIT_BAD_INPUT)
+    except EntrycheckError as exc:
+        if _State.debug:
+            raise
+        _fail(f"internal error: {exc} (run with --debug for details)", EXIT_INTERNAL)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line unless --debug
+        if _State.debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()

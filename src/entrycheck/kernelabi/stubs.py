@@ -1,0 +1,213 @@
+"""Stubs for the C functions entry_64.o calls, each with its real contract.
+
+Every call into real C code is a checkpoint: C needs the kernel CR3, GSBASE equal
+to this CPU's per-cpu base and a kernel stack (else the machine stops loudly with a
+fault rather than run on with garbage); under kernel_ibrs it should run with IBRS
+set (recorded on the call event for the spec-ctrl invariant).  Handlers may carry
+*effects* the seed patch's argument assumes they never have; they are off unless
+the explorer switches them on.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+from entrycheck.machine import model
+from entrycheck.machine.emulator import RSP, Emulator
+from entrycheck.machine.events import Cr3Written, FaultKind, MsrWritten, StubCall
+from entrycheck.machine.model import SPEC_CTRL_IBRS
+from entrycheck.kernelabi.world import TLB_STATE_LOADED_MM_ASID, World
+from unicorn import x86_const as UX
+
+PTREGS = {"r15": 0, "r14": 8, "r13": 16, "r12": 24, "rbp": 32, "rbx": 40, "r11": 48, "r10": 56, "r9": 64,
+          "r8": 72, "rax": 80, "rcx": 88, "rdx": 96, "rsi": 104, "rdi": 112, "orig_ax": 120, "ip": 128,
+          "cs": 136, "flags": 144, "sp": 152, "ss": 160}
+PTREGS_SIZE = 168
+
+
+class Effect(enum.Enum):
+    """What a stubbed handler may also do, as an explicit assumption."""
+
+    INVALIDATE_USER_ASID = "invalidate-user-asid"   # set the user ASID's flush-mask bit, stale user PCID
+    SWITCH_KERNEL_ASID = "switch-kernel-asid"       # write CR3 with another kernel ASID (another mm)
+
+
+class Kind(enum.Enum):
+    HANDLER = "exception handler"        # C, returns; effects apply
+    C_FUNCTION = "C function"            # C, returns
+    SYSCALL = "do_syscall_64"
+    SYNC_REGS = "sync_regs"
+    FIXUP_BAD_IRET = "fixup_bad_iret"
+    THUNK = "thunk"                      # asm helper that returns (return thunks, untraining)
+    IBPB = "IBPB"
+    NORETURN = "does not return"
+    UNMODELLED = "not modelled"
+
+
+EFFECT_HANDLERS = frozenset({"exc_nmi", "exc_machine_check", "exc_debug", "exc_double_fault",
+                             "exc_vmm_communication", "noist_exc_machine_check", "noist_exc_debug"})
+
+CONTRACTS: Mapping[str, Kind] = MappingProxyType({
+    "do_syscall_64": Kind.SYSCALL,
+    "sync_regs": Kind.SYNC_REGS,
+    "fixup_bad_iret": Kind.FIXUP_BAD_IRET,
+    "entry_ibpb": Kind.IBPB,
+    "__x86_return_thunk": Kind.THUNK,
+    "entry_untrain_ret": Kind.THUNK,
+    "srso_alias_untrain_ret": Kind.THUNK,
+    "srso_untrain_ret": Kind.THUNK,
+    "srso_safe_ret": Kind.THUNK,
+    "srso_alias_safe_ret": Kind.THUNK,
+    "clear_bhb_loop": Kind.THUNK,
+    "__handle_intr_saferet": Kind.THUNK,
+    "__handle_intr_saferet_alias": Kind.THUNK,
+    "make_task_dead": Kind.NORETURN,
+    "__switch_to": Kind.UNMODELLED,
+    "schedule_tail": Kind.UNMODELLED,
+    "ret_from_fork": Kind.UNMODELLED,
+    "syscall_exit_to_user_mode": Kind.C_FUNCTION,
+    "handle_interrupted_saferet": Kind.C_FUNCTION,
+    "int80_emulation": Kind.C_FUNCTION,
+})
+HANDLER_PREFIXES = ("exc_", "noist_exc_", "sysvec_", "common_interrupt", "spurious_interrupt", "kernel_exc_",
+                    "user_exc_")
+
+
+def contract(name: str) -> Kind | None:
+    """The contract of a C function, or None for an unknown one (it returns, and is listed)."""
+    if name in CONTRACTS:
+        return CONTRACTS[name]
+    if name.startswith("__x86_indirect_thunk_"):
+        return Kind.UNMODELLED
+    if name.startswith(HANDLER_PREFIXES):
+        return Kind.HANDLER
+    return None
+
+
+@dataclass(frozen=True)
+class StubOptions:
+    effects: frozenset[Effect] = frozenset()
+    sysret: bool = True                  # do_syscall_64 lets the syscall return with SYSRET
+
+
+class Stubs:
+    """The stub handler the machine calls at every stub address."""
+
+    def __init__(self, world: World, options: StubOptions = StubOptions()) -> None:
+        self.world = world
+        self.options = options
+        self.unknown: set[str] = set()
+
+    def __call__(self, emu: Emulator, name: str) -> None:
+        kind = contract(name)
+        rsp = emu.regs.read(RSP)
+        ret = emu.read_u64(rsp) if emu.mapped(rsp) else 0
+        note = "unknown function: returns" if kind is None else ""
+        if kind is None:
+            self.unknown.add(name)
+        emu.emit(StubCall, name=name, return_address=ret, cpu=emu.cpu, rsp=rsp, note=note)
+        if kind is Kind.UNMODELLED:
+            emu.fault(FaultKind.CHECKPOINT, f"{name} is not modelled (called from {emu.image.symbolize(ret)})")
+            return
+        if kind is Kind.THUNK:
+            return
+        if kind is Kind.IBPB:
+            _, write = model.wrmsr(emu.cpu, model.MSR_PRED_CMD, 1)
+            emu.emit(MsrWritten, write=write)
+            return
+        if not self._checkpoint(emu, name, rsp, entry_stack_ok=kind in (Kind.SYNC_REGS, Kind.FIXUP_BAD_IRET)):
+            return
+        if kind is Kind.NORETURN:
+            emu.fault(FaultKind.CHECKPOINT, f"{name} called: the kernel would kill the task here")
+            return
+        if kind is Kind.SYSCALL:
+            self._do_syscall_64(emu)
+        elif kind is Kind.SYNC_REGS:
+            self._sync_regs(emu)
+        elif kind is Kind.FIXUP_BAD_IRET:
+            self._fixup_bad_iret(emu)
+        elif kind is Kind.HANDLER:
+            if name in ("exc_machine_check", "noist_exc_machine_check"):
+                cpu, write = model.wrmsr(emu.cpu, model.MSR_MCG_STATUS, 0)
+                emu.set_cpu(cpu)
+                emu.emit(MsrWritten, write=write)
+            if name in EFFECT_HANDLERS:
+                self._effects(emu)
+
+    # ---- checkpoint ---------------------------------------------------------------------
+    def _checkpoint(self, emu: Emulator, name: str, rsp: int, entry_stack_ok: bool) -> bool:
+        w, cpu = self.world, emu.cpu
+        if cpu.cr3 & model.PTI_USER_PGTABLE:
+            emu.fault(FaultKind.USER_CR3, f"C function {name} called with the user CR3")
+            return False
+        if cpu.gs_base != w.percpu_base:
+            kind = FaultKind.USER_GS if cpu.gs_base == w.config.user_gs_poison else FaultKind.CHECKPOINT
+            emu.fault(kind, f"C function {name} called with GSBASE {cpu.gs_base:#x}, not this CPU's per-cpu "
+                            f"base {w.percpu_base:#x}")
+            return False
+        on_task = w.task_stack_top - 0x4000 <= rsp < w.task_stack_top
+        on_ist = any(top - 0x1000 <= rsp < top for top in w.ist_tops.values())
+        # sync_regs and fixup_bad_iret run on the entry stack by design (they move pt_regs off it).
+        on_entry = entry_stack_ok and w.entry_stack_top - 0x1000 <= rsp < w.entry_stack_top
+        if not (on_task or on_ist or on_entry):
+            where = "the entry (trampoline) stack" if w.entry_stack_top - 0x1000 <= rsp < w.entry_stack_top \
+                else f"{rsp:#x}"
+            emu.fault(FaultKind.CHECKPOINT, f"C function {name} called on {where}, not a kernel stack")
+            return False
+        return True
+
+    # ---- contracts ---------------------------------------------------------------------
+    def _do_syscall_64(self, emu: Emulator) -> None:
+        regs = emu.regs.read(UX.UC_X86_REG_RDI)
+        emu.write_u64(regs + PTREGS["rax"], 0)                  # the system call's return value
+        if not self.options.sysret:
+            # The system call changed the user context (as sigreturn or a signal would): IRET needed.
+            ip = emu.read_u64(regs + PTREGS["ip"])
+            emu.write_u64(regs + PTREGS["ip"], ip + 0x100)
+        if self.world.syscall_returns_bool:
+            emu.regs.write(UX.UC_X86_REG_RAX, 1 if self.options.sysret else 0)
+
+    def _sync_regs(self, emu: Emulator) -> None:
+        eregs = emu.regs.read(UX.UC_X86_REG_RDI)
+        regs = emu.read_u64(self.world.top_of_stack_slot()) - PTREGS_SIZE
+        if regs != eregs:
+            emu.write(regs, emu.read(eregs, PTREGS_SIZE))
+        emu.regs.write(UX.UC_X86_REG_RAX, regs)
+
+    def _fixup_bad_iret(self, emu: Emulator) -> None:
+        bad = emu.regs.read(UX.UC_X86_REG_RDI)
+        head = emu.read(bad, PTREGS["ip"])
+        user_sp = emu.read_u64(bad + PTREGS["sp"])
+        frame = emu.read(user_sp, 40) if emu.mapped(user_sp) else bytes(40)
+        new = emu.read_u64(self.world.config.tss + self.world.offsets["TSS_sp0"]) - PTREGS_SIZE
+        emu.write(new, head + frame)
+        emu.regs.write(UX.UC_X86_REG_RAX, new)
+
+    def _effects(self, emu: Emulator) -> None:
+        w = self.world
+        if Effect.INVALIDATE_USER_ASID in self.options.effects and w.pti and w.pcid:
+            kern_pcid = w.params.asid + 1
+            mask_addr = w.tlbstate_flush_mask()
+            if mask_addr is not None:
+                mask = int.from_bytes(emu.read(mask_addr, 2), "little") | (1 << kern_pcid)
+                emu.write(mask_addr, mask.to_bytes(2, "little"))
+            emu.set_cpu(model.invalidate_pcid(emu.cpu, kern_pcid | model.PTI_USER_PCID))
+        if Effect.SWITCH_KERNEL_ASID in self.options.effects:
+            new_cr3 = w.kernel_cr3(asid=w.params.other_asid, pgd=w.params.other_pgd)
+            cpu, write = model.write_cr3(emu.cpu, new_cr3)
+            emu.set_cpu(cpu)
+            emu.emit(Cr3Written, write=write, user_view=False)
+            if "cpu_tlbstate" in w.percpu:
+                emu.write(w.percpu_addr("cpu_tlbstate", TLB_STATE_LOADED_MM_ASID),
+                          w.params.other_asid.to_bytes(2, "little"))
+
+
+def ibrs_ok(world: World, cpu) -> bool:
+    """Whether C code may run with this SPEC_CTRL (IBRS set under kernel_ibrs)."""
+    return not world.kernel_ibrs or bool(cpu.spec_ctrl & SPEC_CTRL_IBRS)
+
+
+__all__ = ["Effect", "Kind", "StubOptions", "Stubs", "contract", "ibrs_ok"]

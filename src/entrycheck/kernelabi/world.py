@@ -1,0 +1,253 @@
+"""The rest of the kernel as the entry code sees it: memory, per-cpu data, IDT, a booted CPU.
+
+``build_world(image)`` lays out every region the entry code can touch besides the
+object's own sections — stubs for C functions, model memory for data symbols, the
+per-cpu area initialised as on a booted CPU, the cpu_entry_area (GDT, entry stack,
+IST stacks between guard pages), the task stack — and says which of them the PTI
+user page tables map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Mapping
+
+from entrycheck.errors import InputError
+from entrycheck.image import layout
+from entrycheck.image.image import Image
+from entrycheck.image.layout import PAGE, Perm, Region
+from entrycheck.machine.emulator import MachineConfig
+from entrycheck.machine.model import (MCG_STATUS_MCIP, PTI_USER_PCID, PTI_USER_PGTABLE, SPEC_CTRL_IBRS, CpuState,
+                                      Vector)
+
+# Linux's IDT entries for the vectors entrycheck delivers.
+IDT_SYMBOLS: Mapping[Vector, str] = MappingProxyType({
+    Vector.DB: "asm_exc_debug",
+    Vector.NMI: "asm_exc_nmi",
+    Vector.DF: "asm_exc_double_fault",
+    Vector.PF: "asm_exc_page_fault",
+    Vector.MC: "asm_exc_machine_check",
+    Vector.VC: "asm_exc_vmm_communication",
+    Vector.IRQ: "irq_entries_start",        # the stub for vector 0x20: pushes it, jumps to common code
+})
+
+# cpu_entry_area, per CPU: GDT, entry stack, then IST stacks each behind a guard page.
+IST_ORDER: tuple[Vector, ...] = (Vector.DF, Vector.NMI, Vector.DB, Vector.MC, Vector.VC)
+EXCEPTION_STKSZ = 0x1000
+CPUNODE_SELECTOR = 15 * 8 + 3              # __CPUNODE_SEG
+TSS_IST_OFFSET = 36                        # offsetof(struct x86_hw_tss, ist)
+TLB_STATE_LOADED_MM_ASID = 16              # offsetof(struct tlb_state, loaded_mm_asid)
+
+# Defaults for asm-offsets when a bare object comes without them (same in 6.1 and 6.12).
+ASM_OFFSET_DEFAULTS: Mapping[str, int] = MappingProxyType({
+    "TSS_sp0": 4, "TSS_sp1": 12, "TSS_sp2": 20, "TLB_STATE_user_pcid_flush_mask": 22,
+    "X86_top_of_stack": 24, "PTREGS_SIZE": 168, "FIXED_stack_canary": 40,
+})
+
+
+@dataclass(frozen=True)
+class WorldParams:
+    cpu: int = 3                   # not 0, so that a wrong per-cpu index is visible
+    node: int = 1
+    asid: int = 1                  # current ASID: kernel PCID 2, user PCID 0x802
+    other_asid: int = 4            # what "switch-kernel-asid" switches to
+    kernel_pgd: int = 0x0000_0000_0A0C_0000   # physical address of the mm's 8 KiB PGD
+    other_pgd: int = 0x0000_0000_0B1E_0000
+    stack_canary: int = 0x5EED_CA11_AB1E_0000
+
+
+@dataclass(frozen=True)
+class World:
+    image: Image
+    config: MachineConfig
+    params: WorldParams
+    pti: bool
+    pcid: bool
+    fsgsbase: bool
+    kernel_ibrs: bool
+    percpu_base: int
+    percpu: Mapping[str, int]          # per-cpu symbol -> offset
+    offsets: Mapping[str, int]         # asm-offsets in use
+    task_stack_top: int
+    entry_stack_top: int
+    ist_tops: Mapping[Vector, int]
+    syscall_returns_bool: bool         # 6.12's do_syscall_64 says whether SYSRET may be used
+
+    # ---- CR3 values ------------------------------------------------------------------
+    def kernel_cr3(self, asid: int | None = None, pgd: int | None = None) -> int:
+        asid = self.params.asid if asid is None else asid
+        pcid = asid + 1 if self.pcid else 0
+        return (self.params.kernel_pgd if pgd is None else pgd) | pcid
+
+    def user_cr3(self) -> int:
+        if not self.pti:
+            return self.kernel_cr3()
+        cr3 = self.kernel_cr3() | PTI_USER_PGTABLE
+        return cr3 | PTI_USER_PCID if self.pcid else cr3
+
+    def kernel_spec_ctrl(self) -> int:
+        return SPEC_CTRL_IBRS if self.kernel_ibrs else 0
+
+    def user_spec_ctrl(self) -> int:
+        return 0
+
+    def percpu_addr(self, name: str, offset: int = 0) -> int:
+        if name not in self.percpu:
+            raise KeyError(name)
+        return self.percpu_base + self.percpu[name] + offset
+
+    def tlbstate_flush_mask(self) -> int | None:
+        if "cpu_tlbstate" not in self.percpu:
+            return None
+        return self.percpu_addr("cpu_tlbstate", self.offsets["TLB_STATE_user_pcid_flush_mask"])
+
+    def top_of_stack_slot(self) -> int:
+        """Where this kernel keeps the current task's top of stack (6.12: pcpu_hot, 6.1: its own var)."""
+        if "pcpu_hot" in self.percpu:
+            return self.percpu_addr("pcpu_hot", self.offsets["X86_top_of_stack"])
+        return self.percpu_addr("cpu_current_top_of_stack")
+
+    def user_cpu(self) -> CpuState:
+        """CPU state while user space runs."""
+        return CpuState(cr3=self.user_cr3(), pcide=self.pcid, fsgsbase=self.fsgsbase, cpl=3, ss=0x2B,
+                        gs_base=self.config.user_gs_poison, kernel_gs_base=self.percpu_base,
+                        spec_ctrl=self.user_spec_ctrl(), mcg_status=0, nmi_blocked=False, nmi_pending=False,
+                        stale=frozenset())
+
+    def kernel_cpu(self) -> CpuState:
+        """CPU state while ordinary kernel code runs (kernel CR3, GS and SPEC_CTRL)."""
+        return replace(self.user_cpu(), cr3=self.kernel_cr3(), cpl=0, ss=0x18, gs_base=self.percpu_base,
+                       kernel_gs_base=self.config.user_gs_poison, spec_ctrl=self.kernel_spec_ctrl())
+
+    def idt(self, vector: Vector) -> int:
+        return self.config.idt[vector]
+
+
+def _page_region(name: str, start: int, size: int, perm: Perm, user: bool, data: bytes = b"") -> Region:
+    return Region(name, start, layout.page_up(size), perm, user, data)
+
+
+def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
+    loaded = image.loaded
+    res = loaded.resolution
+    offsets = dict(ASM_OFFSET_DEFAULTS)
+    offsets.update({k: v for k, v in loaded.offsets.items() if k in ASM_OFFSET_DEFAULTS})
+    feats = image.features
+    pti, pcid, fsgsbase, ibrs = ("pti" in feats, "pcid" in feats, "fsgsbase" in feats, "kernel_ibrs" in feats)
+
+    regions: list[Region] = list(image.regions())
+
+    # Stubs: one `ret` per undefined function; the machine hooks each address.
+    stubs = dict(sorted(((addr, name) for name, addr in res.functions.items())))
+    if stubs:
+        size = max(stubs) + layout.STUB_STRIDE - layout.STUB_BASE
+        code = bytearray(b"\xcc" * size)
+        for addr in stubs:
+            code[addr - layout.STUB_BASE] = 0xC3
+        regions.append(_page_region("C code (stubs)", layout.STUB_BASE, size, Perm.R | Perm.X, False, bytes(code)))
+
+    # Ordinary kernel code that exceptions interrupt (never executed: runs end when they return to it).
+    regions.append(Region("kernel text", layout.KERNEL_TEXT_BASE, PAGE, Perm.R | Perm.X, False, b"\xcc" * PAGE))
+
+    # Task stack and cpu_entry_area.
+    task_top = layout.TASK_STACK_BASE + layout.TASK_STACK_SIZE
+    regions.append(Region("task stack", layout.TASK_STACK_BASE, layout.TASK_STACK_SIZE, Perm.R | Perm.W, False))
+    cea = layout.CEA_BASE
+    regions.append(Region("cpu_entry_area GDT", cea, PAGE, Perm.R, True))
+    regions.append(Region("cpu_entry_area entry stack", cea + PAGE, PAGE, Perm.R | Perm.W, True))
+    ist_tops: dict[Vector, int] = {}
+    cursor = cea + 3 * PAGE                       # guard page after the entry stack
+    for vec in IST_ORDER:
+        regions.append(Region(f"cpu_entry_area {vec.label} stack", cursor, EXCEPTION_STKSZ, Perm.R | Perm.W, True))
+        ist_tops[vec] = cursor + EXCEPTION_STKSZ
+        cursor += EXCEPTION_STKSZ + PAGE          # guard page
+    entry_top = cea + 2 * PAGE
+
+    # Model memory for data symbols.
+    percpu_offsets = dict(res.percpu)
+    percpu_base = layout.PERCPU_BASE
+    data_regions: dict[int, bytearray] = {}
+
+    def data_put(addr: int, value: int, size: int = 8) -> None:
+        page = layout.page_down(addr)
+        buf = data_regions.setdefault(page, bytearray(PAGE))
+        off = addr - page
+        buf[off:off + size] = value.to_bytes(size, "little")
+
+    for name, addr in res.data.items():
+        data_regions.setdefault(layout.page_down(addr), bytearray(PAGE))
+        for extra in range(PAGE, res.data_sizes[name], PAGE):
+            data_regions.setdefault(layout.page_down(addr + extra), bytearray(PAGE))
+    if "__per_cpu_offset" in res.data:
+        base = res.data["__per_cpu_offset"]
+        for cpu in range(res.data_sizes["__per_cpu_offset"] // 8):
+            # Only this CPU's slot holds a mapped per-cpu base; others point at nothing.
+            value = percpu_base if cpu == params.cpu else 0xFFFF_8880_DEAD_0000 + cpu * 0x10000
+            data_put(base + 8 * cpu, value)
+    if "x86_verw_sel" in res.data:
+        data_put(res.data["x86_verw_sel"], 0x18, 2)     # __KERNEL_DS
+    entry_data = {n for n, c in res.classes.items() if c.value == "entry-data"}
+    entry_pages = {layout.page_down(res.data[n]) for n in entry_data}
+    for page, buf in sorted(data_regions.items()):
+        regions.append(Region("kernel data" if page not in entry_pages else "entry data", page, PAGE,
+                              Perm.R | Perm.W, page in entry_pages, bytes(buf)))
+
+    # The per-cpu area, as on a booted CPU.
+    percpu_size = layout.page_up(max(percpu_offsets.values(), default=0) + 0x100)
+    pc = bytearray(percpu_size)
+
+    def put(name: str, off: int, value: int, size: int = 8) -> None:
+        if name in percpu_offsets:
+            at = percpu_offsets[name] + off
+            pc[at:at + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+    tss = percpu_offsets.get("cpu_tss_rw")
+    if tss is None:
+        raise InputError(f"{loaded.path}: the entry code never uses cpu_tss_rw; cannot model its TSS")
+    put("cpu_tss_rw", offsets["TSS_sp0"], entry_top)
+    put("cpu_tss_rw", offsets["TSS_sp1"], task_top)
+    for k, vec in enumerate(IST_ORDER):
+        put("cpu_tss_rw", TSS_IST_OFFSET + 8 * vec.ist - 8, ist_tops[vec])
+    put("cpu_tlbstate", TLB_STATE_LOADED_MM_ASID, params.asid, 2)
+    put("cpu_tlbstate", offsets["TLB_STATE_user_pcid_flush_mask"], 0, 2)
+    put("pcpu_hot", offsets["X86_top_of_stack"], task_top)
+    put("cpu_current_top_of_stack", 0, task_top)
+    put("x86_spec_ctrl_current", 0, SPEC_CTRL_IBRS if ibrs else 0)
+    put("fixed_percpu_data", offsets["FIXED_stack_canary"], params.stack_canary)
+    user_pages = {layout.page_down(percpu_offsets[n]) for n in ("cpu_tss_rw",) if n in percpu_offsets}
+    for page in range(0, percpu_size, PAGE):
+        regions.append(Region("per-cpu cpu_tss_rw" if page in user_pages else "per-cpu data",
+                              percpu_base + page, PAGE, Perm.R | Perm.W, page in user_pages,
+                              bytes(pc[page:page + PAGE])))
+
+    idt = {}
+    for vec, sym in IDT_SYMBOLS.items():
+        if sym in loaded.symbols:
+            idt[vec] = loaded.symbols[sym]
+    for vec in (Vector.NMI, Vector.DB, Vector.MC):
+        if vec not in idt:
+            raise InputError(f"{loaded.path}: no {IDT_SYMBOLS[vec]}; is this the x86-64 entry_64.o?")
+    config = MachineConfig(regions=tuple(regions), idt=MappingProxyType(idt), tss=percpu_base + tss,
+                           cpunode_selector=CPUNODE_SELECTOR, cpunode_limit=params.cpu | (params.node << 12),
+                           stubs=MappingProxyType(stubs))
+    return World(image, config, params, pti, pcid, fsgsbase, ibrs, percpu_base, MappingProxyType(percpu_offsets),
+                 MappingProxyType(offsets), task_top, entry_top, MappingProxyType(ist_tops),
+                 _syscall_returns_bool(image))
+
+
+def _syscall_returns_bool(image: Image) -> bool:
+    """6.12's do_syscall_64 returns whether SYSRET may be used: the caller tests %al next."""
+    from entrycheck.image.decode import decode_one
+
+    stub = image.loaded.resolution.functions.get("do_syscall_64")
+    if stub is None:
+        return False
+    for r in image.loaded.relocations:
+        if r.section == ".entry.text" and r.symbol == "do_syscall_64":
+            nxt = decode_one(image.read(r.address + 4, 16), r.address + 4)
+            return nxt is not None and nxt.mnemonic.startswith("test") and "%al" in nxt.op_str
+    return False
+
+
+__all__ = ["World", "WorldParams", "build_world", "IDT_SYMBOLS", "MCG_STATUS_MCIP"]

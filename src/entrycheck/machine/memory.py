@@ -1,0 +1,81 @@
+"""Virtual memory for the model CPU: regions -> physical pages, and the PTI user view.
+
+Unicorn runs in virtual-TLB mode (DESIGN.md §3): every TLB miss asks ``lookup`` for
+a page.  Under a user CR3 only the pages PTI maps for user mode are answered, so a
+forbidden access faults on its own with no per-access hook.  Writable regions are
+packed into one physical span so that a snapshot is one read and a restore one write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping, Sequence
+
+from entrycheck.errors import InternalError
+from entrycheck.image.layout import PAGE, Perm, Region, page_up
+
+PHYS_WRITABLE = 0x1000_0000
+PHYS_READONLY = 0x4000_0000
+
+
+@dataclass(frozen=True)
+class Page:
+    phys: int
+    perm: Perm
+    user: bool            # mapped by the PTI user page tables
+    region: str
+
+
+@dataclass(frozen=True)
+class PhysChunk:
+    phys: int
+    data: bytes
+    perm: Perm
+
+
+@dataclass(frozen=True)
+class AddressSpace:
+    pages: Mapping[int, Page]               # virtual page number -> page
+    chunks: tuple[PhysChunk, ...]           # physical memory to map, with initial contents
+    writable_base: int                      # physical span of all writable memory
+    writable_size: int
+    regions: tuple[Region, ...]
+
+    def region_of(self, addr: int) -> Region | None:
+        for r in self.regions:
+            if r.contains(addr):
+                return r
+        return None
+
+    def user_mapped(self, addr: int) -> bool:
+        page = self.pages.get(addr >> 12)
+        return bool(page and page.user)
+
+    def phys(self, addr: int) -> int:
+        page = self.pages.get(addr >> 12)
+        if page is None:
+            raise InternalError(f"{addr:#x} is not mapped")
+        return page.phys + (addr & (PAGE - 1))
+
+
+def build_address_space(regions: Sequence[Region]) -> AddressSpace:
+    ordered = sorted(regions, key=lambda r: r.start)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.end > b.start:
+            raise InternalError(f"regions {a.name} and {b.name} overlap")
+    pages: dict[int, Page] = {}
+    chunks: list[PhysChunk] = []
+    cursor = {True: PHYS_WRITABLE, False: PHYS_READONLY}
+    for r in ordered:
+        if r.start % PAGE or r.size % PAGE:
+            raise InternalError(f"region {r.name} is not page aligned")
+        writable = Perm.W in r.perm
+        phys = cursor[writable]
+        cursor[writable] += page_up(r.size)
+        data = r.data[:r.size] + bytes(r.size - min(len(r.data), r.size))
+        chunks.append(PhysChunk(phys, data, r.perm))
+        for k in range(r.size // PAGE):
+            pages[(r.start >> 12) + k] = Page(phys + k * PAGE, r.perm, r.user_mapped, r.name)
+    return AddressSpace(MappingProxyType(pages), tuple(chunks), PHYS_WRITABLE,
+                        cursor[True] - PHYS_WRITABLE, tuple(ordered))

@@ -1,0 +1,281 @@
+"""The privileged CPU state Unicorn does not model for us, as plain data + pure functions.
+
+Every operation takes a ``CpuState`` and returns a new one plus an event that says
+what happened (for traces, counts and invariants).  Nothing here knows about
+Unicorn; the adapter applies these functions at the instructions it hooks.
+
+Facts honoured (DESIGN.md §3): CR3 bit 63 (NOFLUSH) is acted on and never stored;
+PCID = CR3[11:0] when CR4.PCIDE; a write without NOFLUSH flushes the new PCID (all
+PCIDs without PCIDE); TLB staleness is tracked per PCID so that a skipped flush is
+seen whatever the kernel's own flush mask says; NMI delivery blocks NMIs until the
+next IRET, any IRET; an NMI arriving while blocked is latched (one at most); #MC
+sets MCG_STATUS.MCIP until the handler clears it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from entrycheck.image.layout import canonical
+
+NOFLUSH = 1 << 63
+CR3_PCID_MASK = 0xFFF
+PTI_USER_PGTABLE = 1 << 12
+PTI_USER_PCID = 1 << 11
+
+MSR_SPEC_CTRL = 0x48
+MSR_PRED_CMD = 0x49
+MSR_MCG_STATUS = 0x17A
+MSR_FS_BASE = 0xC0000100
+MSR_GS_BASE = 0xC0000101
+MSR_KERNEL_GS_BASE = 0xC0000102
+MCG_STATUS_MCIP = 1 << 2
+SPEC_CTRL_IBRS = 1
+
+RFLAGS_TF = 1 << 8
+RFLAGS_IF = 1 << 9
+RFLAGS_DF = 1 << 10
+RFLAGS_NT = 1 << 14
+RFLAGS_RF = 1 << 16
+RFLAGS_AC = 1 << 18
+RFLAGS_FIXED = 1 << 1
+# What Linux programs into MSR_SYSCALL_MASK.
+SYSCALL_MASK = RFLAGS_TF | RFLAGS_DF | RFLAGS_IF | (3 << 12) | RFLAGS_AC | RFLAGS_NT
+
+KERNEL_CS = 0x10
+KERNEL_DS = 0x18
+USER_CS = 0x33
+USER_DS = 0x2B
+
+
+class Vector(enum.IntEnum):
+    """Exception vectors entrycheck delivers, with the Linux IDT's IST use."""
+
+    DB = 1
+    NMI = 2
+    DF = 8
+    PF = 14
+    MC = 18
+    VC = 29
+    IRQ = 32          # a device interrupt, vector 0x20 (its stub in irq_entries_start pushes it)
+
+    @property
+    def label(self) -> str:
+        return VECTOR_NAMES[self]
+
+    @property
+    def ist(self) -> int:
+        """TSS IST slot (1-based) the IDT gate names, 0 for none (Linux's IST_INDEX_* + 1)."""
+        return {Vector.DF: 1, Vector.NMI: 2, Vector.DB: 3, Vector.MC: 4, Vector.VC: 5}.get(self, 0)
+
+    @property
+    def error_code(self) -> bool:
+        """Whether delivery pushes an error code."""
+        return self in (Vector.DF, Vector.PF, Vector.VC)
+
+
+VECTOR_NAMES = {Vector.DB: "db", Vector.NMI: "nmi", Vector.DF: "df", Vector.PF: "pf", Vector.MC: "mc",
+                Vector.VC: "vc", Vector.IRQ: "irq"}
+VECTOR_BY_NAME = {v: k for k, v in VECTOR_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class CpuState:
+    cr3: int                  # as stored: never has NOFLUSH
+    pcide: bool               # CR4.PCIDE
+    fsgsbase: bool            # CR4.FSGSBASE
+    cpl: int
+    ss: int
+    gs_base: int
+    kernel_gs_base: int
+    spec_ctrl: int
+    mcg_status: int
+    nmi_blocked: bool
+    nmi_pending: bool
+    stale: frozenset[int]     # PCIDs whose TLB entries are stale (need a flushing write)
+
+    @property
+    def mcip(self) -> bool:
+        return bool(self.mcg_status & MCG_STATUS_MCIP)
+
+    @property
+    def pcid(self) -> int:
+        return self.cr3 & CR3_PCID_MASK if self.pcide else 0
+
+    @property
+    def user_cr3(self) -> bool:
+        return bool(self.cr3 & PTI_USER_PGTABLE)
+
+
+@dataclass(frozen=True)
+class Cr3Write:
+    old: int
+    written: int              # the operand, NOFLUSH included
+    new: int                  # what CR3 holds afterwards
+    noflush: bool
+    flushed: tuple[int, ...]  # PCIDs whose stale entries this write flushed (-1: all)
+    stale_made_current: bool  # NOFLUSH write that made a stale PCID current
+    redundant: bool           # CR3 unchanged and nothing stale to flush
+
+
+@dataclass(frozen=True)
+class MsrWrite:
+    msr: int
+    old: int | None
+    new: int
+    redundant: bool           # wrote the value the MSR already held
+
+
+def decode_cr3(value: int, pcide: bool = True) -> str:
+    """'pgd=0x1000000 pcid=0x802 user pgtable, user pcid, NOFLUSH' style description."""
+    parts = [f"pgd={value & ~0x1FFF & ((1 << 52) - 1):#x}"]
+    if pcide:
+        parts.append(f"pcid={value & CR3_PCID_MASK:#x}")
+    parts.append("user" if value & PTI_USER_PGTABLE else "kernel")
+    if value & NOFLUSH:
+        parts.append("NOFLUSH")
+    return " ".join(parts)
+
+
+# --- CR3 ---------------------------------------------------------------------------------
+def write_cr3(s: CpuState, value: int) -> tuple[CpuState, Cr3Write]:
+    noflush = s.pcide and bool(value & NOFLUSH)
+    new = value & ~NOFLUSH & ((1 << 64) - 1)
+    pcid = new & CR3_PCID_MASK if s.pcide else 0
+    was_stale = pcid in s.stale
+    if not s.pcide:
+        flushed = tuple(sorted(s.stale)) or ()
+        stale = frozenset()
+    elif noflush:
+        flushed = ()
+        stale = s.stale
+    else:
+        flushed = (pcid,) if was_stale else ()
+        stale = s.stale - {pcid}
+    event = Cr3Write(s.cr3, value, new, noflush, flushed, noflush and was_stale,
+                     redundant=(new == s.cr3 and not was_stale))
+    return replace(s, cr3=new, stale=stale), event
+
+
+def invalidate_pcid(s: CpuState, pcid: int) -> CpuState:
+    """The kernel invalidated mappings for ``pcid``: its TLB entries are stale now."""
+    return replace(s, stale=s.stale | {pcid})
+
+
+# --- GS -------------------------------------------------------------------------------------
+def swapgs(s: CpuState) -> CpuState:
+    return replace(s, gs_base=s.kernel_gs_base, kernel_gs_base=s.gs_base)
+
+
+def wrgsbase(s: CpuState, value: int) -> CpuState:
+    return replace(s, gs_base=value)
+
+
+# --- MSRs -----------------------------------------------------------------------------------
+class MsrError(Exception):
+    """RDMSR/WRMSR of an MSR the model does not have: #GP on real hardware."""
+
+
+def rdmsr(s: CpuState, msr: int) -> int:
+    if msr == MSR_GS_BASE:
+        return s.gs_base
+    if msr == MSR_KERNEL_GS_BASE:
+        return s.kernel_gs_base
+    if msr == MSR_SPEC_CTRL:
+        return s.spec_ctrl
+    if msr == MSR_MCG_STATUS:
+        return s.mcg_status
+    raise MsrError(f"RDMSR of unmodelled MSR {msr:#x}")
+
+
+def wrmsr(s: CpuState, msr: int, value: int) -> tuple[CpuState, MsrWrite]:
+    value &= (1 << 64) - 1
+    if msr in (MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_FS_BASE) and not canonical(value):
+        raise MsrError(f"WRMSR {msr:#x} with a non-canonical value {value:#x}")
+    if msr == MSR_GS_BASE:
+        return replace(s, gs_base=value), MsrWrite(msr, s.gs_base, value, s.gs_base == value)
+    if msr == MSR_KERNEL_GS_BASE:
+        return replace(s, kernel_gs_base=value), MsrWrite(msr, s.kernel_gs_base, value,
+                                                          s.kernel_gs_base == value)
+    if msr == MSR_SPEC_CTRL:
+        return replace(s, spec_ctrl=value), MsrWrite(msr, s.spec_ctrl, value, s.spec_ctrl == value)
+    if msr == MSR_MCG_STATUS:
+        return replace(s, mcg_status=value), MsrWrite(msr, s.mcg_status, value, s.mcg_status == value)
+    if msr == MSR_PRED_CMD:  # IBPB: a command, never redundant
+        return s, MsrWrite(msr, None, value, False)
+    raise MsrError(f"WRMSR of unmodelled MSR {msr:#x}")
+
+
+# --- exceptions, IRET, SYSCALL, SYSRET --------------------------------------------------
+@dataclass(frozen=True)
+class Frame:
+    """A hardware exception frame as it sits on the stack (lowest address first)."""
+
+    error_code: int | None
+    rip: int
+    cs: int
+    rflags: int
+    rsp: int
+    ss: int
+
+    def words(self) -> list[int]:
+        w = [self.rip, self.cs, self.rflags, self.rsp, self.ss]
+        return ([self.error_code] if self.error_code is not None else []) + w
+
+
+def can_deliver(s: CpuState, vector: Vector) -> bool:
+    """Whether hardware would deliver ``vector`` now (NMI may instead be latched)."""
+    if vector is Vector.MC:
+        return not s.mcip         # a second #MC with MCIP set shuts the machine down
+    if vector is Vector.NMI:
+        return not s.nmi_blocked
+    return True
+
+
+def deliver(s: CpuState, vector: Vector, *, rip: int, rsp: int, rflags: int, error_code: int | None,
+            stack_top: int) -> tuple[CpuState, Frame, int, int]:
+    """Deliver through a 64-bit interrupt gate: (state, frame, new RSP, new RFLAGS).
+
+    ``stack_top`` is where the frame goes: the IST slot, TSS.sp0 for a CPL change, or
+    the current RSP.  The CPU aligns it to 16 bytes before pushing.
+    """
+    user = s.cpl == 3
+    frame = Frame(error_code if vector.error_code else None, rip, USER_CS if user else KERNEL_CS,
+                  rflags, rsp, s.ss if not user else USER_DS)
+    new_rsp = (stack_top & ~0xF) - 8 * len(frame.words())
+    new_flags = (rflags & ~(RFLAGS_IF | RFLAGS_TF | RFLAGS_NT | RFLAGS_RF)) | RFLAGS_FIXED
+    new = replace(s, cpl=0, ss=0 if user or vector.ist else s.ss,
+                  nmi_blocked=s.nmi_blocked or vector is Vector.NMI,
+                  mcg_status=s.mcg_status | (MCG_STATUS_MCIP if vector is Vector.MC else 0))
+    return new, frame, new_rsp, new_flags
+
+
+def latch_nmi(s: CpuState) -> CpuState:
+    return replace(s, nmi_pending=True)
+
+
+class FrameError(Exception):
+    """IRET/SYSRET with state the CPU would refuse (#GP)."""
+
+
+def iret(s: CpuState, frame: Frame) -> CpuState:
+    """IRETQ to ``frame`` (error code already popped).  Any IRET unblocks NMIs."""
+    rpl = frame.cs & 3
+    if frame.cs not in (KERNEL_CS, USER_CS):
+        raise FrameError(f"IRET to an invalid CS {frame.cs:#x}")
+    if rpl < s.cpl:
+        raise FrameError("IRET to a more privileged level")
+    if not canonical(frame.rip):
+        raise FrameError(f"IRET to a non-canonical RIP {frame.rip:#x}")
+    return replace(s, cpl=rpl, ss=frame.ss, nmi_blocked=False)
+
+
+def syscall(s: CpuState) -> CpuState:
+    return replace(s, cpl=0, ss=KERNEL_DS)
+
+
+def sysret(s: CpuState, rip: int) -> CpuState:
+    if not canonical(rip):
+        raise FrameError(f"SYSRET to a non-canonical RIP {rip:#x} (#GP in ring 0)")
+    return replace(s, cpl=3, ss=USER_DS)

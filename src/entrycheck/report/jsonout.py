@@ -1,0 +1,110 @@
+"""JSON documents of check and trace (DESIGN.md §4): deterministic, keys sorted by the writer."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from entrycheck import __version__
+from entrycheck.explore.check import CheckResult
+from entrycheck.explore.paths import Cost
+from entrycheck.explore.replay import Trace
+from entrycheck.image.image import Image
+from entrycheck.machine import events as ev
+from entrycheck.machine.model import decode_cr3
+
+
+def check_json(result: CheckResult, *, target: str, kernel_version: str | None, feature_numbers: str) -> dict:
+    cfg = result.config
+    base = result.cost()
+    every = result.cost(result.paths)
+    by_invariant = Counter(f.invariant for f in result.findings)
+    return {
+        "entrycheck_version": __version__,
+        "target": target,
+        "kernel_version": kernel_version,
+        "feature_numbers": feature_numbers,
+        "feature_sets": [str(fs) for fs in result.feature_sets],
+        "scenarios": list(cfg.scenarios),
+        "vectors": [v.label for v in cfg.vectors],
+        "depth": cfg.depth,
+        "handler_effects": [e.value for e in cfg.effects],
+        "runs": result.runs,
+        "converged_runs": result.converged,
+        "skipped_points": result.skipped,
+        "stopped_because": result.stopped_because,
+        "violations": [f.to_json() for f in result.findings],
+        "violations_before_dedup": result.all_findings,
+        "violations_by_invariant": dict(sorted(by_invariant.items())),
+        "cr3": base.cr3_json(),
+        "cost": base.to_json(),
+        "cr3_sites": dict(base.cr3_sites),
+        "redundant_sites": dict(base.redundant_sites),
+        "all_paths": {"cost": every.to_json(), "cr3_sites": dict(every.cr3_sites),
+                      "redundant_sites": dict(every.redundant_sites)},
+        "paths": [{"scenario": p.scenario, "features": p.features, "effects": list(p.effects),
+                   "outcome": p.outcome, "cr3": p.cost.cr3_json()}
+                  for p in result.base_paths()],
+    }
+
+
+def _event_json(e: ev.Event, image: Image) -> dict:
+    out: dict = {"step": e.step, "at": image.symbolize(e.pc), "event": type(e).__name__}
+    if isinstance(e, ev.Cr3Written):
+        w = e.write
+        out.update(written=f"{w.written:#x}", value=f"{w.new:#x}", decoded=decode_cr3(w.written),
+                   noflush=w.noflush, redundant=w.redundant, stale_made_current=w.stale_made_current,
+                   flushed=[f"{p:#x}" for p in w.flushed])
+    elif isinstance(e, ev.Cr3Read):
+        out.update(value=f"{e.value:#x}")
+    elif isinstance(e, ev.MsrWritten):
+        out.update(msr=f"{e.write.msr:#x}", value=f"{e.write.new:#x}", redundant=e.write.redundant)
+    elif isinstance(e, ev.MsrRead):
+        out.update(msr=f"{e.msr:#x}", value=f"{e.value:#x}")
+    elif isinstance(e, ev.GsChange):
+        out.update(how=e.how, gs_base=f"{e.gs_base:#x}", kernel_gs_base=f"{e.kernel_gs_base:#x}")
+    elif isinstance(e, ev.Delivered):
+        out.update(vector=e.vector.label, stack=f"{e.stack:#x}", latched=e.from_latch,
+                   frame={"rip": f"{e.frame.rip:#x}", "cs": f"{e.frame.cs:#x}", "rsp": f"{e.frame.rsp:#x}"})
+    elif isinstance(e, ev.Latched):
+        out.update(vector=e.vector.label)
+    elif isinstance(e, ev.Resumed):
+        out.update(vector=e.injection.vector.label)
+    elif isinstance(e, ev.Iret):
+        out.update(to=image.symbolize(e.frame.rip), to_user=e.to_user)
+    elif isinstance(e, ev.Sysret):
+        out.update(to=f"{e.rip:#x}")
+    elif isinstance(e, ev.StubCall):
+        out.update(function=e.name, returns_to=image.symbolize(e.return_address), note=e.note)
+    elif isinstance(e, ev.Fence):
+        out.update(kind=e.kind)
+    elif isinstance(e, ev.Fault):
+        out.update(kind=e.kind.value, message=e.message)
+    elif isinstance(e, ev.Ended):
+        out.update(outcome=e.outcome.value, reason=e.reason)
+    return out
+
+
+def trace_json(t: Trace, image: Image, *, target: str, kernel_version: str | None, features: str) -> dict:
+    from entrycheck.report.disasm import instruction_text
+
+    cost: Cost = t.cost
+    return {
+        "entrycheck_version": __version__,
+        "target": target,
+        "kernel_version": kernel_version,
+        "scenario": t.scenario.name,
+        "features": features,
+        "injections": [i.label.to_json() for i in t.injections],
+        "instructions": [{"step": s.step, "at": image.symbolize(s.pc), "text": instruction_text(image, s.pc),
+                          "rsp": f"{s.rsp:#x}"} for s in t.steps],
+        "events": [_event_json(e, image) for e in t.events],
+        "totals": {**cost.to_json(), "outcome": _outcome_name(t), "instructions": len(t.steps)},
+        "outcome": _outcome_name(t),
+        "violations": [{"invariant": v.invariant, "at": image.symbolize(v.pc), "step": v.step, "message": v.message}
+                       for v in t.violations],
+        "unknown_functions": list(t.unknown_functions),
+    }
+
+
+def _outcome_name(t: Trace) -> str:
+    return t.outcome.value

@@ -1,0 +1,147 @@
+"""Plain-text reports that fit 80 columns and paste well into a mail reply."""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter, defaultdict
+
+from entrycheck.explore.check import CheckResult
+from entrycheck.explore.paths import Cost, Finding
+from entrycheck.explore.replay import Trace
+from entrycheck.image.image import Image
+from entrycheck.machine import events as ev
+from entrycheck.machine.model import decode_cr3
+
+WIDTH = 80
+
+
+def _wrap(text: str, indent: str = "", first: str = "") -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent=first or indent, subsequent_indent=indent,
+                         break_long_words=True, break_on_hyphens=False) or [first.rstrip()]
+
+
+def reproduce_command(target: str, f: Finding) -> str:
+    parts = [f"entrycheck trace {target} --scenario {f.scenario}", f"--features {f.features}"]
+    if f.effects:
+        parts.append(f"--handler-effects {','.join(f.effects)}")
+    parts += [f"--inject {i.spec()}" for i in f.injections]
+    return " ".join(parts)
+
+
+def cost_lines(cost: Cost, title: str) -> list[str]:
+    out = [f"{title}: {cost.cr3_writes} (flushing {cost.cr3_flushing}, NOFLUSH "
+           f"{cost.cr3_noflush}, redundant {cost.cr3_redundant})"]
+    if cost.cr3_sites:
+        out.append("  by site (writes):")
+        out += [f"    {site:<54.54s}{n:>8d}" for site, n in cost.cr3_sites]
+    if cost.redundant_sites:
+        out.append("  redundant writes (CR3 unchanged with nothing to flush, or an MSR")
+        out.append("  written with the value it held), by site:")
+        out += [f"    {site:<54.54s}{n:>8d}" for site, n in cost.redundant_sites]
+    out.append(f"MSR writes: {cost.msr_writes} (redundant {cost.msr_redundant}); SWAPGS: {cost.swapgs}")
+    return out
+
+
+def check_summary(result: CheckResult, *, target: str, kernel_version: str | None) -> str:
+    cfg = result.config
+    lines = [f"entrycheck check {target}" + (f" (kernel {kernel_version})" if kernel_version else "")]
+    lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.feature_sets)} feature sets"
+                   + (f" x {len(cfg.branches())} handler-effect branches" if cfg.effects else "")
+                   + f"; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}")
+    lines += _wrap(f"{result.runs} runs ({result.converged} rejoined a checked run early, "
+                   f"{result.skipped} latched-NMI points shared); stopped: {result.stopped_because}")
+    lines.append("")
+    if result.findings:
+        groups: dict[str, list[Finding]] = defaultdict(list)
+        for f in result.findings:
+            groups[f.invariant].append(f)
+        lines.append(f"VIOLATIONS: {len(result.findings)} distinct ({result.all_findings} before "
+                     "deduplication)")
+        for inv, fs in groups.items():
+            shortest = min(fs, key=lambda f: (len(f.injections), fs.index(f)))
+            lines.append("")
+            lines.append(f"{inv} ({len(fs)} distinct)")
+            lines += _wrap(f"{shortest.message}", "    ", "  - ")
+            lines += _wrap(f"at {shortest.site}, scenario {shortest.scenario}, features "
+                           f"{shortest.features}", "    ", "    ")
+            lines.append("    reproduce:")
+            lines += _wrap(reproduce_command(target, shortest), "        ", "      ")
+            others = Counter(f.site for f in fs if f is not shortest)
+            if others:
+                lines += _wrap("also at: " + ", ".join(f"{s} (x{n})" if n > 1 else s
+                                                        for s, n in sorted(others.items())[:8])
+                               + (" ..." if len(others) > 8 else ""), "    ", "    ")
+    else:
+        lines.append("No violations.")
+    lines.append("")
+    lines += cost_lines(result.cost(), "CR3 writes on the entry paths (no injection)")
+    lines.append("")
+    lines.append("Verdict: " + ("VIOLATIONS FOUND" if result.findings else "clean"))
+    return "\n".join(lines)
+
+
+def trace_text(t: Trace, image: Image, *, target: str, features: str) -> str:
+    from entrycheck.report.disasm import instruction_text
+
+    lines = [f"entrycheck trace {target} --scenario {t.scenario.name} --features {features}"]
+    for i in t.injections:
+        lines.append(f"  inject {i.label.spec()}")
+    by_step: dict[int, list[ev.Event]] = defaultdict(list)
+    for e in t.events:
+        by_step[e.step].append(e)
+    last_rsp = None
+    for e in by_step.get(0, []):
+        lines += _event_lines(e, image)
+    for s in t.steps:
+        rsp = f"  rsp={s.rsp:#x}" if s.rsp != last_rsp else ""
+        last_rsp = s.rsp
+        lines.append(f"{s.step:5d} {image.symbolize(s.pc):<34.34s} "
+                     f"{instruction_text(image, s.pc)[:28]:<28s}{rsp}"[:WIDTH + 24])
+        for e in by_step.get(s.step + 1, []):
+            lines += _event_lines(e, image)
+    c = t.cost
+    lines.append("")
+    lines.append(f"outcome: {t.outcome.value} ({t.reason})")
+    lines.append(f"CR3 writes: {c.cr3_writes} (flushing {c.cr3_flushing}, NOFLUSH {c.cr3_noflush}, "
+                 f"redundant {c.cr3_redundant}); MSR writes: {c.msr_writes}; SWAPGS: {c.swapgs}; "
+                 f"exceptions: {c.exceptions}")
+    if t.unknown_functions:
+        lines += _wrap("unknown functions (returned): " + ", ".join(t.unknown_functions))
+    if t.violations:
+        lines.append("violations:")
+        for v in t.violations:
+            lines += _wrap(f"{v.invariant} at {image.symbolize(v.pc)}: {v.message}", "    ", "  - ")
+    else:
+        lines.append("violations: none")
+    return "\n".join(lines)
+
+
+def _event_lines(e: ev.Event, image: Image) -> list[str]:
+    pre = "        -> "
+    if isinstance(e, ev.Cr3Written):
+        w = e.write
+        what = "redundant" if w.redundant else ("NOFLUSH" if w.noflush else "flushing")
+        return [f"{pre}CR3 := {w.new:#x} [{decode_cr3(w.written)}] ({what})"]
+    if isinstance(e, ev.GsChange):
+        return [f"{pre}{e.how}: GSBASE={e.gs_base:#x} KERNEL_GS_BASE={e.kernel_gs_base:#x}"]
+    if isinstance(e, ev.MsrWritten):
+        names = {0x48: "SPEC_CTRL", 0x49: "PRED_CMD", 0x17A: "MCG_STATUS"}
+        name = names.get(e.write.msr, f"MSR {e.write.msr:#x}")
+        return [f"{pre}{name} := {e.write.new:#x}" + (" (redundant)" if e.write.redundant else "")]
+    if isinstance(e, ev.Delivered):
+        how = " (latched, now delivered)" if e.from_latch else ""
+        return [f"{pre}{e.vector.label.upper()} delivered at {image.symbolize(e.pc)}{how}, CPL 0, "
+                f"rsp={e.stack:#x}"]
+    if isinstance(e, ev.Latched):
+        return [f"{pre}{e.vector.label.upper()} latched (NMIs blocked)"]
+    if isinstance(e, ev.Iret):
+        return [f"{pre}IRET to {image.symbolize(e.frame.rip)} (CPL {e.frame.cs & 3}); NMIs unblocked"]
+    if isinstance(e, ev.Sysret):
+        return [f"{pre}SYSRET to {e.rip:#x} (CPL 3)"]
+    if isinstance(e, ev.Resumed):
+        return [f"{pre}{e.injection.vector.label} returned to what it interrupted"]
+    if isinstance(e, ev.StubCall):
+        return [f"{pre}C {e.name}()" + (f" [{e.note}]" if e.note else "")]
+    if isinstance(e, ev.Fault):
+        return [f"{pre}FAULT {e.kind.value}: {e.message}"]
+    return []
