@@ -283,6 +283,37 @@ def _from_finding(spec: str):
     return v["scenario"], v["features"], injects, ",".join(v.get("effects", [])) or None
 
 
+# ---- demo: the bundled fixture --------------------------------------------------------------
+@cli.command()
+@click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the result as JSON.")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Worker processes (default: one per CPU); the variants are checked side by side.")
+@click.option("--keep", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Keep the assembled objects (and the fixture's source) in DIR, so that the "
+                   "reproducers can be replayed with 'entrycheck trace'.")
+def demo(json_out: str | None, workers: int | None, keep: str | None) -> None:
+    """Check a small bundled entry fixture in four variants: no network, no kernel build.
+
+    The fixture is assembled with GNU as (binutils) at run time.  Variants 0 and 1
+    (the paranoid return before and after skipping redundant CR3 writes) must come out
+    safe, the broken variants 2 and 3 unsafe.  Exit status: 0 when they do, 1 when not,
+    2 when GNU as is missing.
+    """
+    from entrycheck.demo import demo_json, demo_text, run_demo
+    from entrycheck.explore.check import default_workers
+    from entrycheck.report.progress import terminal_progress
+
+    with terminal_progress() as progress:
+        result = run_demo(workers=workers or default_workers(), keep=Path(keep) if keep else None,
+                          progress=progress)
+    if json_out:
+        _write_json(json_out, demo_json(result))
+    if json_out != "-":
+        click.echo(demo_text(result))
+    sys.exit(0 if result.as_expected else 1)
+# ---- end of demo ----------------------------------------------------------------------------
+
+
 @cli.command()
 def scenarios() -> None:
     """List the scenarios and the invariants."""

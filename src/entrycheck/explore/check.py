@@ -28,11 +28,26 @@ STOPPED_DONE, STOPPED_BUDGET, STOPPED_ERROR = "done", "budget", "error"
 
 @dataclass(frozen=True)
 class ObjectRef:
-    """How a worker process finds the object again (a LoadedObject is not shipped)."""
+    """How a worker process finds the object again (a LoadedObject is not shipped).
+
+    ``stamp`` (size and mtime of the files) keeps a rebuilt object at the same path
+    from being mistaken for the one loaded before."""
 
     path: Path
     cpufeatures: Path | None
     asm_offsets: Path | None
+    stamp: tuple = ()
+
+    def __post_init__(self) -> None:
+        if not self.stamp:
+            stamp = []
+            for p in (self.path, self.cpufeatures, self.asm_offsets):
+                try:
+                    st = Path(p).stat() if p else None
+                except OSError:
+                    st = None
+                stamp.append((st.st_size, st.st_mtime_ns) if st else None)
+            object.__setattr__(self, "stamp", tuple(stamp))
 
     def load(self) -> LoadedObject:
         return _load_cached(self)
@@ -125,27 +140,35 @@ def parse_effects(text: str | None) -> tuple[Effect, ...]:
 
 
 def make_units(cfg: CheckConfig) -> list[Unit]:
+    """One unit per (feature set, scenario, effect branch), in a fixed order."""
     for name in cfg.scenarios:
         scenario(name)
     units = []
     for fs in cfg.feature_sets:
-        for effects in cfg.branches():
-            units.append(Unit(len(units), fs, cfg.scenarios, effects))
+        for name in cfg.scenarios:
+            sc = scenario(name)
+            if sc.needs and sc.needs not in fs:
+                continue
+            for effects in cfg.branches():
+                units.append(Unit(len(units), fs, (name,), effects))
     return units
+
+
+# Per process: one explorer (world + two emulators) per feature set, reused across units.
+_EXPLORERS: dict[tuple, Explorer] = {}
 
 
 def run_unit(ref: ObjectRef, cfg: CheckConfig, unit: Unit, max_runs: int | None = None) -> list[UnitResult]:
     """Explore one unit in this process (also the entry point of worker processes)."""
-    loaded = ref.load()
-    world = build_world(loaded.image(unit.features))
-    explorer = Explorer(world, cfg.explore_config(), Budget(max_runs))
-    out = []
-    for name in unit.scenarios:
-        sc = scenario(name)
-        if sc.needs and sc.needs not in unit.features:
-            continue
-        out.append(explorer.explore(sc, unit.effects))
-    return out
+    key = (ref, unit.features, cfg.explore_config())
+    explorer = _EXPLORERS.get(key)
+    if explorer is None:
+        if len(_EXPLORERS) > 32:
+            _EXPLORERS.clear()
+        world = build_world(ref.load().image(unit.features))
+        explorer = _EXPLORERS[key] = Explorer(world, cfg.explore_config())
+    explorer.budget = Budget(max_runs)
+    return [explorer.explore(scenario(name), unit.effects) for name in unit.scenarios]
 
 
 def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: str | None = None,

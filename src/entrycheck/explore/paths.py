@@ -113,8 +113,13 @@ class Finding:
     trace: tuple[str, ...] = field(default=(), compare=False)   # instructions before the violation
 
     def key(self) -> tuple:
-        """Deduplication key: (invariant, site, vector chain)."""
-        return (self.invariant, self.site, tuple(i.vector for i in self.injections))
+        """Deduplication key: (invariant, site, vector chain), the chain starting with the
+        scenario's own entry (syscall, or the exception it starts with)."""
+        from entrycheck.explore.scenarios import SCENARIOS
+
+        sc = SCENARIOS.get(self.scenario)
+        entry = sc.vector.label if sc and sc.vector else "syscall"
+        return (self.invariant, self.site, (entry,) + tuple(i.vector for i in self.injections))
 
     def to_json(self) -> dict:
         return {"invariant": self.invariant, "scenario": self.scenario, "features": self.features,

@@ -157,6 +157,7 @@ class Image:
     def all_symbols(self) -> dict[str, int]:
         """Every named address: object symbols, stubs, model data, per-cpu (at the per-cpu base)."""
         out = dict(self.loaded.symbols)
+        out["kernel_code"] = layout.KERNEL_TEXT_BASE     # the code exceptions interrupt (not in the object)
         res = self.loaded.resolution
         out.update(res.functions)
         out.update(res.data)

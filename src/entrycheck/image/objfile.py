@@ -17,6 +17,7 @@ from typing import Mapping
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
+from elftools.elf.sections import SymbolTableSection
 
 from entrycheck.errors import InputError
 
@@ -113,7 +114,7 @@ def load_object(path: Path) -> ObjectFile:
         return _parse(path, raw)
     except InputError:
         raise
-    except (ELFError, ValueError, KeyError, IndexError, AssertionError, OSError, EOFError) as exc:
+    except (ELFError, ValueError, KeyError, IndexError, AssertionError, OSError, EOFError, OverflowError) as exc:
         raise InputError(f"{path}: corrupt or truncated ELF object ({_reason(exc)}); rebuild it") from exc
     except Exception as exc:  # pyelftools raises construct/struct errors on truncation
         if type(exc).__module__.split(".")[0] in {"construct", "struct", "elftools"} or isinstance(exc, EOFError):
@@ -152,7 +153,7 @@ def _parse(path: Path, raw: bytes) -> ObjectFile:
         sections.append(Section(idx, sec.name, kind, sec["sh_flags"], max(1, sec["sh_addralign"]), size, data))
 
     symtab = elf.get_section_by_name(".symtab")
-    if symtab is None:
+    if not isinstance(symtab, SymbolTableSection):
         raise InputError(f"{path}: object has no symbol table")
     symbols: list[Symbol] = []
     for idx, sym in enumerate(symtab.iter_symbols()):

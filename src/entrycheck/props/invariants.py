@@ -208,7 +208,17 @@ def check_emulation_fault(world: World, run: Run) -> Iterator[Violation]:
 def check_no_return(world: World, run: Run) -> Iterator[Violation]:
     if run.outcome is Outcome.NO_RETURN:
         end = run.events[-1]
-        yield Violation("no-return", end.pc, end.step, run.reason)
+        yield Violation("no-return", _loop_site(run.events[:-1]) or end.pc, end.step, run.reason)
+
+
+def _loop_site(events: tuple[Event, ...]) -> int | None:
+    """The lowest address of the loop a run ended in, wherever the step budget cut it:
+    the shortest period p with the last p events repeating the p before them."""
+    sig = [(type(e).__name__, e.pc) for e in events[-400:]]
+    for p in range(1, len(sig) // 2 + 1):
+        if sig[-p:] == sig[-2 * p:-p]:
+            return min(pc for _, pc in sig[-p:])
+    return None
 
 
 _TABLE = (

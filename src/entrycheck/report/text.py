@@ -29,15 +29,15 @@ def reproduce_command(target: str, f: Finding) -> str:
 
 
 def cost_lines(cost: Cost, title: str) -> list[str]:
-    out = [f"{title}: {cost.cr3_writes} (flushing {cost.cr3_flushing}, NOFLUSH "
+    out = [f"{title}:", f"  {cost.cr3_writes} (flushing {cost.cr3_flushing}, NOFLUSH "
            f"{cost.cr3_noflush}, redundant {cost.cr3_redundant})"]
     if cost.cr3_sites:
         out.append("  by site (writes):")
-        out += [f"    {site:<54.54s}{n:>8d}" for site, n in cost.cr3_sites]
+        out += [f"    {site:<60.60s}{n:>8d}" for site, n in cost.cr3_sites]
     if cost.redundant_sites:
         out.append("  redundant writes (CR3 unchanged with nothing to flush, or an MSR")
         out.append("  written with the value it held), by site:")
-        out += [f"    {site:<54.54s}{n:>8d}" for site, n in cost.redundant_sites]
+        out += [f"    {site:<60.60s}{n:>8d}" for site, n in cost.redundant_sites]
     out.append(f"MSR writes: {cost.msr_writes} (redundant {cost.msr_redundant}); SWAPGS: {cost.swapgs}")
     return out
 

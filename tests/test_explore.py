@@ -1,0 +1,181 @@
+"""The explorer and `entrycheck check` on the real kernels."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
+from entrycheck.image.decode import decode_one
+from entrycheck.image.features import FeatureSet, all_model_feature_sets
+from entrycheck.kernelabi.stubs import Effect
+from entrycheck.machine.model import Vector
+from entrycheck.props.invariants import INVARIANTS
+
+pytestmark = pytest.mark.kernel
+CLI = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
+
+
+def ref(build) -> ObjectRef:
+    return ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h)
+
+
+def keys(result) -> set:
+    return {f.key() for f in result.findings}
+
+
+def fsets(*names: str) -> tuple[FeatureSet, ...]:
+    return tuple(FeatureSet.parse(n) for n in names)
+
+
+@pytest.mark.parametrize("series, cfg", [
+    ("6.1", CheckConfig(scenarios=("db-from-user", "nmi-from-kernel", "syscall"), depth=1,
+                        feature_sets=fsets("kernel_ibrs", "pti,pcid"))),
+    ("6.12", CheckConfig(scenarios=("nmi-from-kernel", "mc-from-kernel", "irq-from-user"), depth=1,
+                         feature_sets=fsets("pti,pcid"), effects=(Effect.SWITCH_KERNEL_ASID,))),
+    ("6.12", CheckConfig(scenarios=("mc-from-kernel",), depth=2, vectors=(Vector.NMI,),
+                         feature_sets=fsets("pti,pcid"), effects=(Effect.SWITCH_KERNEL_ASID,))),
+])
+def test_pruned_and_brute_force_exploration_find_the_same(built_kernels, series: str, cfg: CheckConfig) -> None:
+    from dataclasses import replace
+
+    pruned = run_check(ref(built_kernels[series]), cfg)
+    brute = run_check(ref(built_kernels[series]), replace(cfg, prune=False))
+    assert pruned.findings, "the comparison needs findings to compare"
+    assert keys(pruned) == keys(brute)
+    assert pruned.converged > 0 and brute.converged == 0
+    # Pruning never drops a path, it only stops runs early.
+    assert {(p.scenario, p.features, p.injections) for p in pruned.paths} <= \
+        {(p.scenario, p.features, p.injections) for p in brute.paths}
+    # Path costs agree: a converged run's recorded continuation stands for its rest.
+    brute_cost = {(p.scenario, p.features, p.effects, p.injections): p.cost.cr3_json() for p in brute.paths}
+    for p in pruned.paths:
+        assert p.cost.cr3_json() == brute_cost[(p.scenario, p.features, p.effects, p.injections)]
+
+
+def _db_breakpoint_on_spec_ctrl(loaded, finding) -> bool:
+    """The genuine pristine finding: a #DB trap right after a read of x86_spec_ctrl_current
+    while the #DB handler itself still runs on its IST stack (db-from-user, kernel_ibrs)."""
+    if finding.scenario != "db-from-user" or "kernel_ibrs" not in finding.features:
+        return False
+    if [i.vector for i in finding.injections] != ["db"]:
+        return False
+    image = loaded.image(FeatureSet.parse(finding.features))
+    at = image.parse_location(finding.injections[0].at)
+    start, _ = image.symbol_range(finding.injections[0].at.split("+")[0])
+    prev = None
+    from entrycheck.image.decode import sweep
+
+    for ins in sweep(image.read(start, at - start), start):
+        prev = ins
+    rel = image.relocation_in(prev.address, prev.size)
+    return prev.gs and rel is not None and rel.symbol == "x86_spec_ctrl_current"
+
+
+@pytest.mark.slow
+def test_pristine_kernels_depth_1_all_feature_sets(built_kernels) -> None:
+    from entrycheck.image import load_build
+
+    for series, build in built_kernels.items():
+        result = run_check(ref(build), CheckConfig(feature_sets=all_model_feature_sets(), depth=1), workers=2)
+        assert result.stopped_because == "done" and result.runs > 10000
+        loaded = load_build(build)
+        unexplained = [f for f in result.findings if not _db_breakpoint_on_spec_ctrl(loaded, f)]
+        assert unexplained == [], [(f.invariant, f.scenario, f.features, f.site, f.message) for f in unexplained]
+        # Only feature sets with kernel_ibrs read x86_spec_ctrl_current on the #DB IST stack.
+        assert all("kernel_ibrs" in f.features for f in result.findings)
+
+
+def test_switch_kernel_asid_shows_what_the_seed_relies_on(kernel61, kernel612) -> None:
+    cfg = CheckConfig(scenarios=("nmi-from-kernel", "mc-from-kernel", "db-from-kernel"), depth=0,
+                      feature_sets=fsets("pti,pcid", "pti"), effects=(Effect.SWITCH_KERNEL_ASID,))
+    old = run_check(ref(kernel61), cfg)
+    new = run_check(ref(kernel612), cfg)
+    assert not old.findings
+    found = {(f.scenario, f.invariant) for f in new.findings}
+    assert found == {(s, "context-not-restored") for s in cfg.scenarios}
+    assert all(f.effects == ("switch-kernel-asid",) and "CR3" in f.message for f in new.findings)
+    # Without the effect, 6.12 is clean on the same paths.
+    from dataclasses import replace
+
+    assert not run_check(ref(kernel612), replace(cfg, effects=())).findings
+
+
+def test_workers_give_the_same_result_as_serial(kernel612, tmp_path) -> None:
+    args = [str(kernel612.object_path), "--depth", "1", "--features", "pti,pcid", "--features", "kernel_ibrs",
+            "--scenarios", "db-from-user,syscall,nmi-from-kernel"]
+    out = {}
+    for workers in ("1", "2"):
+        path = tmp_path / f"w{workers}.json"
+        proc = subprocess.run(CLI + ["check", *args, "--workers", workers, "--json", str(path)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 1, proc.stderr         # the kernel_ibrs #DB finding
+        out[workers] = path.read_bytes()
+    assert out["1"] == out["2"]
+    doc = json.loads(out["1"])
+    for key in ("target", "kernel_version", "feature_sets", "runs", "violations", "cr3", "stopped_because"):
+        assert key in doc
+    assert set(doc["cr3"]) >= {"writes", "flushing_writes", "redundant_writes"}
+    v = doc["violations"][0]
+    assert set(v) >= {"invariant", "scenario", "features", "injections", "trace"}
+    assert v["trace"] and all(isinstance(line, str) for line in v["trace"])
+
+
+def test_a_finding_replays_from_its_json(kernel61, tmp_path) -> None:
+    path = tmp_path / "check.json"
+    subprocess.run(CLI + ["check", str(kernel61.object_path), "--depth", "1", "--features", "kernel_ibrs",
+                          "--scenarios", "db-from-user", "--json", str(path)], capture_output=True, check=False)
+    doc = json.loads(path.read_text())
+    assert doc["violations"]
+    proc = subprocess.run(CLI + ["trace", str(kernel61.object_path), "--finding", f"{path}:0", "--json", "-"],
+                          capture_output=True, text=True, check=True)
+    replay = json.loads(proc.stdout)
+    assert doc["violations"][0]["invariant"] in {v["invariant"] for v in replay["violations"]}
+
+
+def test_exit_codes_and_bad_input(kernel612) -> None:
+    obj = str(kernel612.object_path)
+    clean = subprocess.run(CLI + ["check", obj, "--depth", "0", "--features", "pti,pcid"], capture_output=True,
+                           text=True)
+    assert clean.returncode == 0 and "Verdict: clean" in clean.stdout
+    for args, needle in [(["--scenarios", "warp"], "unknown scenario"), (["--vectors", "nmi,xx"], "unknown vector"),
+                         (["--handler-effects", "teleport"], "unknown handler effect"),
+                         (["--features", "pti,flux"], "unknown CPU feature"), (["--vectors", "vc"], "no entry point")]:
+        proc = subprocess.run(CLI + ["check", obj, "--depth", "0", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_budget_stops_exploration(kernel612) -> None:
+    result = run_check(ref(kernel612), CheckConfig(feature_sets=fsets("pti,pcid"), depth=1, max_runs=40))
+    assert result.runs == 40 and result.stopped_because == "budget"
+
+
+@pytest.mark.parametrize("name", sorted(INVARIANTS))
+def test_explain(name: str) -> None:
+    proc = subprocess.run(CLI + ["check", "--explain", name], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(name) and INVARIANTS[name].rationale.split()[0] in proc.stdout
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+
+
+def test_db_injection_follows_watchable_accesses(kernel612) -> None:
+    """By default #DB arrives only as a trap after an instruction whose data access a
+    breakpoint may watch — never after one that touches only the cpu_entry_area."""
+    result = run_check(ref(kernel612), CheckConfig(scenarios=("nmi-from-kernel",), feature_sets=fsets("pti,pcid"),
+                                                   depth=1, vectors=(Vector.DB,)))
+    anywhere = run_check(ref(kernel612), CheckConfig(scenarios=("nmi-from-kernel",), feature_sets=fsets("pti,pcid"),
+                                                     depth=1, vectors=(Vector.DB,), db_anywhere=True))
+    watched = {p.injections for p in result.paths if p.injections}
+    every = {p.injections for p in anywhere.paths if p.injections}
+    assert watched < every
+    from entrycheck.image import load_build
+
+    image = load_build(kernel612).image(FeatureSet.parse("pti,pcid"))
+    for (link,) in watched:
+        at = image.parse_location(link.at)
+        assert decode_one(image.read(at, 16), at) is not None
