@@ -203,9 +203,9 @@ def check(target, features, scenarios, vectors, depth, db_mode, mc_nesting, hand
 
     if explain:
         inv = invariant(explain)
-        click.echo(f"{inv.name}: {inv.summary}\n")
         import textwrap
 
+        click.echo(textwrap.fill(f"{inv.name}: {inv.summary}", 80) + "\n")
         click.echo(textwrap.fill(inv.rationale, 80))
         return
     if not target:
@@ -312,6 +312,92 @@ def demo(json_out: str | None, workers: int | None, keep: str | None) -> None:
         click.echo(demo_text(result))
     sys.exit(0 if result.as_expected else 1)
 # ---- end of demo ----------------------------------------------------------------------------
+
+
+def _diff_options(f):
+    for opt in reversed([
+        click.option("--cost", "cost_spec", default=None, metavar="cr3=N,cr3_flush=N,wrmsr=N",
+                     help="Cycles per operation for the cost estimate (defaults: cr3=200, cr3_flush=13000, "
+                          "wrmsr=300; see the documentation for their sources)."),
+        click.option("--nmi-rate", type=click.FloatRange(min=0), default=None, metavar="HZ",
+                     help="What-if: NMIs per second from kernel context (e.g. perf sampling) to turn the "
+                          "per-return saving into cycles per second per CPU."),
+        click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the comparison as JSON."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _run_diff(old_build, old_loaded, new_build, new_loaded, features, scenarios, vectors, depth, db_mode,
+              mc_nesting, handler_effects, no_prune, max_runs, workers, scheduler, cost_spec, nmi_rate, json_out):
+    from entrycheck.explore.costmodel import parse_cost
+    from entrycheck.explore.diff import SiteMap, diff_results
+    from entrycheck.report.difftext import diff_json, diff_text
+
+    model = parse_cost(cost_spec)
+    cfg = _check_config(old_loaded, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects,
+                        no_prune, max_runs)
+    _check_config(new_loaded, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects,
+                  no_prune, max_runs)
+    old = _run_check(old_build, old_loaded, cfg, workers, scheduler)
+    new = _run_check(new_build, new_loaded, cfg, workers, scheduler)
+    from entrycheck.image.features import FeatureSet
+
+    fs0 = cfg.feature_sets[0] if cfg.feature_sets else FeatureSet(())
+    sites = SiteMap(old_loaded.image(fs0), new_loaded.image(fs0))
+    result = diff_results(old, new, sites)
+    if json_out:
+        _write_json(json_out, diff_json(result, old_label=old_build.label, new_label=new_build.label,
+                                        old_version=old_build.kernel_version, new_version=new_build.kernel_version,
+                                        model=model, nmi_rate=nmi_rate))
+    if json_out != "-":
+        click.echo(diff_text(result, old_label=old_build.label, new_label=new_build.label, model=model,
+                             nmi_rate=nmi_rate))
+    sys.exit(1 if result.new_violations else 0)
+
+
+@cli.command()
+@click.argument("old")
+@click.argument("new")
+@_explore_options
+@_diff_options
+def diff(old, new, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects, no_prune, max_runs,
+         workers, scheduler, tree, cost_spec, nmi_rate, json_out) -> None:
+    """Run the same scenarios and injections on two builds and compare them path by path.
+
+    Exit status: 0 unless NEW has violations OLD had not (then 1); 2 on bad input.
+    """
+    old_build, old_loaded = _load(old, tree)
+    new_build, new_loaded = _load(new, tree)
+    _run_diff(old_build, old_loaded, new_build, new_loaded, features, scenarios, vectors, depth, db_mode,
+              mc_nesting, handler_effects, no_prune, max_runs, workers, scheduler, cost_spec, nmi_rate, json_out)
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--patch", "patches", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="A patch (mail, git format-patch, unified diff, or archive text); repeat for a series.")
+@_explore_options
+@_diff_options
+def review(target, patches, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects, no_prune,
+           max_runs, workers, scheduler, tree, cost_spec, nmi_rate, json_out) -> None:
+    """Build TARGET with and without the patch(es), then compare the two like diff."""
+    from entrycheck.image import load_build
+    from entrycheck.kernel.review import patched_build, read_patches
+    from entrycheck.report.progress import terminal_progress
+
+    texts = read_patches([Path(p) for p in patches])
+    with terminal_progress() as progress:
+        base = _resolve(target, tree, progress)
+        patched = patched_build(base, texts, progress=progress)
+    if patched.applied is not None:
+        for pl in patched.applied.placements:
+            if pl.context_mismatches or pl.placed_line != pl.header_line:
+                click.echo(f"note: {pl.file} hunk {pl.hunk} applied at line {pl.placed_line} (header says "
+                           f"{pl.header_line}; {pl.context_mismatches} context lines differ)", err=True)
+    _run_diff(base, load_build(base), patched.build, load_build(patched.build), features, scenarios, vectors,
+              depth, db_mode, mc_nesting, handler_effects, no_prune, max_runs, workers, scheduler, cost_spec,
+              nmi_rate, json_out)
 
 
 @cli.command()

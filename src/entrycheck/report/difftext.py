@@ -1,0 +1,133 @@
+"""Text and JSON of `diff` / `review`: what a reviewer can paste into a reply."""
+
+from __future__ import annotations
+
+from entrycheck import __version__
+from entrycheck.explore.costmodel import CostModel
+from entrycheck.explore.diff import DiffResult, scenario_summary
+from entrycheck.report.text import WIDTH, _wrap
+
+PARANOID_FROM_KERNEL = ("nmi-from-kernel", "mc-from-kernel", "db-from-kernel")
+
+
+def _base_rows(result: DiffResult) -> list:
+    return [d for d in result.matched if not d.injections]
+
+
+def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: CostModel,
+              nmi_rate: float | None) -> str:
+    cfg = result.old.config
+    lines = ["entrycheck diff"]
+    lines += _wrap(f"old: {old_label}", "       ", "  ")
+    lines += _wrap(f"new: {new_label}", "       ", "  ")
+    lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.old.feature_sets)} feature sets; vectors "
+                   f"{','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}"
+                   + (f"; handler effects {','.join(e.value for e in cfg.effects)}" if cfg.effects else ""))
+    lines += _wrap(f"{len(result.matched)} paths matched, {len(result.only_old)} only in old, "
+                   f"{len(result.only_new)} only in new")
+    both = len(result.new.findings) - len(result.new_violations)
+    lines.append(f"Violations: {len(result.new_violations)} new, {len(result.fixed_violations)} fixed, "
+                 f"{both} in both")
+    for title, fs in (("new", result.new_violations), ("fixed", result.fixed_violations)):
+        for f in fs[:10]:
+            lines += _wrap(f"{title}: {f.invariant} at {f.site} ({f.scenario}, {f.features}; "
+                           f"{' '.join(i.spec() for i in f.injections) or 'no injection'}): {f.message}",
+                           "      ", "  - ")
+    changed = result.changed()
+    lines.append("")
+    if not changed:
+        lines.append("Behaviour and costs are the same on every matched path.")
+    else:
+        lines.append(f"What changed ({len(changed)} of {len(result.matched)} paths, grouped):")
+        for g in result.groups:
+            lines.append("")
+            lines += _wrap(f"[{len(g.paths)} paths] {g.description}", "      ", "  ")
+            fsets = g.feature_sets
+            lines += _wrap("feature sets: " + "; ".join(fsets), "      ", "    ")
+            scen = sorted({p.scenario for p in g.paths})
+            lines += _wrap("scenarios: " + ", ".join(scen), "      ", "    ")
+            ex = min(g.paths, key=lambda p: (len(p.injections), p.scenario, p.features))
+            lines += _wrap("e.g. " + ex.scenario + ", " + ex.features + (
+                ", " + " ".join(i.spec() for i in ex.injections) if ex.injections else ", no injection"),
+                "      ", "    ")
+        unchanged_pti = sorted({d.features for d in result.matched if "pti" in d.features.split(",")} -
+                               {d.features for d in changed})
+        no_pti_changed = sorted({d.features for d in changed if "pti" not in d.features.split(",")})
+        lines.append("")
+        if not no_pti_changed:
+            lines.append("Without pti: no change on any path.")
+        else:
+            lines += _wrap("Without pti, changes in: " + "; ".join(no_pti_changed))
+        if unchanged_pti:
+            lines += _wrap("Unchanged feature sets with pti: " + "; ".join(unchanged_pti))
+    rows = [d for d in _base_rows(result) if d.scenario in PARANOID_FROM_KERNEL]
+    quiet = [d for d in rows if not d.old.cost.cr3_writes and not d.new.cost.cr3_writes]
+    rows = [d for d in rows if d not in quiet]
+    if rows or quiet:
+        lines.append("")
+        lines.append("CR3 writes on a paranoid return from kernel context (no injection):")
+        lines.append(f"  {'scenario':<18s}{'features':<32s}{'old':>5s}{'new':>5s}"
+                     f"{'cycles saved':>17s}"[:WIDTH])
+        for d in sorted(rows, key=lambda d: (d.scenario, d.features)):
+            saved = model.cycles(d.old.cost) - model.cycles(d.new.cost)
+            lines.append(f"  {d.scenario:<18s}{d.features:<32.32s}{d.old.cost.cr3_writes:>5d}"
+                         f"{d.new.cost.cr3_writes:>5d}{saved:>17d}")
+        if quiet:
+            lines += _wrap("no CR3 write in either build: " + "; ".join(sorted({d.features for d in quiet})),
+                           "    ", "  ")
+        lines += _wrap(f"cycles: cr3={model.cr3}, cr3_flush={model.cr3_flush}, wrmsr={model.wrmsr} "
+                       "per operation (estimates; set with --cost)", "  ", "  ")
+        if nmi_rate:
+            for d in sorted(rows, key=lambda d: d.features):
+                if d.scenario != "nmi-from-kernel":
+                    continue
+                saved = (model.cycles(d.old.cost) - model.cycles(d.new.cost)) * nmi_rate
+                lines += _wrap(f"at {nmi_rate:g} NMIs/s from kernel context ({d.features}): "
+                               f"{saved:,.0f} cycles/s per CPU saved", "    ", "  ")
+    lines.append("")
+    lines.append("Verdict: " + ("NEW VIOLATIONS" if result.new_violations else "no new violations"))
+    return "\n".join(lines)
+
+
+def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version: str | None,
+              new_version: str | None, model: CostModel, nmi_rate: float | None) -> dict:
+    cfg = result.old.config
+    entries = []
+    changed = set(id(d) for d in result.changed())
+    for d in result.matched:
+        if d.injections and id(d) not in changed:
+            continue
+        entries.append({
+            "scenario": d.scenario, "features": d.features, "effects": list(d.effects),
+            "injections": [i.to_json() for i in d.injections],
+            "old": {**d.old.cost.to_json(), "outcome": d.old.outcome, "cycles": model.cycles(d.old.cost)},
+            "new": {**d.new.cost.to_json(), "outcome": d.new.outcome, "cycles": model.cycles(d.new.cost)},
+            "behaviour_changed": d.behaviour_changed,
+            "cr3_writes_changed": id(d) in changed,
+        })
+    summary = []
+    for s in scenario_summary(result):
+        summary.append({**{k: v for k, v in s.items() if k not in ("old", "new")},
+                        "old": s["old"].to_json(), "new": s["new"].to_json()})
+    return {
+        "entrycheck_version": __version__,
+        "old": {"target": old_label, "kernel_version": old_version},
+        "new": {"target": new_label, "kernel_version": new_version},
+        "feature_sets": [str(fs) for fs in result.old.feature_sets],
+        "scenario_names": list(cfg.scenarios),
+        "vectors": [v.label for v in cfg.vectors],
+        "depth": cfg.depth,
+        "handler_effects": [e.value for e in cfg.effects],
+        "paths_matched": len(result.matched),
+        "paths_only_in_old": len(result.only_old),
+        "paths_only_in_new": len(result.only_new),
+        "paths_changed": len(changed),
+        "scenarios": entries,
+        "summary": summary,
+        "changes": [{"paths": len(g.paths), "description": g.description, "feature_sets": list(g.feature_sets),
+                     "scenarios": sorted({p.scenario for p in g.paths})} for g in result.groups],
+        "new_violations": [f.to_json() for f in result.new_violations],
+        "fixed_violations": [f.to_json() for f in result.fixed_violations],
+        "cost_model": model.to_json(),
+        "nmi_rate": nmi_rate,
+    }
