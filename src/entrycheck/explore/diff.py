@@ -141,6 +141,26 @@ class DiffResult:
     fixed_violations: list[Finding] = field(default_factory=list)
     groups: list[ChangeGroup] = field(default_factory=list)
 
+    def unmatched_groups(self) -> list[tuple[str, str, int]]:
+        """(side, symbol, paths): paths injecting at instructions that have no counterpart in
+        the other build, grouped by the symbol holding the first such instruction."""
+        out: Counter = Counter()
+        back = set(self.sites._map.values())
+        for side, paths in (("old", self.only_old), ("new", self.only_new)):
+            for p in paths:
+                sym = None
+                for link in p.injections:
+                    missing = self.sites.link(link) is None if side == "old" else \
+                        self.sites.new.parse_location(link.at) not in back
+                    if missing:
+                        sym = link.at.split("+")[0]
+                        break
+                if sym is None:
+                    first = p.injections[0].at.split("+")[0] if p.injections else "(no injection)"
+                    sym = f"{first} (in both builds, but the other's path runs it fewer times or not at all)"
+                out[(side, sym)] += 1
+        return sorted(((side, sym, n) for (side, sym), n in out.items()), key=lambda t: (t[0], -t[2], t[1]))
+
     def changed(self) -> list[PathDiff]:
         return [d for d in self.matched if d.cost_changed or d.behaviour_changed or
                 [(self.sites.site(s), v, n) for s, v, n in d.old.cr3_trace] != list(d.new.cr3_trace)]

@@ -296,7 +296,10 @@ class Explorer:
             suffix = tuple(e for e in ref_rec.events if e.step > ref_k)
         run = Run(prefix + tuple(emu.run.events), emu.run.outcome, emu.run.reason, emu.cpu, converged,
                   tuple(emu.run.outstanding), len(prefix), suffix)
-        self._evaluate(run, chain, emu.run.events, emu, (rec, k, snap, vector), cost_of(suffix, self.image))
+        # A converged run ends as the run it rejoined ends.
+        ends_as = converged_at[-1][0].run if converged else run
+        self._evaluate(run, chain, emu.run.events, emu, (rec, k, snap, vector), cost_of(suffix, self.image),
+                       ends_as=ends_as)
 
     def _live_index(self, rec: Recorded) -> dict[int, tuple[list[int], list[bool]]]:
         """Per writable byte (offset into the span): the steps that access it, and whether
@@ -313,11 +316,14 @@ class Explorer:
 
     # ---- evaluation -----------------------------------------------------------------------
     def _evaluate(self, run: Run, chain: tuple[Injected, ...], own_events: list[Event], emu: Emulator,
-                  leaf: tuple | None, suffix_cost: Cost = Cost(), pcs_start: int = 0) -> None:
+                  leaf: tuple | None, suffix_cost: Cost = Cost(), pcs_start: int = 0,
+                  ends_as: Run | None = None) -> None:
         violations = check_run(self.world, run)
+        end = ends_as or run
         self.result.paths.append(PathResult(self.sc.name, str(self.image.features), _names(self.effects), chain,
-                                            run.outcome.value, cost_of(run.events, self.image) + suffix_cost,
-                                            _end_state(run), cr3_trace_of(run.events, self.image), run.converged))
+                                            end.outcome.value, cost_of(run.events, self.image) + suffix_cost,
+                                            _end_state(end), cr3_trace_of(run.events + run.suffix, self.image),
+                                            run.converged))
         if not violations:
             return
         if emu.mode is Mode.RECORD:

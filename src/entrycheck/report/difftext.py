@@ -60,6 +60,13 @@ def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: Cost
             lines += _wrap("Without pti, changes in: " + "; ".join(no_pti_changed))
         if unchanged_pti:
             lines += _wrap("Unchanged feature sets with pti: " + "; ".join(unchanged_pti))
+    unmatched = result.unmatched_groups()
+    if unmatched:
+        lines.append("")
+        lines += _wrap("Paths without a counterpart inject at instructions the other build does not have "
+                       "(the code differs there), by symbol:")
+        for side, sym, n in unmatched:
+            lines.append(f"  only in {side}: {n:6d} paths at {sym}")
     rows = [d for d in _base_rows(result) if d.scenario in PARANOID_FROM_KERNEL]
     quiet = [d for d in rows if not d.old.cost.cr3_writes and not d.new.cost.cr3_writes]
     rows = [d for d in rows if d not in quiet]
@@ -126,6 +133,7 @@ def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version
         "summary": summary,
         "changes": [{"paths": len(g.paths), "description": g.description, "feature_sets": list(g.feature_sets),
                      "scenarios": sorted({p.scenario for p in g.paths})} for g in result.groups],
+        "unmatched": [{"side": side, "symbol": sym, "paths": n} for side, sym, n in result.unmatched_groups()],
         "new_violations": [f.to_json() for f in result.new_violations],
         "fixed_violations": [f.to_json() for f in result.fixed_violations],
         "cost_model": model.to_json(),
