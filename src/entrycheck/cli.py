@@ -334,7 +334,7 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, features, scenarios,
     from entrycheck.explore.diff import SiteMap, diff_results
     from entrycheck.report.difftext import diff_json, diff_text
 
-    model = parse_cost(cost_spec)
+    model = parse_cost(cost_spec) if isinstance(cost_spec, (str, type(None))) else cost_spec
     cfg = _check_config(old_loaded, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects,
                         no_prune, max_runs)
     _check_config(new_loaded, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects,
@@ -367,6 +367,9 @@ def diff(old, new, features, scenarios, vectors, depth, db_mode, mc_nesting, han
 
     Exit status: 0 unless NEW has violations OLD had not (then 1); 2 on bad input.
     """
+    from entrycheck.explore.costmodel import parse_cost
+
+    cost_spec = parse_cost(cost_spec)
     old_build, old_loaded = _load(old, tree)
     new_build, new_loaded = _load(new, tree)
     _run_diff(old_build, old_loaded, new_build, new_loaded, features, scenarios, vectors, depth, db_mode,
@@ -386,6 +389,12 @@ def review(target, patches, features, scenarios, vectors, depth, db_mode, mc_nes
     from entrycheck.kernel.review import patched_build, read_patches
     from entrycheck.report.progress import terminal_progress
 
+    from entrycheck.explore.check import parse_effects
+    from entrycheck.explore.costmodel import parse_cost
+
+    cost_spec = parse_cost(cost_spec)                 # bad options fail before any build
+    parse_effects(handler_effects)
+    _scenarios(scenarios)
     texts = read_patches([Path(p) for p in patches])
     with terminal_progress() as progress:
         base = _resolve(target, tree, progress)

@@ -9,23 +9,27 @@ like any other tree: a second review of the same patch is a cache hit.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from entrycheck.errors import InputError
 from entrycheck.kernel.cache import Cache
-from entrycheck.kernel.patch import ApplyResult, apply_patches
+from entrycheck.kernel.patch import ApplyResult, HunkPlacement, apply_patches
 from entrycheck.kernel.targets import KernelBuild, build_tree_object
 from entrycheck.progress import Progress, silent
+
+
+APPLIED = ".entrycheck-applied.json"      # kept in the patched copy: how the hunks were placed
 
 
 @dataclass(frozen=True)
 class PatchedBuild:
     build: KernelBuild
-    applied: ApplyResult | None      # None when the patched tree came from the cache
+    applied: ApplyResult | None      # None if the record of the placements is missing
     tree: Path
 
 
@@ -54,8 +58,6 @@ def patched_build(base: KernelBuild, patches: Sequence[tuple[str, str]], *,
     key = digest.hexdigest()[:16]
     cache = Cache.open()
     final = cache.src / f"patched-{base.source_tree.name}-{key}"
-    applied: list[ApplyResult] = []
-
     def create(work: Path, staged: Path) -> None:
         progress("copying the source tree")
         done = subprocess.run(["cp", "-al", str(base.source_tree), str(staged)], capture_output=True, check=False)
@@ -63,11 +65,21 @@ def patched_build(base: KernelBuild, patches: Sequence[tuple[str, str]], *,
             shutil.rmtree(staged, ignore_errors=True)
             shutil.copytree(base.source_tree, staged, symlinks=True)
         progress("applying the patches")
-        applied.append(apply_patches(base.source_tree, patches, staged))
+        result = apply_patches(base.source_tree, patches, staged)
+        (staged / APPLIED).write_text(json.dumps({"files": list(result.files),
+                                                  "placements": [asdict(p) for p in result.placements]}))
 
-    existed = final.exists()
     cache.ensure("patched", final, create, progress)
     names = " + ".join(name for name, _ in patches)
     build = build_tree_object(final, debug=base.debug_info, key_extra=f"patch-{key}", progress=progress)
     build = replace(build, label=f"{base.label} + {names}")
-    return PatchedBuild(build, None if existed or not applied else applied[0], final)
+    return PatchedBuild(build, _read_applied(final), final)
+
+
+def _read_applied(tree: Path) -> ApplyResult | None:
+    """How the patches were placed (recorded when the patched tree was made)."""
+    try:
+        doc = json.loads((tree / APPLIED).read_text())
+        return ApplyResult(tuple(doc["files"]), tuple(HunkPlacement(**p) for p in doc["placements"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -66,7 +66,7 @@ def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: Cost
         lines += _wrap("Paths without a counterpart inject at instructions the other build does not have "
                        "(the code differs there), by symbol:")
         for side, sym, n in unmatched:
-            lines.append(f"  only in {side}: {n:6d} paths at {sym}")
+            lines += _wrap(f"only in {side}: {n:6d} paths at {sym}", "      ", "  ")
     rows = [d for d in _base_rows(result) if d.scenario in PARANOID_FROM_KERNEL]
     quiet = [d for d in rows if not d.old.cost.cr3_writes and not d.new.cost.cr3_writes]
     rows = [d for d in rows if d not in quiet]

@@ -1,0 +1,149 @@
+"""`entrycheck review` of the seed patch and `entrycheck diff` of the two Debian kernels."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from entrycheck.explore.costmodel import CostModel, parse_cost
+from entrycheck.errors import InputError
+
+pytestmark = pytest.mark.kernel
+CLI = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
+SEED = Path(__file__).parent / "data" / "patches" / "x86-entry-paranoid-restore-cr3.archive.txt"
+PARANOID = ("nmi-from-kernel", "mc-from-kernel", "db-from-kernel")
+SCENARIOS = "nmi-from-kernel,mc-from-kernel,db-from-kernel,syscall"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def seed_review(kernel61, tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path_factory.mktemp("review") / "review.json"
+    proc = cli("review", "debian:6.1", "--patch", str(SEED), "--depth", "1", "--scenarios", SCENARIOS,
+               "--workers", "2", "--json", str(out))
+    return proc, json.loads(out.read_text())
+
+
+def _has_pti(features: str) -> bool:
+    return "pti" in features.split(",")
+
+
+def test_review_applies_the_seed_as_published_and_exits_0(seed_review) -> None:
+    proc, doc = seed_review
+    assert proc.returncode == 0, proc.stderr
+    assert doc["new"]["target"].endswith("+ " + SEED.name)
+    assert doc["new_violations"] == []
+    # The archive's context says error_return where 6.1 says error_exit: placed with drift.
+    assert "context lines differ" in proc.stderr
+
+
+def test_one_fewer_cr3_write_on_each_paranoid_return_from_kernel_with_pti(seed_review) -> None:
+    _, doc = seed_review
+    base = {(e["scenario"], e["features"]): e for e in doc["scenarios"] if not e["injections"]}
+    feature_sets = doc["feature_sets"]
+    assert len(feature_sets) == 16
+    for fs in feature_sets:
+        for sc in PARANOID:
+            e = base[(sc, fs)]
+            delta = e["old"]["cr3"]["writes"] - e["new"]["cr3"]["writes"]
+            if _has_pti(fs):
+                assert delta == 1, (sc, fs, e)
+                assert e["old"]["cr3"]["redundant_writes"] - e["new"]["cr3"]["redundant_writes"] == 1
+            else:
+                assert delta == 0 and e["old"]["cr3"]["writes"] == 0, (sc, fs, e)
+            assert not e["behaviour_changed"]
+
+
+def test_no_change_without_pti(seed_review) -> None:
+    _, doc = seed_review
+    changed = [e for e in doc["scenarios"] if e["cr3_writes_changed"] or e["behaviour_changed"]]
+    assert changed
+    assert all(_has_pti(e["features"]) for e in changed)
+    assert {c["description"].split(" gone at ")[0] for c in doc["changes"]} <= {
+        "1 redundant CR3 write(s)", "2 redundant CR3 write(s)"}
+
+
+def test_returns_into_the_user_cr3_window_are_unchanged(kernel61, seed_review) -> None:
+    """An exception taken after SWITCH_TO_USER_CR3 in the SYSRET path returns with the user CR3:
+    both kernels must still write CR3 there — the patch may not drop those writes."""
+    from entrycheck.image import load_build
+    from entrycheck.image.decode import sweep
+    from entrycheck.image.features import FeatureSet
+
+    _, doc = seed_review
+    image = load_build(kernel61).image(FeatureSet.parse("pti,pcid"))
+    start, end = image.symbol_range("entry_SYSCALL_64")
+    sysret = image.address_of("entry_SYSRETQ_unsafe_stack")
+    insns = list(sweep(image.read(start, end - start), start))
+    last_write = [i for i in insns if i.op_str.endswith("%cr3") and i.address < sysret][-1]
+    window = {image.symbolize(i.address) for i in insns if last_write.end <= i.address <= sysret + 0x10}
+    changed = {(e["scenario"], e["features"], tuple(i["at"] for i in e["injections"])) for e in doc["scenarios"]
+               if e["cr3_writes_changed"]}
+    in_window = [key for key in changed if key[0] == "syscall" and len(key[2]) == 1 and key[2][0] in window]
+    assert in_window == []
+    assert window                                   # the window exists and was explored
+
+
+def test_diff_of_the_debian_kernels_shows_the_same_class_of_change(kernel61, kernel612, tmp_path) -> None:
+    out = tmp_path / "diff.json"
+    proc = cli("diff", "debian:6.1", "debian:6.12", "--depth", "1", "--scenarios", SCENARIOS, "--features",
+               "pti,pcid", "--features", "pti", "--features", "pcid", "--workers", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    descriptions = [c["description"] for c in doc["changes"]]
+    assert any(d.startswith("1 redundant CR3 write(s) gone at paranoid_exit") for d in descriptions)
+    assert any("end_repeat_nmi" in d for d in descriptions)
+    # every other difference is explained: a change group or an unmatched-code group
+    changed = [e for e in doc["scenarios"] if e["cr3_writes_changed"] or e["behaviour_changed"]]
+    assert sum(c["paths"] for c in doc["changes"]) == len(changed)
+    assert sum(u["paths"] for u in doc["unmatched"]) == doc["paths_only_in_old"] + doc["paths_only_in_new"]
+    assert "What changed" in proc.stdout and max(len(line) for line in proc.stdout.splitlines()) <= 80
+
+
+def test_switch_kernel_asid_shows_the_behaviour_change_the_seed_introduces(kernel61, tmp_path) -> None:
+    out = tmp_path / "review.json"
+    proc = cli("review", "debian:6.1", "--patch", str(SEED), "--depth", "0", "--scenarios",
+               "nmi-from-kernel,mc-from-kernel", "--features", "pti,pcid", "--handler-effects",
+               "switch-kernel-asid", "--json", str(out))
+    assert proc.returncode == 1, proc.stderr        # NEW has violations OLD had not
+    doc = json.loads(out.read_text())
+    new = {(v["scenario"], v["invariant"]) for v in doc["new_violations"]}
+    assert new == {("nmi-from-kernel", "context-not-restored"), ("mc-from-kernel", "context-not-restored")}
+    assert all(v["effects"] == ["switch-kernel-asid"] for v in doc["new_violations"])
+    changed = [e for e in doc["scenarios"] if e["effects"] == ["switch-kernel-asid"] and e["behaviour_changed"]]
+    assert {e["scenario"] for e in changed} == {"nmi-from-kernel", "mc-from-kernel"}
+
+
+def test_cost_model_and_nmi_rate(kernel61) -> None:
+    assert parse_cost("cr3=150,wrmsr=90") == CostModel(cr3=150, cr3_flush=CostModel().cr3_flush, wrmsr=90)
+    with pytest.raises(InputError):
+        parse_cost("cr4=1")
+    with pytest.raises(InputError):
+        parse_cost("cr3=-5")
+    proc = cli("review", "debian:6.1", "--patch", str(SEED), "--depth", "0", "--scenarios", "nmi-from-kernel",
+               "--features", "pti,pcid", "--cost", "cr3=250", "--nmi-rate", "1000")
+    assert proc.returncode == 0, proc.stderr
+    # one NOFLUSH write saved per NMI return: 250 cycles x 1000/s
+    assert "250,000 cycles/s per CPU saved" in proc.stdout
+    bad = cli("review", "debian:6.1", "--patch", str(SEED), "--cost", "warp=1")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_review_with_a_patch_that_does_not_apply(kernel61, tmp_path) -> None:
+    from entrycheck.kernel.cache import Cache
+
+    patch = tmp_path / "bad.patch"
+    patch.write_text("--- a/arch/x86/entry/calling.h\n+++ b/arch/x86/entry/calling.h\n@@ -1,3 +1,3 @@\n"
+                     " nothing\n-that is\n+in the tree\n context\n")
+    before = sorted(p.name for p in Cache.open().src.iterdir())
+    proc = cli("review", "debian:6.1", "--patch", str(patch), "--depth", "0")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "calling.h" in proc.stderr and "hunk 1" in proc.stderr
+    assert sorted(p.name for p in Cache.open().src.iterdir()) == before      # nothing half-made published
