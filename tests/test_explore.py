@@ -179,3 +179,16 @@ def test_db_injection_follows_watchable_accesses(kernel612) -> None:
     for (link,) in watched:
         at = image.parse_location(link.at)
         assert decode_one(image.read(at, 16), at) is not None
+
+
+def test_dask_scheduler_gives_the_same_result_as_serial(kernel612) -> None:
+    from dask.distributed import LocalCluster
+
+    cfg = CheckConfig(scenarios=("nmi-from-kernel", "syscall"), depth=1, feature_sets=fsets("pti,pcid", "pti"))
+    serial = run_check(ref(kernel612), cfg)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        distributed = run_check(ref(kernel612), cfg, scheduler=cluster.scheduler_address)
+    assert [p.cost.to_json() for p in distributed.paths] == [p.cost.to_json() for p in serial.paths]
+    assert [(p.scenario, p.features, p.injections) for p in distributed.paths] == \
+        [(p.scenario, p.features, p.injections) for p in serial.paths]
+    assert keys(distributed) == keys(serial)
