@@ -21,7 +21,6 @@ from entrycheck.kernel.patchmatch import normalise
 DATA = Path(__file__).parent / "data" / "patches"
 ARCHIVED_PATCH = DATA / "x86-entry-paranoid-restore-cr3.archive.txt"
 ENTRY_FILES = ("arch/x86/entry/calling.h", "arch/x86/entry/entry_64.S")
-CACHE = Path.home() / ".cache" / "entrycheck" / "test-data"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -31,48 +30,15 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
 
 
-def _fetch_debian_source(series: str) -> Path:
-    """Entry files of Debian's linux-source-SERIES, downloaded once and cached."""
-    root = CACHE / f"linux-source-{series}"
-    if all((root / name).is_file() for name in ENTRY_FILES):
-        return root
-    for tool in ("apt-get", "dpkg-deb", "tar", "xz"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is needed to fetch Debian's linux-source-{series}")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
-        work = Path(scratch)
-        got = _run(["apt-get", "download", f"linux-source-{series}"], work)
-        if got.returncode != 0:
-            _run(["apt-get", "update"], work)
-            got = _run(["apt-get", "download", f"linux-source-{series}"], work)
-        debs = sorted(work.glob(f"linux-source-{series}_*.deb"))
-        if got.returncode != 0 or not debs:
-            pytest.fail(f"apt-get download linux-source-{series} failed: {got.stderr.strip()}")
-        members = " ".join(f"linux-source-{series}/{name}" for name in ENTRY_FILES)
-        pipeline = (
-            f"dpkg-deb --fsys-tarfile {debs[-1].name}"
-            f" | tar -x ./usr/src/linux-source-{series}.tar.xz -O"
-            f" | tar -xJ -C out {members}"
-        )
-        (work / "out").mkdir()
-        done = subprocess.run(["sh", "-c", pipeline], cwd=work, capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.fail(f"extracting linux-source-{series} failed: {done.stderr.strip()}")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(work / "out" / f"linux-source-{series}", root)
-    return root
+@pytest.fixture(scope="session")
+def debian_61(kernel61) -> Path:
+    """The source of Debian's linux-source-6.1 (fetched and cached by the kernel targets)."""
+    return kernel61.source_tree
 
 
 @pytest.fixture(scope="session")
-def debian_61() -> Path:
-    return _fetch_debian_source("6.1")
-
-
-@pytest.fixture(scope="session")
-def debian_612() -> Path:
-    return _fetch_debian_source("6.12")
+def debian_612(kernel612) -> Path:
+    return kernel612.source_tree
 
 
 def _snapshot(tree: Path) -> dict[str, tuple[bytes, int, int]]:
