@@ -11,7 +11,6 @@ import pytest
 
 from entrycheck.explore.replay import parse_injection, trace
 from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, scenario
-from entrycheck.image import load_build
 from entrycheck.image.features import FeatureSet, all_model_feature_sets
 from entrycheck.kernelabi.world import build_world
 from entrycheck.machine import model
