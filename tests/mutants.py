@@ -1,0 +1,284 @@
+"""Mutants of the real kernel entry code: each one a known bug class, re-introduced by a small edit.
+
+Every mutant is data: the kernel series it applies to, the file and the exact edit
+(``old`` must occur exactly once, so a Debian update that moves the code makes the
+mutant fail loudly instead of testing nothing), the invariant that must catch it and
+the narrowest check configuration that exercises the broken path.
+
+``build_mutant`` copies the pristine source tree (hard links, arch/x86/entry/ copied
+for real), applies the edit to the private copy and builds entry_64.o into the
+entrycheck cache, keyed by the mutant's name and a hash of its edit.  A tree build's
+cache key also holds the tree's path and its files' mtimes, so the copy is kept at a
+stable path under the cache root (test-data/mutant-trees/) and reused while its edited
+file is intact: the next run finds the build again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from entrycheck.explore.check import CheckConfig, ObjectRef
+from entrycheck.image.features import FeatureSet
+from entrycheck.kernel.cache import Cache, remove_tree
+from entrycheck.kernel.targets import KernelBuild, build_tree_object
+from entrycheck.kernelabi.stubs import Effect
+from entrycheck.machine.model import VECTOR_BY_NAME
+
+ENTRY_S = "arch/x86/entry/entry_64.S"
+CALLING_H = "arch/x86/entry/calling.h"
+
+
+class MutantDoesNotApply(Exception):
+    """The edit's ``old`` text is not in the source exactly once."""
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace ``old`` by ``new``; ``old`` must occur exactly once (a regex when ``regex``)."""
+
+    old: str
+    new: str
+    regex: bool = False
+
+    def apply(self, text: str, where: str) -> str:
+        pattern = re.compile(self.old if self.regex else re.escape(self.old), re.MULTILINE)
+        found = len(pattern.findall(text))
+        if found != 1:
+            shown = self.old if len(self.old) <= 160 else self.old[:157] + "..."
+            raise MutantDoesNotApply(
+                f"{where}: the text to replace occurs {found} times, expected exactly once "
+                f"(has the source changed?): {shown!r}")
+        if self.regex:
+            return pattern.sub(self.new, text, count=1)
+        return text.replace(self.old, self.new, 1)
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    kernel: str                       # Debian series: "6.1" or "6.12"
+    file: str                         # path inside the tree
+    edit: Edit
+    description: str                  # what the edit breaks, and the real bug class it mimics
+    invariant: str                    # the invariant that must catch it
+    scenarios: tuple[str, ...]
+    features: tuple[str, ...]         # feature sets, e.g. ("pti,pcid",)
+    vectors: tuple[str, ...] = ("nmi", "mc", "db")
+    depth: int = 0
+    effects: tuple[str, ...] = ()
+
+    def config(self) -> CheckConfig:
+        return CheckConfig(
+            scenarios=self.scenarios,
+            feature_sets=tuple(FeatureSet.parse(f) for f in self.features),
+            vectors=tuple(VECTOR_BY_NAME[v] for v in self.vectors),
+            depth=self.depth,
+            effects=tuple(Effect(e) for e in self.effects),
+        )
+
+    def edit_hash(self) -> str:
+        text = "\0".join((self.kernel, self.file, self.edit.old, self.edit.new, str(self.edit.regex)))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def build_key(self) -> str:
+        return f"mutant:{self.name}:{self.edit_hash()}"
+
+    def mutated_text(self, source_tree: Path) -> str:
+        original = (source_tree / self.file).read_text(encoding="utf-8", errors="surrogateescape")
+        return self.edit.apply(original, f"mutant {self.name}: {self.file} of {source_tree.name}")
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    # ---- user-mode-kernel-cr3
+    Mutant(
+        "sysret-keeps-kernel-cr3", "6.1", ENTRY_S,
+        Edit("\tSWITCH_TO_USER_CR3_STACK scratch_reg=%rdi\n\n\tpopq\t%rdi\n\tpopq\t%rsp\n"
+             "SYM_INNER_LABEL(entry_SYSRETQ_unsafe_stack",
+             "\tpopq\t%rdi\n\tpopq\t%rsp\nSYM_INNER_LABEL(entry_SYSRETQ_unsafe_stack"),
+        "the SYSRET exit loses SWITCH_TO_USER_CR3_STACK: user code runs on the kernel page tables "
+        "(an exit path without its PTI switch, the Meltdown exposure PTI exists to close)",
+        "user-mode-kernel-cr3", ("syscall",), ("pti",)),
+    # ---- kernel-memory-under-user-cr3
+    Mutant(
+        "syscall-stack-before-kernel-cr3", "6.12", ENTRY_S,
+        Edit("\tSWITCH_TO_KERNEL_CR3 scratch_reg=%rsp\n\tmovq\tPER_CPU_VAR(pcpu_hot + X86_top_of_stack), %rsp\n",
+             "\tmovq\tPER_CPU_VAR(pcpu_hot + X86_top_of_stack), %rsp\n\tSWITCH_TO_KERNEL_CR3 scratch_reg=%rsp\n"),
+        "entry_SYSCALL_64 reads the top of stack from pcpu_hot before SWITCH_TO_KERNEL_CR3: per-cpu "
+        "data the user page tables do not map (kernel data touched in the PTI entry gap)",
+        "kernel-memory-under-user-cr3", ("syscall",), ("pti",)),
+    Mutant(
+        "sysret-user-cr3-before-pop", "6.1", ENTRY_S,
+        Edit(r"(syscall_return_via_sysret:\n\tIBRS_EXIT\n)(\tPOP_REGS pop_rdi=0\n)",
+             "\\1\tSWITCH_TO_USER_CR3_STACK scratch_reg=%rdi\n\\2", regex=True),
+        "the SYSRET exit switches to the user CR3 before POP_REGS, still on the task stack "
+        "(exit work left after the CR3 switch reads kernel memory under the user page tables)",
+        "kernel-memory-under-user-cr3", ("syscall",), ("pti",)),
+    # ---- context-not-restored
+    Mutant(
+        "paranoid-exit-skips-cr3-restore", "6.12", ENTRY_S,
+        Edit("\tPARANOID_RESTORE_CR3 scratch_reg=%rax save_reg=%r14\n", ""),
+        "paranoid_exit loses PARANOID_RESTORE_CR3: an #MC where the kernel runs on the user CR3 (SYSCALL "
+        "entry before SWITCH_TO_KERNEL_CR3, SYSRET exit after SWITCH_TO_USER_CR3) returns with the kernel "
+        "CR3 (the 4.16-era CR3 restore skipped on a paranoid_exit branch)",
+        "context-not-restored", ("syscall",), ("pti",), vectors=("mc",), depth=1),
+    Mutant(
+        "nmi-skips-cr3-restore", "6.1", ENTRY_S,
+        Edit("\t/* Always restore stashed CR3 value (see paranoid_entry) */\n"
+             "\tRESTORE_CR3 scratch_reg=%r15 save_reg=%r14\n", ""),
+        "the NMI return loses RESTORE_CR3: an NMI where the kernel runs on the user CR3 (SYSCALL entry "
+        "gap, SYSRET exit window) returns with the kernel CR3 (the KAISER-backport 'paranoid_entry pass "
+        "cr3 need to paranoid_exit' class)",
+        "context-not-restored", ("syscall",), ("pti,pcid",), vectors=("nmi",), depth=1),
+    Mutant(
+        "paranoid-exit-skips-swapgs", "6.1", ENTRY_S,
+        Edit("\t/* We are returning to a context with user GSBASE */\n\tswapgs\n"
+             "\tjmp\t\trestore_regs_and_return_to_kernel\nSYM_CODE_END(paranoid_exit)",
+             "\t/* We are returning to a context with user GSBASE */\n"
+             "\tjmp\t\trestore_regs_and_return_to_kernel\nSYM_CODE_END(paranoid_exit)"),
+        "paranoid_exit's user-GSBASE branch (EBX=0) loses its SWAPGS: an #MC where the kernel runs with "
+        "the user GSBASE returns with the kernel's (the paranoid GSBASE convention broken, as on the "
+        "FSGSBASE paranoid-path changes)",
+        "context-not-restored", ("syscall",), ("none",), vectors=("mc",), depth=1),
+    # ---- stale-tlb
+    Mutant(
+        "user-cr3-ignores-flush-mask", "6.1", CALLING_H,
+        Edit("\tandq\t$(0x7FF), \\scratch_reg\t\t/* mask ASID */\n"
+             "\tbt\t\\scratch_reg, THIS_CPU_user_pcid_flush_mask\n\tjnc\t.Lnoflush_\\@\n",
+             "\tandq\t$(0x7FF), \\scratch_reg\t\t/* mask ASID */\n"
+             "\tbt\t\\scratch_reg, THIS_CPU_user_pcid_flush_mask\n\tjmp\t.Lnoflush_\\@\n"),
+        "SWITCH_TO_USER_CR3 always sets NOFLUSH and ignores user_pcid_flush_mask: a user ASID that a "
+        "handler invalidated is loaded with its stale TLB entries (the deferred user-ASID flush lost)",
+        "stale-tlb", ("nmi-from-user",), ("pti,pcid",), effects=("invalidate-user-asid",)),
+    Mutant(
+        "user-cr3-flush-branch-noflush", "6.12", CALLING_H,
+        Edit("\t/* Flush needed, clear the bit */\n\tbtr\t\\scratch_reg, THIS_CPU_user_pcid_flush_mask\n"
+             "\tmovq\t\\scratch_reg2, \\scratch_reg\n\tjmp\t.Lwrcr3_pcid_\\@\n",
+             "\t/* Flush needed, clear the bit */\n\tbtr\t\\scratch_reg, THIS_CPU_user_pcid_flush_mask\n"
+             "\tjmp\t.Lnoflush_\\@\n"),
+        "SWITCH_TO_USER_CR3's flush branch clears the flush-mask bit, then takes the NOFLUSH write: the "
+        "pending user-ASID flush is consumed but never done (a mis-wired branch in the CR3 macros)",
+        "stale-tlb", ("mc-from-user",), ("pti,pcid",), effects=("invalidate-user-asid",)),
+    # ---- percpu-with-user-gs
+    Mutant(
+        "syscall-entry-skips-swapgs", "6.12", ENTRY_S,
+        Edit("\tENDBR\n\n\tswapgs\n\t/* tss.sp2 is scratch space. */\n",
+             "\tENDBR\n\n\t/* tss.sp2 is scratch space. */\n"),
+        "entry_SYSCALL_64 loses its SWAPGS: the first per-cpu store goes through the user GSBASE "
+        "(the SWAPGS class of CVE-2019-1125, with the skipped SWAPGS made architectural)",
+        "percpu-with-user-gs", ("syscall",), ("none",)),
+    # ---- user-mode-kernel-gs
+    Mutant(
+        "sysret-skips-swapgs", "6.1", ENTRY_S,
+        Edit("SYM_INNER_LABEL(entry_SYSRETQ_unsafe_stack, SYM_L_GLOBAL)\n\tANNOTATE_NOENDBR\n\tswapgs\n",
+             "SYM_INNER_LABEL(entry_SYSRETQ_unsafe_stack, SYM_L_GLOBAL)\n\tANNOTATE_NOENDBR\n"),
+        "the SYSRET exit loses its final SWAPGS: user mode gets the kernel per-cpu base and the next "
+        "entry's SWAPGS loads a user value as the per-cpu base (an unpaired SWAPGS on an exit path)",
+        "user-mode-kernel-gs", ("syscall",), ("none",)),
+    # ---- spec-ctrl
+    Mutant(
+        "syscall-skips-ibrs-enter", "6.1", ENTRY_S,
+        Edit("\t/* clobbers %rax, make sure it is after saving the syscall nr */\n\tIBRS_ENTER\n",
+             "\t/* clobbers %rax, make sure it is after saving the syscall nr */\n"),
+        "entry_SYSCALL_64 loses IBRS_ENTER: do_syscall_64 runs without IBRS under kernel_ibrs "
+        "(the Retbleed kernel IBRS entry write missing on one entry path)",
+        "spec-ctrl", ("syscall",), ("kernel_ibrs",)),
+    Mutant(
+        "sysret-skips-ibrs-exit", "6.12", ENTRY_S,
+        Edit("syscall_return_via_sysret:\n\tIBRS_EXIT\n", "syscall_return_via_sysret:\n"),
+        "the SYSRET exit loses IBRS_EXIT: user mode keeps the kernel's SPEC_CTRL value "
+        "(the kernel IBRS exit write missing on one exit path)",
+        "spec-ctrl", ("syscall",), ("kernel_ibrs",)),
+    # ---- nmi-lost-or-corrupted
+    Mutant(
+        "nested-nmi-dropped-after-mc", "6.1", ENTRY_S,
+        Edit("\tcmpl\t$1, -8(%rsp)\n\tje\tnested_nmi\n", "\tcmpl\t$1, -8(%rsp)\n\tje\tnested_nmi_out\n"),
+        "asm_exc_nmi returns from a nested NMI (let in by the IRET of an #MC inside the NMI handler) "
+        "without arranging the repeat_nmi loop: that NMI is never processed (the nested-NMI class of "
+        "CVE-2015-3290)",
+        "nmi-lost-or-corrupted", ("nmi-from-kernel",), ("none",), vectors=("mc", "nmi"), depth=2),
+    Mutant(
+        "nested-nmi-dropped", "6.12", ENTRY_S,
+        Edit("\tcmpl\t$1, -8(%rsp)\n\tje\tnested_nmi\n", "\tcmpl\t$1, -8(%rsp)\n\tje\tnested_nmi_out\n"),
+        "the same edit on 6.12, whose CONFIG_DEBUG_ENTRY IRET unmasks NMIs inside the NMI handler: an "
+        "NMI nested after end_repeat_nmi is dropped instead of repeated (nested-NMI class)",
+        "nmi-lost-or-corrupted", ("nmi-from-kernel",), ("none",), vectors=("nmi",), depth=1),
+    # ---- emulation-fault
+    Mutant(
+        "error-entry-keeps-entry-stack", "6.12", ENTRY_S,
+        Edit("\tALTERNATIVE \"call error_entry; movq %rax, %rsp\", \\\n",
+             "\tALTERNATIVE \"call error_entry\", \\\n"),
+        "idtentry_body ignores the stack error_entry returns: the C handler of a user-mode exception runs "
+        "on the entry (trampoline) stack (the 5.19 'switch the stack after error_entry() returns' "
+        "rework done wrong)",
+        "emulation-fault", ("exception-from-user",), ("pti",)),
+    Mutant(
+        "nmi-executing-never-set", "6.12", ENTRY_S,
+        Edit("\tmovq\t$1, 10*8(%rsp)\t\t/* Set \"NMI executing\". */\n", ""),
+        "asm_exc_nmi never sets 'NMI executing': a nested NMI takes the first-NMI path on the same IST "
+        "stack and overwrites the outer NMI's stack, which then returns to garbage (nested NMI / "
+        "espfix class, CVE-2015-3290)",
+        "emulation-fault", ("nmi-from-kernel",), ("none",), vectors=("nmi",), depth=1),
+    # ---- no-return (optional)
+    Mutant(
+        "nmi-exit-skips-std", "6.12", ENTRY_S,
+        Edit("\tstd\n\tmovq\t$0, 5*8(%rsp)\t\t/* clear \"NMI executing\" */\n",
+             "\tmovq\t$0, 5*8(%rsp)\t\t/* clear \"NMI executing\" */\n"),
+        "the NMI exit clears 'NMI executing' without setting DF first: an NMI between the clear and the "
+        "IRETQ is taken for a first NMI, rewrites the outer IRET frame to point at that IRETQ and the "
+        "CPU loops there (the 'use DF to avoid userspace RSP confusing nested NMI' fix undone)",
+        "no-return", ("nmi-from-kernel",), ("none",), vectors=("nmi",), depth=1),
+)
+
+MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
+
+
+def mutant_tree_root() -> Path:
+    """Where the edited copies live: next to the cached sources (same file system, so hard links work)."""
+    return Cache.open().root / "test-data" / "mutant-trees"
+
+
+def prepare_tree(mutant: Mutant, source_tree: Path, copy: Callable[[Path, Path], Path]) -> Path:
+    """The edited copy of ``source_tree`` for ``mutant`` (made once, then reused while it is intact)."""
+    text = mutant.mutated_text(source_tree)
+    root = mutant_tree_root()
+    home = root / f"{mutant.name}-{mutant.edit_hash()}"
+    tree = home / source_tree.name
+    edited = tree / mutant.file
+    if edited.is_file() and edited.read_text(encoding="utf-8", errors="surrogateescape") == text:
+        return tree
+    for stale in root.glob(f"{mutant.name}-*"):
+        if re.fullmatch(r"[0-9a-f]{12}", stale.name[len(mutant.name) + 1:]):   # an older edit of this mutant
+            remove_tree(stale)
+    work = root / f".{mutant.name}.{os.getpid()}"
+    remove_tree(work)
+    work.mkdir(parents=True)
+    copy(source_tree, work / source_tree.name)
+    target = work / source_tree.name / mutant.file
+    # Never write through a hard link into the pristine tree: write a new file and rename it over.
+    fresh = target.with_name(target.name + ".mutant")
+    fresh.write_text(text, encoding="utf-8", errors="surrogateescape")
+    shutil.copymode(source_tree / mutant.file, fresh)
+    os.replace(fresh, target)
+    try:
+        os.rename(work, home)
+    except OSError:
+        remove_tree(work)            # published meanwhile by another run
+    return tree
+
+
+def build_mutant(mutant: Mutant, pristine: KernelBuild, copy: Callable[[Path, Path], Path]) -> KernelBuild:
+    """Build ``mutant`` from the source tree of ``pristine`` (cached in the entrycheck cache)."""
+    if pristine.source_tree is None:
+        raise MutantDoesNotApply(f"mutant {mutant.name}: {pristine.label} has no source tree")
+    tree = prepare_tree(mutant, pristine.source_tree, copy)
+    return build_tree_object(tree, key_extra=mutant.build_key())
+
+
+def object_ref(build: KernelBuild) -> ObjectRef:
+    return ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h)

@@ -1,0 +1,195 @@
+"""The mutant suite: real 6.1/6.12 entry code, edited in a scratch copy and rebuilt.
+
+Each mutant (tests/mutants.py) re-introduces a known class of entry-code bug.  It must
+be caught by the invariant it targets, under a configuration where the pristine
+kernel is clean for that invariant; the last test prints which mutant was caught by
+what and checks that every invariant except no-return catches at least one mutant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+from mutants import MUTANTS, Edit, Mutant, MutantDoesNotApply, build_mutant, object_ref
+
+from entrycheck.explore.check import STOPPED_DONE, CheckConfig, CheckResult, run_check
+from entrycheck.explore.paths import Finding
+from entrycheck.explore.scenarios import SCENARIOS
+from entrycheck.image.features import FeatureSet
+from entrycheck.kernel.targets import KernelBuild
+from entrycheck.props.invariants import INVARIANTS
+
+OPTIONAL = {"no-return"}      # a mutant may hang the CPU, but none has to
+
+
+class Suite:
+    """Builds and check results, each computed once per test session."""
+
+    def __init__(self, kernels: dict[str, KernelBuild], copy: Callable[[Path, Path], Path]) -> None:
+        self.kernels = kernels
+        self.copy = copy
+        self.builds: dict[str, KernelBuild] = {}
+        self.results: dict[str, CheckResult] = {}
+        self.pristine: dict[tuple[str, CheckConfig], CheckResult] = {}
+
+    def build(self, mutant: Mutant) -> KernelBuild:
+        if mutant.name not in self.builds:
+            try:
+                self.builds[mutant.name] = build_mutant(mutant, self.kernels[mutant.kernel], self.copy)
+            except MutantDoesNotApply as exc:
+                pytest.fail(f"mutant {mutant.name} no longer applies to {self.kernels[mutant.kernel].label}: {exc}",
+                            pytrace=False)
+        return self.builds[mutant.name]
+
+    def result(self, mutant: Mutant) -> CheckResult:
+        if mutant.name not in self.results:
+            self.results[mutant.name] = run_check(object_ref(self.build(mutant)), mutant.config(), workers=1)
+        return self.results[mutant.name]
+
+    def pristine_result(self, mutant: Mutant) -> CheckResult:
+        key = (mutant.kernel, mutant.config())
+        if key not in self.pristine:
+            self.pristine[key] = run_check(object_ref(self.kernels[mutant.kernel]), mutant.config(), workers=1)
+        return self.pristine[key]
+
+
+@pytest.fixture(scope="module")
+def suite(built_kernels: dict[str, KernelBuild], copy_tree: Callable[[Path, Path], Path]) -> Suite:
+    return Suite(built_kernels, copy_tree)
+
+
+def findings_of(result: CheckResult, invariant: str) -> list[Finding]:
+    return [f for f in result.findings if f.invariant == invariant]
+
+
+def shortest(findings: list[Finding]) -> Finding:
+    return min(findings, key=lambda f: (len(f.injections), f.scenario, f.features, f.effects, f.injections))
+
+
+def reproducer(f: Finding) -> str:
+    """The arguments of 'entrycheck trace' that replay finding ``f``."""
+    parts = [f"--scenario {f.scenario}", f"--features {f.features}"]
+    if f.effects:
+        parts.append(f"--handler-effects {','.join(f.effects)}")
+    parts += [f"--inject {i.spec()}" for i in f.injections]
+    return " ".join(parts)
+
+
+def entry_text(obj: Path) -> bytes:
+    with obj.open("rb") as f:
+        section = ELFFile(f).get_section_by_name(".entry.text")
+        assert section is not None, f"{obj} has no .entry.text"
+        return section.data()
+
+
+def assert_complete(result: CheckResult, what: str) -> None:
+    assert not result.errors, f"{what}: {result.errors}"
+    assert result.stopped_because == STOPPED_DONE, f"{what} stopped early ({result.stopped_because})"
+    assert result.runs > 0, f"{what}: nothing was explored"
+
+
+# --------------------------------------------------------------------------- the table itself
+
+
+def test_edit_applies_exactly_once() -> None:
+    text = "\tswapgs\n\tsysretq\n\tswapgs\n\tiretq\n"
+    assert Edit("\tswapgs\n\tiretq\n", "\tiretq\n").apply(text, "t") == "\tswapgs\n\tsysretq\n\tiretq\n"
+    assert Edit(r"(\tsysretq\n)\tswapgs\n", "\\1", regex=True).apply(text, "t") == "\tswapgs\n\tsysretq\n\tiretq\n"
+    with pytest.raises(MutantDoesNotApply, match=r"f\.S: the text to replace occurs 2 times"):
+        Edit("\tswapgs\n", "").apply(text, "f.S")
+    with pytest.raises(MutantDoesNotApply, match="occurs 0 times"):
+        Edit("\tsysretl\n", "").apply(text, "f.S")
+    with pytest.raises(MutantDoesNotApply, match="occurs 2 times"):
+        Edit(r"^\tswapgs$", "", regex=True).apply(text, "f.S")
+
+
+def test_mutant_table_is_well_formed() -> None:
+    names = [m.name for m in MUTANTS]
+    assert len(names) == len(set(names)) >= 10
+    assert {m.kernel for m in MUTANTS} == {"6.1", "6.12"}
+    assert len({m.edit_hash() for m in MUTANTS}) == len(MUTANTS)
+    for m in MUTANTS:
+        assert m.invariant in INVARIANTS, m.name
+        assert m.kernel in ("6.1", "6.12") and m.file.startswith("arch/x86/entry/"), m.name
+        assert m.edit.old != m.edit.new and m.description, m.name
+        assert set(m.scenarios) <= set(SCENARIOS), m.name
+        cfg = m.config()
+        assert cfg.depth in (0, 1, 2) and 1 <= len(cfg.feature_sets) <= 2, m.name
+        assert all(isinstance(fs, FeatureSet) for fs in cfg.feature_sets)
+    targeted = {m.invariant for m in MUTANTS}
+    assert set(INVARIANTS) - OPTIONAL <= targeted, f"no mutant targets {sorted(set(INVARIANTS) - OPTIONAL - targeted)}"
+
+
+# --------------------------------------------------------------------------- the mutants
+
+
+@pytest.mark.kernel
+def test_a_mutant_that_no_longer_applies_fails_loudly(kernel61: KernelBuild,
+                                                      copy_tree: Callable[[Path, Path], Path]) -> None:
+    gone = Mutant("gone", "6.1", MUTANTS[0].file, Edit("\tsysretl_from_a_future_kernel\n", ""),
+                  "an edit whose text is not in the source", "no-return", ("syscall",), ("none",))
+    with pytest.raises(MutantDoesNotApply, match=r"mutant gone: arch/x86/entry/\S+ of linux-source-6\.1\S*: "
+                                                 r"the text to replace occurs 0 times"):
+        build_mutant(gone, kernel61, copy_tree)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
+def test_mutant_is_caught(suite: Suite, mutant: Mutant) -> None:
+    build = suite.build(mutant)
+    pristine_build = suite.kernels[mutant.kernel]
+    assert build.source_tree is not None and pristine_build.source_tree is not None
+    edited, original = build.source_tree / mutant.file, pristine_build.source_tree / mutant.file
+    assert edited.stat().st_ino != original.stat().st_ino, "the edited file is a hard link into the pristine tree"
+    assert edited.read_text() != original.read_text()
+    assert entry_text(build.object_path) != entry_text(pristine_build.object_path), \
+        f"the edit of {mutant.name} did not change the code in .entry.text"
+
+    result = suite.result(mutant)
+    assert_complete(result, f"the check of mutant {mutant.name}")
+    hits = findings_of(result, mutant.invariant)
+    found = sorted({f.invariant for f in result.findings})
+    assert hits, (f"mutant {mutant.name} ({mutant.description}) escaped {mutant.invariant}; "
+                  f"found only {found or 'nothing'}")
+
+    pristine = suite.pristine_result(mutant)
+    assert_complete(pristine, f"the check of pristine {mutant.kernel} for {mutant.name}")
+    false = findings_of(pristine, mutant.invariant)
+    assert not false, (f"pristine {mutant.kernel} already trips {mutant.invariant} under the config of "
+                       f"{mutant.name}: {reproducer(shortest(false))} ({false[0].message})")
+
+
+@pytest.mark.kernel
+def test_every_invariant_catches_a_mutant(suite: Suite, record_property: Callable[[str, object], None],
+                                          tmp_path: Path) -> None:
+    rows = []
+    caught_by: dict[str, list[str]] = {}
+    for m in MUTANTS:
+        result = suite.result(m)
+        found = sorted({f.invariant for f in result.findings})
+        hits = findings_of(result, m.invariant)
+        if hits:
+            caught_by.setdefault(m.invariant, []).append(m.name)
+        pristine = "clean" if not findings_of(suite.pristine_result(m), m.invariant) else "TRIPS"
+        rows.append((m.name, m.kernel, m.invariant, "yes" if hits else "NO", pristine, ", ".join(found) or "-",
+                     reproducer(shortest(hits)) if hits else "-"))
+
+    header = ("mutant", "kernel", "targets", "caught", "pristine", "invariants found",
+              "shortest reproducer of the target")
+    widths = [max(len(r[k]) for r in rows + [header]) for k in range(6)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + "  " + r[6] for r in [header] + rows]
+    trees = [f"{m.name}: {suite.build(m).source_tree}" for m in MUTANTS]
+    table = "\n".join(lines + ["", "trees (entrycheck trace TREE ...):"] + trees) + "\n"
+    (tmp_path / "mutant-table.txt").write_text(table)
+    record_property("mutant_table", table)
+    print("\n" + table)
+
+    escaped = [r[0] for r in rows if r[3] != "yes"]
+    assert not escaped, f"mutants not caught by their invariant: {escaped}"
+    unclean = [r[0] for r in rows if r[4] != "clean"]
+    assert not unclean, f"the pristine kernel already trips the invariant these mutants target: {unclean}"
+    uncovered = sorted(set(INVARIANTS) - OPTIONAL - set(caught_by))
+    assert not uncovered, f"no mutant is caught by {uncovered}"
