@@ -192,9 +192,11 @@ def _run_check(build, loaded, cfg, workers, scheduler):
 @click.argument("target", required=False)
 @_explore_options
 @click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the result as JSON.")
+@click.option("--html", "html_out", default=None, metavar="PATH",
+              help="Also write a self-contained HTML report to PATH.")
 @click.option("--explain", default=None, metavar="INVARIANT", help="Say what an invariant checks, and why.")
 def check(target, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects, no_prune, max_runs,
-          workers, scheduler, tree, json_out, explain) -> None:
+          workers, scheduler, tree, json_out, html_out, explain) -> None:
     """Inject exceptions at every instruction boundary of every path and check the invariants.
 
     Exit status: 0 clean, 1 violations found, 2 bad input.
@@ -214,6 +216,9 @@ def check(target, features, scenarios, vectors, depth, db_mode, mc_nesting, hand
     from entrycheck.report.jsonout import check_json
     from entrycheck.report.text import check_summary
 
+    if html_out:
+        from entrycheck.report.html import check_path
+        check_path(html_out)
     build, loaded = _load(target, tree)
     cfg = _check_config(loaded, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects,
                         no_prune, max_runs)
@@ -221,6 +226,9 @@ def check(target, features, scenarios, vectors, depth, db_mode, mc_nesting, hand
     if json_out:
         _write_json(json_out, check_json(result, target=build.label, kernel_version=build.kernel_version,
                                          feature_numbers=loaded.features.source))
+    if html_out:
+        from entrycheck.report.html import check_html, command_line, write_html
+        write_html(html_out, check_html(result, build=build, loaded=loaded, target=target, command=command_line()))
     if json_out != "-":
         click.echo(check_summary(result, target=target, kernel_version=build.kernel_version))
     sys.exit(1 if result.findings else 0)
@@ -323,13 +331,16 @@ def _diff_options(f):
                      help="What-if: NMIs per second from kernel context (e.g. perf sampling) to turn the "
                           "per-return saving into cycles per second per CPU."),
         click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the comparison as JSON."),
+        click.option("--html", "html_out", default=None, metavar="PATH",
+                     help="Also write a self-contained HTML report to PATH."),
     ]):
         f = opt(f)
     return f
 
 
 def _run_diff(old_build, old_loaded, new_build, new_loaded, features, scenarios, vectors, depth, db_mode,
-              mc_nesting, handler_effects, no_prune, max_runs, workers, scheduler, cost_spec, nmi_rate, json_out):
+              mc_nesting, handler_effects, no_prune, max_runs, workers, scheduler, cost_spec, nmi_rate, json_out,
+              html_out=None, html_info=None):
     from entrycheck.explore.costmodel import parse_cost
     from entrycheck.explore.diff import SiteMap, diff_results
     from entrycheck.report.difftext import diff_json, diff_text
@@ -350,6 +361,11 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, features, scenarios,
         _write_json(json_out, diff_json(result, old_label=old_build.label, new_label=new_build.label,
                                         old_version=old_build.kernel_version, new_version=new_build.kernel_version,
                                         model=model, nmi_rate=nmi_rate))
+    if html_out:
+        from entrycheck.report.html import command_line, diff_html, write_html
+        write_html(html_out, diff_html(result, old_build=old_build, old_loaded=old_loaded, new_build=new_build,
+                                       new_loaded=new_loaded, model=model, nmi_rate=nmi_rate,
+                                       command=command_line(), **html_info))
     if json_out != "-":
         click.echo(diff_text(result, old_label=old_build.label, new_label=new_build.label, model=model,
                              nmi_rate=nmi_rate))
@@ -362,7 +378,7 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, features, scenarios,
 @_explore_options
 @_diff_options
 def diff(old, new, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects, no_prune, max_runs,
-         workers, scheduler, tree, cost_spec, nmi_rate, json_out) -> None:
+         workers, scheduler, tree, cost_spec, nmi_rate, json_out, html_out) -> None:
     """Run the same scenarios and injections on two builds and compare them path by path.
 
     Exit status: 0 unless NEW has violations OLD had not (then 1); 2 on bad input.
@@ -370,10 +386,14 @@ def diff(old, new, features, scenarios, vectors, depth, db_mode, mc_nesting, han
     from entrycheck.explore.costmodel import parse_cost
 
     cost_spec = parse_cost(cost_spec)
+    if html_out:
+        from entrycheck.report.html import check_path
+        check_path(html_out)
     old_build, old_loaded = _load(old, tree)
     new_build, new_loaded = _load(new, tree)
     _run_diff(old_build, old_loaded, new_build, new_loaded, features, scenarios, vectors, depth, db_mode,
-              mc_nesting, handler_effects, no_prune, max_runs, workers, scheduler, cost_spec, nmi_rate, json_out)
+              mc_nesting, handler_effects, no_prune, max_runs, workers, scheduler, cost_spec, nmi_rate, json_out,
+              html_out, {"old_target": old, "new_target": new})
 
 
 @cli.command()
@@ -383,7 +403,7 @@ def diff(old, new, features, scenarios, vectors, depth, db_mode, mc_nesting, han
 @_explore_options
 @_diff_options
 def review(target, patches, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects, no_prune,
-           max_runs, workers, scheduler, tree, cost_spec, nmi_rate, json_out) -> None:
+           max_runs, workers, scheduler, tree, cost_spec, nmi_rate, json_out, html_out) -> None:
     """Build TARGET with and without the patch(es), then compare the two like diff."""
     from entrycheck.image import load_build
     from entrycheck.kernel.review import patched_build, read_patches
@@ -396,6 +416,9 @@ def review(target, patches, features, scenarios, vectors, depth, db_mode, mc_nes
     parse_effects(handler_effects)
     _scenarios(scenarios)
     texts = read_patches([Path(p) for p in patches])
+    if html_out:
+        from entrycheck.report.html import check_path
+        check_path(html_out)
     with terminal_progress() as progress:
         base = _resolve(target, tree, progress)
         patched = patched_build(base, texts, progress=progress)
@@ -406,7 +429,7 @@ def review(target, patches, features, scenarios, vectors, depth, db_mode, mc_nes
                            f"{pl.header_line}; {pl.context_mismatches} context lines differ)", err=True)
     _run_diff(base, load_build(base), patched.build, load_build(patched.build), features, scenarios, vectors,
               depth, db_mode, mc_nesting, handler_effects, no_prune, max_runs, workers, scheduler, cost_spec,
-              nmi_rate, json_out)
+              nmi_rate, json_out, html_out, {"old_target": target, "new_target": str(patched.tree), "patches": texts})
 
 
 @cli.command()

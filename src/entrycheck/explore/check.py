@@ -98,6 +98,7 @@ class CheckResult:
     config: CheckConfig
     paths: list[PathResult] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)          # deduplicated
+    raw_findings: list[Finding] = field(default_factory=list)      # before deduplication
     all_findings: int = 0
     runs: int = 0
     converged: int = 0
@@ -256,6 +257,7 @@ def merge(units: list[Unit], per_unit: list[list[UnitResult]], cfg: CheckConfig)
                 if (f.scenario, f.features, f.effects, f.injections) not in kept:
                     continue
                 result.all_findings += 1
+                result.raw_findings.append(f)
                 key = f.key()
                 if key not in best:
                     best[key] = f

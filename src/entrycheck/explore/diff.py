@@ -140,6 +140,7 @@ class DiffResult:
     new_violations: list[Finding] = field(default_factory=list)
     fixed_violations: list[Finding] = field(default_factory=list)
     groups: list[ChangeGroup] = field(default_factory=list)
+    new_violation_cells: set[tuple[str, str]] = field(default_factory=set)   # (scenario, features)
 
     def unmatched_groups(self) -> list[tuple[str, str, int]]:
         """(side, symbol, paths): paths injecting at instructions that have no counterpart in
@@ -194,6 +195,10 @@ def diff_results(old: CheckResult, new: CheckResult, sites: SiteMap) -> DiffResu
     result.new_violations = [f for f in new.findings if (f.invariant, f.scenario, f.features, f.site,
                                                          tuple(i.vector for i in f.injections)) not in old_keys]
     result.fixed_violations = [f for f in old.findings if mapped_key(f) not in new_keys]
+    old_raw = {mapped_key(f) for f in old.raw_findings}
+    result.new_violation_cells = {(f.scenario, f.features) for f in new.raw_findings
+                                  if (f.invariant, f.scenario, f.features, f.site,
+                                      tuple(i.vector for i in f.injections)) not in old_raw}
     result.groups = group_changes(result)
     return result
 

@@ -65,10 +65,12 @@ def parse_injection(text: str, image: Image) -> Injection:
         raise InputError(f"unknown vector {name!r} in {text!r}; choose from {', '.join(INJECTABLE)}")
     vector = VECTOR_BY_NAME[name]
     address = image.parse_location(m.group("loc"))
+    stubs = set(image.loaded.resolution.functions.values())
     section = image.code_section(address)
-    if section is None:
+    if section is None and address not in stubs:
         raise InputError(f"{m.group('loc')} is not in the entry code")
-    starts = boundaries_around(image, address)
+    # A C function's stub is one boundary: the exception arrives while C code runs.
+    starts = {address} if address in stubs else boundaries_around(image, address)
     if address not in starts:
         near = ", ".join(image.symbolize(a) for a in sorted(starts, key=lambda a: abs(a - address))[:3])
         raise InputError(f"{m.group('loc')} is not an instruction boundary; nearby: {near}")

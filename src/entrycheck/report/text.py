@@ -44,7 +44,7 @@ def cost_lines(cost: Cost, title: str) -> list[str]:
 
 def check_summary(result: CheckResult, *, target: str, kernel_version: str | None) -> str:
     cfg = result.config
-    lines = [f"entrycheck check {target}" + (f" (kernel {kernel_version})" if kernel_version else "")]
+    lines = _wrap(f"entrycheck check {target}" + (f" (kernel {kernel_version})" if kernel_version else ""), "    ")
     lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.feature_sets)} feature sets"
                    + (f" x {len(cfg.branches())} handler-effect branches" if cfg.effects else "")
                    + f"; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}")
@@ -90,9 +90,16 @@ def trace_text(t: Trace, image: Image, *, target: str, features: str) -> str:
     for e in t.events:
         by_step[e.step].append(e)
     last_rsp = None
+    from entrycheck.report.srclines import SourceLines
+
+    src, last_src = SourceLines.from_object(image.loaded), None   # DWARF line info, if the object has it
     for e in by_step.get(0, []):
         lines += _event_lines(e, image)
     for s in t.steps:
+        where = src.location(s.pc) if src else None
+        if where and where != last_src:
+            lines += _wrap(f"# {where}  {src.text(s.pc) or ''}".rstrip(), "          ", "      ")
+        last_src = where or last_src
         rsp = f"  rsp={s.rsp:#x}" if s.rsp != last_rsp else ""
         last_rsp = s.rsp
         lines.append(f"{s.step:5d} {image.symbolize(s.pc):<34.34s} "
