@@ -27,6 +27,18 @@ def kernel612() -> KernelBuild:
 
 
 @pytest.fixture(scope="session")
+def kernel61_debug() -> KernelBuild:
+    """debian:6.1+debug: built with DWARF line info (cached in ~/.cache/entrycheck)."""
+    return resolve_target("debian:6.1+debug")
+
+
+@pytest.fixture(scope="session")
+def kernel612_debug() -> KernelBuild:
+    """debian:6.12+debug: built with DWARF line info (cached in ~/.cache/entrycheck)."""
+    return resolve_target("debian:6.12+debug")
+
+
+@pytest.fixture(scope="session")
 def built_kernels(kernel61: KernelBuild, kernel612: KernelBuild) -> dict[str, KernelBuild]:
     """Both Debian kernels by series: {"6.1": ..., "6.12": ...}."""
     return {"6.1": kernel61, "6.12": kernel612}

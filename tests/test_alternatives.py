@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import capstone
+
+from decoding import decode_exact
 import pytest
 from capstone import x86_const as X
 from elftools.elf.elffile import ELFFile
@@ -25,22 +27,6 @@ ALT_NOT_61 = 0x8000                       # 6.1: inverted entries have bit 15 of
 ALT_FLAG_NOT_612 = 1                      # 6.12: ft_flags = cpuid | flags << 16
 
 
-def _engine() -> capstone.Cs:
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
-    md.syntax = capstone.CS_OPT_SYNTAX_ATT
-    return md
-
-
-CS = _engine()
-
-
-def decode_exact(code: bytes, address: int) -> list[capstone.CsInsn]:
-    """Whole instructions covering ``code`` exactly; fails on anything capstone cannot decode."""
-    insns = list(CS.disasm(code, address))
-    assert sum(i.size for i in insns) == len(code), (
-        f"{code.hex()} at {address:#x} does not decode into whole instructions")
-    return insns
 
 
 def is_nop(ins: capstone.CsInsn) -> bool:

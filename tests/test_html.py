@@ -139,13 +139,6 @@ def review_report(kernel61, tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def kernel612_debug():
-    from entrycheck.kernel.targets import resolve_target
-
-    return resolve_target("debian:6.12+debug")
-
-
-@pytest.fixture(scope="module")
 def check_report(kernel612_debug, tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("check-html")
     html, doc = out / "check.html", out / "check.json"

@@ -18,6 +18,8 @@ from functools import cached_property
 from pathlib import Path
 
 import capstone
+
+from decoding import decode_exact as decode_all
 import pytest
 from capstone import x86_const as X
 from hypothesis import example, given, settings
@@ -113,22 +115,6 @@ def dump_relocs(path: Path) -> list[DumpReloc]:
 # --------------------------------------------------------------------------- capstone
 
 
-def _engine() -> capstone.Cs:
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
-    md.syntax = capstone.CS_OPT_SYNTAX_ATT
-    return md
-
-
-CS = _engine()
-
-
-def decode_all(code: bytes, address: int) -> list[capstone.CsInsn]:
-    """Every instruction of ``code``; fails on a byte capstone cannot decode."""
-    insns = list(CS.disasm(code, address))
-    decoded = sum(i.size for i in insns)
-    assert decoded == len(code), f"undecodable byte at {address + decoded:#x}"
-    return insns
 
 
 def is_branch(ins: capstone.CsInsn) -> bool:

@@ -15,7 +15,7 @@ from entrycheck.explore.scenarios import scenario
 from entrycheck.image import load_build
 from entrycheck.image.decode import sweep
 from entrycheck.image.features import FeatureSet
-from entrycheck.kernel.targets import KernelBuild, resolve_target
+from entrycheck.kernel.targets import KernelBuild
 from entrycheck.kernelabi.stubs import Effect
 from entrycheck.kernelabi.world import build_world
 from entrycheck.machine.events import Cr3Written
@@ -23,18 +23,6 @@ from entrycheck.report.srclines import SourceLines
 
 pytestmark = pytest.mark.kernel
 ENTRY_S = "arch/x86/entry/entry_64.S"
-
-
-@pytest.fixture(scope="session")
-def kernel61_debug() -> KernelBuild:
-    """debian:6.1+debug: built with DWARF line info (cached in ~/.cache/entrycheck)."""
-    return resolve_target("debian:6.1+debug")
-
-
-@pytest.fixture(scope="session")
-def kernel612_debug() -> KernelBuild:
-    """debian:6.12+debug: built with DWARF line info (cached in ~/.cache/entrycheck)."""
-    return resolve_target("debian:6.12+debug")
 
 
 def invocation_line(build: KernelBuild, function: str, macro: str) -> int:
