@@ -192,3 +192,21 @@ def test_dask_scheduler_gives_the_same_result_as_serial(kernel612) -> None:
     assert [(p.scenario, p.features, p.injections) for p in distributed.paths] == \
         [(p.scenario, p.features, p.injections) for p in serial.paths]
     assert keys(distributed) == keys(serial)
+
+
+def test_a_fault_of_the_model_stops_one_unit_not_the_check(kernel612, monkeypatch) -> None:
+    from entrycheck.explore import engine
+
+    real = engine.Explorer.explore
+
+    def explore(self, sc, effects=frozenset()):
+        if sc.name == "mc-from-kernel":
+            raise RuntimeError("model broke")
+        return real(self, sc, effects)
+
+    monkeypatch.setattr(engine.Explorer, "explore", explore)
+    result = run_check(ref(kernel612), CheckConfig(scenarios=("syscall", "mc-from-kernel", "nmi-from-kernel"),
+                                                   feature_sets=fsets("pti,pcid"), depth=0))
+    assert result.stopped_because == "error"
+    assert len(result.errors) == 1 and "mc-from-kernel" in result.errors[0] and "model broke" in result.errors[0]
+    assert {p.scenario for p in result.paths} == {"syscall", "nmi-from-kernel"}

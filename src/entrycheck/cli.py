@@ -231,7 +231,7 @@ def check(target, features, scenarios, vectors, depth, db_mode, mc_nesting, hand
         write_html(html_out, check_html(result, build=build, loaded=loaded, target=target, command=command_line()))
     if json_out != "-":
         click.echo(check_summary(result, target=target, kernel_version=build.kernel_version))
-    sys.exit(1 if result.findings else 0)
+    sys.exit(1 if result.findings else (EXIT_INTERNAL if result.errors else 0))
 
 
 @cli.command()

@@ -169,7 +169,18 @@ def run_unit(ref: ObjectRef, cfg: CheckConfig, unit: Unit, max_runs: int | None 
         world = build_world(ref.load().image(unit.features))
         explorer = _EXPLORERS[key] = Explorer(world, cfg.explore_config())
     explorer.budget = Budget(max_runs)
-    return [explorer.explore(scenario(name), unit.effects) for name in unit.scenarios]
+    out = []
+    for name in unit.scenarios:
+        try:
+            out.append(explorer.explore(scenario(name), unit.effects))
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a fault of the model: recorded, the check goes on
+            _EXPLORERS.pop(key, None)           # its emulators may be in any state now
+            what = f"{name} on {unit.features}" + (f" with {','.join(sorted(e.value for e in unit.effects))}"
+                                                    if unit.effects else "")
+            out.append(UnitResult(stopped=STOPPED_ERROR, error=f"{what}: {type(exc).__name__}: {exc}"))
+    return out
 
 
 def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: str | None = None,
@@ -246,8 +257,11 @@ def merge(units: list[Unit], per_unit: list[list[UnitResult]], cfg: CheckConfig)
                     paths = paths[:remaining]
                     result.stopped_because = STOPPED_BUDGET
                 remaining -= len(paths)
-            if ur.stopped == STOPPED_BUDGET:
+            if ur.stopped == STOPPED_BUDGET and result.stopped_because != STOPPED_ERROR:
                 result.stopped_because = STOPPED_BUDGET
+            if ur.stopped == STOPPED_ERROR:
+                result.stopped_because = STOPPED_ERROR
+                result.errors.append(ur.error)
             kept = {(p.scenario, p.features, p.effects, p.injections) for p in paths}
             result.paths.extend(paths)
             result.runs += len(paths)

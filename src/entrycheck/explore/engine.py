@@ -26,7 +26,7 @@ from typing import Callable
 from entrycheck.explore.paths import Cost, Finding, Injected, PathResult, cost_of, cr3_trace_of
 from entrycheck.explore.scenarios import Scenario, prepare
 from entrycheck.kernelabi.stubs import Effect, StubOptions, Stubs
-from entrycheck.kernelabi.world import EXCEPTION_STKSZ, World
+from entrycheck.kernelabi.world import World
 from entrycheck.image import layout
 from entrycheck.machine.emulator import DEFAULT_BUDGET, Emulator, Mode, Snapshot
 from entrycheck.machine.events import Event, Injection, Outcome, Resumed
@@ -83,6 +83,7 @@ class UnitResult:
     converged: int = 0
     skipped: int = 0
     stopped: str = "done"
+    error: str = ""
 
 
 class Budget:
@@ -415,4 +416,4 @@ def _same_state(emu: Emulator, ref: Snapshot, index: dict, k: int) -> bool:
     return True
 
 
-__all__ = ["ExploreConfig", "Explorer", "UnitResult", "Budget", "DEFAULT_VECTORS", "EXCEPTION_STKSZ"]
+__all__ = ["ExploreConfig", "Explorer", "UnitResult", "Budget", "DEFAULT_VECTORS"]

@@ -50,6 +50,8 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
                    + f"; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}")
     lines += _wrap(f"{result.runs} runs ({result.converged} rejoined a checked run early, "
                    f"{result.skipped} latched-NMI points shared); stopped: {result.stopped_because}")
+    for err in result.errors:
+        lines += _wrap(f"exploration error (reported, the rest went on): {err}", "    ", "  ")
     lines.append("")
     if result.findings:
         groups: dict[str, list[Finding]] = defaultdict(list)
