@@ -15,8 +15,10 @@ from entrycheck.machine.model import decode_cr3
 WIDTH = 80
 
 
-def _wrap(text: str, indent: str = "", first: str = "") -> list[str]:
-    return textwrap.wrap(text, WIDTH, initial_indent=first or indent, subsequent_indent=indent,
+def _wrap(text: str, indent: str = "", first: str | None = None) -> list[str]:
+    """Wrap to 80 columns; continuation lines get ``indent``, the first ``first`` (default: indent)."""
+    first = indent if first is None else first
+    return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=indent,
                          break_long_words=True, break_on_hyphens=False) or [first.rstrip()]
 
 
@@ -44,7 +46,8 @@ def cost_lines(cost: Cost, title: str) -> list[str]:
 
 def check_summary(result: CheckResult, *, target: str, kernel_version: str | None) -> str:
     cfg = result.config
-    lines = _wrap(f"entrycheck check {target}" + (f" (kernel {kernel_version})" if kernel_version else ""), "    ")
+    lines = _wrap(f"entrycheck check {target}" + (f" (kernel {kernel_version})" if kernel_version else ""), "    ",
+                  "")
     lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.feature_sets)} feature sets"
                    + (f" x {len(cfg.branches())} handler-effect branches" if cfg.effects else "")
                    + f"; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}")
