@@ -544,7 +544,7 @@ class Emulator:
             self.fault(FaultKind.GP, f"{exc} at {self.image.symbolize(addr)}")
             return
         to_user = frame.cs & 3 == 3
-        self.emit(Iret, pc=addr, frame=frame, to_user=to_user)
+        self.emit(Iret, pc=addr, frame=frame, to_user=to_user, cpu=cpu)
         self.regs.write(RIP, frame.rip)
         self.regs.write(RSP, frame.rsp)
         self.regs.write(RFLAGS, frame.rflags | model.RFLAGS_FIXED)

@@ -111,6 +111,7 @@ class StubCall(Event):
 class Iret(Event):
     frame: Frame
     to_user: bool
+    cpu: CpuState | None = None   # the CPU state the IRET left
 
 
 @dataclass(frozen=True)

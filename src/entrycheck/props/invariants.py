@@ -62,7 +62,10 @@ def _returns_to_user(run: Run) -> Iterator[Event]:
 
 
 def _user_cpu_at(run: Run, event: Event) -> CpuState:
-    """The CPU state right after a return to user mode (the run ends there)."""
+    """The CPU state right after a return to user mode (a latched NMI may follow an IRET to
+    user mode, so the run's final state is not always the one that IRET left)."""
+    if isinstance(event, Iret) and event.cpu is not None:
+        return event.cpu
     return run.final_cpu
 
 
