@@ -162,7 +162,7 @@ def _check_config(loaded, features, scenarios, vectors, depth, db_mode, mc_nesti
     sets = _feature_sets(features)
     for fs in sets:
         fs.validate(loaded.features)
-    vecs = parse_vectors(vectors, sets)
+    vecs = parse_vectors(vectors)
     from entrycheck.kernelabi.world import IDT_SYMBOLS
 
     for v in vecs:

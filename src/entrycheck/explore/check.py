@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 from entrycheck.errors import InputError
 from entrycheck.explore.engine import Budget, ExploreConfig, Explorer, UnitResult
@@ -116,7 +116,7 @@ class CheckResult:
         return total
 
 
-def parse_vectors(text: str, features: Sequence[FeatureSet]) -> tuple[Vector, ...]:
+def parse_vectors(text: str) -> tuple[Vector, ...]:
     out = []
     for name in (n.strip().lower() for n in text.split(",") if n.strip()):
         if name not in VECTOR_BY_NAME or VECTOR_BY_NAME[name] in (Vector.PF, Vector.IRQ):

@@ -362,15 +362,7 @@ class Explorer:
     def _line(self, addr: int) -> str:
         got = self._disasm.get(addr)
         if got is None:
-            from entrycheck.image.decode import decode_one
-            try:
-                ins = decode_one(self.image.read(addr, 16), addr)
-                text = f"{ins.mnemonic} {ins.op_str}".strip() if ins else "?"
-            except KeyError:
-                text = "(C function)" if addr in self.world.config.stubs else "?"
-                if addr in self.world.config.stubs:
-                    text = f"call into {self.world.config.stubs[addr]}"
-            got = self._disasm[addr] = f"{self.image.symbolize(addr)}: {text}"
+            got = self._disasm[addr] = f"{self.image.symbolize(addr)}: {self.image.instruction_text(addr)}"
         return got
 
 

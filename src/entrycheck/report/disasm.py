@@ -72,15 +72,5 @@ def format_lines(image: Image, symbol: str, lines: list[DisasmLine]) -> str:
 
 
 def instruction_text(image: Image, address: int) -> str:
-    """One instruction's text ('call into do_syscall_64' for a stub)."""
-    stubs = image.loaded.resolution.functions
-    for name, addr in stubs.items():
-        if addr == address:
-            return f"(C) {name}"
-    from entrycheck.image.decode import decode_one
-
-    try:
-        ins = decode_one(image.read(address, 16), address)
-    except KeyError:
-        return "?"
-    return f"{ins.mnemonic} {ins.op_str}".strip() if ins else "?"
+    """One instruction's text ('(C) do_syscall_64' for a stub)."""
+    return image.instruction_text(address)
