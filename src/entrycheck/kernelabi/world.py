@@ -187,11 +187,14 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
             data_put(base + 8 * cpu, value)
     if "x86_verw_sel" in res.data:
         data_put(res.data["x86_verw_sel"], 0x18, 2)     # __KERNEL_DS
-    entry_data = {n for n, c in res.classes.items() if c.value == "entry-data"}
-    entry_pages = {layout.page_down(res.data[n]) for n in entry_data}
+    user_ranges = image.pti_user_ranges()
+
+    def pti_maps(addr: int) -> bool:
+        return any(start <= addr < end for start, end, _ in user_ranges)
+
     for page, buf in sorted(data_regions.items()):
-        regions.append(Region("kernel data" if page not in entry_pages else "entry data", page, PAGE,
-                              Perm.R | Perm.W, page in entry_pages, bytes(buf)))
+        regions.append(Region("entry data" if pti_maps(page) else "kernel data", page, PAGE,
+                              Perm.R | Perm.W, pti_maps(page), bytes(buf)))
 
     # The per-cpu area, as on a booted CPU.
     percpu_size = layout.page_up(max(percpu_offsets.values(), default=0) + 0x100)
@@ -215,10 +218,10 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
     put("cpu_current_top_of_stack", 0, task_top)
     put("x86_spec_ctrl_current", 0, SPEC_CTRL_IBRS if ibrs else 0)
     put("fixed_percpu_data", offsets["FIXED_stack_canary"], params.stack_canary)
-    user_pages = {layout.page_down(percpu_offsets[n]) for n in ("cpu_tss_rw",) if n in percpu_offsets}
     for page in range(0, percpu_size, PAGE):
-        regions.append(Region("per-cpu cpu_tss_rw" if page in user_pages else "per-cpu data",
-                              percpu_base + page, PAGE, Perm.R | Perm.W, page in user_pages,
+        user = pti_maps(percpu_base + page)
+        regions.append(Region("per-cpu cpu_tss_rw" if user else "per-cpu data",
+                              percpu_base + page, PAGE, Perm.R | Perm.W, user,
                               bytes(pc[page:page + PAGE])))
 
     idt = {}

@@ -42,16 +42,6 @@ class AddressSpace:
     writable_size: int
     regions: tuple[Region, ...]
 
-    def region_of(self, addr: int) -> Region | None:
-        for r in self.regions:
-            if r.contains(addr):
-                return r
-        return None
-
-    def user_mapped(self, addr: int) -> bool:
-        page = self.pages.get(addr >> 12)
-        return bool(page and page.user)
-
     def phys(self, addr: int) -> int:
         page = self.pages.get(addr >> 12)
         if page is None:
