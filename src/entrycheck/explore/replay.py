@@ -8,31 +8,20 @@ hardware.  Findings replay this way from their JSON.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from entrycheck.errors import InputError
-from entrycheck.explore.paths import Cost, Injected, cost_of
-from entrycheck.explore.scenarios import Scenario, prepare
+from entrycheck.explore.paths import Cost, cost_of
+from entrycheck.explore.scenarios import Scenario, start_state
 from entrycheck.image.decode import sweep
 from entrycheck.image.image import Image
 from entrycheck.kernelabi.stubs import Effect, StubOptions, Stubs
 from entrycheck.kernelabi.world import World
-from entrycheck.machine.emulator import DEFAULT_BUDGET, Emulator, Mode
-from entrycheck.machine.events import Event, Outcome
-from entrycheck.machine.model import VECTOR_BY_NAME, CpuState, Vector
-from entrycheck.props.invariants import Run, Violation, check_run
-
-_SPEC = re.compile(r"^(?P<vec>[a-z]+)@(?P<loc>[^#]+?)(?:#(?P<hit>\d+))?$")
-INJECTABLE = ("nmi", "mc", "db", "df", "vc")
-
-
-@dataclass(frozen=True)
-class Injection:
-    vector: Vector
-    address: int
-    hit: int
-    label: Injected
+from entrycheck.machine.events import Event, Injection, Outcome
+from entrycheck.machine.api import DEFAULT_BUDGET, Level, Request
+from entrycheck.machine.machine import Machine
+from entrycheck.machine.model import CpuState, Vector
+from entrycheck.props.invariants import Violation, check_run
 
 
 @dataclass(frozen=True)
@@ -57,29 +46,22 @@ class Trace:
 
 
 def parse_injection(text: str, image: Image) -> Injection:
-    m = _SPEC.match(text.strip())
-    if not m:
-        raise InputError(f"bad injection {text!r}: expected VEC@SYM+OFF or VEC@SYM+OFF#N, e.g. nmi@paranoid_exit+0x43")
-    name = m.group("vec").lower()
-    if name not in INJECTABLE:
-        raise InputError(f"unknown vector {name!r} in {text!r}; choose from {', '.join(INJECTABLE)}")
-    vector = VECTOR_BY_NAME[name]
-    address = image.parse_location(m.group("loc"))
+    """VEC@SYM+OFF[#N], checked against the image: a boundary of the entry code (or a C
+    function's stub) of a vector this kernel has.  The site comes back as sym+off."""
+    inj = Injection.parse(text)
+    address = image.parse_location(inj.at)
     stubs = set(image.loaded.resolution.functions.values())
     section = image.code_section(address)
     if section is None and address not in stubs:
-        raise InputError(f"{m.group('loc')} is not in the entry code")
+        raise InputError(f"{inj.at} is not in the entry code")
     # A C function's stub is one boundary: the exception arrives while C code runs.
     starts = {address} if address in stubs else boundaries_around(image, address)
     if address not in starts:
         near = ", ".join(image.symbolize(a) for a in sorted(starts, key=lambda a: abs(a - address))[:3])
-        raise InputError(f"{m.group('loc')} is not an instruction boundary; nearby: {near}")
-    if vector not in _idt_vectors(image):
-        raise InputError(f"this kernel has no entry point for {name}")
-    hit = int(m.group("hit") or 1)
-    if hit < 1:
-        raise InputError(f"bad hit count in {text!r}: counts start at 1")
-    return Injection(vector, address, hit, Injected(name, image.symbolize(address), hit))
+        raise InputError(f"{inj.at} is not an instruction boundary; nearby: {near}")
+    if inj.vector not in _idt_vectors(image):
+        raise InputError(f"this kernel has no entry point for {inj.vector.label}")
+    return Injection(inj.vector, image.symbolize(address), inj.hit)
 
 
 def _idt_vectors(image: Image) -> set[Vector]:
@@ -103,14 +85,13 @@ def boundaries_around(image: Image, address: int) -> set[int]:
 
 def trace(world: World, sc: Scenario, injections: tuple[Injection, ...],
           effects: frozenset[Effect] = frozenset(), budget: int = DEFAULT_BUDGET) -> Trace:
-    stubs = Stubs(world, StubOptions(effects=effects, sysret=sc.sysret))
-    emu = Emulator(world.image, world.config, stubs, mode=Mode.RECORD, budget=budget)
-    emu.trace_rsp = True
-    emu.set_cpu(world.kernel_cpu())
-    prepare(emu, world, sc)
-    emu.inject_at_pc = [(i.address, i.vector, i.hit) for i in injections]
-    emu.go()
-    run = Run(tuple(emu.run.events), emu.run.outcome, emu.run.reason, emu.cpu, False, tuple(emu.run.outstanding))
-    steps = tuple(Step(k, pc, rsp) for k, (pc, rsp) in enumerate(zip(emu.run.pcs, emu.run.rsps)))
-    return Trace(sc, injections, steps, tuple(emu.run.events), emu.run.outcome, emu.run.reason, emu.cpu,
-                 cost_of(emu.run.events, world.image), tuple(check_run(world, run)), tuple(sorted(stubs.unknown)))
+    stubs = Stubs(world)
+    machine = Machine(world.image, world.config, stubs)
+    start = start_state(world, sc, machine.pristine_memory())
+    rec = machine.run(Request(start, deliver=sc.vector, injections=injections, level=Level.STEPS,
+                              options=StubOptions(effects=effects, sysret=sc.sysret), budget=budget))
+    log = rec.steps
+    steps = tuple(Step(log.start + k, pc, regs[15]) for k, (pc, regs) in enumerate(zip(log.pcs, log.regs)))
+    violations = check_run(world, rec.events, rec.outcome, rec.reason, rec.final.cpu, rec.final.outstanding)
+    return Trace(sc, injections, steps, rec.events, rec.outcome, rec.reason, rec.final.cpu,
+                 cost_of(rec.events, world.image), tuple(violations), tuple(sorted(stubs.unknown)))

@@ -12,14 +12,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-from unicorn import x86_const as UX
-
 from entrycheck.errors import InputError
 from entrycheck.image import layout
 from entrycheck.kernelabi.world import World
 from entrycheck.machine import model
-from entrycheck.machine.emulator import GPRS, RFLAGS, RIP, RSP, Emulator
 from entrycheck.machine.model import Vector
+from entrycheck.machine.state import GPR_NAMES, Regs, Snapshot
 
 USER_RIP = 0x0000_0000_0040_1A2C
 USER_RSP = 0x0000_7FFD_C0DE_0F80
@@ -69,41 +67,30 @@ def scenario(name: str) -> Scenario:
 
 def user_gprs() -> tuple[int, ...]:
     """Recognisable user register values (none of them a kernel address)."""
-    return tuple(0x0000_5EED_0000_0000 | (0x1111 * (k + 1)) for k in range(len(GPRS)))
+    return tuple(0x0000_5EED_0000_0000 | (0x1111 * (k + 1)) for k in range(len(GPR_NAMES)))
 
 
 def kernel_gprs() -> tuple[int, ...]:
-    return tuple(0xFFFF_8880_0BAD_0000 | (0x11 * (k + 1)) for k in range(len(GPRS)))
+    return tuple(0xFFFF_8880_0BAD_0000 | (0x11 * (k + 1)) for k in range(len(GPR_NAMES)))
 
 
-def prepare(emu: Emulator, world: World, sc: Scenario) -> None:
-    """Put the emulator at the start of ``sc``'s path (its own exception already delivered)."""
+def start_state(world: World, sc: Scenario, memory: bytes) -> Snapshot:
+    """Where ``sc``'s path begins, as data: the machine then delivers ``sc.vector`` (if any)."""
     if sc.needs and sc.needs not in world.image.features:
         raise InputError(f"scenario {sc.name} needs the {sc.needs} feature")
     if sc.vector is not None and sc.vector not in world.config.idt:
         raise InputError(f"this kernel has no entry point for {sc.vector.label} (scenario {sc.name})")
-    emu.home = None
     if sc.from_user:
-        emu.regs.write_all(GPRS, user_gprs())
-        emu.regs.write(RSP, USER_RSP)
-        emu.regs.write(RIP, USER_RIP)
-        emu.regs.write(RFLAGS, USER_RFLAGS)
-        emu.set_cpu(world.user_cpu())
+        regs = Regs(*user_gprs(), USER_RSP, USER_RIP, USER_RFLAGS)
+        cpu, home = world.user_cpu(), None
     else:
-        emu.regs.write_all(GPRS, kernel_gprs())
         rsp = world.task_stack_top - 0x800
-        emu.regs.write(RSP, rsp)
-        emu.regs.write(RIP, KERNEL_RIP)
-        emu.regs.write(RFLAGS, KERNEL_RFLAGS)
-        emu.set_cpu(world.kernel_cpu())
-        emu.home = (KERNEL_RIP, rsp)
+        regs = Regs(*kernel_gprs(), rsp, KERNEL_RIP, KERNEL_RFLAGS)
+        cpu, home = world.kernel_cpu(), (KERNEL_RIP, rsp)
     if sc.vector is None:
         # SYSCALL: RCX = return RIP, R11 = RFLAGS, RFLAGS &= ~SFMASK, CPL 0; RSP and GS untouched.
-        emu.regs.write(UX.UC_X86_REG_RAX, SYSCALL_NR)
-        emu.regs.write(UX.UC_X86_REG_RCX, USER_RIP)
-        emu.regs.write(UX.UC_X86_REG_R11, USER_RFLAGS)
-        emu.regs.write(RFLAGS, (USER_RFLAGS & ~model.SYSCALL_MASK) | model.RFLAGS_FIXED)
-        emu.regs.write(RIP, world.image.address_of("entry_SYSCALL_64"))
-        emu.set_cpu(model.syscall(emu.cpu))
-    else:
-        emu.deliver(sc.vector, 0)
+        regs = regs.with_(rax=SYSCALL_NR, rcx=USER_RIP, r11=USER_RFLAGS,
+                          rflags=(USER_RFLAGS & ~model.SYSCALL_MASK) | model.RFLAGS_FIXED,
+                          rip=world.image.address_of("entry_SYSCALL_64"))
+        cpu = model.syscall(cpu)
+    return Snapshot(regs, memory, cpu, 0, (), 0, home)

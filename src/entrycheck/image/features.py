@@ -156,8 +156,10 @@ class FeatureSet:
         return FeatureSet(tuple(sorted(uniq, key=lambda n: (order.get(n, len(order)), n))))
 
     @staticmethod
-    def parse(text: str) -> "FeatureSet":
-        """'pti,pcid' -> FeatureSet; 'none' or '' -> the empty set."""
+    def parse(text: "str | FeatureSet") -> "FeatureSet":
+        """'pti,pcid' -> FeatureSet; 'none' or '' -> the empty set (a FeatureSet stays as it is)."""
+        if isinstance(text, FeatureSet):
+            return text
         text = text.strip()
         if text in ("", "none", "-"):
             return FeatureSet(())

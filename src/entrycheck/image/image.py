@@ -170,8 +170,18 @@ class Image:
             return sym[name]
         raise InputError(f"unknown symbol {name!r} in {self.loaded.path}")
 
+    @cached_property
+    def _symbolized(self) -> dict[int, str]:
+        return {}
+
     def symbolize(self, address: int) -> str:
         """'sym+0xoff' for the nearest preceding symbol, or a hex address."""
+        got = self._symbolized.get(address)
+        if got is None:
+            got = self._symbolized[address] = self._symbolize(address)
+        return got
+
+    def _symbolize(self, address: int) -> str:
         addrs, names = self._sorted_symbols
         k = bisect.bisect_right(addrs, address) - 1
         if k < 0 or address - addrs[k] > 0x100000:

@@ -37,6 +37,26 @@ USER_BASE = 0x0000000000400000
 # A user GSBASE no %gs: access can reach: low, canonical, and never mapped.
 USER_GSBASE_POISON = 0x00007F5EC0DE0000
 
+# ---- x86-64 Linux facts the model lays memory out by (the one table of them) ------------
+# Segment selectors (arch/x86/include/asm/segment.h).
+KERNEL_CS = 0x10
+KERNEL_DS = 0x18
+USER_CS = 0x33
+USER_DS = 0x2B
+CPUNODE_SELECTOR = 15 * 8 + 3              # __CPUNODE_SEG: LSL of it yields cpu | node << 12
+
+# Offsets the entry code and the model share.  The build's asm-offsets.h overrides these
+# defaults where it has them (same values in 6.1 and 6.12); TSS_ist is offsetof(struct
+# x86_hw_tss, ist), which asm-offsets does not export.
+ASM_OFFSET_DEFAULTS = {
+    "TSS_sp0": 4, "TSS_sp1": 12, "TSS_sp2": 20, "TSS_ist": 36, "TLB_STATE_user_pcid_flush_mask": 22,
+    "TLB_STATE_loaded_mm_asid": 16, "X86_top_of_stack": 24, "PTREGS_SIZE": 168, "FIXED_stack_canary": 40,
+}
+
+# Stacks.  THREAD_SIZE is 16 KiB.  Linux's IST stacks are EXCEPTION_STKSZ = 8 KiB; the model
+# gives each 4 KiB between guard pages (its findings are reported against that layout).
+IST_STACK_SIZE = 0x1000
+
 
 class Perm(enum.Flag):
     R = 1

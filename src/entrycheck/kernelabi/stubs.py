@@ -16,11 +16,10 @@ from types import MappingProxyType
 from typing import Mapping
 
 from entrycheck.machine import model
-from entrycheck.machine.emulator import RSP, Emulator
 from entrycheck.machine.events import Cr3Written, FaultKind, MsrWritten, StubCall
+from entrycheck.machine.api import Context
 from entrycheck.machine.model import SPEC_CTRL_IBRS
-from entrycheck.kernelabi.world import TLB_STATE_LOADED_MM_ASID, World
-from unicorn import x86_const as UX
+from entrycheck.kernelabi.world import World
 
 PTREGS = {"r15": 0, "r14": 8, "r13": 16, "r12": 24, "rbp": 32, "rbx": 40, "r11": 48, "r10": 56, "r9": 64,
           "r8": 72, "rax": 80, "rcx": 88, "rdx": 96, "rsi": 104, "rdi": 112, "orig_ax": 120, "ip": 128,
@@ -94,23 +93,23 @@ class StubOptions:
 
 
 class Stubs:
-    """The stub handler the machine calls at every stub address."""
+    """The stub handler the machine calls at every stub address (the run's options come with
+    the request: ``StubOptions``)."""
 
-    def __init__(self, world: World, options: StubOptions = StubOptions()) -> None:
+    def __init__(self, world: World) -> None:
         self.world = world
-        self.options = options
         self.unknown: set[str] = set()
 
-    def __call__(self, emu: Emulator, name: str) -> None:
+    def __call__(self, emu: Context, name: str) -> None:
         kind = contract(name)
-        rsp = emu.regs.read(RSP)
+        rsp = emu.reg("rsp")
         ret = emu.read_u64(rsp) if emu.mapped(rsp) else 0
         note = "unknown function: returns" if kind is None else ""
         if kind is None:
             self.unknown.add(name)
-        emu.emit(StubCall, name=name, return_address=ret, cpu=emu.cpu, rsp=rsp, note=note)
+        emu.emit(StubCall, name=name, return_address=ret, rsp=rsp, note=note)
         if kind is Kind.UNMODELLED:
-            emu.fault(FaultKind.CHECKPOINT, f"{name} is not modelled (called from {emu.image.symbolize(ret)})")
+            emu.fault(FaultKind.CHECKPOINT, f"{name} is not modelled (called from {emu.symbolize(ret)})")
             return
         if kind is Kind.THUNK:
             return
@@ -138,7 +137,7 @@ class Stubs:
                 self._effects(emu)
 
     # ---- checkpoint ---------------------------------------------------------------------
-    def _checkpoint(self, emu: Emulator, name: str, rsp: int, entry_stack_ok: bool) -> bool:
+    def _checkpoint(self, emu: Context, name: str, rsp: int, entry_stack_ok: bool) -> bool:
         w, cpu = self.world, emu.cpu
         if cpu.cr3 & model.PTI_USER_PGTABLE:
             emu.fault(FaultKind.USER_CR3, f"C function {name} called with the user CR3")
@@ -160,48 +159,51 @@ class Stubs:
         return True
 
     # ---- contracts ---------------------------------------------------------------------
-    def _do_syscall_64(self, emu: Emulator) -> None:
-        regs = emu.regs.read(UX.UC_X86_REG_RDI)
+    def _do_syscall_64(self, emu: Context) -> None:
+        regs = emu.reg("rdi")
         emu.write_u64(regs + PTREGS["rax"], 0)                  # the system call's return value
-        if not self.options.sysret:
+        if not emu.options.sysret:
             # The system call changed the user context (as sigreturn or a signal would): IRET needed.
             ip = emu.read_u64(regs + PTREGS["ip"])
             emu.write_u64(regs + PTREGS["ip"], ip + 0x100)
         if self.world.syscall_returns_bool:
-            emu.regs.write(UX.UC_X86_REG_RAX, 1 if self.options.sysret else 0)
+            emu.set_reg("rax", 1 if emu.options.sysret else 0)
 
-    def _sync_regs(self, emu: Emulator) -> None:
-        eregs = emu.regs.read(UX.UC_X86_REG_RDI)
+    def _sync_regs(self, emu: Context) -> None:
+        eregs = emu.reg("rdi")
         regs = emu.read_u64(self.world.top_of_stack_slot()) - PTREGS_SIZE
         if regs != eregs:
-            emu.write(regs, emu.read(eregs, PTREGS_SIZE))
-        emu.regs.write(UX.UC_X86_REG_RAX, regs)
+            emu.copy(regs, eregs, PTREGS_SIZE)
+        emu.set_reg("rax", regs)
 
-    def _fixup_bad_iret(self, emu: Emulator) -> None:
-        bad = emu.regs.read(UX.UC_X86_REG_RDI)
-        head = emu.read(bad, PTREGS["ip"])
+    def _fixup_bad_iret(self, emu: Context) -> None:
+        bad = emu.reg("rdi")
         user_sp = emu.read_u64(bad + PTREGS["sp"])
-        frame = emu.read(user_sp, 40) if emu.mapped(user_sp) else bytes(40)
-        new = emu.read_u64(self.world.config.tss + self.world.offsets["TSS_sp0"]) - PTREGS_SIZE
-        emu.write(new, head + frame)
-        emu.regs.write(UX.UC_X86_REG_RAX, new)
+        new = emu.read_u64(self.world.config.sp0_slot) - PTREGS_SIZE
+        emu.copy(new, bad, PTREGS["ip"])
+        if emu.mapped(user_sp):
+            emu.copy(new + PTREGS["ip"], user_sp, 40)
+        else:
+            emu.write(new + PTREGS["ip"], bytes(40))
+        emu.set_reg("rax", new)
 
-    def _effects(self, emu: Emulator) -> None:
+    def _effects(self, emu: Context) -> None:
         w = self.world
-        if Effect.INVALIDATE_USER_ASID in self.options.effects and w.pti and w.pcid:
+        effects = emu.options.effects
+        if Effect.INVALIDATE_USER_ASID in effects and w.pti and w.pcid:
             kern_pcid = w.params.asid + 1
             mask_addr = w.tlbstate_flush_mask()
             if mask_addr is not None:
                 mask = int.from_bytes(emu.read(mask_addr, 2), "little") | (1 << kern_pcid)
                 emu.write(mask_addr, mask.to_bytes(2, "little"))
             emu.set_cpu(model.invalidate_pcid(emu.cpu, kern_pcid | model.PTI_USER_PCID))
-        if Effect.SWITCH_KERNEL_ASID in self.options.effects:
+        if Effect.SWITCH_KERNEL_ASID in effects:
             new_cr3 = w.kernel_cr3(asid=w.params.other_asid, pgd=w.params.other_pgd)
             cpu, write = model.write_cr3(emu.cpu, new_cr3)
             emu.set_cpu(cpu)
             emu.emit(Cr3Written, write=write, user_view=False)
             if "cpu_tlbstate" in w.percpu:
-                emu.write(w.percpu_addr("cpu_tlbstate", TLB_STATE_LOADED_MM_ASID),
+                emu.write(w.percpu_addr("cpu_tlbstate", w.offsets["TLB_STATE_loaded_mm_asid"]),
                           w.params.other_asid.to_bytes(2, "little"))
 
 

@@ -17,7 +17,7 @@ from entrycheck.errors import InputError
 from entrycheck.image import layout
 from entrycheck.image.image import Image
 from entrycheck.image.layout import PAGE, Perm, Region
-from entrycheck.machine.emulator import MachineConfig
+from entrycheck.machine.api import MachineConfig
 from entrycheck.machine.model import (MCG_STATUS_MCIP, PTI_USER_PCID, PTI_USER_PGTABLE, SPEC_CTRL_IBRS, CpuState,
                                       Vector)
 
@@ -34,16 +34,9 @@ IDT_SYMBOLS: Mapping[Vector, str] = MappingProxyType({
 
 # cpu_entry_area, per CPU: GDT, entry stack, then IST stacks each behind a guard page.
 IST_ORDER: tuple[Vector, ...] = (Vector.DF, Vector.NMI, Vector.DB, Vector.MC, Vector.VC)
-EXCEPTION_STKSZ = 0x1000
-CPUNODE_SELECTOR = 15 * 8 + 3              # __CPUNODE_SEG
-TSS_IST_OFFSET = 36                        # offsetof(struct x86_hw_tss, ist)
-TLB_STATE_LOADED_MM_ASID = 16              # offsetof(struct tlb_state, loaded_mm_asid)
-
-# Defaults for asm-offsets when a bare object comes without them (same in 6.1 and 6.12).
-ASM_OFFSET_DEFAULTS: Mapping[str, int] = MappingProxyType({
-    "TSS_sp0": 4, "TSS_sp1": 12, "TSS_sp2": 20, "TLB_STATE_user_pcid_flush_mask": 22,
-    "X86_top_of_stack": 24, "PTREGS_SIZE": 168, "FIXED_stack_canary": 40,
-})
+EXCEPTION_STKSZ = layout.IST_STACK_SIZE
+CPUNODE_SELECTOR = layout.CPUNODE_SELECTOR
+ASM_OFFSET_DEFAULTS: Mapping[str, int] = MappingProxyType(dict(layout.ASM_OFFSET_DEFAULTS))
 
 
 @dataclass(frozen=True)
@@ -210,9 +203,9 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
         raise InputError(f"{loaded.path}: the entry code never uses cpu_tss_rw; cannot model its TSS")
     put("cpu_tss_rw", offsets["TSS_sp0"], entry_top)
     put("cpu_tss_rw", offsets["TSS_sp1"], task_top)
-    for k, vec in enumerate(IST_ORDER):
-        put("cpu_tss_rw", TSS_IST_OFFSET + 8 * vec.ist - 8, ist_tops[vec])
-    put("cpu_tlbstate", TLB_STATE_LOADED_MM_ASID, params.asid, 2)
+    for vec in IST_ORDER:
+        put("cpu_tss_rw", offsets["TSS_ist"] + 8 * vec.ist - 8, ist_tops[vec])
+    put("cpu_tlbstate", offsets["TLB_STATE_loaded_mm_asid"], params.asid, 2)
     put("cpu_tlbstate", offsets["TLB_STATE_user_pcid_flush_mask"], 0, 2)
     put("pcpu_hot", offsets["X86_top_of_stack"], task_top)
     put("cpu_current_top_of_stack", 0, task_top)
@@ -231,7 +224,11 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
     for vec in (Vector.NMI, Vector.DB, Vector.MC):
         if vec not in idt:
             raise InputError(f"{loaded.path}: no {IDT_SYMBOLS[vec]}; is this the x86-64 entry_64.o?")
-    config = MachineConfig(regions=tuple(regions), idt=MappingProxyType(idt), tss=percpu_base + tss,
+    tss_base = percpu_base + tss
+    config = MachineConfig(regions=tuple(regions), idt=MappingProxyType(idt),
+                           ist_slots=MappingProxyType({v: tss_base + offsets["TSS_ist"] + 8 * (v.ist - 1)
+                                                       for v in Vector if v.ist}),
+                           sp0_slot=tss_base + offsets["TSS_sp0"],
                            cpunode_selector=CPUNODE_SELECTOR, cpunode_limit=params.cpu | (params.node << 12),
                            stubs=MappingProxyType(stubs))
     return World(image, config, params, pti, pcid, fsgsbase, ibrs, percpu_base, MappingProxyType(percpu_offsets),

@@ -1,18 +1,25 @@
-"""What happened during a run: events the machine records, and how a run ended."""
+"""What happened during a run: events the machine records, how a run ended, and injections.
+
+Every event carries the CPU state right after it (``cpu``), so a trace, a report or
+an invariant never re-computes the model.
+"""
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
-from entrycheck.machine.model import Cr3Write, CpuState, Frame, MsrWrite, Vector
+from entrycheck.errors import InputError
+from entrycheck.machine.model import VECTOR_BY_NAME, Cr3Write, CpuState, Frame, MsrWrite, Vector
+from entrycheck.machine.state import Interrupted
 
 
 class Outcome(enum.Enum):
     RETURNED = "returned"                  # back in user mode, or back in the scenario's kernel context
     EMULATION_FAULT = "emulation-fault"    # unmapped access, #UD, #GP, a failed stub checkpoint
     NO_RETURN = "no-return"                # step budget exhausted
-    STOPPED = "stopped"                    # the controller stopped it (e.g. converged with a known run)
+    STOPPED = "stopped"                    # the caller's stop rule ended it (e.g. converged with a known run)
 
 
 class FaultKind(enum.Enum):
@@ -25,23 +32,59 @@ class FaultKind(enum.Enum):
     CHECKPOINT = "checkpoint"              # a stub found the state C code needs missing
 
 
-@dataclass(frozen=True)
+INJECTABLE = ("nmi", "mc", "db", "df", "vc")
+_SPEC = re.compile(r"^(?P<vec>[a-z]+)@(?P<loc>[^#]+?)(?:#(?P<hit>\d+))?$")
+
+
+@dataclass(frozen=True, order=True)
 class Injection:
-    """An exception delivered and not yet resumed: what it interrupted."""
+    """An exception delivered at an instruction boundary: before the ``hit``-th execution of
+    the instruction at ``at`` (sym+off), counted from the previous injection of the chain."""
 
     vector: Vector
-    step: int
-    rip: int
-    rsp: int
-    regs: tuple[int, ...]     # GPRs + RFLAGS at delivery (see emulator.GPRS)
-    cpu: CpuState
-    chain_index: int          # position in the injection chain (0 = the scenario's own)
+    at: str
+    hit: int = 1
+
+    def spec(self) -> str:
+        """The --inject syntax that reproduces it: VEC@SYM+OFF[#HIT]."""
+        return f"{self.vector.label}@{self.at}" + (f"#{self.hit}" if self.hit != 1 else "")
+
+    def to_json(self) -> dict:
+        out: dict = {"vector": self.vector.label, "at": self.at}
+        if self.hit != 1:
+            out["hit"] = self.hit
+        return out
+
+    @staticmethod
+    def parse(text: str) -> "Injection":
+        """VEC@SYM+OFF[#N] -> Injection (the site is checked against an image elsewhere)."""
+        m = _SPEC.match(text.strip())
+        if not m:
+            raise InputError(f"bad injection {text!r}: expected VEC@SYM+OFF or VEC@SYM+OFF#N, "
+                             "e.g. nmi@paranoid_exit+0x43")
+        name = m.group("vec").lower()
+        if name not in INJECTABLE:
+            raise InputError(f"unknown vector {name!r} in {text!r}; choose from {', '.join(INJECTABLE)}")
+        hit = int(m.group("hit") or 1)
+        if hit < 1:
+            raise InputError(f"bad hit count in {text!r}: counts start at 1")
+        return Injection(VECTOR_BY_NAME[name], m.group("loc").strip(), hit)
+
+    @staticmethod
+    def from_json(doc: object) -> "Injection":
+        if not isinstance(doc, dict) or not isinstance(doc.get("vector"), str) or not isinstance(doc.get("at"), str):
+            raise InputError("an injection must be an object with 'vector' and 'at'")
+        hit = doc.get("hit", 1)
+        if not isinstance(hit, int) or isinstance(hit, bool) or hit < 1:
+            raise InputError(f"bad hit count {hit!r} in an injection")
+        return Injection.parse(f"{doc['vector']}@{doc['at']}#{hit}")
 
 
 @dataclass(frozen=True)
 class Event:
     step: int
     pc: int
+    cpu: CpuState             # the model state right after the event
 
 
 @dataclass(frozen=True)
@@ -59,9 +102,8 @@ class Latched(Event):
 
 @dataclass(frozen=True)
 class Resumed(Event):
-    injection: Injection
-    regs: tuple[int, ...]
-    cpu: CpuState
+    injection: Interrupted
+    regs: tuple[int, ...]     # CONTEXT_LABELS when the IRET landed
 
 
 @dataclass(frozen=True)
@@ -102,7 +144,6 @@ class Fence(Event):
 class StubCall(Event):
     name: str
     return_address: int
-    cpu: CpuState
     rsp: int
     note: str = ""
 
@@ -111,7 +152,6 @@ class StubCall(Event):
 class Iret(Event):
     frame: Frame
     to_user: bool
-    cpu: CpuState | None = None   # the CPU state the IRET left
 
 
 @dataclass(frozen=True)

@@ -69,3 +69,21 @@ def build_address_space(regions: Sequence[Region]) -> AddressSpace:
             pages[(r.start >> 12) + k] = Page(phys + k * PAGE, r.perm, r.user_mapped, r.name)
     return AddressSpace(MappingProxyType(pages), tuple(chunks), PHYS_WRITABLE,
                         cursor[True] - PHYS_WRITABLE, tuple(ordered))
+
+
+def diff_words(a: bytes, b: bytes) -> list[int]:
+    """Byte offsets (multiples of 8) of the 8-byte words where two equal-length spans differ."""
+    out: list[int] = []
+    n = len(a)
+    for page in range(0, n, 0x1000):
+        end = min(page + 0x1000, n)
+        if a[page:end] == b[page:end]:
+            continue
+        for block in range(page, end, 0x100):
+            bend = min(block + 0x100, end)
+            if a[block:bend] == b[block:bend]:
+                continue
+            for off in range(block, bend, 8):
+                if a[off:off + 8] != b[off:off + 8]:
+                    out.append(off)
+    return out

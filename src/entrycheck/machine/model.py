@@ -15,9 +15,9 @@ sets MCG_STATUS.MCIP until the handler clears it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from entrycheck.image.layout import canonical
+from entrycheck.image.layout import KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, canonical  # noqa: F401
 
 NOFLUSH = 1 << 63
 CR3_PCID_MASK = 0xFFF
@@ -43,10 +43,6 @@ RFLAGS_FIXED = 1 << 1
 # What Linux programs into MSR_SYSCALL_MASK.
 SYSCALL_MASK = RFLAGS_TF | RFLAGS_DF | RFLAGS_IF | (3 << 12) | RFLAGS_AC | RFLAGS_NT
 
-KERNEL_CS = 0x10
-KERNEL_DS = 0x18
-USER_CS = 0x33
-USER_DS = 0x2B
 
 
 class Vector(enum.IntEnum):
@@ -94,6 +90,27 @@ class CpuState:
     nmi_blocked: bool
     nmi_pending: bool
     stale: frozenset[int]     # PCIDs whose TLB entries are stale (need a flushing write)
+
+    def __hash__(self) -> int:
+        # Model states are dictionary keys of the explorer's memo: hash them once.
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.cr3, self.pcide, self.fsgsbase, self.cpl, self.ss, self.gs_base, self.kernel_gs_base,
+                      self.spec_ctrl, self.mcg_status, self.nmi_blocked, self.nmi_pending, self.stale))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def but(self, **changes) -> "CpuState":
+        """A copy with ``changes`` (dataclasses.replace, without its per-call overhead)."""
+        new = object.__new__(CpuState)
+        d = new.__dict__
+        d.update(self.__dict__)
+        d.pop("_hash", None)
+        for k, v in changes.items():
+            if k not in d:
+                raise TypeError(f"CpuState has no field {k!r}")
+            d[k] = v
+        return new
 
     @property
     def mcip(self) -> bool:
@@ -155,21 +172,21 @@ def write_cr3(s: CpuState, value: int) -> tuple[CpuState, Cr3Write]:
         stale = s.stale - {pcid}
     event = Cr3Write(s.cr3, value, new, noflush, flushed, noflush and was_stale,
                      redundant=(new == s.cr3 and not was_stale))
-    return replace(s, cr3=new, stale=stale), event
+    return s.but(cr3=new, stale=stale), event
 
 
 def invalidate_pcid(s: CpuState, pcid: int) -> CpuState:
     """The kernel invalidated mappings for ``pcid``: its TLB entries are stale now."""
-    return replace(s, stale=s.stale | {pcid})
+    return s.but(stale=s.stale | {pcid})
 
 
 # --- GS -------------------------------------------------------------------------------------
 def swapgs(s: CpuState) -> CpuState:
-    return replace(s, gs_base=s.kernel_gs_base, kernel_gs_base=s.gs_base)
+    return s.but(gs_base=s.kernel_gs_base, kernel_gs_base=s.gs_base)
 
 
 def wrgsbase(s: CpuState, value: int) -> CpuState:
-    return replace(s, gs_base=value)
+    return s.but(gs_base=value)
 
 
 # --- MSRs -----------------------------------------------------------------------------------
@@ -194,14 +211,14 @@ def wrmsr(s: CpuState, msr: int, value: int) -> tuple[CpuState, MsrWrite]:
     if msr in (MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_FS_BASE) and not canonical(value):
         raise MsrError(f"WRMSR {msr:#x} with a non-canonical value {value:#x}")
     if msr == MSR_GS_BASE:
-        return replace(s, gs_base=value), MsrWrite(msr, s.gs_base, value, s.gs_base == value)
+        return s.but(gs_base=value), MsrWrite(msr, s.gs_base, value, s.gs_base == value)
     if msr == MSR_KERNEL_GS_BASE:
-        return replace(s, kernel_gs_base=value), MsrWrite(msr, s.kernel_gs_base, value,
+        return s.but(kernel_gs_base=value), MsrWrite(msr, s.kernel_gs_base, value,
                                                           s.kernel_gs_base == value)
     if msr == MSR_SPEC_CTRL:
-        return replace(s, spec_ctrl=value), MsrWrite(msr, s.spec_ctrl, value, s.spec_ctrl == value)
+        return s.but(spec_ctrl=value), MsrWrite(msr, s.spec_ctrl, value, s.spec_ctrl == value)
     if msr == MSR_MCG_STATUS:
-        return replace(s, mcg_status=value), MsrWrite(msr, s.mcg_status, value, s.mcg_status == value)
+        return s.but(mcg_status=value), MsrWrite(msr, s.mcg_status, value, s.mcg_status == value)
     if msr == MSR_PRED_CMD:  # IBPB: a command, never redundant
         return s, MsrWrite(msr, None, value, False)
     raise MsrError(f"WRMSR of unmodelled MSR {msr:#x}")
@@ -245,14 +262,14 @@ def deliver(s: CpuState, vector: Vector, *, rip: int, rsp: int, rflags: int, err
                   rflags, rsp, s.ss if not user else USER_DS)
     new_rsp = (stack_top & ~0xF) - 8 * len(frame.words())
     new_flags = (rflags & ~(RFLAGS_IF | RFLAGS_TF | RFLAGS_NT | RFLAGS_RF)) | RFLAGS_FIXED
-    new = replace(s, cpl=0, ss=0 if user or vector.ist else s.ss,
+    new = s.but(cpl=0, ss=0 if user or vector.ist else s.ss,
                   nmi_blocked=s.nmi_blocked or vector is Vector.NMI,
                   mcg_status=s.mcg_status | (MCG_STATUS_MCIP if vector is Vector.MC else 0))
     return new, frame, new_rsp, new_flags
 
 
 def latch_nmi(s: CpuState) -> CpuState:
-    return replace(s, nmi_pending=True)
+    return s.but(nmi_pending=True)
 
 
 class FrameError(Exception):
@@ -268,14 +285,14 @@ def iret(s: CpuState, frame: Frame) -> CpuState:
         raise FrameError("IRET to a more privileged level")
     if not canonical(frame.rip):
         raise FrameError(f"IRET to a non-canonical RIP {frame.rip:#x}")
-    return replace(s, cpl=rpl, ss=frame.ss, nmi_blocked=False)
+    return s.but(cpl=rpl, ss=frame.ss, nmi_blocked=False)
 
 
 def syscall(s: CpuState) -> CpuState:
-    return replace(s, cpl=0, ss=KERNEL_DS)
+    return s.but(cpl=0, ss=KERNEL_DS)
 
 
 def sysret(s: CpuState, rip: int) -> CpuState:
     if not canonical(rip):
         raise FrameError(f"SYSRET to a non-canonical RIP {rip:#x} (#GP in ring 0)")
-    return replace(s, cpl=3, ss=USER_DS)
+    return s.but(cpl=3, ss=USER_DS)

@@ -1,39 +1,28 @@
 """The invariants, each declared once in one table with its rationale.
 
-A check reads a finished (or converged) run — its events, its end — and returns
-violations as data.  Nothing here raises for a violation.
+A check reads a path's events and its end, and returns violations as data; nothing
+here raises for a violation.  Most checks look at one event at a time (``local``);
+the rest look at how the path ended (``end``), with the NMI accounting summarised
+over the whole path.  Splitting them this way lets the explorer evaluate a path as
+prefix + its own run + the run it rejoined, each summarised once, in time that does
+not grow with the path's length; ``check_run`` evaluates a whole run at once.
+Violations come out in table order, then in event order, then the end checks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping, Sequence
 
 from entrycheck.errors import InputError
 from entrycheck.kernelabi.stubs import Kind, contract, ibrs_ok
 from entrycheck.kernelabi.world import World
 from entrycheck.machine import model
-from entrycheck.machine.events import (Cr3Written, Delivered, Event, Fault, FaultKind, Injection, Iret,
-                                       Latched, Outcome, Resumed, StubCall, Sysret)
+from entrycheck.machine.events import (Cr3Written, Delivered, Event, Fault, FaultKind, Iret, Latched, Outcome,
+                                       Resumed, StubCall, Sysret)
 from entrycheck.machine.model import CpuState, Vector
-
-GPR_LABELS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
-              "r15", "rflags")
-
-
-@dataclass(frozen=True)
-class Run:
-    """What a check sees of one run."""
-
-    events: tuple[Event, ...]
-    outcome: Outcome
-    reason: str
-    final_cpu: CpuState
-    converged: bool            # stopped where a checked run continues identically
-    outstanding: tuple[Injection, ...] = ()   # exceptions that never resumed what they interrupted
-    start_index: int = 0       # events before this index happened before the run (the path's prefix)
-    suffix: tuple[Event, ...] = ()   # converged: the checked run's events that stand for the rest
+from entrycheck.machine.state import CONTEXT_LABELS, Interrupted
 
 
 @dataclass(frozen=True)
@@ -44,7 +33,53 @@ class Violation:
     message: str
 
 
-Check = Callable[[World, Run], Iterator[Violation]]
+Local = Callable[[World, Event], list]          # -> [(order within the invariant, Violation)]
+
+
+@dataclass(frozen=True)
+class NmiSummary:
+    """NMI accounting of a stretch of events: NMIs delivered, exc_nmi calls, and the last of
+    the two kinds of event ('nmi' with the arrival event, or 'exc')."""
+
+    delivered: int = 0
+    handled: int = 0
+    tail: tuple | None = None           # ("nmi", event) or ("exc",)
+
+    def __add__(self, other: "NmiSummary") -> "NmiSummary":
+        if not other.delivered and not other.handled and other.tail is None:
+            return self
+        if not self.delivered and not self.handled and self.tail is None:
+            return other
+        return NmiSummary(self.delivered + other.delivered, self.handled + other.handled,
+                          other.tail if other.tail is not None else self.tail)
+
+
+NO_NMI = NmiSummary()
+
+
+def nmi_of(e: Event) -> NmiSummary:
+    if isinstance(e, (Delivered, Latched)) and e.vector is Vector.NMI:
+        return NmiSummary(1 if isinstance(e, Delivered) else 0, 0, ("nmi", e))
+    if isinstance(e, StubCall) and e.name == "exc_nmi":
+        return NmiSummary(0, 1, ("exc",))
+    return NO_NMI
+
+
+@dataclass(frozen=True)
+class End:
+    """How a path ended, as the end checks see it."""
+
+    outcome: Outcome
+    reason: str
+    final_cpu: CpuState
+    converged: bool                    # stopped where a checked run continues identically
+    outstanding: tuple[Interrupted, ...]
+    last: Event                        # the last event of the path's own run (its Ended)
+    nmi: NmiSummary                    # over the whole path, the rejoined run's rest included
+    events: Callable[[], Sequence[Event]]   # the path's events up to its end (for no-return)
+
+
+EndCheck = Callable[[World, End], list]
 
 
 @dataclass(frozen=True)
@@ -52,169 +87,163 @@ class Invariant:
     name: str
     summary: str
     rationale: str
-    check: Check
+    local: Local | None
+    end: EndCheck | None
 
 
-def _returns_to_user(run: Run) -> Iterator[Event]:
-    for e in run.events:
-        if isinstance(e, Sysret) or (isinstance(e, Iret) and e.to_user):
-            yield e
+def _returns_to_user(e: Event) -> bool:
+    return isinstance(e, Sysret) or (isinstance(e, Iret) and e.to_user)
 
 
-def _user_cpu_at(run: Run, event: Event) -> CpuState:
-    """The CPU state right after a return to user mode (a latched NMI may follow an IRET to
-    user mode, so the run's final state is not always the one that IRET left)."""
-    if isinstance(event, Iret) and event.cpu is not None:
-        return event.cpu
-    return run.final_cpu
+def local_user_mode_kernel_cr3(world: World, e: Event) -> list:
+    if not world.pti or not _returns_to_user(e):
+        return []
+    cpu = e.cpu
+    if not cpu.cr3 & model.PTI_USER_PGTABLE:
+        return [(0, Violation("user-mode-kernel-cr3", e.pc, e.step, "user mode entered with the kernel page "
+                              f"tables ({model.decode_cr3(cpu.cr3, cpu.pcide)})"))]
+    if world.pcid and not cpu.cr3 & model.PTI_USER_PCID:
+        return [(0, Violation("user-mode-kernel-cr3", e.pc, e.step,
+                              f"user mode entered with a kernel PCID ({model.decode_cr3(cpu.cr3, cpu.pcide)})"))]
+    return []
 
 
-def check_user_mode_kernel_cr3(world: World, run: Run) -> Iterator[Violation]:
-    if not world.pti:
-        return
-    for e in _returns_to_user(run):
-        cpu = _user_cpu_at(run, e)
-        if not cpu.cr3 & model.PTI_USER_PGTABLE:
-            yield Violation("user-mode-kernel-cr3", e.pc, e.step,
-                            f"user mode entered with the kernel page tables ({model.decode_cr3(cpu.cr3, cpu.pcide)})")
-        elif world.pcid and not cpu.cr3 & model.PTI_USER_PCID:
-            yield Violation("user-mode-kernel-cr3", e.pc, e.step,
-                            f"user mode entered with a kernel PCID ({model.decode_cr3(cpu.cr3, cpu.pcide)})")
+def local_kernel_memory_under_user_cr3(world: World, e: Event) -> list:
+    if isinstance(e, Fault) and e.kind is FaultKind.USER_CR3:
+        return [(0, Violation("kernel-memory-under-user-cr3", e.pc, e.step, e.message))]
+    return []
 
 
-def check_kernel_memory_under_user_cr3(world: World, run: Run) -> Iterator[Violation]:
-    for e in run.events:
-        if isinstance(e, Fault) and e.kind is FaultKind.USER_CR3:
-            yield Violation("kernel-memory-under-user-cr3", e.pc, e.step, e.message)
+def local_context_not_restored(world: World, e: Event) -> list:
+    if not isinstance(e, Resumed):
+        return []
+    inj, before, after = e.injection, e.injection.cpu, e.cpu
+    diffs = []
+    if after.cr3 != before.cr3:
+        diffs.append(f"CR3 {model.decode_cr3(after.cr3, after.pcide)} instead of "
+                     f"{model.decode_cr3(before.cr3, before.pcide)}")
+    if after.gs_base != before.gs_base:
+        diffs.append(f"GSBASE {after.gs_base:#x} instead of {before.gs_base:#x}")
+    if after.kernel_gs_base != before.kernel_gs_base:
+        diffs.append(f"KERNEL_GS_BASE {after.kernel_gs_base:#x} instead of {before.kernel_gs_base:#x}")
+    if after.spec_ctrl != before.spec_ctrl:
+        diffs.append(f"SPEC_CTRL {after.spec_ctrl:#x} instead of {before.spec_ctrl:#x}")
+    for label, a, b in zip(CONTEXT_LABELS, e.regs, inj.regs):
+        if a != b:
+            diffs.append(f"{label} {a:#x} instead of {b:#x}")
+    if not diffs:
+        return []
+    where = "user mode" if before.cpl == 3 else "kernel code"
+    return [(0, Violation("context-not-restored", e.pc, e.step,
+                          f"{inj.vector.label} returned to {where} with " + "; ".join(diffs[:4]) +
+                          (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")))]
 
 
-def check_context_not_restored(world: World, run: Run) -> Iterator[Violation]:
-    for e in run.events:
-        if not isinstance(e, Resumed):
-            continue
-        inj, before, after = e.injection, e.injection.cpu, e.cpu
-        diffs = []
-        if after.cr3 != before.cr3:
-            diffs.append(f"CR3 {model.decode_cr3(after.cr3, after.pcide)} instead of "
-                         f"{model.decode_cr3(before.cr3, before.pcide)}")
-        if after.gs_base != before.gs_base:
-            diffs.append(f"GSBASE {after.gs_base:#x} instead of {before.gs_base:#x}")
-        if after.kernel_gs_base != before.kernel_gs_base:
-            diffs.append(f"KERNEL_GS_BASE {after.kernel_gs_base:#x} instead of {before.kernel_gs_base:#x}")
-        if after.spec_ctrl != before.spec_ctrl:
-            diffs.append(f"SPEC_CTRL {after.spec_ctrl:#x} instead of {before.spec_ctrl:#x}")
-        for label, a, b in zip(GPR_LABELS, e.regs, inj.regs):
-            if a != b:
-                diffs.append(f"{label} {a:#x} instead of {b:#x}")
-        if diffs:
-            where = "user mode" if before.cpl == 3 else "kernel code"
-            yield Violation("context-not-restored", e.pc, e.step,
-                            f"{inj.vector.label} returned to {where} with " + "; ".join(diffs[:4]) +
-                            (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""))
-    if run.converged or run.outcome is not Outcome.RETURNED:
-        return
-    end = run.events[-1]
-    for inj in run.outstanding:
-        yield Violation("context-not-restored", end.pc, end.step,
-                        f"{inj.vector.label} never returned to the code it interrupted "
-                        f"(step {inj.step}, RIP {inj.rip:#x})")
+def end_context_not_restored(world: World, end: End) -> list:
+    if end.converged or end.outcome is not Outcome.RETURNED:
+        return []
+    last = end.last
+    return [Violation("context-not-restored", last.pc, last.step,
+                      f"{inj.vector.label} never returned to the code it interrupted "
+                      f"(step {inj.step}, RIP {inj.rip:#x})") for inj in end.outstanding]
 
 
-def check_stale_tlb(world: World, run: Run) -> Iterator[Violation]:
-    for e in run.events:
-        if isinstance(e, Cr3Written) and e.write.stale_made_current:
-            yield Violation("stale-tlb", e.pc, e.step,
-                            f"NOFLUSH write made stale PCID {e.write.new & model.CR3_PCID_MASK:#x} current "
-                            f"({model.decode_cr3(e.write.written)})")
-        elif isinstance(e, Resumed) and e.cpu.pcide and e.cpu.pcid in e.cpu.stale:
-            yield Violation("stale-tlb", e.pc, e.step,
-                            f"{e.injection.vector.label} returned with stale PCID {e.cpu.pcid:#x} current")
-    cpu = run.final_cpu
-    if run.outcome is Outcome.RETURNED and not run.converged and cpu.pcide and cpu.pcid in cpu.stale:
-        end = run.events[-1]
-        yield Violation("stale-tlb", end.pc, end.step, f"path ended with stale PCID {cpu.pcid:#x} current")
+def local_stale_tlb(world: World, e: Event) -> list:
+    if isinstance(e, Cr3Written) and e.write.stale_made_current:
+        return [(0, Violation("stale-tlb", e.pc, e.step,
+                              f"NOFLUSH write made stale PCID {e.write.new & model.CR3_PCID_MASK:#x} current "
+                              f"({model.decode_cr3(e.write.written)})"))]
+    if isinstance(e, Resumed) and e.cpu.pcide and e.cpu.pcid in e.cpu.stale:
+        return [(0, Violation("stale-tlb", e.pc, e.step,
+                              f"{e.injection.vector.label} returned with stale PCID {e.cpu.pcid:#x} current"))]
+    return []
 
 
-def check_percpu_with_user_gs(world: World, run: Run) -> Iterator[Violation]:
-    for e in run.events:
-        if isinstance(e, Fault) and e.kind is FaultKind.USER_GS:
-            yield Violation("percpu-with-user-gs", e.pc, e.step, e.message)
+def end_stale_tlb(world: World, end: End) -> list:
+    cpu = end.final_cpu
+    if end.outcome is Outcome.RETURNED and not end.converged and cpu.pcide and cpu.pcid in cpu.stale:
+        return [Violation("stale-tlb", end.last.pc, end.last.step, f"path ended with stale PCID {cpu.pcid:#x} current")]
+    return []
 
 
-def check_user_mode_kernel_gs(world: World, run: Run) -> Iterator[Violation]:
-    for e in _returns_to_user(run):
-        cpu = _user_cpu_at(run, e)
-        if cpu.gs_base == world.percpu_base:
-            yield Violation("user-mode-kernel-gs", e.pc, e.step, "user mode entered with the kernel GSBASE")
-        elif cpu.kernel_gs_base != world.percpu_base:
-            yield Violation("user-mode-kernel-gs", e.pc, e.step,
-                            f"user mode entered with KERNEL_GS_BASE {cpu.kernel_gs_base:#x}: the next entry's "
-                            "SWAPGS would not find the per-cpu base")
+def local_percpu_with_user_gs(world: World, e: Event) -> list:
+    if isinstance(e, Fault) and e.kind is FaultKind.USER_GS:
+        return [(0, Violation("percpu-with-user-gs", e.pc, e.step, e.message))]
+    return []
 
 
-def check_spec_ctrl(world: World, run: Run) -> Iterator[Violation]:
+def local_user_mode_kernel_gs(world: World, e: Event) -> list:
+    if not _returns_to_user(e):
+        return []
+    cpu = e.cpu
+    if cpu.gs_base == world.percpu_base:
+        return [(0, Violation("user-mode-kernel-gs", e.pc, e.step, "user mode entered with the kernel GSBASE"))]
+    if cpu.kernel_gs_base != world.percpu_base:
+        return [(0, Violation("user-mode-kernel-gs", e.pc, e.step,
+                              f"user mode entered with KERNEL_GS_BASE {cpu.kernel_gs_base:#x}: the next entry's "
+                              "SWAPGS would not find the per-cpu base"))]
+    return []
+
+
+def local_spec_ctrl(world: World, e: Event) -> list:
     if not world.kernel_ibrs:
-        return
-    for e in run.events:
-        if isinstance(e, StubCall) and contract(e.name) in (Kind.HANDLER, Kind.C_FUNCTION, Kind.SYSCALL) \
-                and not ibrs_ok(world, e.cpu):
-            yield Violation("spec-ctrl", e.pc, e.step, f"C function {e.name} runs without IBRS "
-                                                       f"(SPEC_CTRL {e.cpu.spec_ctrl:#x})")
-    for e in _returns_to_user(run):
-        cpu = _user_cpu_at(run, e)
-        if cpu.spec_ctrl != world.user_spec_ctrl():
-            yield Violation("spec-ctrl", e.pc, e.step,
-                            f"user mode entered with SPEC_CTRL {cpu.spec_ctrl:#x} (the user value is "
-                            f"{world.user_spec_ctrl():#x})")
+        return []
+    if isinstance(e, StubCall):
+        if contract(e.name) in (Kind.HANDLER, Kind.C_FUNCTION, Kind.SYSCALL) and not ibrs_ok(world, e.cpu):
+            return [(0, Violation("spec-ctrl", e.pc, e.step, f"C function {e.name} runs without IBRS "
+                                                              f"(SPEC_CTRL {e.cpu.spec_ctrl:#x})"))]
+        return []
+    if _returns_to_user(e) and e.cpu.spec_ctrl != world.user_spec_ctrl():
+        # Reported after every C-call finding of the path.
+        return [(1, Violation("spec-ctrl", e.pc, e.step,
+                              f"user mode entered with SPEC_CTRL {e.cpu.spec_ctrl:#x} (the user value is "
+                              f"{world.user_spec_ctrl():#x})"))]
+    return []
 
 
-def check_nmi(world: World, run: Run) -> Iterator[Violation]:
+def end_nmi(world: World, end: End) -> list:
     """NMIs are edge-triggered and exc_nmi handles every pending source, so an NMI is
     processed when an exc_nmi call starts after it was delivered or latched."""
-    if run.outcome not in (Outcome.RETURNED, Outcome.STOPPED) or not run.events:
-        return
-    if run.outcome is Outcome.STOPPED and not run.converged:
-        return
-    events = run.events + run.suffix
-    end = run.events[-1]
-    last_nmi = None
-    delivered = handled = 0
-    for e in events:
-        if isinstance(e, Delivered) and e.vector is Vector.NMI or isinstance(e, Latched) and e.vector is Vector.NMI:
-            last_nmi = e
-            delivered += isinstance(e, Delivered)
-        elif isinstance(e, StubCall) and e.name == "exc_nmi":
-            handled += 1
-            last_nmi = None
-    if last_nmi is not None:
-        yield Violation("nmi-lost-or-corrupted", last_nmi.pc, last_nmi.step,
-                        "an NMI was never processed: no exc_nmi call after it arrived")
-    if handled > delivered:
-        yield Violation("nmi-lost-or-corrupted", end.pc, end.step,
-                        f"exc_nmi ran {handled} times for {delivered} NMIs (a frame was replayed)")
-    cpu = run.final_cpu
-    if run.converged:
-        return
+    if end.outcome not in (Outcome.RETURNED, Outcome.STOPPED):
+        return []
+    if end.outcome is Outcome.STOPPED and not end.converged:
+        return []
+    out = []
+    last = end.last
+    nmi = end.nmi
+    if nmi.tail is not None and nmi.tail[0] == "nmi":
+        e = nmi.tail[1]
+        out.append(Violation("nmi-lost-or-corrupted", e.pc, e.step,
+                             "an NMI was never processed: no exc_nmi call after it arrived"))
+    if nmi.handled > nmi.delivered:
+        out.append(Violation("nmi-lost-or-corrupted", last.pc, last.step,
+                             f"exc_nmi ran {nmi.handled} times for {nmi.delivered} NMIs (a frame was replayed)"))
+    if end.converged:
+        return out
+    cpu = end.final_cpu
     if cpu.nmi_pending:
-        yield Violation("nmi-lost-or-corrupted", end.pc, end.step, "an NMI is still latched when the path ends")
-    if run.outcome is Outcome.RETURNED and cpu.nmi_blocked:
-        yield Violation("nmi-lost-or-corrupted", end.pc, end.step,
-                        "NMIs are still blocked when the path ends (no IRET after an NMI)")
+        out.append(Violation("nmi-lost-or-corrupted", last.pc, last.step,
+                             "an NMI is still latched when the path ends"))
+    if end.outcome is Outcome.RETURNED and cpu.nmi_blocked:
+        out.append(Violation("nmi-lost-or-corrupted", last.pc, last.step,
+                             "NMIs are still blocked when the path ends (no IRET after an NMI)"))
+    return out
 
 
-def check_emulation_fault(world: World, run: Run) -> Iterator[Violation]:
-    for e in run.events:
-        if isinstance(e, Fault) and e.kind not in (FaultKind.USER_CR3, FaultKind.USER_GS):
-            yield Violation("emulation-fault", e.pc, e.step, e.message)
+def local_emulation_fault(world: World, e: Event) -> list:
+    if isinstance(e, Fault) and e.kind not in (FaultKind.USER_CR3, FaultKind.USER_GS):
+        return [(0, Violation("emulation-fault", e.pc, e.step, e.message))]
+    return []
 
 
-def check_no_return(world: World, run: Run) -> Iterator[Violation]:
-    if run.outcome is Outcome.NO_RETURN:
-        end = run.events[-1]
-        yield Violation("no-return", _loop_site(run.events[:-1]) or end.pc, end.step, run.reason)
+def end_no_return(world: World, end: End) -> list:
+    if end.outcome is not Outcome.NO_RETURN:
+        return []
+    events = end.events()
+    return [Violation("no-return", _loop_site(events[:-1]) or end.last.pc, end.last.step, end.reason)]
 
 
-def _loop_site(events: tuple[Event, ...]) -> int | None:
+def _loop_site(events: Sequence[Event]) -> int | None:
     """The lowest address of the loop a run ended in, wherever the step budget cut it:
     the shortest period p with the last p events repeating the p before them."""
     sig = [(type(e).__name__, e.pc) for e in events[-400:]]
@@ -229,53 +258,56 @@ _TABLE = (
               "With PTI the kernel page tables must never be live while user code runs: they map all of "
               "kernel memory, which is exactly what Meltdown reads.  Every return to user mode (SYSRET, IRET) "
               "must have switched CR3 to the user half of the PGD (bit 12) and, with PCID, to the user PCID "
-              "(bit 11).", check_user_mode_kernel_cr3),
+              "(bit 11).", local_user_mode_kernel_cr3, None),
     Invariant("kernel-memory-under-user-cr3", "an access or C call the user page tables do not map",
               "Under the user CR3 only .entry.text, the cpu_entry_area and the per-cpu TSS page are mapped.  "
               "Touching anything else (cpu_tlbstate, pcpu_hot, task stacks, C code) before switching to the "
               "kernel CR3, or after switching back, faults on real hardware — usually as a double fault or a "
-              "silent reboot.", check_kernel_memory_under_user_cr3),
+              "silent reboot.", local_kernel_memory_under_user_cr3, None),
     Invariant("context-not-restored", "an exception returned with different CR3, GS, SPEC_CTRL or registers",
               "An exception that interrupted kernel (or user) code must give that code back exactly what it "
               "had: the same CR3 (page table and PCID), GSBASE, KERNEL_GS_BASE, SPEC_CTRL, general registers, "
               "RSP and RFLAGS.  Paranoid entries (NMI, #MC, #DB, #DF, #VC) can hit any instruction, including "
               "the windows between a CR3 switch and SWAPGS/SYSRET, which is where restores go wrong.",
-              check_context_not_restored),
+              local_context_not_restored, end_context_not_restored),
     Invariant("stale-tlb", "a stale PCID becomes current without a flush",
               "With PCID the kernel defers flushing a user ASID: invalidate_user_asid() only sets a bit in "
               "cpu_tlbstate.user_pcid_flush_mask, and whoever next loads that user PCID must write CR3 "
               "without NOFLUSH.  Loading it with NOFLUSH (or returning to it without a write) runs with stale "
               "translations.  The model tracks staleness per PCID itself, whatever the mask says.",
-              check_stale_tlb),
+              local_stale_tlb, end_stale_tlb),
     Invariant("percpu-with-user-gs", "a %gs: access with the user GSBASE",
               "Per-cpu data is reached through %gs.  Before SWAPGS (or the paranoid GSBASE write) the GSBASE "
               "is user controlled, so any %gs: access reads or writes wherever user space pointed it — the "
               "SWAPGS bug class (CVE-2019-1125) and the FSGSBASE paranoid-entry bugs.",
-              check_percpu_with_user_gs),
+              local_percpu_with_user_gs, None),
     Invariant("user-mode-kernel-gs", "user mode runs with the kernel GSBASE",
               "Returning to user mode without the final SWAPGS hands user space the kernel's per-cpu base "
               "(an info leak) and leaves KERNEL_GS_BASE wrong, so the next entry's SWAPGS loads a user "
-              "value as the kernel's per-cpu base.", check_user_mode_kernel_gs),
+              "value as the kernel's per-cpu base.", local_user_mode_kernel_gs, None),
     Invariant("spec-ctrl", "C code without IBRS under kernel_ibrs, or user mode with the kernel value",
               "With the kernel_ibrs mitigation every entry must set IBRS in SPEC_CTRL before the first "
               "indirect branch or RET in C code, and every exit must restore the user value; paranoid "
-              "entries save and restore the interrupted value.", check_spec_ctrl),
+              "entries save and restore the interrupted value.", local_spec_ctrl, None),
     Invariant("nmi-lost-or-corrupted", "an NMI was not processed, or processed twice",
               "NMIs nest through IRETs of #DB/#MC handlers that interrupted an NMI; asm_exc_nmi's "
               "'NMI executing' variable and repeat_nmi loop exist so that every NMI is processed exactly "
               "once and the outer frame survives.  Every delivered NMI must reach exc_nmi once, none may stay "
-              "latched, and NMIs must be unblocked when the path ends.", check_nmi),
+              "latched, and NMIs must be unblocked when the path ends.", None, end_nmi),
     Invariant("emulation-fault", "the code faulted (unmapped access, #UD, #GP) or broke a C contract",
               "A fault inside the entry code is a crash on real hardware; a C function called without what "
               "C needs (kernel CR3, per-cpu GSBASE, a kernel stack) would crash or corrupt memory.  The "
-              "machine stops there rather than run on with garbage.", check_emulation_fault),
+              "machine stops there rather than run on with garbage.", local_emulation_fault, None),
     Invariant("no-return", "the path did not return within the step budget",
               "Every entry path must end where it started: back in user mode, or back in the interrupted "
               "kernel code.  A path that loops (an NMI that keeps repeating, a handler that never IRETs) "
-              "hangs the CPU.", check_no_return),
+              "hangs the CPU.", None, end_no_return),
 )
 
 INVARIANTS: Mapping[str, Invariant] = MappingProxyType({inv.name: inv for inv in _TABLE})
+_LOCALS = tuple((k, inv.local) for k, inv in enumerate(_TABLE) if inv.local is not None)
+_ENDS = tuple((k, inv.end) for k, inv in enumerate(_TABLE) if inv.end is not None)
+LocalViolation = tuple       # (invariant index, order, position in the path, Violation)
 
 
 def invariant(name: str) -> Invariant:
@@ -285,8 +317,39 @@ def invariant(name: str) -> Invariant:
         raise InputError(f"unknown invariant {name!r}; choose from {', '.join(INVARIANTS)}") from None
 
 
-def check_run(world: World, run: Run) -> list[Violation]:
+def local_violations(world: World, events: Sequence[Event], position: int = 0) -> tuple[LocalViolation, ...]:
+    """The per-event violations of ``events`` (the first at path position ``position``)."""
+    out = []
+    for n, e in enumerate(events):
+        for k, check in _LOCALS:
+            for order, v in check(world, e):
+                out.append((k, order, position + n, v))
+    return tuple(out)
+
+
+def verdict(world: World, local: Sequence[LocalViolation], end: End) -> list[Violation]:
+    """The violations of a path, in the order of the table: per invariant its local
+    violations in path order, then its end checks."""
+    ordered = sorted(local, key=lambda t: (t[0], t[1], t[2])) if local else []
     out: list[Violation] = []
-    for inv in _TABLE:
-        out.extend(inv.check(world, run))
+    j = 0
+    for k, inv in enumerate(_TABLE):
+        while j < len(ordered) and ordered[j][0] == k:
+            out.append(ordered[j][3])
+            j += 1
+        if inv.end is not None:
+            out.extend(inv.end(world, end))
     return out
+
+
+def check_run(world: World, events: Sequence[Event], outcome: Outcome, reason: str, final_cpu: CpuState,
+              outstanding: tuple[Interrupted, ...] = (), converged: bool = False,
+              suffix: Sequence[Event] = ()) -> list[Violation]:
+    """All violations of one run whose events are all at hand."""
+    nmi = NO_NMI
+    for e in tuple(events) + tuple(suffix):
+        s = nmi_of(e)
+        if s is not NO_NMI:
+            nmi = nmi + s
+    end = End(outcome, reason, final_cpu, converged, outstanding, events[-1], nmi, lambda: tuple(events))
+    return verdict(world, local_violations(world, events), end)

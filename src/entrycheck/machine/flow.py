@@ -1,0 +1,637 @@
+"""Dataflow over a FLOW record: which inputs a run's course depends on, and where its results came from.
+
+A run is deterministic: started from two states that agree on every value it *uses*,
+it executes the same instructions, makes the same model transitions and writes the
+same values — except for values it only *copies* (pushes a register, pops it back,
+copies an exception frame), which may differ.  ``analyse`` walks the FLOW log of one
+run and returns
+
+* ``uses``: the input locations (registers, flag groups, words of writable memory)
+  whose values steered the run: read by any instruction that is not a plain 64-bit
+  copy, used to form an address, tested by a branch, read by a hook or a stub;
+* the final *tag* of every location the run wrote: ``None`` (a value computed from
+  used inputs only, so the same for any start state that agrees on ``uses``), an
+  input location (a copy of that input), or a flags composite (RFLAGS pushed to
+  memory: per group of flags, copied from an input or computed).  A flag group's
+  tag names the input whose bits of that group it holds;
+* ``checks``: comparisons of copied values the machine made outside the code
+  (IRET landing on an exception that was already outstanding, canonical RIP).
+
+Anything the analysis cannot follow exactly is treated as a use, so the result is
+conservative: ``uses`` may be larger than needed, never smaller.  The explorer's
+memo (explore/memo.py) relies on this to stand one run for many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import capstone
+from capstone import x86_const as X
+
+from entrycheck.image.image import Image
+from entrycheck.machine.api import FLAG_GROUPS, GROUP_MASKS, Op, Record
+from entrycheck.machine.sites import PARENT
+from entrycheck.machine.state import REG_INDEX
+
+RSP_LOC, RIP_LOC = REG_INDEX["rsp"], REG_INDEX["rip"]
+ARITH, DF, CTRL, OTHER = (FLAG_GROUPS[g] for g in ("arith", "df", "ctrl", "other"))
+GROUPS = (ARITH, DF, CTRL, OTHER)
+N_LOCS = 21
+
+
+def _flag_bits() -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
+    """capstone eflags bits -> group, for reads (TEST, PRIOR) and writes (the rest)."""
+    group = {"AF": ARITH, "CF": ARITH, "SF": ARITH, "ZF": ARITH, "PF": ARITH, "OF": ARITH, "0F": ARITH,
+             "DF": DF, "TF": CTRL, "IF": CTRL, "NT": CTRL, "RF": CTRL, "AC": OTHER}
+    reads, writes, per_flag = {}, {}, {}
+    for name in dir(X):
+        if not name.startswith("X86_EFLAGS_"):
+            continue
+        kind, flag = name[len("X86_EFLAGS_"):].rsplit("_", 1)
+        g = group.get(flag)
+        if g is None:
+            continue
+        bit = getattr(X, name)
+        (reads if kind in ("TEST", "PRIOR") else writes)[bit] = g
+        if kind not in ("TEST", "PRIOR"):
+            per_flag[bit] = 1 << list(group).index(flag) if g == ARITH else 0
+    return reads, writes, per_flag
+
+
+_FLAG_READS, _FLAG_WRITES, _ARITH_FLAG = _flag_bits()
+_ALL_ARITH = 0
+for _f in ("AF", "CF", "SF", "ZF", "PF", "OF"):
+    _ALL_ARITH |= 1 << ["AF", "CF", "SF", "ZF", "PF", "OF", "0F"].index(_f)
+
+
+@dataclass(frozen=True)
+class Insn:
+    """What one instruction reads and writes, for the dataflow."""
+
+    kind: str                       # copy kinds (see _KINDS) or "generic"
+    dst: int = -1                   # register location of a copy kind
+    src: int = -1
+    reads: tuple[int, ...] = ()     # register locations read (generic; addresses of copies)
+    writes: tuple[tuple[int, bool], ...] = ()   # (register location, whole register written)
+    flags_read: tuple[int, ...] = ()
+    flags_written: tuple[tuple[int, bool], ...] = ()   # (group, whole group written)
+    operands: tuple = ()            # cmp/test: ("r", loc, width) | ("m", size) | ("i", value)
+    addr: tuple[int, ...] = ()      # cmp/test: address registers of the memory operand
+    cond: str = ""                  # jcc: the condition (mnemonic)
+    target: int = 0                 # jcc: where it goes when taken
+
+
+def _loc_width(ins, reg_id: int) -> tuple[int, int] | None:
+    name = ins.reg_name(reg_id)
+    parent = PARENT.get(name)
+    if parent is None:
+        return None
+    if name == parent:
+        width = 8
+    elif name.startswith("e") or name.endswith("d"):
+        width = 4
+    else:
+        width = 2
+    return REG_INDEX[parent], width
+
+
+@lru_cache(maxsize=None)
+def _engine() -> capstone.Cs:
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    return md
+
+
+def decode(code: bytes, address: int) -> Insn | None:
+    ins = next(_engine().disasm(code, address, 1), None)
+    if ins is None:
+        return None
+    return _describe(ins)
+
+
+def _describe(ins) -> Insn:
+    m = ins.mnemonic
+    ops = ins.operands
+    addr_regs = []
+    for op in ops:
+        if op.type == X.X86_OP_MEM:
+            for r in (op.mem.base, op.mem.index):
+                if r:
+                    lw = _loc_width(ins, r)
+                    if lw is not None and lw[0] != RIP_LOC:
+                        addr_regs.append(lw[0])
+    addr = tuple(addr_regs)
+
+    def reg(op) -> tuple[int, int] | None:
+        return _loc_width(ins, op.reg) if op.type == X.X86_OP_REG else None
+
+    if m == "mov" and len(ops) == 2:
+        d, s = ops
+        rd, rs = reg(d), reg(s)
+        if rd and rs and rd[1] == 8 and rs[1] == 8:
+            return Insn("mov_rr", dst=rd[0], src=rs[0])
+        if rd and rd[1] == 8 and s.type == X.X86_OP_MEM and s.size == 8 and not _segment(ins, s):
+            return Insn("load", dst=rd[0], reads=addr)
+        if rs and rs[1] == 8 and d.type == X.X86_OP_MEM and d.size == 8 and not _segment(ins, d):
+            return Insn("store", src=rs[0], reads=addr)
+        if s.type == X.X86_OP_IMM and rd and rd[1] >= 4:
+            return Insn("const_r", dst=rd[0])
+        if s.type == X.X86_OP_IMM and d.type == X.X86_OP_MEM:
+            return Insn("const_m", reads=addr)
+    if m == "push" and len(ops) == 1:
+        r = reg(ops[0])
+        if r and r[1] == 8:
+            return Insn("push_r", src=r[0])
+        if ops[0].type == X.X86_OP_IMM:
+            return Insn("push_i")
+        if ops[0].type == X.X86_OP_MEM and ops[0].size == 8 and not _segment(ins, ops[0]):
+            return Insn("push_m", reads=addr)
+    if m == "pop" and len(ops) == 1:
+        r = reg(ops[0])
+        if r and r[1] == 8:
+            return Insn("pop_r", dst=r[0])
+    if m in ("xor", "sub") and len(ops) == 2:
+        rd, rs = reg(ops[0]), reg(ops[1])
+        if rd and rs and rd == rs and rd[1] >= 4:
+            return Insn("zero", dst=rd[0])
+    if m == "pushfq":
+        return Insn("pushf")
+    if m in ("nop", "endbr64", "jmp") and not (m == "jmp" and ops and ops[0].type != X.X86_OP_IMM):
+        return Insn("none")             # a nop's memory operand is never accessed
+    if m == "call" and ops and ops[0].type == X.X86_OP_IMM:
+        return Insn("call")
+    if m == "ret" and not ops:
+        return Insn("ret")
+    if m in ("cmp", "test") and len(ops) == 2:
+        described = []
+        for op in ops:
+            if op.type == X.X86_OP_IMM:
+                described.append(("i", op.imm & ((1 << (8 * op.size)) - 1)))
+            elif op.type == X.X86_OP_REG:
+                r = reg(op)
+                if r is None or ins.reg_name(op.reg).endswith("h"):
+                    return _generic(ins, addr)
+                described.append(("r", r[0], op.size))
+            elif op.type == X.X86_OP_MEM and not _segment(ins, op):
+                described.append(("m", op.size))
+            else:
+                return _generic(ins, addr)
+        if sum(1 for d in described if d[0] == "m") <= 1:
+            from dataclasses import replace
+            # The generic reads/writes stand when the operands are not copies.
+            return replace(_generic(ins, addr), kind=m, operands=tuple(described), addr=addr)
+    if m in _CONDITIONS and ops and ops[0].type == X.X86_OP_IMM:
+        return Insn("jcc", cond=m, target=ops[0].imm & ((1 << 64) - 1))
+    if m == "lea":
+        rd = reg(ops[0])
+        return Insn("generic", reads=addr, writes=((rd[0], rd[1] >= 4),) if rd else ())
+    return _generic(ins, addr)
+
+
+_CONDITIONS = {"ja", "jae", "jb", "jbe", "je", "jne", "js", "jns", "jg", "jge", "jl", "jle", "jo", "jno"}
+
+
+def condition(cond: str, kind: str, width: int, a: int, b: int) -> bool:
+    """Whether jcc ``cond`` is taken after ``cmp a, b`` (kind "cmp": a - b) or ``test a, b``."""
+    bits = 8 * width
+    mask = (1 << bits) - 1
+    sign = 1 << (bits - 1)
+    a &= mask
+    b &= mask
+    if kind == "cmp":
+        r = (a - b) & mask
+        cf = a < b
+        of = bool((a ^ b) & (a ^ r) & sign)
+    else:
+        r = a & b
+        cf = of = False
+    zf, sf = r == 0, bool(r & sign)
+    return {"ja": not cf and not zf, "jae": not cf, "jb": cf, "jbe": cf or zf, "je": zf, "jne": not zf,
+            "js": sf, "jns": not sf, "jg": not zf and sf == of, "jge": sf == of, "jl": sf != of,
+            "jle": zf or sf != of, "jo": of, "jno": not of}[cond]
+
+
+def _segment(ins, op) -> bool:
+    return op.mem.segment not in (0, X.X86_REG_INVALID) and ins.reg_name(op.mem.segment) in ("gs", "fs")
+
+
+def _generic(ins, addr: tuple[int, ...]) -> Insn:
+    read_ids, write_ids = ins.regs_access()
+    reads = set(addr)
+    for r in read_ids:
+        lw = _loc_width(ins, r)
+        if lw is not None and lw[0] != RIP_LOC:
+            reads.add(lw[0])
+    writes = {}
+    for r in write_ids:
+        lw = _loc_width(ins, r)
+        if lw is not None and lw[0] != RIP_LOC:
+            writes[lw[0]] = writes.get(lw[0], False) or lw[1] >= 4
+    flags = ins.eflags
+    fr = {g for bit, g in _FLAG_READS.items() if flags & bit}
+    fw: dict[int, int] = {}
+    for bit, g in _FLAG_WRITES.items():
+        if flags & bit:
+            fw[g] = fw.get(g, 0) | _ARITH_FLAG.get(bit, 0)
+    if ins.mnemonic in ("rep movsb", "rep movsq", "rep stosb", "rep stosq", "movsb", "movsq", "stosb", "stosq"):
+        fr.add(DF)
+    written = tuple((g, g != ARITH or (mask & _ALL_ARITH) == _ALL_ARITH) for g, mask in sorted(fw.items()))
+    if ins.mnemonic in ("cld", "std"):
+        written = ((DF, True),)
+    return Insn("generic", reads=tuple(sorted(reads)), writes=tuple(sorted(writes.items())),
+                flags_read=tuple(sorted(fr)), flags_written=written)
+
+
+@dataclass(frozen=True)
+class Flow:
+    """The dataflow of one run, up to where it converged."""
+
+    uses: tuple[int, ...]                          # input locations (sorted)
+    regs: tuple[object, ...]                       # final tag of each register location (N_LOCS)
+    memory: tuple[tuple[int, object], ...]         # (word, final tag) of each word written
+    landed: tuple[tuple[int, object, object, bool], ...]   # (outstanding index, rip, rsp, matched)
+    canonical: tuple[object, ...]                  # values IRET required to be canonical RIPs
+    branches: tuple[tuple, ...] = ()               # (cond, kind, width, a, b, taken): compares of copies
+
+
+class Unfollowable(Exception):
+    """The run did something the dataflow does not model."""
+
+
+class Analyser:
+    """Static instruction table of one image, and the dataflow walk."""
+
+    def __init__(self, image: Image, wbase: int, wsize: int) -> None:
+        self.image = image
+        self.wbase, self.wend = wbase, wbase + wsize
+        self._insns: dict[int, Insn] = {}
+
+    def insn(self, pc: int) -> Insn:
+        got = self._insns.get(pc)
+        if got is None:
+            try:
+                code = self.image.read(pc, 16)
+            except KeyError:
+                code = b"\xc3"           # a C function's stub: `ret`
+            got = decode(code, pc)
+            if got is None:
+                raise Unfollowable(f"cannot decode {pc:#x}")
+            self._insns[pc] = got
+        return got
+
+    def analyse(self, record: Record) -> Flow | None:
+        """The run's dataflow, or None when it did not converge at its own exception's return
+        or did something the analysis cannot follow."""
+        if record.flow is None or record.converged is None:
+            return None
+        try:
+            return _Walk(self, record).run()
+        except Unfollowable:
+            return None
+
+
+class _Walk:
+    def __init__(self, an: Analyser, record: Record) -> None:
+        self.an = an
+        self.record = record
+        self.regs: list[object] = list(range(N_LOCS))
+        self.mem: dict[int, object] = {}
+        self.uses: set[int] = set()
+        self.n_start = len(record.request.start.outstanding)
+        self.own: dict[int, tuple[object, object]] = {}
+        self.landed: list[tuple[int, object, object, bool]] = []
+        self.canonical: list[object] = []
+        self.branches: list[tuple] = []
+        self.step_regs = record.steps.regs if record.steps is not None else ()
+        self.index = -1
+        self.popped: tuple[object, object, int, int] | None = None
+        self.iret_values = iter([(e.frame.rip, e.frame.rsp) for e in record.events if type(e).__name__ == "Iret"])
+
+    # ---- tags ------------------------------------------------------------------------
+    def use_tag(self, tag: object) -> None:
+        if tag is None:
+            return
+        if isinstance(tag, int):
+            self.uses.add(tag)
+        elif tag[0] == "f":
+            for g in tag[1:]:
+                self.use_tag(g)
+        elif tag[0] == "cmp":                 # flags of a compare of copies, used some other way
+            for d in tag[3:5]:
+                if d[0] == "t":
+                    self.uses.add(d[1])
+
+    def use(self, loc: int) -> None:
+        self.use_tag(self.tag(loc))
+
+    def tag(self, loc: int) -> object:
+        if loc < N_LOCS:
+            return self.regs[loc]
+        return self.mem.get(loc, loc)
+
+    def set(self, loc: int, tag: object) -> None:
+        if loc < N_LOCS:
+            self.regs[loc] = tag
+        else:
+            self.mem[loc] = tag
+
+    def words(self, phys: int, size: int):
+        """(word, fully covered) for the writable words [phys, phys+size) overlaps."""
+        lo, hi = max(phys, self.an.wbase), min(phys + size, self.an.wend)
+        for w in range(lo & ~7, hi, 8):
+            yield w, phys <= w and w + 8 <= phys + size
+
+    def read_mem(self, phys: int, size: int) -> None:
+        for w, _ in self.words(phys, size):
+            self.use(w)
+
+    def write_mem(self, phys: int, size: int) -> None:
+        for w, full in self.words(phys, size):
+            if not full:
+                self.use(w)
+            self.mem[w] = None
+
+    def word_of(self, access: tuple) -> int | None:
+        """The writable word an aligned 8-byte access touches (None: read-only memory)."""
+        _, phys, size = access
+        if not (self.an.wbase <= phys < self.an.wend):
+            if self.an.wbase < phys + size and phys < self.an.wend:
+                raise Unfollowable("access straddles the writable span")
+            return None
+        if size != 8 or phys & 7:
+            return -1
+        return phys
+
+    # ---- the walk -------------------------------------------------------------------------
+    def run(self) -> Flow:
+        pc, accesses, skipped = None, [], False
+        stopped = False
+        for entry in self.record.flow:
+            op = entry[0]
+            if op == Op.INSN:
+                if pc is not None and not skipped:
+                    self.insn(pc, accesses, entry[1])
+                pc, accesses, skipped = entry[1], [], False
+                self.index += 1
+                rip = self.regs[RIP_LOC]
+                if rip is not None:          # executing at a copied address depends on it
+                    self.use_tag(rip)
+                    self.regs[RIP_LOC] = None
+            elif op == Op.READ or op == Op.WRITE:
+                accesses.append(entry)
+            elif op == Op.SKIP:
+                skipped = True
+            elif op == Op.USE:
+                self.use(entry[1])
+            elif op == Op.CONST:
+                self.set(entry[1], None)
+            elif op == Op.COPY:
+                self.set(entry[1], self.tag(entry[2]))
+            elif op == Op.MREAD:
+                self.read_mem(entry[1], entry[2])
+            elif op == Op.MWRITE:
+                self.write_mem(entry[1], entry[2])
+            elif op == Op.MCOPY:
+                self.mcopy(*entry[1:])
+            elif op == Op.DELIVER:
+                self.deliver(*entry[1:])
+            elif op == Op.IRET:
+                self.iret(entry[1])
+            elif op == Op.LANDED:
+                self.land(entry[1], entry[2])
+            elif op == Op.STOP:
+                stopped = True
+                break
+        if not stopped:
+            raise Unfollowable("the run did not converge")
+        written = tuple(sorted((w, t) for w, t in self.mem.items() if t != w))
+        return Flow(tuple(sorted(self.uses)), tuple(self.regs), written, tuple(self.landed),
+                    tuple(self.canonical), tuple(self.branches))
+
+    def mcopy(self, dst: int, src: int, size: int) -> None:
+        if dst & 7 or src & 7 or size & 7:
+            self.read_mem(src, size)
+            self.write_mem(dst, size)
+            return
+        tags = [self.tag(src + k) if self.an.wbase <= src + k < self.an.wend else None for k in range(0, size, 8)]
+        for k, t in enumerate(tags):
+            if self.an.wbase <= dst + 8 * k < self.an.wend:
+                self.mem[dst + 8 * k] = t
+
+    def deliver(self, frame: int, words: int, index: int) -> None:
+        rip, rsp = self.regs[RIP_LOC], self.regs[RSP_LOC]
+        flags = ("f",) + tuple(self.regs[g] for g in GROUPS)
+        base = frame + 8 * (words - 5)
+        if words == 6:
+            self.mem[frame] = None                       # error code
+        self.mem[base] = rip
+        self.mem[base + 8] = None                        # CS
+        self.mem[base + 16] = flags
+        self.mem[base + 24] = rsp
+        self.mem[base + 32] = None                       # SS
+        self.own[index] = (rip, rsp)
+        self.regs[RSP_LOC] = None
+        self.regs[RIP_LOC] = None
+        self.regs[CTRL] = None                           # IF, TF, NT, RF cleared
+
+    def iret(self, frame: int) -> None:
+        rip, cs, flags, rsp, ss = (self.tag(frame + 8 * k) for k in range(5))
+        self.use_tag(cs)
+        self.use_tag(ss)
+        if rip is not None:
+            self.canonical.append(rip)
+        if isinstance(flags, tuple):
+            for g, t in zip(GROUPS, flags[1:]):
+                self.regs[g] = t
+        else:
+            for g in GROUPS:             # each group: those bits of the word's value (or computed)
+                self.regs[g] = flags
+        self.regs[RIP_LOC] = rip
+        self.regs[RSP_LOC] = rsp
+        rip_value, rsp_value = next(self.iret_values)
+        self.popped = (rip, rsp, rip_value, rsp_value)
+
+    def land(self, scanned: tuple[int, ...], matched: int) -> None:
+        rip, rsp, rip_value, rsp_value = self.popped
+        for k in scanned:
+            if k >= self.n_start:
+                own_rip, own_rsp = self.own[k]
+                if not (own_rip == rip and own_rsp == rsp):
+                    for t in (own_rip, rsp, own_rsp, rip):
+                        self.use_tag(t)
+            else:
+                self.landed.append((k, rip if rip is not None else ("k", rip_value),
+                                    rsp if rsp is not None else ("k", rsp_value), k == matched))
+
+    def insn(self, pc: int, accesses: list, next_pc: int) -> None:
+        ins = self.an.insn(pc)
+        kind = ins.kind
+        regs = self.regs
+        if kind == "jcc":
+            flags = regs[ARITH]
+            if isinstance(flags, tuple) and flags[0] == "cmp":
+                _, how, width, a, b = flags
+                self.branches.append((ins.cond, how, width, a, b, next_pc == ins.target))
+            else:
+                self.use_tag(flags)
+            return
+        if kind in ("cmp", "test") and self._compare(ins, accesses):
+            return
+        if kind in ("generic", "cmp", "test"):
+            for r in ins.reads:
+                self.use(r)
+            for g in ins.flags_read:
+                self.use(g)
+            for a in accesses:
+                if a[0] == Op.READ:
+                    self.read_mem(a[1], a[2])
+            for a in accesses:
+                if a[0] == Op.WRITE:
+                    self.write_mem(a[1], a[2])
+            for r, full in ins.writes:
+                if not full:
+                    self.use(r)
+                regs[r] = None
+            for g, full in ins.flags_written:
+                if not full:
+                    self.use(g)
+                regs[g] = None
+            return
+        for r in ins.reads:                  # address registers of the copy kinds
+            self.use(r)
+        if kind == "mov_rr":
+            regs[ins.dst] = regs[ins.src]
+        elif kind == "load":
+            regs[ins.dst] = self._load(accesses)
+        elif kind == "store":
+            self._store(accesses, regs[ins.src])
+        elif kind == "const_r":
+            regs[ins.dst] = None
+        elif kind == "const_m":
+            self._store(accesses, None)
+        elif kind == "push_r":
+            value = regs[ins.src]
+            self.use(RSP_LOC)
+            regs[RSP_LOC] = None
+            self._store(accesses, value)
+        elif kind == "push_i" or kind == "call":
+            self.use(RSP_LOC)
+            regs[RSP_LOC] = None
+            self._store(accesses, None)
+        elif kind == "push_m":
+            self.use(RSP_LOC)
+            regs[RSP_LOC] = None
+            reads = [a for a in accesses if a[0] == Op.READ]
+            writes = [a for a in accesses if a[0] == Op.WRITE]
+            if len(reads) != 1 or len(writes) != 1:
+                raise Unfollowable(f"push of memory at {pc:#x}")
+            value = self._load(reads, keep_flags=True)
+            self._store(writes, value)
+        elif kind == "pop_r":
+            self.use(RSP_LOC)
+            regs[RSP_LOC] = None
+            regs[ins.dst] = self._load(accesses)
+        elif kind == "ret":
+            self.use(RSP_LOC)
+            regs[RSP_LOC] = None
+            self.use_tag(self._load(accesses))
+        elif kind == "zero":
+            regs[ins.dst] = None
+            regs[ARITH] = None
+        elif kind == "pushf":
+            self.use(RSP_LOC)
+            regs[RSP_LOC] = None
+            self._store(accesses, ("f",) + tuple(regs[g] for g in GROUPS))
+        elif kind != "none":
+            raise Unfollowable(f"unknown kind {kind}")
+
+    def _compare(self, ins: Insn, accesses: list) -> bool:
+        """cmp/test: flags that remember what they compared (when an operand is a copy)."""
+        descs = []
+        width = 8
+        regs_now = self.step_regs[self.index] if self.index < len(self.step_regs) else None
+        for op in ins.operands:
+            if op[0] == "i":
+                descs.append(("k", op[1]))
+            elif op[0] == "r":
+                _, loc, width = op
+                tag = self.regs[loc]
+                if tag is None:
+                    if regs_now is None:
+                        return False
+                    descs.append(("k", regs_now[loc] & ((1 << (8 * width)) - 1)))
+                elif isinstance(tag, int) and not (17 <= tag < N_LOCS):
+                    descs.append(("t", tag, 0, width))
+                else:
+                    return False
+            else:
+                width = op[1]
+                reads = [a for a in accesses if a[0] == Op.READ]
+                if len(reads) != 1 or reads[0][2] != width:
+                    return False
+                phys = reads[0][1]
+                w = phys & ~7
+                if not (self.an.wbase <= phys < self.an.wend) or (phys - w) + width > 8:
+                    return False
+                tag = self.tag(w)
+                if not isinstance(tag, int) or 17 <= tag < N_LOCS:
+                    return False
+                descs.append(("t", tag, phys - w, width))
+        if not any(d[0] == "t" for d in descs):
+            return False                   # compares computed values only: flags are computed too
+        for r in ins.addr:
+            self.use(r)
+        self.regs[ARITH] = ("cmp", ins.kind, width, descs[0], descs[1])
+        return True
+
+    def _load(self, accesses: list, keep_flags: bool = False) -> object:
+        reads = [a for a in accesses if a[0] == Op.READ]
+        if len(reads) != 1:
+            raise Unfollowable("load without one read")
+        w = self.word_of(reads[0])
+        if w is None:
+            return None                       # read-only memory: the same in every run
+        if w == -1:
+            self.read_mem(reads[0][1], reads[0][2])
+            return None
+        t = self.tag(w)
+        if isinstance(t, tuple) and not keep_flags:   # pushed flags loaded into a register
+            self.use_tag(t)
+            return None
+        return t
+
+    def _store(self, accesses: list, value: object) -> None:
+        writes = [a for a in accesses if a[0] == Op.WRITE]
+        if len(writes) != 1:
+            raise Unfollowable("store without one write")
+        w = self.word_of(writes[0])
+        if w is None:
+            return
+        if w == -1:
+            self.use_tag(value)
+            self.write_mem(writes[0][1], writes[0][2])
+            return
+        self.mem[w] = value
+
+
+def operand(desc: tuple, regs, memory, wbase: int) -> int:
+    """The value of a compare's operand: ("k", value) or ("t", input, byte offset, size)."""
+    if desc[0] == "k":
+        return desc[1]
+    _, loc, off, size = desc
+    return (value_of(loc, regs, memory, wbase) >> (8 * off)) & ((1 << (8 * size)) - 1)
+
+
+def value_of(loc: int, regs, memory, wbase: int) -> int:
+    """The value of location ``loc`` in a state (registers in REG_NAMES order, writable memory)."""
+    if loc < 17:
+        return regs[loc]
+    if loc < N_LOCS:
+        return regs[17] & GROUP_MASKS[loc]
+    off = loc - wbase
+    return int.from_bytes(memory[off:off + 8], "little")
+
+
+__all__ = ["Analyser", "Flow", "Insn", "decode", "value_of", "operand", "condition", "N_LOCS", "GROUPS"]

@@ -1,0 +1,699 @@
+"""The machine: the one adapter between the privileged-state model and Unicorn.
+
+The rest of entrycheck talks to it through one call, ``Machine.run(Request) -> Record``
+(machine/api.py): a start state, what to deliver, what to record, when to stop, the
+handler options in; a frozen record of what happened out.  Registers are named; only
+machine/uc.py touches Unicorn.
+
+Unicorn executes the kernel's instructions; the few it cannot do for us (CR3, MSRs,
+SWAPGS, RD/WRGSBASE, LSL of the CPU-number segment, IRETQ, SYSRETQ, VERW and fences,
+and every call into a C stub) are found by decoding the image once (machine/sites.py)
+and hooked at their addresses only; the hook applies the model's pure function and
+skips the instruction.  Exceptions are delivered here, through the TSS's IST slots,
+because Unicorn never delivers through an IDT.
+
+Levels of recording (``Level``): EVENTS hooks only those sites and runs at Unicorn's
+speed; PCS also hooks every instruction; STEPS keeps the state at every instruction
+boundary (registers and model state per step; memory as the start state plus a write
+log) and every memory access; FLOW adds the log the dataflow analysis reads
+(``machine.flow``).  Two Unicorn instances, one per hook set, are made on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable
+
+from entrycheck.errors import InternalError
+from entrycheck.image.image import CODE_SECTIONS, Image
+from entrycheck.image.layout import Perm
+from entrycheck.machine import model, uc as U
+from entrycheck.machine.api import (DEFAULT_BUDGET, FLAG_GROUPS, GROUP_MASKS, MASK64, ConvergePoint, Context,
+                                    Level, LiveIndex, MachineConfig, MemoryCursor, Op, Record, Request, StepLog,
+                                    StubHandler)
+from entrycheck.machine.events import (Cr3Read, Cr3Written, Delivered, Ended, Event, Fault, FaultKind, Fence,
+                                       GsChange, Iret, Latched, MsrRead, MsrWritten, Outcome, Resumed, Sysret)
+from entrycheck.machine.memory import AddressSpace, build_address_space, diff_words
+from entrycheck.machine.model import CpuState, Frame, Vector
+from entrycheck.machine.sites import PARENT, find_sites
+from entrycheck.machine.state import REG_INDEX, Interrupted, Regs, Snapshot
+
+RFLAGS_ZF = 1 << 6
+_UC_REG = U.UC_REG
+_RAX, _RCX, _RDX = _UC_REG["rax"], _UC_REG["rcx"], _UC_REG["rdx"]
+_RSP, _RIP, _RFLAGS = _UC_REG["rsp"], _UC_REG["rip"], _UC_REG["rflags"]
+
+
+class Machine:
+    """One image, one world, one stub handler; runs requests."""
+
+    def __init__(self, image: Image, config: MachineConfig, stubs: StubHandler) -> None:
+        self.image = image
+        self.config = config
+        self.stubs = stubs
+        self.space: AddressSpace = build_address_space(config.regions)
+        self._sites = find_sites(image, config)
+        self._cores: dict[bool, _Core] = {}
+
+    def pristine_memory(self) -> bytes:
+        """The writable span as the world initialised it."""
+        out = bytearray(self.space.writable_size)
+        for chunk in self.space.chunks:
+            if chunk.phys >= self.space.writable_base and Perm.W in chunk.perm:
+                off = chunk.phys - self.space.writable_base
+                out[off:off + len(chunk.data)] = chunk.data
+        return bytes(out)
+
+    def run(self, request: Request) -> Record:
+        steps = request.level >= Level.PCS
+        core = self._cores.get(steps)
+        if core is None:
+            core = self._cores[steps] = _Core(self, steps)
+        return core.run(request)
+
+    def mapped(self, addr: int) -> bool:
+        return (addr >> 12) in self.space.pages
+
+
+# ---- one run's bookkeeping ----------------------------------------------------------------
+@dataclass
+class _Run:
+    request: Request
+    steps: int
+    outstanding: tuple[Interrupted, ...]
+    chain: int
+    home: tuple[int, int] | None
+    limit: int
+    events: list[Event] = field(default_factory=list)
+    outcome: Outcome | None = None
+    reason: str = ""
+    pending_fault: tuple[FaultKind, str, int | None] | None = None
+    delivered: Interrupted | None = None
+    resumed_step: int | None = None
+    converged: int | None = None
+    points: dict[int, ConvergePoint] = field(default_factory=dict)
+    inject: list[tuple[int, Vector, int]] = field(default_factory=list)
+    hits: int = 0
+    # STEPS
+    pcs: list[int] = field(default_factory=list)
+    regs: list[tuple[int, ...]] = field(default_factory=list)
+    cpus: list[CpuState] = field(default_factory=list)
+    outs: list[tuple[Interrupted, ...]] = field(default_factory=list)
+    chains: list[int] = field(default_factory=list)
+    writes: list[tuple[int, int, bytes]] = field(default_factory=list)
+    accesses: list[tuple[int, int, int, bool, bool]] = field(default_factory=list)
+    flow: list[tuple] | None = None
+    full: bool = False
+
+
+class _Core:
+    """One Unicorn instance with one hook set (sites only, or every step)."""
+
+    def __init__(self, machine: Machine, steps: bool) -> None:
+        self.m = machine
+        self.image = machine.image
+        self.config = machine.config
+        self.space = machine.space
+        self.steps_mode = steps
+        self.u = U.Unicorn()
+        for chunk in self.space.chunks:
+            self.u.uc.mem_map(chunk.phys, len(chunk.data), U.PROT_ALL)
+            self.u.uc.mem_write(chunk.phys, chunk.data)
+        self.wbase, self.wsize = self.space.writable_base, self.space.writable_size
+        self.cpu: CpuState | None = None
+        self._user_view: bool | None = None
+        self._gs: int | None = None
+        self.run_: _Run | None = None
+        self.options: Hashable = None
+        self._actions = {addr: self._make_action(*spec) for addr, spec in machine._sites.items()}
+        self._install_hooks()
+
+    # ---- the request --------------------------------------------------------------------
+    def run(self, req: Request) -> Record:
+        start = req.start
+        self.u.write_all(start.regs)
+        self.u.mem_write(self.wbase, start.memory)
+        self.cpu = None
+        self.set_cpu(start.cpu)
+        limit = req.budget_from + req.budget
+        run = self.run_ = _Run(req, start.steps, start.outstanding, start.chain, start.home, limit)
+        self.options = req.options
+        run.points = {p.index: p for p in req.converge}
+        if req.injections:
+            run.inject = [(self.image.parse_location(i.at), i.vector, i.hit) for i in req.injections]
+        if req.level >= Level.FLOW:
+            run.flow = []
+        run.full = req.level >= Level.STEPS
+        if req.deliver is not None:
+            before = len(run.outstanding)
+            if self.deliver(req.deliver, 0) and len(run.outstanding) > before:
+                run.delivered = run.outstanding[before]
+        self._go()
+        return self._finish(start)
+
+    def _finish(self, start: Snapshot) -> Record:
+        run = self.run_
+        regs = Regs(*self.u.read_all())
+        memory = self.u.mem_read(self.wbase, self.wsize) if self.steps_mode else b""
+        final = Snapshot(regs, memory, self.cpu, run.steps, run.outstanding, run.chain, run.home)
+        steps = None
+        if self.steps_mode:
+            steps = StepLog(start.steps, tuple(run.pcs), tuple(run.regs), tuple(run.cpus), tuple(run.outs),
+                            tuple(run.chains), start.memory, tuple(run.writes), tuple(run.accesses), start.home)
+        rec = Record(run.request, tuple(run.events), run.outcome, run.reason, final, run.delivered,
+                     run.resumed_step, run.converged, steps, tuple(run.flow) if run.flow is not None else None)
+        self.run_ = None
+        return rec
+
+    def _go(self) -> None:
+        run = self.run_
+        u = self.u
+        while run.outcome is None:
+            pc = u.read(_RIP)
+            remaining = run.limit - run.steps
+            if remaining <= 0:
+                self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
+                break
+            status = u.start(pc, 0 if self.steps_mode else remaining)
+            if status != U.OK:
+                self._unicorn_error(status)
+                break
+            if run.outcome is None:
+                if not self.steps_mode:
+                    self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
+                elif run.pending_fault is not None or run.steps >= run.limit:
+                    if run.steps >= run.limit:
+                        self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
+
+    def _unicorn_error(self, errno: int) -> None:
+        pending = self.run_.pending_fault
+        pc = self.u.read(_RIP)
+        sym = self.image.symbolize(pc)
+        if pending is not None:
+            kind, message, address = pending
+            self.fault(kind, f"{message} at {sym}", address)
+        elif errno == U.ERR_INSN_INVALID:
+            self.fault(FaultKind.UD, f"invalid opcode at {sym}")
+        elif errno in U.ERR_PROT:
+            self.fault(FaultKind.GP, f"access violates page permissions at {sym}")
+        elif errno in U.ERR_UNMAPPED:
+            self.fault(FaultKind.UNMAPPED, f"unmapped access at {sym}")
+        else:
+            self.fault(FaultKind.GP, f"{U.error_text(errno)} at {sym}")
+
+    # ---- the Context stubs see ----------------------------------------------------------------
+    def reg(self, name: str) -> int:
+        flow = self.run_.flow
+        if flow is not None:
+            flow.append((Op.USE, REG_INDEX[name]))
+        return self.u.read(_UC_REG[name])
+
+    def set_reg(self, name: str, value: int) -> None:
+        flow = self.run_.flow
+        if flow is not None:
+            flow.append((Op.CONST, REG_INDEX[name]))
+        self.u.write(_UC_REG[name], value)
+
+    def symbolize(self, addr: int) -> str:
+        return self.image.symbolize(addr)
+
+    def mapped(self, addr: int) -> bool:
+        return (addr >> 12) in self.space.pages
+
+    def read(self, addr: int, size: int) -> bytes:
+        out = bytearray()
+        run = self.run_
+        while size > 0:
+            chunk = min(size, 0x1000 - (addr & 0xFFF))
+            phys = self.space.phys(addr)
+            if self.steps_mode:
+                run.accesses.append((run.steps, phys, chunk, False, False))
+                if run.flow is not None:
+                    run.flow.append((Op.MREAD, phys, chunk))
+            out += self.u.mem_read(phys, chunk)
+            addr += chunk
+            size -= chunk
+        return bytes(out)
+
+    def write(self, addr: int, data: bytes) -> None:
+        self._write(addr, data, Op.MWRITE)
+
+    def _write(self, addr: int, data: bytes, how: Op, src: int | None = None) -> None:
+        run = self.run_
+        pos = 0
+        while pos < len(data):
+            chunk = min(len(data) - pos, 0x1000 - ((addr + pos) & 0xFFF))
+            phys = self.space.phys(addr + pos)
+            piece = bytes(data[pos:pos + chunk])
+            if self.steps_mode:
+                run.accesses.append((run.steps, phys, chunk, True, False))
+                if self.wbase <= phys < self.wbase + self.wsize:
+                    run.writes.append((run.steps, phys - self.wbase, piece))
+                if run.flow is not None:
+                    if how is Op.MCOPY and src is not None:
+                        run.flow.append((Op.MCOPY, phys, self.space.phys(src + pos), chunk))
+                    elif how is not None:
+                        run.flow.append((how, phys, chunk))
+            self.u.mem_write(phys, piece)
+            pos += chunk
+
+    def read_u64(self, addr: int) -> int:
+        return int.from_bytes(self.read(addr, 8), "little")
+
+    def write_u64(self, addr: int, value: int) -> None:
+        self.write(addr, (value & MASK64).to_bytes(8, "little"))
+
+    def copy(self, dst: int, src: int, size: int) -> None:
+        """Copy guest memory (a C function moving pt_regs); the FLOW log sees a copy, not a use."""
+        run = self.run_
+        flow, run.flow = run.flow, None
+        try:
+            data = self.read(src, size)
+        finally:
+            run.flow = flow
+        self._write(dst, data, Op.MCOPY, src)
+
+    def set_cpu(self, cpu: CpuState) -> None:
+        """Install a new model state; keep Unicorn's GSBASE and TLB in step with it."""
+        self.cpu = cpu
+        if cpu.gs_base != self._gs:
+            self._gs = cpu.gs_base
+            self.u.write(U.UC_GS_BASE, cpu.gs_base)
+        view = bool(cpu.cr3 & model.PTI_USER_PGTABLE)
+        if view is not self._user_view:
+            # The fill hook answers per view (PTI user or kernel tables) only.
+            self._user_view = view
+            self.u.flush_tlb()
+
+    def emit(self, event_type, **fields) -> None:
+        run = self.run_
+        if "pc" not in fields:
+            fields["pc"] = self.u.read(_RIP)
+        if "cpu" not in fields:
+            fields["cpu"] = self.cpu
+        run.events.append(event_type(step=run.steps, **fields))
+
+    def fault(self, kind: FaultKind, message: str, address: int | None = None) -> None:
+        """End the run with an emulation fault (callable from hooks and stubs)."""
+        if self.run_.outcome is None:
+            self.emit(Fault, kind=kind, message=message, address=address)
+            self._end(Outcome.EMULATION_FAULT, f"{kind.value}: {message}")
+
+    def _end(self, outcome: Outcome, reason: str) -> None:
+        run = self.run_
+        if run.outcome is not None:
+            return
+        run.outcome = outcome
+        run.reason = reason
+        self.emit(Ended, outcome=outcome, reason=reason)
+        self.u.emu_stop()
+
+    # ---- exceptions -------------------------------------------------------------------
+    def deliver(self, vector: Vector, error_code: int | None = None, *, from_latch: bool = False) -> bool:
+        """Deliver ``vector`` at the current instruction boundary; an NMI while blocked is latched."""
+        cpu = self.cpu
+        run = self.run_
+        flow = run.flow
+        if vector is Vector.NMI and cpu.nmi_blocked:
+            if not cpu.nmi_pending:
+                self.set_cpu(model.latch_nmi(cpu))
+                self.emit(Latched, vector=vector)
+            return False
+        if not model.can_deliver(cpu, vector):
+            raise InternalError(f"{vector.label} cannot be delivered now (MCIP set)")
+        u = self.u
+        rip, rsp, rflags = u.read(_RIP), u.read(_RSP), u.read(_RFLAGS)
+        if vector.ist:
+            top = self.read_u64(self.config.ist_slots[vector])
+        elif cpu.cpl == 3:
+            top = self.read_u64(self.config.sp0_slot)
+        else:
+            if flow is not None:
+                flow.append((Op.USE, REG_INDEX["rsp"]))
+            top = rsp
+        regs = u.read_all()
+        injection = Interrupted(vector, run.steps, rip, rsp, regs[:15] + (regs[17],), cpu, run.chain)
+        new_cpu, frame, new_rsp, new_flags = model.deliver(
+            cpu, vector, rip=rip, rsp=rsp, rflags=rflags,
+            error_code=error_code if error_code is not None else 0, stack_top=top)
+        words = frame.words()
+        if not self.mapped(new_rsp) or not self.mapped(new_rsp + 8 * len(words) - 1):
+            self.fault(FaultKind.UNMAPPED, f"{vector.label} frame at unmapped stack {new_rsp:#x}", new_rsp)
+            return False
+        self._write(new_rsp, b"".join((w & MASK64).to_bytes(8, "little") for w in words), None)
+        u.write(_RSP, new_rsp)
+        u.write(_RFLAGS, new_flags)
+        u.write(_RIP, self.config.idt[vector])
+        self.set_cpu(new_cpu)
+        run.outstanding = run.outstanding + (injection,)
+        run.chain += 1
+        if flow is not None:
+            flow.append((Op.DELIVER, self.space.phys(new_rsp), len(words), len(run.outstanding) - 1))
+        self.emit(Delivered, pc=rip, vector=vector, frame=frame, stack=new_rsp, from_latch=from_latch)
+        return True
+
+    # ---- hooks --------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        u = self.u
+        u.hook(U.HOOK_TLB_FILL, self._tlb_fill, U.TLB_CB)
+        u.hook(U.HOOK_INTR, self._intr, U.INTR_CB)
+        if self.steps_mode:
+            ranges = [(s.address, s.address + s.size - 1) for s in self.image.loaded.sections
+                      if s.name in CODE_SECTIONS]
+            if self.config.stubs:
+                ranges.append((min(self.config.stubs), max(self.config.stubs) + 15))
+            for lo, hi in ranges:
+                u.hook(U.HOOK_CODE, self._step, U.CODE_CB, lo, hi)
+            u.hook(U.HOOK_MEM, self._mem, U.MEM_CB)
+        else:
+            for addr in sorted(self._actions):
+                u.hook(U.HOOK_CODE, self._site, U.CODE_CB, addr, addr)
+
+    def _tlb_fill(self, vaddr: int, access: int, entry) -> bool:
+        page = self.space.pages.get(vaddr >> 12)
+        run = self.run_
+        if page is None:
+            poison = self.config.user_gs_poison
+            if self.cpu is not None and self.cpu.gs_base == poison and 0 <= vaddr - poison < 0x100000:
+                run.pending_fault = (FaultKind.USER_GS, f"%gs: access with the user GSBASE ({vaddr:#x})", vaddr)
+            else:
+                run.pending_fault = (FaultKind.UNMAPPED, f"access to unmapped {vaddr:#x}", vaddr)
+            return False
+        if self._user_view and not page.user:
+            what = "fetch of" if access == U.MEM_FETCH else "access to"
+            run.pending_fault = (FaultKind.USER_CR3, f"{what} {page.region} {vaddr:#x} under the user CR3", vaddr)
+            return False
+        e = entry.contents
+        e.paddr = page.phys
+        perms = U.PROT_READ
+        if Perm.W in page.perm:
+            perms |= U.PROT_WRITE
+        if Perm.X in page.perm:
+            perms |= U.PROT_EXEC
+        e.perms = perms
+        return True
+
+    def _intr(self, intno: int) -> None:
+        self.fault(FaultKind.TRAP,
+                   f"exception {intno} raised by the code at {self.image.symbolize(self.u.read(_RIP))}")
+
+    def _mem(self, access: int, addr: int, size: int, value: int) -> None:
+        run = self.run_
+        if not run.full:
+            return
+        write = access == U.MEM_WRITE
+        run.accesses.append((run.steps, addr, size, write, True))
+        if write:
+            off = addr - self.wbase
+            if 0 <= off < self.wsize:
+                run.writes.append((run.steps, off, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")))
+        if run.flow is not None:
+            run.flow.append((Op.WRITE if write else Op.READ, addr, size))
+
+    def _step(self, addr: int, size: int) -> None:
+        run = self.run_
+        if run.outcome is not None:
+            self.u.emu_stop()
+            return
+        if run.steps >= run.limit:
+            self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
+            return
+        if run.inject and run.inject[0][0] == addr:
+            run.hits += 1
+            address, vector, hit = run.inject[0]
+            if run.hits == hit:
+                run.inject.pop(0)
+                run.hits = 0
+                if self.deliver(vector, 0) and run.outcome is None:
+                    self.u.emu_stop()       # restart at the handler (RIP was changed)
+                    return
+        run.pcs.append(addr)
+        if run.full:
+            run.regs.append(self.u.read_all())
+            run.cpus.append(self.cpu)
+            run.outs.append(run.outstanding)
+            run.chains.append(run.chain)
+        if run.flow is not None:
+            run.flow.append((Op.INSN, addr))
+        run.steps += 1
+        action = self._actions.get(addr)
+        if action is not None:
+            action(addr, size)
+
+    def _site(self, addr: int, size: int) -> None:
+        run = self.run_
+        if run.outcome is not None:
+            self.u.emu_stop()
+            return
+        run.steps += 1
+        self._actions[addr](addr, size)
+
+    def _skip(self, addr: int, size: int) -> None:
+        if self.run_.flow is not None:
+            self.run_.flow.append((Op.SKIP,))
+        self.u.write(_RIP, addr + size)
+
+    # ---- privileged instructions --------------------------------------------------------------
+    def _make_action(self, kind: str, *args):
+        return getattr(self, "_act_" + kind)(*args)
+
+    def _flow(self, *entry) -> None:
+        if self.run_.flow is not None:
+            self.run_.flow.append(entry)
+
+    def _act_cr3_read(self, reg: str):
+        uc_reg, loc = _UC_REG[reg], REG_INDEX[reg]
+
+        def act(addr: int, size: int) -> None:
+            self._skip(addr, size)
+            self.u.write(uc_reg, self.cpu.cr3)
+            self._flow(Op.CONST, loc)
+            self.emit(Cr3Read, pc=addr, value=self.cpu.cr3)
+        return act
+
+    def _act_cr3_write(self, reg: str):
+        uc_reg, loc = _UC_REG[reg], REG_INDEX[reg]
+
+        def act(addr: int, size: int) -> None:
+            self._skip(addr, size)
+            self._flow(Op.USE, loc)
+            cpu, write = model.write_cr3(self.cpu, self.u.read(uc_reg))
+            self.set_cpu(cpu)
+            self.emit(Cr3Written, pc=addr, write=write, user_view=self._user_view)
+        return act
+
+    def _act_rdmsr(self):
+        def act(addr: int, size: int) -> None:
+            self._flow(Op.USE, REG_INDEX["rcx"])
+            msr = self.u.read(_RCX) & 0xFFFFFFFF
+            try:
+                value = model.rdmsr(self.cpu, msr)
+            except model.MsrError as exc:
+                self.fault(FaultKind.GP, str(exc))
+                return
+            self._skip(addr, size)
+            self.u.write(_RAX, value & 0xFFFFFFFF)
+            self.u.write(_RDX, value >> 32)
+            self._flow(Op.CONST, REG_INDEX["rax"])
+            self._flow(Op.CONST, REG_INDEX["rdx"])
+            self.emit(MsrRead, pc=addr, msr=msr, value=value)
+        return act
+
+    def _act_wrmsr(self):
+        def act(addr: int, size: int) -> None:
+            for name in ("rcx", "rax", "rdx"):
+                self._flow(Op.USE, REG_INDEX[name])
+            u = self.u
+            msr = u.read(_RCX) & 0xFFFFFFFF
+            value = (u.read(_RAX) & 0xFFFFFFFF) | ((u.read(_RDX) & 0xFFFFFFFF) << 32)
+            try:
+                cpu, write = model.wrmsr(self.cpu, msr, value)
+            except model.MsrError as exc:
+                self.fault(FaultKind.GP, str(exc))
+                return
+            self._skip(addr, size)
+            self.set_cpu(cpu)
+            self.emit(MsrWritten, pc=addr, write=write)
+            if msr in (model.MSR_GS_BASE, model.MSR_KERNEL_GS_BASE):
+                self.emit(GsChange, pc=addr, how="wrmsr", gs_base=cpu.gs_base, kernel_gs_base=cpu.kernel_gs_base)
+        return act
+
+    def _act_swapgs(self):
+        def act(addr: int, size: int) -> None:
+            self._skip(addr, size)
+            cpu = model.swapgs(self.cpu)
+            self.set_cpu(cpu)
+            self.emit(GsChange, pc=addr, how="swapgs", gs_base=cpu.gs_base, kernel_gs_base=cpu.kernel_gs_base)
+        return act
+
+    def _act_rdgsbase(self, reg: str):
+        uc_reg, loc = _UC_REG[reg], REG_INDEX[reg]
+
+        def act(addr: int, size: int) -> None:
+            if not self.cpu.fsgsbase:
+                self.fault(FaultKind.UD, f"RDGSBASE with CR4.FSGSBASE clear at {self.image.symbolize(addr)}")
+                return
+            self._skip(addr, size)
+            self.u.write(uc_reg, self.cpu.gs_base)
+            self._flow(Op.CONST, loc)
+        return act
+
+    def _act_wrgsbase(self, reg: str):
+        uc_reg, loc = _UC_REG[reg], REG_INDEX[reg]
+
+        def act(addr: int, size: int) -> None:
+            if not self.cpu.fsgsbase:
+                self.fault(FaultKind.UD, f"WRGSBASE with CR4.FSGSBASE clear at {self.image.symbolize(addr)}")
+                return
+            self._skip(addr, size)
+            self._flow(Op.USE, loc)
+            cpu = model.wrgsbase(self.cpu, self.u.read(uc_reg))
+            self.set_cpu(cpu)
+            self.emit(GsChange, pc=addr, how="wrgsbase", gs_base=cpu.gs_base, kernel_gs_base=cpu.kernel_gs_base)
+        return act
+
+    def _act_lsl(self, dst: str, src: str):
+        uc_dst, uc_src = _UC_REG[dst], _UC_REG[PARENT[src]]
+        src_loc = REG_INDEX[PARENT[src]]
+
+        def act(addr: int, size: int) -> None:
+            selector = self.u.read(uc_src) & 0xFFFF
+            if selector != self.config.cpunode_selector:
+                self.fault(FaultKind.GP, f"LSL of selector {selector:#x}: only the CPU-number segment is modelled")
+                return
+            self._skip(addr, size)
+            self._flow(Op.USE, src_loc)
+            self._flow(Op.USE, FLAG_GROUPS["arith"])
+            self.u.write(uc_dst, self.config.cpunode_limit)
+            self.u.write(_RFLAGS, self.u.read(_RFLAGS) | RFLAGS_ZF)
+            self._flow(Op.CONST, REG_INDEX[dst])
+            self._flow(Op.CONST, FLAG_GROUPS["arith"])
+        return act
+
+    def _act_fence(self, kind: str):
+        def act(addr: int, size: int) -> None:
+            self._skip(addr, size)
+            self.emit(Fence, pc=addr, kind=kind)
+        return act
+
+    def _act_unsupported(self, what: str):
+        def act(addr: int, size: int) -> None:
+            self.fault(FaultKind.UD, f"{what} at {self.image.symbolize(addr)} is not modelled")
+        return act
+
+    def _act_iretq(self):
+        def act(addr: int, size: int) -> None:
+            u = self.u
+            rsp = u.read(_RSP)
+            if not (self.mapped(rsp) and self.mapped(rsp + 39)):
+                self.fault(FaultKind.UNMAPPED, f"IRET frame at unmapped {rsp:#x}", rsp)
+                return
+            run = self.run_
+            flow, run.flow = run.flow, None
+            try:
+                raw = self.read(rsp, 40)
+            finally:
+                run.flow = flow
+            frame = Frame(None, *(int.from_bytes(raw[8 * k:8 * k + 8], "little") for k in range(5)))
+            try:
+                cpu = model.iret(self.cpu, frame)
+            except model.FrameError as exc:
+                self.fault(FaultKind.GP, f"{exc} at {self.image.symbolize(addr)}")
+                return
+            if flow is not None:
+                flow.append((Op.SKIP,))
+                flow.append((Op.IRET, self.space.phys(rsp)))
+            to_user = frame.cs & 3 == 3
+            self.emit(Iret, pc=addr, cpu=cpu, frame=frame, to_user=to_user)
+            u.write(_RIP, frame.rip)
+            u.write(_RSP, frame.rsp)
+            u.write(_RFLAGS, frame.rflags | model.RFLAGS_FIXED)
+            self.set_cpu(cpu)
+            self._landed(frame.rip, frame.rsp)
+            if run.outcome is not None:
+                return
+            if self.cpu.nmi_pending and not self.cpu.nmi_blocked:
+                # A latched NMI arrives at the first boundary after the unblocking IRET (in user
+                # mode too: the path then goes on through the NMI-from-user entry).
+                self.set_cpu(self.cpu.but(nmi_pending=False))
+                self.deliver(Vector.NMI, from_latch=True)
+                return
+            if to_user:
+                self._end(Outcome.RETURNED, "IRET to user mode")
+                return
+            if run.home is not None and (frame.rip, frame.rsp) == run.home and not run.outstanding:
+                self._end(Outcome.RETURNED, "IRET to the interrupted kernel context")
+        return act
+
+    def _landed(self, rip: int, rsp: int) -> None:
+        """An IRET landed at (rip, rsp): the exceptions that interrupted exactly there resumed."""
+        run = self.run_
+        outstanding = run.outstanding
+        scanned = []
+        for k in range(len(outstanding) - 1, -1, -1):
+            inj = outstanding[k]
+            scanned.append(k)
+            if inj.rip == rip and inj.rsp == rsp:
+                run.outstanding = outstanding[:k]
+                if run.flow is not None:
+                    run.flow.append((Op.LANDED, tuple(scanned), k))
+                regs = self.u.read_all()
+                run.events.append(Resumed(step=run.steps, pc=rip, cpu=self.cpu, injection=inj,
+                                          regs=regs[:15] + (regs[17],)))
+                if inj is run.delivered and run.resumed_step is None:
+                    run.resumed_step = run.steps
+                point = run.points.get(k)
+                if point is not None and self._same_state(point, regs):
+                    run.converged = point.tag
+                    if run.flow is not None:
+                        run.flow.append((Op.STOP,))
+                    self._end(Outcome.STOPPED, "converged")
+                return
+        if run.flow is not None:
+            run.flow.append((Op.LANDED, tuple(scanned), -1))
+
+    def _same_state(self, point: ConvergePoint, regs: tuple[int, ...]) -> bool:
+        """Registers, model state and every word the reference run still reads equal to its state."""
+        ref = point.ref
+        if self.cpu is not ref.cpu and self.cpu != ref.cpu:
+            return False
+        if self.run_.outstanding != ref.outstanding or regs != ref.regs:
+            return False
+        cur = self.u.mem_read(self.wbase, self.wsize)
+        if cur == ref.memory:
+            return True
+        live = point.live
+        for off in diff_words(cur, ref.memory):
+            if live.live(off, point.boundary):
+                return False
+        return True
+
+    def _act_sysretq(self):
+        def act(addr: int, size: int) -> None:
+            u = self.u
+            self._flow(Op.USE, REG_INDEX["rcx"])
+            self._flow(Op.USE, REG_INDEX["r11"])
+            rcx = u.read(_RCX)
+            r11 = u.read(_UC_REG["r11"])
+            try:
+                cpu = model.sysret(self.cpu, rcx)
+            except model.FrameError as exc:
+                self.fault(FaultKind.GP, str(exc))
+                return
+            u.write(_RIP, rcx)
+            u.write(_RFLAGS, (r11 & 0x3C7FD7) | model.RFLAGS_FIXED)
+            self.set_cpu(cpu)
+            self.emit(Sysret, pc=addr, rip=rcx)
+            self._end(Outcome.RETURNED, "SYSRET to user mode")
+        return act
+
+    def _act_stub(self, name: str):
+        stubs = self.m.stubs
+
+        def act(addr: int, size: int) -> None:
+            stubs(self, name)
+        return act
+
+
+__all__ = ["Machine", "MachineConfig", "Request", "Record", "Level", "Op", "ConvergePoint", "LiveIndex", "StepLog",
+           "MemoryCursor", "Context", "DEFAULT_BUDGET", "FLAG_GROUPS", "GROUP_MASKS"]

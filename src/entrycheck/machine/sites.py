@@ -1,0 +1,91 @@
+"""The instructions the machine carries out itself, found by decoding the image once."""
+
+from __future__ import annotations
+
+import capstone
+from capstone import x86_const as CX
+
+from entrycheck.errors import InternalError
+from entrycheck.image.image import CODE_SECTIONS, Image
+from entrycheck.machine.api import MachineConfig
+from entrycheck.machine.state import REG_INDEX
+
+
+def find_sites(image: Image, config: MachineConfig) -> dict[int, tuple]:
+    """address -> (kind, operands): the instructions the machine carries out itself."""
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    sites: dict[int, tuple] = {}
+    for sec in image.loaded.sections:
+        if sec.name not in CODE_SECTIONS:
+            continue
+        code = image.contents[sec.name]
+        offset = 0
+        while offset < len(code):
+            for ins in md.disasm(code[offset:], sec.address + offset):
+                got = _classify(ins)
+                if got is not None:
+                    sites[ins.address] = got
+                offset += ins.size
+            offset += 1          # past a byte capstone cannot decode (or the end)
+    for addr, name in config.stubs.items():
+        sites[addr] = ("stub", name)
+    return sites
+
+
+def _parents() -> dict[str, str]:
+    """Every x86-64 general register name -> its 64-bit register."""
+    out = {}
+    for r in ("ax", "bx", "cx", "dx"):
+        full = "r" + r
+        out.update({full: full, "e" + r: full, r: full, r[0] + "l": full, r[0] + "h": full})
+    for r in ("si", "di", "bp", "sp"):
+        full = "r" + r
+        out.update({full: full, "e" + r: full, r: full, r + "l": full})
+    for n in range(8, 16):
+        full = f"r{n}"
+        out.update({full: full, full + "d": full, full + "w": full, full + "b": full})
+    out["rip"] = "rip"
+    return out
+
+
+PARENT = _parents()
+
+
+def _reg(ins, op) -> str:
+    name = ins.reg_name(op.reg)
+    if name not in REG_INDEX:
+        raise InternalError(f"no register {name} at {ins.address:#x}")
+    return name
+
+
+def _classify(ins) -> tuple | None:
+    m = ins.mnemonic
+    if m == "mov" and len(ins.operands) == 2:
+        dst, src = ins.operands
+        if src.type == CX.X86_OP_REG and src.reg == CX.X86_REG_CR3:
+            return ("cr3_read", _reg(ins, dst))
+        if dst.type == CX.X86_OP_REG and dst.reg == CX.X86_REG_CR3:
+            return ("cr3_write", _reg(ins, src))
+        if dst.type == CX.X86_OP_REG and ins.reg_name(dst.reg) in ("cs", "ss", "ds", "es", "fs", "gs"):
+            return ("unsupported", f"load of segment register {ins.reg_name(dst.reg)}")
+        return None
+    if m in ("rdmsr", "wrmsr", "swapgs", "iretq"):
+        return (m,)
+    if m in ("rdgsbase", "wrgsbase"):
+        return (m, _reg(ins, ins.operands[0]))
+    if m in ("rdfsbase", "wrfsbase", "rdpid", "invpcid", "hlt", "cpuid"):
+        return ("unsupported", m)
+    if m == "lsl":
+        dst, src = ins.operands
+        if src.type != CX.X86_OP_REG:
+            return ("unsupported", "lsl with a memory operand")
+        return ("lsl", PARENT[ins.reg_name(dst.reg)], ins.reg_name(src.reg))
+    if m in ("sysretq", "sysret"):
+        return ("sysretq",)
+    if m in ("verw", "lfence", "mfence", "clac", "stac"):
+        return ("fence", m)
+    return None
+
+
+__all__ = ["find_sites", "PARENT"]
