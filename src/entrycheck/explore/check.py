@@ -1,9 +1,12 @@
 """A whole check: scenarios x feature sets x handler-effect branches, serial or in parallel.
 
-Work is cut into units (one feature set, its scenarios, one effect branch).  Units
-are independent and deterministic, so they can run in this process, in a process
-pool or on a Dask cluster and the merged result is the same: results are merged
-in unit order, and a run budget is applied to that order afterwards.
+Work is cut into units: one feature set, one scenario, one effect branch, and — when
+several workers share the work — one part of the injection points of the scenario's
+path (every n-th boundary, so parts cost about the same).  Units are independent and
+deterministic, so they can run in this process, in a process pool or on a Dask
+cluster and the merged result is the same: results are put back in exploration
+order (feature set, scenario, branch, boundary), and a run budget is applied to that
+order afterwards.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from collections import Counter
+from typing import Callable, Iterable, Iterator, Sequence
 
 from entrycheck.errors import InputError
-from entrycheck.explore.engine import Budget, ExploreConfig, Explorer, UnitResult
-from entrycheck.explore.paths import Cost, Finding, PathResult
+from entrycheck.explore.engine import Budget, ExploreConfig, Explorer, Group, UnitResult
+from entrycheck.explore.paths import NO_COST, Cost, Finding, PathResult, PathTable
 from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, scenario
 from entrycheck.image.features import FeatureSet
 from entrycheck.image.image import LoadedObject, load
@@ -86,33 +90,84 @@ class CheckConfig:
 
 @dataclass(frozen=True)
 class Unit:
-    index: int
+    index: int                 # position of (features, scenario, branch) in exploration order
     features: FeatureSet
-    scenarios: tuple[str, ...]
+    scenario: str
     effects: frozenset[Effect]
+    part: int = 0              # which boundaries of the scenario's path: those with index % parts == part
+    parts: int = 1
+
+
+class PathView(Sequence[PathResult]):
+    """The paths of a check, in exploration order, made on demand from their tables."""
+
+    def __init__(self, segments: list[tuple[PathTable, int, int]]) -> None:
+        self.segments = segments
+        self._starts = []
+        n = 0
+        for _, a, b in segments:
+            self._starts.append(n)
+            n += b - a
+        self._len = n
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        import bisect
+
+        s = bisect.bisect_right(self._starts, index) - 1
+        table, a, _ = self.segments[s]
+        return table.row(a + index - self._starts[s])
+
+    def __iter__(self) -> Iterator[PathResult]:
+        for table, a, b in self.segments:
+            yield from table.rows(a, b)
 
 
 @dataclass
 class CheckResult:
     feature_sets: tuple[FeatureSet, ...]
     config: CheckConfig
-    paths: list[PathResult] = field(default_factory=list)
+    segments: list[tuple[PathTable, int, int]] = field(default_factory=list)   # paths, in order
     findings: list[Finding] = field(default_factory=list)          # deduplicated
     raw_findings: list[Finding] = field(default_factory=list)      # before deduplication
     all_findings: int = 0
     runs: int = 0
     converged: int = 0
     skipped: int = 0
+    executed: int = 0          # runs the machine really made (depends on how the work was split)
+    shared: int = 0            # paths a shared handler run stood for (likewise)
     stopped_because: str = STOPPED_DONE
     errors: list[str] = field(default_factory=list)
 
+    @property
+    def paths(self) -> PathView:
+        return PathView(self.segments)
+
     def base_paths(self) -> list[PathResult]:
-        return [p for p in self.paths if not p.injections]
+        return [t.row(r) for t, a, b in self.segments for r in range(a, b) if t.link[r] < 0]
 
     def cost(self, paths: Iterable[PathResult] | None = None) -> Cost:
-        total = Cost()
+        """Summed cost of the paths without injection (default) or of ``paths``."""
+        total = NO_COST
         for p in (self.base_paths() if paths is None else paths):
             total = total + p.cost
+        return total
+
+    def total_cost(self) -> Cost:
+        """Summed cost of every path (computed per distinct cost, not per path)."""
+        total = NO_COST
+        for table, a, b in self.segments:
+            counts = Counter(table.cost[a:b])
+            for cid, n in sorted(counts.items()):
+                total = total + table.costs[cid].times(n)
         return total
 
 
@@ -140,26 +195,38 @@ def parse_effects(text: str | None) -> tuple[Effect, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def make_units(cfg: CheckConfig) -> list[Unit]:
-    """One unit per (feature set, scenario, effect branch), in a fixed order."""
+def make_units(cfg: CheckConfig, parts: int = 1) -> list[Unit]:
+    """The units of a check, in a fixed order: (feature set, scenario, branch, part)."""
     for name in cfg.scenarios:
         scenario(name)
     units = []
+    index = 0
     for fs in cfg.feature_sets:
         for name in cfg.scenarios:
             sc = scenario(name)
             if sc.needs and sc.needs not in fs:
                 continue
             for effects in cfg.branches():
-                units.append(Unit(len(units), fs, (name,), effects))
+                n = parts if cfg.depth >= 1 else 1
+                units.extend(Unit(index, fs, name, effects, p, n) for p in range(n))
+                index += 1
     return units
 
 
-# Per process: one explorer (world + two emulators) per feature set, reused across units.
+def choose_parts(cfg: CheckConfig, workers: int) -> int:
+    """How finely to split each scenario: enough pieces for every worker to stay busy at
+    depth >= 2 (each worker shares handler runs only within its own pieces)."""
+    if cfg.max_runs is not None or workers <= 1 or cfg.depth < 2:
+        return 1
+    cells = max(1, len(make_units(cfg)))
+    return max(1, min(8, -(-8 * workers // cells)))
+
+
+# Per process: one explorer (world, machine, memo) per feature set, reused across units.
 _EXPLORERS: dict[tuple, Explorer] = {}
 
 
-def run_unit(ref: ObjectRef, cfg: CheckConfig, unit: Unit, max_runs: int | None = None) -> list[UnitResult]:
+def run_unit(ref: ObjectRef, cfg: CheckConfig, unit: Unit, max_runs: int | None = None) -> UnitResult:
     """Explore one unit in this process (also the entry point of worker processes)."""
     key = (ref, unit.features, cfg.explore_config())
     explorer = _EXPLORERS.get(key)
@@ -169,30 +236,33 @@ def run_unit(ref: ObjectRef, cfg: CheckConfig, unit: Unit, max_runs: int | None 
         world = build_world(ref.load().image(unit.features))
         explorer = _EXPLORERS[key] = Explorer(world, cfg.explore_config())
     explorer.budget = Budget(max_runs)
-    out = []
-    for name in unit.scenarios:
-        try:
-            out.append(explorer.explore(scenario(name), unit.effects))
-        except InputError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a fault of the model: recorded, the check goes on
-            _EXPLORERS.pop(key, None)           # its emulators may be in any state now
-            what = f"{name} on {unit.features}" + (f" with {','.join(sorted(e.value for e in unit.effects))}"
-                                                    if unit.effects else "")
-            out.append(UnitResult(stopped=STOPPED_ERROR, error=f"{what}: {type(exc).__name__}: {exc}"))
-    return out
+    try:
+        return explorer.explore(scenario(unit.scenario), unit.effects, unit.part, unit.parts)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a fault of the model: recorded, the check goes on
+        _EXPLORERS.pop(key, None)           # its machine may be in any state now
+        what = f"{unit.scenario} on {unit.features}" + (f" with {','.join(sorted(e.value for e in unit.effects))}"
+                                                        if unit.effects else "")
+        return UnitResult(PathTable(unit.scenario, unit.features, ()), stopped=STOPPED_ERROR,
+                          error=f"{what}: {type(exc).__name__}: {exc}")
 
 
 def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: str | None = None,
-              progress: Callable[[str, int | None, int | None], None] | None = None) -> CheckResult:
+              progress: Callable[[str, int | None, int | None], None] | None = None,
+              parts: int | None = None) -> CheckResult:
     loaded = ref.load()
     for fs in cfg.feature_sets:
         fs.validate(loaded.features)
-    units = make_units(cfg)
-    if not units:
+    if not make_units(cfg):
         raise InputError("nothing to check: no feature sets")
+    client = None
+    if scheduler:
+        client = _dask_client(scheduler)
+        workers = max(workers, sum(client.nthreads().values()) or 1)
+    units = make_units(cfg, parts if parts is not None else choose_parts(cfg, workers))
     total = len(units)
-    results: list[list[UnitResult] | None] = [None] * total
+    results: list[UnitResult | None] = [None] * total
     done = 0
 
     def report() -> None:
@@ -200,8 +270,12 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
             progress("exploring", done, total)
 
     report()
-    if scheduler:
-        results = _run_dask(ref, cfg, units, scheduler)
+    if client is not None:
+        try:
+            futures = client.map(run_unit, [ref] * total, [cfg] * total, units, [cfg.max_runs] * total, pure=False)
+            results = client.gather(futures)
+        finally:
+            client.close()
         done = total
         report()
     elif workers > 1 and total > 1:
@@ -210,74 +284,78 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
 
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(run_unit, ref, cfg, u, cfg.max_runs): u.index for u in units}
+            futures = {pool.submit(run_unit, ref, cfg, u, cfg.max_runs): k for k, u in enumerate(units)}
             for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()
                 done += 1
                 report()
     else:
-        for u in units:
-            results[u.index] = run_unit(ref, cfg, u, cfg.max_runs)
+        for k, u in enumerate(units):
+            results[k] = run_unit(ref, cfg, u, cfg.max_runs)
             done += 1
             report()
-    return merge(units, [r or [] for r in results], cfg)
+    return merge(units, [r for r in results], cfg)
 
 
-def _run_dask(ref: ObjectRef, cfg: CheckConfig, units: list[Unit], scheduler: str) -> list[list[UnitResult]]:
+def _dask_client(scheduler: str):
     try:
         from dask.distributed import Client
     except ImportError as exc:  # pragma: no cover - dask is a dependency
         raise InputError("--scheduler needs dask.distributed (pip install 'dask[distributed]')") from exc
     try:
-        client = Client(scheduler, timeout=10)
+        return Client(scheduler, timeout=10)
     except (OSError, TimeoutError) as exc:
         raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
-    try:
-        futures = client.map(run_unit, [ref] * len(units), [cfg] * len(units), units,
-                             [cfg.max_runs] * len(units), pure=False)
-        return client.gather(futures)
-    finally:
-        client.close()
 
 
-def merge(units: list[Unit], per_unit: list[list[UnitResult]], cfg: CheckConfig) -> CheckResult:
-    """Merge unit results in unit order; apply the run budget to that order."""
+def merge(units: list[Unit], per_unit: list[UnitResult], cfg: CheckConfig) -> CheckResult:
+    """Merge unit results in exploration order; apply the run budget to that order."""
     result = CheckResult(cfg.feature_sets, cfg)
+    pieces: list[tuple[tuple[int, int], PathTable, Group]] = []
+    for unit, ur in zip(units, per_unit):
+        result.skipped += ur.skipped
+        result.executed += ur.executed
+        result.shared += ur.shared
+        if ur.stopped == STOPPED_ERROR:
+            result.errors.append(ur.error)
+        if ur.stopped == STOPPED_BUDGET:
+            result.stopped_because = STOPPED_BUDGET
+        for g in ur.groups:
+            pieces.append(((unit.index, g.order), ur.table, g))
+    if result.errors:
+        result.stopped_because = STOPPED_ERROR
+    pieces.sort(key=lambda t: t[0])
     remaining = cfg.max_runs
     best: dict[tuple, Finding] = {}
     order: list[tuple] = []
-    for unit_results in per_unit:
-        for ur in unit_results:
-            paths = ur.paths
-            if remaining is not None:
-                if remaining <= 0:
+    for _, table, g in pieces:
+        a, b = g.rows
+        findings = g.findings
+        if remaining is not None:
+            if remaining <= 0:
+                if result.stopped_because != STOPPED_ERROR:
                     result.stopped_because = STOPPED_BUDGET
-                    break
-                if len(paths) > remaining:
-                    paths = paths[:remaining]
+                break
+            if b - a > remaining:
+                b = a + remaining
+                kept = {table.chain(r) for r in range(a, b)}
+                findings = [f for f in findings if f.injections in kept]
+                if result.stopped_because != STOPPED_ERROR:
                     result.stopped_because = STOPPED_BUDGET
-                remaining -= len(paths)
-            if ur.stopped == STOPPED_BUDGET and result.stopped_because != STOPPED_ERROR:
-                result.stopped_because = STOPPED_BUDGET
-            if ur.stopped == STOPPED_ERROR:
-                result.stopped_because = STOPPED_ERROR
-                result.errors.append(ur.error)
-            kept = {(p.scenario, p.features, p.effects, p.injections) for p in paths}
-            result.paths.extend(paths)
-            result.runs += len(paths)
-            result.converged += sum(1 for p in paths if p.converged)
-            result.skipped += ur.skipped
-            for f in ur.findings:
-                if (f.scenario, f.features, f.effects, f.injections) not in kept:
-                    continue
-                result.all_findings += 1
-                result.raw_findings.append(f)
-                key = f.key()
-                if key not in best:
-                    best[key] = f
-                    order.append(key)
-                elif len(f.injections) < len(best[key].injections):
-                    best[key] = f
+            remaining -= b - a
+        if b > a:
+            result.segments.append((table, a, b))
+            result.runs += b - a
+            result.converged += sum(table.converged[a:b])
+        for f in findings:
+            result.all_findings += 1
+            result.raw_findings.append(f)
+            key = f.key()
+            if key not in best:
+                best[key] = f
+                order.append(key)
+            elif len(f.injections) < len(best[key].injections):
+                best[key] = f
     result.findings = [best[k] for k in order]
     return result
 

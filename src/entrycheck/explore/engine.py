@@ -1,20 +1,28 @@
 """Exhaustive exception injection over one scenario on one feature set.
 
-For a path, a RECORD run keeps a snapshot at every instruction boundary.  Each
-vector is then delivered at each boundary where hardware could deliver it: the
-leaves run FAST from the snapshot; when depth remains, the injected run is itself
+For a path, one STEPS run records the state at every instruction boundary.  Each
+vector is then delivered at each boundary where hardware could deliver it: leaves
+run at Unicorn's speed from that state; with depth left, the injected run is itself
 recorded and its handler's boundaries explored in turn (nesting).
 
-Pruning (each step provably reaches only states already explored):
+A path's verdict and cost are put together from summaries: of the path before the
+injection (kept per boundary of each recorded run), of the leaf's own run, and of
+the recorded run it rejoined — so a leaf costs the same however long its path is.
 
-* Convergence.  When an injected exception returns to the boundary it
-  interrupted and registers, model state and the memory the rest of the path
-  reads before writing are all what the recorded run had there, the rest of the
-  run is the recorded run's — deterministic execution from equal inputs — so it
-  stops ("converged") and the recorded continuation stands for it.
+Pruning (each step provably reaches only states already explored; ``--no-prune``
+runs everything to its end and must find the same):
+
+* Convergence.  When an injected exception returns to the boundary it interrupted
+  and registers, model state and every word the recorded run still reads before
+  writing are what that run had there, the rest of the run is the recorded run's
+  (deterministic execution from equal inputs): it stops, and the recorded
+  continuation stands for the rest.
 * Latched NMIs.  An NMI that arrives while NMIs are blocked only sets the latch,
   which nothing reads until the unblocking IRET; every boundary of one blocked
   stretch therefore leads to the same state at that IRET, and only the first is run.
+* Shared handler runs (explore/memo.py).  A leaf whose start state agrees with an
+  earlier leaf's on everything that leaf's run used, and whose copies of the rest
+  would rejoin the recorded run, is that run: it is attributed without running.
 """
 
 from __future__ import annotations
@@ -23,15 +31,19 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Callable
 
-from entrycheck.explore.paths import Cost, Finding, Injected, PathResult, cost_of, cr3_trace_of
-from entrycheck.explore.scenarios import Scenario, prepare
+from entrycheck.explore.memo import Memo, Target
+from entrycheck.explore.paths import (NO_COST, Cost, Finding, PathTable, cr3_entry, event_cost)
+from entrycheck.explore.scenarios import Scenario, start_state
+from entrycheck.image import layout
 from entrycheck.kernelabi.stubs import Effect, StubOptions, Stubs
 from entrycheck.kernelabi.world import World
-from entrycheck.image import layout
-from entrycheck.machine.emulator import DEFAULT_BUDGET, Emulator, Mode, Snapshot
-from entrycheck.machine.events import Event, Injection, Outcome, Resumed
-from entrycheck.machine.model import Vector, can_deliver
-from entrycheck.props.invariants import Run, check_run
+from entrycheck.machine.events import Event, Injection, Outcome
+from entrycheck.machine.flow import Analyser
+from entrycheck.machine.api import DEFAULT_BUDGET, ConvergePoint, Level, LiveIndex, Record, Request, StepLog
+from entrycheck.machine.machine import Machine
+from entrycheck.machine.model import CpuState, Vector, can_deliver
+from entrycheck.machine.state import Snapshot
+from entrycheck.props.invariants import (NO_NMI, End, NmiSummary, Violation, local_violations, nmi_of, verdict)
 
 DEFAULT_VECTORS = (Vector.NMI, Vector.MC, Vector.DB)
 
@@ -47,43 +59,44 @@ class ExploreConfig:
     trace_window: int = 16
 
 
+@dataclass(frozen=True)
+class Own:
+    """What a path's own run contributes: summarised once per run (or per shared run)."""
+
+    events: tuple[Event, ...]
+    cost: Cost
+    cr3: tuple
+    nmi: NmiSummary
+    local: tuple                     # local violations, positions relative to the run's first event
+
+
 @dataclass
-class Recorded:
-    """A recorded run and what exploring inside it needs."""
+class Group:
+    """The paths and findings that injecting at one boundary of the scenario's path produced."""
 
-    start: int                          # step the run started at
-    prefix: tuple[Event, ...]           # the path's events before this run
-    chain: tuple[Injected, ...]
-    events: list[Event]
-    pcs: list[int]
-    snapshots: dict[int, Snapshot]
-    accesses: list[tuple[int, int, int, bool, bool]]
-    window: tuple[int, int]             # [first, last) steps where injection happens
-    run: Run
-    target: Injection | None = None     # the exception delivered at the start of this run
-    parent: "Recorded | None" = None    # the run it was injected into, at boundary parent_k
-    parent_k: int = 0
-    _live: dict | None = None
-    _event_steps: list[int] = field(default_factory=list)
-
-    def events_upto(self, step: int) -> tuple[Event, ...]:
-        if not self._event_steps:
-            self._event_steps = [e.step for e in self.events]
-        return self.prefix + tuple(self.events[:bisect.bisect_right(self._event_steps, step)])
-
-    def pc_at(self, step: int) -> int:
-        return self.pcs[step - self.start]
+    order: int                       # index of the boundary in the scenario's path
+    rows: tuple[int, int]
+    findings: list[Finding] = field(default_factory=list)
 
 
 @dataclass
 class UnitResult:
-    paths: list[PathResult] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
-    runs: int = 0
+    table: PathTable
+    groups: list[Group] = field(default_factory=list)     # in exploration order
     converged: int = 0
     skipped: int = 0
+    executed: int = 0                # runs the machine really made
+    shared: int = 0                  # leaves attributed to a shared run
     stopped: str = "done"
     error: str = ""
+
+    @property
+    def runs(self) -> int:
+        return len(self.table)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [f for g in self.groups for f in g.findings]
 
 
 class Budget:
@@ -98,8 +111,126 @@ class Budget:
         return True
 
 
+class Node:
+    """A recorded run and what exploring inside it and evaluating paths through it need."""
+
+    def __init__(self, ex: "Explorer", record: Record, parent: "Node | None", parent_k: int,
+                 chain: tuple[Injection, ...], row: int) -> None:
+        self.record = record
+        self._wbase = ex.wbase
+        self.log: StepLog = record.steps
+        self.parent, self.parent_k = parent, parent_k
+        self.chain = chain
+        self.row = row
+        self.events = record.events
+        self.steps = [e.step for e in self.events]
+        first = self.log.start
+        end = record.resumed_step if record.resumed_step is not None else record.final.steps
+        self.window = (first, end)
+        if parent is None:
+            pre_cost, pre_cr3, pre_nmi, pre_local, self.position = NO_COST, (), NO_NMI, (), 0
+        else:
+            i = parent.index(parent_k)
+            pre_cost, pre_cr3, pre_nmi, pre_local = parent.cost_pre[i], parent.cr3_pre[i], parent.nmi_pre[i], \
+                parent.local_pre[i]
+            self.position = parent.position + i
+        n = len(self.events)
+        self.cost_pre: list[Cost] = [pre_cost] * (n + 1)
+        self.cr3_pre: list[tuple] = [pre_cr3] * (n + 1)
+        self.nmi_pre: list[NmiSummary] = [pre_nmi] * (n + 1)
+        self.local_pre: list[tuple] = [pre_local] * (n + 1)
+        own_local = local_violations(ex.world, self.events, self.position)
+        li = 0
+        for i, e in enumerate(self.events):
+            c = event_cost(e, ex.image)
+            self.cost_pre[i + 1] = ex.add_cost(self.cost_pre[i], c) if c is not None else self.cost_pre[i]
+            t = cr3_entry(e, ex.image)
+            self.cr3_pre[i + 1] = ex.concat(self.cr3_pre[i], (t,)) if t is not None else self.cr3_pre[i]
+            s = nmi_of(e)
+            self.nmi_pre[i + 1] = self.nmi_pre[i] + s if s is not NO_NMI else self.nmi_pre[i]
+            start = li
+            while li < len(own_local) and own_local[li][2] == self.position + i:
+                li += 1
+            self.local_pre[i + 1] = self.local_pre[i] + own_local[start:li] if li > start else self.local_pre[i]
+        self.own_local = own_local
+        self._suffix: dict[int, tuple[Cost, tuple, NmiSummary]] = {}
+        self._live: LiveIndex | None = None
+        self._live_words: frozenset[int] | None = None
+        self.points: tuple[ConvergePoint, ...] = ()
+        self.point_nodes: tuple[tuple["Node", int], ...] = ()
+        self._anc: tuple | None = None
+
+    def index(self, k: int) -> int:
+        """How many of this run's events happened by boundary k."""
+        return bisect.bisect_right(self.steps, k)
+
+    def suffix(self, k: int, ex: "Explorer") -> tuple[Cost, tuple, NmiSummary]:
+        """Cost, CR3 trace and NMI summary of this run's events after boundary k."""
+        i = self.index(k)
+        got = self._suffix.get(i)
+        if got is None:
+            cost, cr3, nmi = NO_COST, (), NO_NMI
+            for e in self.events[i:]:
+                c = event_cost(e, ex.image)
+                if c is not None:
+                    cost = ex.add_cost(cost, c)
+                t = cr3_entry(e, ex.image)
+                if t is not None:
+                    cr3 = ex.concat(cr3, (t,))
+                s = nmi_of(e)
+                if s is not NO_NMI:
+                    nmi = nmi + s
+            got = self._suffix[i] = (cost, cr3, nmi)
+        return got
+
+    @property
+    def live(self) -> LiveIndex:
+        if self._live is None:
+            space = self.record.final
+            self._live = LiveIndex(self.log.accesses, self._wbase, len(space.memory))
+            self._live_words = frozenset(w for w in self._live.words())
+        return self._live
+
+    @property
+    def live_words(self) -> frozenset[int]:
+        self.live
+        return self._live_words
+
+    def targets(self, k: int, memory) -> tuple[Target, Target | None]:
+        """What a leaf at boundary k may rejoin: this run there, or (through the outer
+        exception's return) the run this one was injected into."""
+        i = k - self.log.start
+        log = self.log
+        own = Target(len(log.outstanding[i]), log.regs[i], memory, log.cpus[i], log.outstanding[i], self.live,
+                     self.live_words, k)
+        if not self.points:
+            return own, None
+        p = self.points[0]
+        if self._anc is None:
+            node = self.point_nodes[0][0]
+            self._anc = (p.ref.regs, p.ref.memory, p.ref.cpu, p.ref.outstanding, p.live, node.live_words,
+                         p.boundary)
+            self._dirty_pos, self._dirty = 0, {}
+        writes = log.writes
+        n = self._dirty_pos
+        live_words = self._anc[5]
+        while n < len(writes) and writes[n][0] <= k:
+            _, off, data = writes[n]
+            for w in range(off & ~7, off + len(data), 8):
+                if w in live_words:
+                    self._dirty[w] = None
+            n += 1
+        self._dirty_pos = n
+        regs, mem, cpu, out, live, words, boundary = self._anc
+        return own, Target(p.index, regs, mem, cpu, out, live, words, boundary, tuple(self._dirty))
+
+    def path_events(self, i: int) -> tuple[Event, ...]:
+        before = self.parent.path_events(self.parent.index(self.parent_k)) if self.parent else ()
+        return before + self.events[:i]
+
+
 class Explorer:
-    """Explores the scenarios of one feature set (one world, two emulators)."""
+    """Explores the scenarios of one feature set (one world, one machine, one memo)."""
 
     def __init__(self, world: World, config: ExploreConfig, budget: Budget | None = None,
                  progress: Callable[[int], None] | None = None) -> None:
@@ -108,112 +239,173 @@ class Explorer:
         self.config = config
         self.budget = budget or Budget(None)
         self.progress = progress
-        self.rec = Emulator(self.image, world.config, Stubs(world), mode=Mode.RECORD, budget=config.budget)
-        self.fast = Emulator(self.image, world.config, Stubs(world), mode=Mode.FAST, budget=config.budget)
-        self._pristine = self._pristine_snapshot()
+        self.stubs = Stubs(world)
+        self.machine = Machine(self.image, world.config, self.stubs)
+        self.pristine = self.machine.pristine_memory()
+        self.wbase = self.machine.space.writable_base
+        self.analyser = Analyser(self.image, self.wbase, self.machine.space.writable_size)
+        self.memo = Memo(self.wbase)
+        self.memo_enabled = config.prune
         self._watch_excluded = self._db_excluded_ranges()
         self._disasm: dict[int, str] = {}
+        self._costs: dict[tuple[int, int], Cost] = {}
+        self._cost_intern: dict[Cost, Cost] = {NO_COST: NO_COST}
+        self._concats: dict[tuple[int, int], tuple] = {}
+        self._tuple_intern: dict[tuple, tuple] = {(): ()}
+        self._ends: dict[tuple, tuple] = {}
+        self._links: dict[tuple, Injection] = {}
 
-    def _pristine_snapshot(self) -> Snapshot:
-        self.rec.set_cpu(self.world.kernel_cpu())
-        return self.rec.snapshot()
+    # ---- interned arithmetic on summaries ------------------------------------------------
+    def _link(self, vector: Vector, pc: int, hit: int) -> Injection:
+        key = (vector, pc, hit)
+        got = self._links.get(key)
+        if got is None:
+            got = self._links[key] = Injection(vector, self.image.symbolize(pc), hit)
+        return got
 
-    # ---- the unit of work ------------------------------------------------------------
-    def explore(self, sc: Scenario, effects: frozenset[Effect] = frozenset()) -> UnitResult:
+    def add_cost(self, a: Cost, b: Cost) -> Cost:
+        """a + b, both interned (sums are cached by the identity of interned costs)."""
+        if b is NO_COST:
+            return a
+        intern = self._cost_intern
+        a, b = intern.setdefault(a, a), intern.setdefault(b, b)
+        if a is NO_COST:
+            return b
+        key = (id(a), id(b))
+        got = self._costs.get(key)
+        if got is None:
+            c = a + b
+            got = self._costs[key] = intern.setdefault(c, c)
+        return got
+
+    def _intern_cost(self, c: Cost) -> Cost:
+        return self._cost_intern.setdefault(c, c)
+
+    def concat(self, a: tuple, b: tuple) -> tuple:
+        """a + b for CR3 traces, interned likewise."""
+        intern = self._tuple_intern
+        if not b:
+            return intern.setdefault(a, a)
+        a, b = intern.setdefault(a, a), intern.setdefault(b, b)
+        if not a:
+            return b
+        key = (id(a), id(b))
+        got = self._concats.get(key)
+        if got is None:
+            c = a + b
+            got = self._concats[key] = intern.setdefault(c, c)
+        return got
+
+    def own_summary(self, events: tuple[Event, ...], position: int) -> Own:
+        cost, cr3, nmi = NO_COST, (), NO_NMI
+        for e in events:
+            c = event_cost(e, self.image)
+            if c is not None:
+                cost = cost + c
+            t = cr3_entry(e, self.image)
+            if t is not None:
+                cr3 = cr3 + (t,)
+            s = nmi_of(e)
+            if s is not NO_NMI:
+                nmi = nmi + s
+        return Own(events, self._intern_cost(cost), self._tuple_intern.setdefault(cr3, cr3), nmi,
+                   local_violations(self.world, events, position))
+
+    # ---- the unit of work ---------------------------------------------------------------
+    def explore(self, sc: Scenario, effects: frozenset[Effect] = frozenset(), part: int = 0,
+                parts: int = 1) -> UnitResult:
+        """Explore ``sc``; with ``parts`` > 1 only the boundaries of its path whose index is
+        ``part`` modulo ``parts`` (the scenario's own path belongs to part 0)."""
         self.sc, self.effects = sc, effects
-        options = StubOptions(effects=effects, sysret=sc.sysret)
-        self.rec.stub_handler.options = options
-        self.fast.stub_handler.options = options
-        self.result = UnitResult()
+        self.options = StubOptions(effects=effects, sysret=sc.sysret)
+        self.table = PathTable(sc.name, self.image.features, _names(effects))
+        self.result = UnitResult(self.table)
         if not self.budget.take():
             self.result.stopped = "budget"
             return self.result
-        self.rec.restore(self._pristine)
-        prepare(self.rec, self.world, sc)
-        base = self._record(start=None, prefix=(), chain=())
-        self._evaluate(base.run, (), base.events, self.rec, None)
-        self._explore_level(base, self.config.depth)
+        start = start_state(self.world, sc, self.pristine)
+        rec = self._run(Request(start, deliver=sc.vector, level=Level.STEPS, options=self.options,
+                                budget=self.config.budget))
+        base = Node(self, rec, None, 0, (), -1)
+        if part == 0:
+            group = Group(-1, (0, 0))
+            base.row = self._evaluate_node(base, (), group)
+            group.rows = (0, len(self.table))
+            self.result.groups.append(group)
+        else:
+            base.row = -1
+        self._explore_level(base, self.config.depth, top=(part, parts))
         return self.result
 
-    def _record(self, start: Snapshot | None, prefix: tuple[Event, ...], chain: tuple[Injected, ...],
-                vector: Vector | None = None, parent: Recorded | None = None, parent_k: int = 0) -> Recorded:
-        emu = self.rec
-        self.result.runs += 1
-        if start is not None:
-            emu.restore(start)
-        emu.snapshot_steps = True
-        emu.on_resume = None
-        target = None
-        if vector is not None:
-            before = len(emu.run.outstanding)
-            delivered = emu.deliver(vector, 0)
-            target = emu.run.outstanding[before] if delivered else None
-
-            def on_resume(e: Emulator, ev: Resumed) -> bool:
-                if ev.injection is target:
-                    e.snapshot_steps = False
-                return False
-            emu.on_resume = on_resume
-        first = emu.run.steps
-        emu.go()
-        emu.snapshot_steps = False
-        end = emu.run.steps
-        if target is not None:
-            resumed = next((ev.step for ev in emu.run.events if isinstance(ev, Resumed) and ev.injection is target),
-                           None)
-            end = resumed if resumed is not None else end
-        run = Run(prefix + tuple(emu.run.events), emu.run.outcome, emu.run.reason, emu.cpu, False,
-                  tuple(emu.run.outstanding), len(prefix))
-        return Recorded(first, prefix, chain, list(emu.run.events), list(emu.run.pcs), emu.snapshots,
-                        list(emu.run.accesses), (first, end), run, target, parent, parent_k)
+    def _run(self, request: Request) -> Record:
+        self.result.executed += 1
+        return self.machine.run(request)
 
     # ---- injection points --------------------------------------------------------------
-    def _explore_level(self, rec: Recorded, depth_left: int) -> None:
+    def _explore_level(self, node: Node, depth_left: int, top: tuple[int, int] | None = None) -> None:
         if depth_left <= 0:
             return
-        first, last = rec.window
+        first, last = node.window
+        log = node.log
         seen_blocked = False
         hits: dict[int, int] = {}
+        cursor = log.cursor()
+        vectors = self.config.vectors
         for k in range(first, last):
-            snap = rec.snapshots.get(k)
-            if snap is None:
-                continue
-            pc = rec.pc_at(k)
+            i = k - log.start
+            pc = log.pcs[i]
             hits[pc] = hits.get(pc, 0) + 1
             if self.progress:
                 self.progress(1)
-            blocked_start = snap.cpu.nmi_blocked and not snap.cpu.nmi_pending and not seen_blocked
-            seen_blocked = snap.cpu.nmi_blocked
-            for vector in self.config.vectors:
-                if not self._allowed(vector, snap, rec, k):
+            cpu = log.cpus[i]
+            blocked_start = cpu.nmi_blocked and not cpu.nmi_pending and not seen_blocked
+            seen_blocked = cpu.nmi_blocked
+            group = None
+            if top is not None:
+                if (k - first) % top[1] != top[0]:
                     continue
-                if vector is Vector.NMI and snap.cpu.nmi_blocked and self.config.prune and not blocked_start:
+                group = Group(k - first, (len(self.table), 0))
+                self.group = group
+            memory = None
+            for vector in vectors:
+                if not self._allowed(vector, cpu, log.outstanding[i], node, k):
+                    continue
+                if vector is Vector.NMI and cpu.nmi_blocked and self.config.prune and not blocked_start:
                     self.result.skipped += 1
                     continue
-                link = Injected(vector.label, self.image.symbolize(pc), hits[pc])
-                chain = rec.chain + (link,)
+                link = self._link(vector, pc, hits[pc])
                 if not self.budget.take():
                     self.result.stopped = "budget"
+                    self._close(group)
                     return
+                if memory is None:
+                    memory = cursor.advance(k)
                 if depth_left > 1:
-                    sub = self._record(snap, rec.events_upto(k), chain, vector, rec, k)
-                    self._evaluate(sub.run, chain, sub.events, self.rec, None, pcs_start=sub.start)
-                    self._explore_level(sub, depth_left - 1)
+                    state = log.state(k, cursor.frozen())
+                    child = self._record(node, k, state, vector, link)
+                    self._explore_level(child, depth_left - 1)
                 else:
-                    self._leaf(rec, k, snap, vector, chain)
+                    self._leaf(node, k, i, memory, cursor, vector, link)
+            self._close(group)
+            if self.result.stopped == "budget":
+                return
 
-    def _allowed(self, vector: Vector, snap: Snapshot, rec: Recorded, k: int) -> bool:
-        cpu = snap.cpu
+    def _close(self, group: Group | None) -> None:
+        if group is not None and group.rows[1] == 0:
+            group.rows = (group.rows[0], len(self.table))
+            self.result.groups.append(group)
+
+    def _allowed(self, vector: Vector, cpu: CpuState, outstanding, node: Node, k: int) -> bool:
         if vector is Vector.NMI:
             return not cpu.nmi_pending
         if not can_deliver(cpu, vector):
             return False
-        if vector is Vector.MC and not self.config.mc_nesting and any(i.vector is Vector.MC for i in snap.outstanding):
+        if vector is Vector.MC and not self.config.mc_nesting and any(i.vector is Vector.MC for i in outstanding):
             # Linux supports no nested #MC: once do_machine_check() cleared MCIP, another #MC
             # before the IRET reuses the #MC IST stack in any kernel.  Assumed not to happen.
             return False
         if vector is Vector.DB and not self.config.db_anywhere:
-            return self._watchable_before(rec, k)
+            return self._watchable_before(node, k)
         return vector in self.world.config.idt
 
     def _db_excluded_ranges(self) -> list[tuple[int, int]]:
@@ -223,7 +415,8 @@ class Explorer:
         out = [(layout.CEA_BASE - layout.PAGE, layout.CEA_BASE + 0x100000)]
         res = self.image.loaded.resolution
         if "__per_cpu_offset" in res.data:
-            out.append((res.data["__per_cpu_offset"], res.data["__per_cpu_offset"] + res.data_sizes["__per_cpu_offset"]))
+            out.append((res.data["__per_cpu_offset"],
+                        res.data["__per_cpu_offset"] + res.data_sizes["__per_cpu_offset"]))
         if "cpu_tss_rw" in w.percpu:
             out.append((w.percpu_addr("cpu_tss_rw"), w.percpu_addr("cpu_tss_rw") + 0x1000))
         mask = w.tlbstate_flush_mask()
@@ -231,7 +424,7 @@ class Explorer:
             out.append((mask, mask + 2))
         if "cpu_dr7" in w.percpu:
             out.append((w.percpu_addr("cpu_dr7"), w.percpu_addr("cpu_dr7") + 8))
-        space = self.rec.space
+        space = self.machine.space
         phys = []
         for start, end in out:
             addr = start
@@ -243,121 +436,159 @@ class Explorer:
                 addr += chunk
         return phys
 
-    def _watchable_before(self, rec: Recorded, k: int) -> bool:
+    def _watchable_before(self, node: Node, k: int) -> bool:
         """#DB as a trap: the instruction before boundary k touched data a breakpoint may watch."""
-        if k == rec.start:
+        if k == node.log.start:
             return False
-        step = k            # accesses of instruction k-1 carry step == k (counted before it ran)
-        lo = bisect.bisect_left(rec.accesses, (step, -1, -1, False, False))
-        for s, addr, size, _, by_insn in rec.accesses[lo:]:
-            if s != step:
+        accesses = node.log.accesses
+        lo = bisect.bisect_left(accesses, (k, -1, -1, False, False))
+        for s, addr, size, _, by_insn in accesses[lo:]:
+            if s != k:
                 break
             if by_insn and not any(a < addr + size and addr < b for a, b in self._watch_excluded):
                 return True
         return False
 
-    # ---- leaves --------------------------------------------------------------------------
-    def _leaf(self, rec: Recorded, k: int, snap: Snapshot, vector: Vector, chain: tuple[Injected, ...]) -> None:
-        emu = self.fast
-        self.result.runs += 1
-        emu.restore(snap)
-        before = len(emu.run.outstanding)
-        delivered = emu.deliver(vector, 0)
-        target = emu.run.outstanding[before] if delivered else None
-        emu.on_resume = None
-        converged_at: list[tuple[Recorded, int]] = []
-        if self.config.prune:
-            # Where each exception of the chain returns, the run it interrupted is known.
-            points: dict[int, tuple[Recorded, int, Snapshot]] = {}
-            if target is not None:
-                points[id(target)] = (rec, k, snap)
-            r = rec
-            while r.target is not None and r.parent is not None:
-                points[id(r.target)] = (r.parent, r.parent_k, r.parent.snapshots[r.parent_k])
-                r = r.parent
-
-            def on_resume(e: Emulator, ev: Resumed) -> bool:
-                point = points.get(id(ev.injection))
-                if point is None:
-                    return False
-                ref_rec, ref_k, ref_snap = point
-                if _same_state(e, ref_snap, self._live_index(ref_rec), ref_k):
-                    converged_at.append((ref_rec, ref_k))
-                    return True
-                return False
-            emu.on_resume = on_resume
-        emu.go()
-        converged = bool(converged_at) and emu.run.outcome is Outcome.STOPPED
-        if converged:
-            self.result.converged += 1
-        prefix = rec.events_upto(k)
-        suffix: tuple[Event, ...] = ()
-        if converged:
-            ref_rec, ref_k = converged_at[-1]
-            suffix = tuple(e for e in ref_rec.events if e.step > ref_k)
-        run = Run(prefix + tuple(emu.run.events), emu.run.outcome, emu.run.reason, emu.cpu, converged,
-                  tuple(emu.run.outstanding), len(prefix), suffix)
-        # A converged run ends as the run it rejoined ends.
-        ends_as = converged_at[-1][0].run if converged else run
-        self._evaluate(run, chain, emu.run.events, emu, (rec, k, snap, vector), cost_of(suffix, self.image),
-                       ends_as=ends_as)
-
-    def _live_index(self, rec: Recorded) -> dict[int, tuple[list[int], list[bool]]]:
-        """Per writable byte (offset into the span): the steps that access it, and whether
-        that step reads it (a read and a write in one step count as a read)."""
-        if rec._live is None:
-            base, size = self.rec.space.writable_base, self.rec.space.writable_size
-            per: dict[int, dict[int, bool]] = {}
-            for s, addr, n, write, _ in rec.accesses:
-                for b in range(max(addr, base), min(addr + n, base + size)):
-                    d = per.setdefault(b - base, {})
-                    d[s] = d.get(s, False) or not write
-            rec._live = {b: (sorted(d), [d[k] for k in sorted(d)]) for b, d in per.items()}
-        return rec._live
-
-    # ---- evaluation -----------------------------------------------------------------------
-    def _evaluate(self, run: Run, chain: tuple[Injected, ...], own_events: list[Event], emu: Emulator,
-                  leaf: tuple | None, suffix_cost: Cost = Cost(), pcs_start: int = 0,
-                  ends_as: Run | None = None) -> None:
-        violations = check_run(self.world, run)
-        end = ends_as or run
-        self.result.paths.append(PathResult(self.sc.name, str(self.image.features), _names(self.effects), chain,
-                                            end.outcome.value, cost_of(run.events, self.image) + suffix_cost,
-                                            _end_state(end), cr3_trace_of(run.events + run.suffix, self.image),
-                                            run.converged))
-        if not violations:
-            return
-        if emu.mode is Mode.RECORD:
-            pcs, steps = emu.run.pcs, {id(v): v.step for v in violations}
+    # ---- recorded runs ----------------------------------------------------------------------
+    def _record(self, node: Node, k: int, state: Snapshot, vector: Vector, link: Injection) -> Node:
+        rec = self._run(Request(state, deliver=vector, level=Level.STEPS, options=self.options,
+                                budget=self.config.budget))
+        child = Node(self, rec, node, k, node.chain + (link,), -1)
+        child.row = self._evaluate_node(child, child.chain, self.group)
+        if rec.delivered is not None:
+            point = ConvergePoint(len(state.outstanding), state, node.live, k, 0)
+            child.points = (point,) + tuple(ConvergePoint(p.index, p.ref, p.live, p.boundary, t + 1)
+                                            for t, p in enumerate(node.points))
+            child.point_nodes = ((node, k),) + node.point_nodes
         else:
-            # FAST runs keep no instruction trace: replay the same run recorded.
-            pcs, replayed = self._replay(*leaf)
-            pcs_start = leaf[1]
-            found = {(v.invariant, v.pc, v.message): v.step for v in replayed}
-            steps = {id(v): found.get((v.invariant, v.pc, v.message), pcs_start + len(pcs)) for v in violations}
+            child.points, child.point_nodes = node.points, node.point_nodes
+        return child
+
+    def _evaluate_node(self, node: Node, chain: tuple[Injection, ...], group: Group) -> int:
+        rec = node.record
+        n = len(node.events)
+        end = End(rec.outcome, rec.reason, rec.final.cpu, False, rec.final.outstanding, node.events[-1],
+                  node.nmi_pre[n], lambda: node.path_events(n))
+        violations = verdict(self.world, node.local_pre[n], end)
+        row = self.table.add(node.parent.row if node.parent is not None else -1, chain[-1] if chain else None,
+                             rec.outcome.value, node.cost_pre[n], self._end_state(rec), node.cr3_pre[n], False)
+        if violations:
+            steps = {id(v): v.step for v in violations}
+            self._findings(violations, chain, node.log.pcs, node.log.start, steps, group)
+        return row
+
+    def _end_state(self, rec: Record) -> tuple:
+        cpu = rec.final.cpu
+        key = (rec.outcome.value, cpu)
+        got = self._ends.get(key)
+        if got is None:
+            got = self._ends[key] = (rec.outcome.value, cpu.cr3, cpu.cpl, cpu.gs_base, cpu.kernel_gs_base,
+                                     cpu.spec_ctrl, cpu.nmi_blocked, cpu.nmi_pending, tuple(sorted(cpu.stale)))
+        return got
+
+    # ---- leaves --------------------------------------------------------------------------
+    def _leaf(self, node: Node, k: int, i: int, memory, cursor, vector: Vector, link: Injection) -> None:
+        log = node.log
+        chain = node.chain + (link,)
+        prune = self.config.prune
+        key = None
+        if self.memo_enabled:
+            key = Memo.key(vector, log.cpus[i], log.outstanding[i], log.home, self.options)
+            entry = self.memo.lookup(key, log.regs[i], memory, log.outstanding[i], node.targets(k, memory))
+            if entry is not None and self._attribute(node, k, entry, link):
+                self.result.shared += 1
+                return
+        state = log.state(k, cursor.frozen())
+        points: tuple[ConvergePoint, ...] = ()
+        if prune:
+            points = (ConvergePoint(len(state.outstanding), state, node.live, k, 0),) + \
+                tuple(ConvergePoint(p.index, p.ref, p.live, p.boundary, t + 1) for t, p in enumerate(node.points))
+        rec = self._run(Request(state, deliver=vector, level=Level.EVENTS, converge=points, options=self.options,
+                                budget=self.config.budget, budget_from=k))
+        position = node.position + node.index(k)
+        own = self.own_summary(rec.events, position)
+        converged_at = None
+        if rec.converged is not None:
+            converged_at = (((node, k),) + node.point_nodes)[rec.converged]
+        violations = self._leaf_path(node, k, own, rec, converged_at, link)
+        if violations:
+            self._leaf_findings(node, k, state, vector, violations, chain, position)
+        elif key is not None and rec.converged in (0, 1) and not own.local:
+            # A clean run that rejoined: run it again with the dataflow log, to share it.
+            flowed = self._run(Request(state, deliver=vector, level=Level.FLOW, converge=points,
+                                       options=self.options, budget=self.config.budget, budget_from=k))
+            flow = self.analyser.analyse(flowed)
+            if flow is not None and flowed.converged == rec.converged:
+                self.memo.add(key, flow, flowed.converged, state.regs, state.memory, flowed.final.regs,
+                              flowed.final.memory, flowed.final.cpu, _Shared(own, flowed.final.cpu))
+
+    def _attribute(self, node: Node, k: int, entry, link: Injection) -> bool:
+        """A leaf the memo stands for: its path, if that path breaks no invariant (else it runs)."""
+        shared = entry.result
+        at = (((node, k),) + node.point_nodes)[entry.rejoined]
+        outstanding = node.log.outstanding[k - node.log.start]
+        if entry.rejoined:
+            outstanding = outstanding[:node.points[0].index]
+        ended = _Ended(Outcome.STOPPED, "converged", shared.cpu, outstanding)
+        return not self._leaf_path(node, k, shared.own, ended, at, link, only_if_clean=True)
+
+    def _leaf_path(self, node: Node, k: int, own: Own, rec, converged_at, link: Injection | None,
+                   dry: bool = False, only_if_clean: bool = False) -> list[Violation]:
+        """The verdict of a leaf's path (prefix + own run + the rest it rejoined); adds its row
+        unless ``dry`` (or, with ``only_if_clean``, when it breaks an invariant)."""
+        i = node.index(k)
+        cost = self.add_cost(node.cost_pre[i], own.cost)
+        cr3 = self.concat(node.cr3_pre[i], own.cr3)
+        nmi = node.nmi_pre[i] + own.nmi
+        if converged_at is not None:
+            ref, ref_k = converged_at
+            s_cost, s_cr3, s_nmi = ref.suffix(ref_k, self)
+            cost = self.add_cost(cost, s_cost)
+            cr3 = self.concat(cr3, s_cr3)
+            nmi = nmi + s_nmi
+            ends = ref.record
+        else:
+            ends = rec
+        final = rec.final if isinstance(rec, Record) else rec
+        events = own.events
+        local = node.local_pre[i] + own.local if own.local else node.local_pre[i]
+        if converged_at is not None and not local and nmi.handled <= nmi.delivered and \
+                (nmi.tail is None or nmi.tail[0] != "nmi"):
+            violations = []            # what verdict() finds for a clean path that rejoined
+        else:
+            end = End(rec.outcome, rec.reason, final.cpu, converged_at is not None, final.outstanding, events[-1],
+                      nmi, lambda: node.path_events(i) + events)
+            violations = verdict(self.world, local, end)
+        if dry or (only_if_clean and violations):
+            return violations
+        self.table.add(node.row, link, ends.outcome.value, cost, self._end_state(ends), cr3,
+                       converged_at is not None)
+        if converged_at is not None:
+            self.result.converged += 1
+        return violations
+
+    def _leaf_findings(self, node: Node, k: int, state: Snapshot, vector: Vector, violations: list[Violation],
+                       chain, position: int) -> None:
+        # Leaves keep no instruction trace: replay the same run recorded.
+        rec = self._run(Request(state, deliver=vector, level=Level.PCS, options=self.options,
+                                budget=self.config.budget, budget_from=k))
+        own = self.own_summary(rec.events, position)
+        replayed = self._leaf_path(node, k, own, rec, None, None, dry=True)
+        found = {(v.invariant, v.pc, v.message): v.step for v in replayed}
+        pcs = rec.steps.pcs
+        steps = {id(v): found.get((v.invariant, v.pc, v.message), k + len(pcs)) for v in violations}
+        self._findings(violations, chain, pcs, k, steps, self.group)
+
+    def _findings(self, violations: list[Violation], chain, pcs, pcs_start: int, steps: dict, group: Group) -> None:
         for v in violations:
             trace = self._trace_window(pcs, steps[id(v)] - pcs_start)
-            self.result.findings.append(Finding(v.invariant, self.sc.name, str(self.image.features),
-                                                _names(self.effects), chain, self.image.symbolize(v.pc),
-                                                v.message, trace))
+            group.findings.append(Finding(v.invariant, self.sc.name, self.image.features, _names(self.effects),
+                                          chain, self.image.symbolize(v.pc), v.message, trace))
 
-    def _replay(self, rec: Recorded, k: int, snap: Snapshot, vector: Vector) -> tuple[list[int], list]:
-        emu = self.rec
-        emu.restore(snap)
-        emu.snapshot_steps = False
-        emu.on_resume = None
-        emu.deliver(vector, 0)
-        emu.go()
-        prefix = rec.events_upto(k)
-        run = Run(prefix + tuple(emu.run.events), emu.run.outcome, emu.run.reason, emu.cpu, False,
-                  tuple(emu.run.outstanding), len(prefix))
-        return list(emu.run.pcs), check_run(self.world, run)
-
-    def _trace_window(self, pcs: list[int], upto: int) -> tuple[str, ...]:
+    def _trace_window(self, pcs, upto: int) -> tuple[str, ...]:
         n = self.config.trace_window
         upto = max(0, min(len(pcs), upto))
-        window = pcs[max(0, upto - n):upto]
-        return tuple(self._line(a) for a in window)
+        return tuple(self._line(a) for a in pcs[max(0, upto - n):upto])
 
     def _line(self, addr: int) -> str:
         got = self._disasm.get(addr)
@@ -366,46 +597,26 @@ class Explorer:
         return got
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """What the memo keeps of a shared run."""
+
+    own: Own
+    cpu: CpuState
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """How a shared run ends: where it started, converged."""
+
+    outcome: Outcome
+    reason: str
+    cpu: CpuState
+    outstanding: tuple
+
+
 def _names(effects: frozenset[Effect]) -> tuple[str, ...]:
     return tuple(sorted(e.value for e in effects))
 
 
-def _end_state(run: Run) -> tuple:
-    cpu = run.final_cpu
-    return (run.outcome.value, cpu.cr3, cpu.cpl, cpu.gs_base, cpu.kernel_gs_base, cpu.spec_ctrl, cpu.nmi_blocked,
-            cpu.nmi_pending, tuple(sorted(cpu.stale)))
-
-
-def _same_state(emu: Emulator, ref: Snapshot, index: dict, k: int) -> bool:
-    """Registers, model state and every byte the recorded run still reads equal to ``ref``.
-
-    A byte that differs only matters if the recorded run's next access to it, from
-    boundary k on (instruction k's accesses carry step k+1), is a read.
-    """
-    from entrycheck.machine.emulator import CONTEXT_REGS
-
-    if emu.cpu != ref.cpu or tuple(emu.run.outstanding) != ref.outstanding:
-        return False
-    if emu.regs.read_all(CONTEXT_REGS) != ref.regs:
-        return False
-    cur, mem = emu.writable_memory(), ref.memory
-    if cur == mem:
-        return True
-    block = 256
-    for off in range(0, len(mem), block):
-        if cur[off:off + block] == mem[off:off + block]:
-            continue
-        for b in range(off, min(off + block, len(mem))):
-            if cur[b] == mem[b]:
-                continue
-            got = index.get(b)
-            if got is None:
-                continue                      # never accessed again
-            steps, reads = got
-            j = bisect.bisect_left(steps, k + 1)
-            if j < len(steps) and reads[j]:
-                return False
-    return True
-
-
-__all__ = ["ExploreConfig", "Explorer", "UnitResult", "Budget", "DEFAULT_VECTORS"]
+__all__ = ["ExploreConfig", "Explorer", "UnitResult", "Budget", "DEFAULT_VECTORS", "Group"]

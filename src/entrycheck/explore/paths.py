@@ -1,37 +1,28 @@
-"""Results of exploration as frozen data: injection links, costs, findings, path results."""
+"""Results of exploration as data: costs, findings, and the paths explored.
+
+A check explores millions of paths, so they are kept in ``PathTable``s: one row per
+path (its parent path, the injection that extends the parent's chain, and indices
+into tables of the costs, CR3 traces and end states the paths share).  ``PathResult``
+objects are made on demand when a row is read.
+"""
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterator
 
+from entrycheck.image.features import FeatureSet
 from entrycheck.image.image import Image
-from entrycheck.machine.events import Cr3Written, Delivered, Event, GsChange, MsrWritten
+from entrycheck.machine.events import Cr3Written, Delivered, Event, GsChange, Injection, MsrWritten
 
 Sites = tuple[tuple[str, int], ...]
+_COUNTS = ("cr3_writes", "cr3_flushing", "cr3_noflush", "cr3_redundant", "msr_writes", "msr_redundant", "swapgs",
+           "exceptions")
 
 
-@dataclass(frozen=True, order=True)
-class Injected:
-    """One exception of an injection chain: delivered at the boundary before ``at``."""
-
-    vector: str               # "nmi", "mc", "db", ...
-    at: str                   # sym+off of the interrupted instruction
-    hit: int = 1              # which execution of that instruction (counted from the previous injection)
-
-    def spec(self) -> str:
-        """The --inject syntax that reproduces it: VEC@SYM+OFF[#HIT]."""
-        return f"{self.vector}@{self.at}" + (f"#{self.hit}" if self.hit != 1 else "")
-
-    def to_json(self) -> dict:
-        out: dict = {"vector": self.vector, "at": self.at}
-        if self.hit != 1:
-            out["hit"] = self.hit
-        return out
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=True)
 class Cost:
     """What a path costs in privileged operations."""
 
@@ -46,7 +37,18 @@ class Cost:
     cr3_sites: Sites = ()               # (site, writes) sorted
     redundant_sites: Sites = ()         # (site, redundant CR3 and MSR writes) sorted
 
+    def __hash__(self) -> int:
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f) for f in _COUNTS) + (self.cr3_sites, self.redundant_sites))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     def __add__(self, other: "Cost") -> "Cost":
+        if not other:
+            return self
+        if not self:
+            return other
         return Cost(*(getattr(self, f) + getattr(other, f) for f in _COUNTS),
                     cr3_sites=_merge(self.cr3_sites, other.cr3_sites, 1),
                     redundant_sites=_merge(self.redundant_sites, other.redundant_sites, 1))
@@ -55,6 +57,17 @@ class Cost:
         return Cost(*(getattr(self, f) - getattr(other, f) for f in _COUNTS),
                     cr3_sites=_merge(self.cr3_sites, other.cr3_sites, -1),
                     redundant_sites=_merge(self.redundant_sites, other.redundant_sites, -1))
+
+    def times(self, n: int) -> "Cost":
+        """The cost of ``n`` such paths."""
+        if n == 1:
+            return self
+        return Cost(*(getattr(self, f) * n for f in _COUNTS),
+                    cr3_sites=tuple((k, v * n) for k, v in self.cr3_sites),
+                    redundant_sites=tuple((k, v * n) for k, v in self.redundant_sites))
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f) for f in _COUNTS) or bool(self.cr3_sites or self.redundant_sites)
 
     def cr3_json(self) -> dict:
         return {"writes": self.cr3_writes, "flushing_writes": self.cr3_flushing,
@@ -65,49 +78,62 @@ class Cost:
                 "redundant_msr_writes": self.msr_redundant, "swapgs": self.swapgs, "exceptions": self.exceptions}
 
 
-_COUNTS = ("cr3_writes", "cr3_flushing", "cr3_noflush", "cr3_redundant", "msr_writes", "msr_redundant", "swapgs",
-           "exceptions")
+NO_COST = Cost()
 
 
 def _merge(a: Sites, b: Sites, sign: int) -> Sites:
+    if not b:
+        return a
     c = Counter(dict(a))
     for k, v in b:
         c[k] += sign * v
     return tuple(sorted((k, v) for k, v in c.items() if v))
 
 
-def cost_of(events: Iterable[Event], image: Image) -> Cost:
-    counts = dict.fromkeys(_COUNTS, 0)
-    sites: Counter = Counter()
-    redundant: Counter = Counter()
+def event_cost(e: Event, image: Image) -> Cost | None:
+    """What one event adds to a path's cost (None: nothing)."""
+    if isinstance(e, Cr3Written):
+        site = image.symbolize(e.pc)
+        red = e.write.redundant
+        return Cost(1, 0 if e.write.noflush else 1, 1 if e.write.noflush else 0, 1 if red else 0,
+                    cr3_sites=((site, 1),), redundant_sites=((site, 1),) if red else ())
+    if isinstance(e, MsrWritten):
+        red = e.write.redundant
+        return Cost(msr_writes=1, msr_redundant=1 if red else 0,
+                    redundant_sites=((image.symbolize(e.pc), 1),) if red else ())
+    if isinstance(e, GsChange) and e.how == "swapgs":
+        return Cost(swapgs=1)
+    if isinstance(e, Delivered):
+        return Cost(exceptions=1)
+    return None
+
+
+def cost_of(events, image: Image) -> Cost:
+    total = NO_COST
     for e in events:
-        if isinstance(e, Cr3Written):
-            counts["cr3_writes"] += 1
-            counts["cr3_noflush" if e.write.noflush else "cr3_flushing"] += 1
-            site = image.symbolize(e.pc)
-            sites[site] += 1
-            if e.write.redundant:
-                counts["cr3_redundant"] += 1
-                redundant[site] += 1
-        elif isinstance(e, MsrWritten):
-            counts["msr_writes"] += 1
-            if e.write.redundant:
-                counts["msr_redundant"] += 1
-                redundant[image.symbolize(e.pc)] += 1
-        elif isinstance(e, GsChange) and e.how == "swapgs":
-            counts["swapgs"] += 1
-        elif isinstance(e, Delivered):
-            counts["exceptions"] += 1
-    return Cost(**counts, cr3_sites=tuple(sorted(sites.items())), redundant_sites=tuple(sorted(redundant.items())))
+        c = event_cost(e, image)
+        if c is not None:
+            total = total + c
+    return total
+
+
+def cr3_entry(e: Event, image: Image) -> tuple[str, int, bool] | None:
+    if isinstance(e, Cr3Written):
+        return (image.symbolize(e.pc), e.write.written, e.write.noflush)
+    return None
+
+
+def cr3_trace_of(events, image: Image) -> tuple[tuple[str, int, bool], ...]:
+    return tuple(t for t in (cr3_entry(e, image) for e in events) if t is not None)
 
 
 @dataclass(frozen=True)
 class Finding:
     invariant: str
     scenario: str
-    features: str
+    features: FeatureSet
     effects: tuple[str, ...]
-    injections: tuple[Injected, ...]
+    injections: tuple[Injection, ...]
     site: str                 # where the violation showed
     message: str
     trace: tuple[str, ...] = field(default=(), compare=False)   # instructions before the violation
@@ -119,10 +145,10 @@ class Finding:
 
         sc = SCENARIOS.get(self.scenario)
         entry = sc.vector.label if sc and sc.vector else "syscall"
-        return (self.invariant, self.site, (entry,) + tuple(i.vector for i in self.injections))
+        return (self.invariant, self.site, (entry,) + tuple(i.vector.label for i in self.injections))
 
     def to_json(self) -> dict:
-        return {"invariant": self.invariant, "scenario": self.scenario, "features": self.features,
+        return {"invariant": self.invariant, "scenario": self.scenario, "features": str(self.features),
                 "effects": list(self.effects), "injections": [i.to_json() for i in self.injections],
                 "site": self.site, "message": self.message, "trace": list(self.trace)}
 
@@ -132,9 +158,9 @@ class PathResult:
     """One explored path: a scenario with an injection chain, on one feature set."""
 
     scenario: str
-    features: str
+    features: FeatureSet
     effects: tuple[str, ...]
-    injections: tuple[Injected, ...]
+    injections: tuple[Injection, ...]
     outcome: str
     cost: Cost
     end_state: tuple            # comparable summary of where the path ended
@@ -142,6 +168,70 @@ class PathResult:
     converged: bool = False
 
 
-def cr3_trace_of(events: Iterable[Event], image: Image) -> tuple[tuple[str, int, bool], ...]:
-    return tuple((image.symbolize(e.pc), e.write.written, e.write.noflush) for e in events
-                 if isinstance(e, Cr3Written))
+class PathTable:
+    """The paths of one unit of work, one row each (see the module's docstring)."""
+
+    def __init__(self, scenario: str, features: FeatureSet, effects: tuple[str, ...]) -> None:
+        self.scenario, self.features, self.effects = scenario, features, effects
+        self.parent = array("i")        # row of the path this one extends (-1: the scenario's own path)
+        self.link = array("i")          # index into links (-1: no injection)
+        self.outcome = array("b")
+        self.cost = array("i")
+        self.end = array("i")
+        self.cr3 = array("i")
+        self.converged = array("b")
+        self.links: list[Injection] = []
+        self.outcomes: list[str] = []
+        self.costs: list[Cost] = []
+        self.ends: list[tuple] = []
+        self.cr3s: list[tuple] = []
+        self._ids: dict = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_ids"] = None
+        return state
+
+    def _id(self, table: list, kind: int, value) -> int:
+        # Values come interned from the explorer: their identity is the key (the table keeps
+        # them alive); equal values made apart only cost an extra entry.
+        key = (kind, id(value))
+        got = self._ids.get(key)
+        if got is None:
+            got = self._ids[key] = len(table)
+            table.append(value)
+        return got
+
+    def add(self, parent: int, link: Injection | None, outcome: str, cost: Cost, end: tuple, cr3: tuple,
+            converged: bool) -> int:
+        self.parent.append(parent)
+        self.link.append(-1 if link is None else self._id(self.links, 0, link))
+        self.outcome.append(self._id(self.outcomes, 1, outcome))
+        self.cost.append(self._id(self.costs, 2, cost))
+        self.end.append(self._id(self.ends, 3, end))
+        self.cr3.append(self._id(self.cr3s, 4, cr3))
+        self.converged.append(1 if converged else 0)
+        return len(self.parent) - 1
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def chain(self, row: int) -> tuple[Injection, ...]:
+        out = []
+        while row >= 0 and self.link[row] >= 0:
+            out.append(self.links[self.link[row]])
+            row = self.parent[row]
+        return tuple(reversed(out))
+
+    def row(self, row: int) -> PathResult:
+        return PathResult(self.scenario, self.features, self.effects, self.chain(row),
+                          self.outcomes[self.outcome[row]], self.costs[self.cost[row]], self.ends[self.end[row]],
+                          self.cr3s[self.cr3[row]], bool(self.converged[row]))
+
+    def rows(self, start: int = 0, stop: int | None = None) -> Iterator[PathResult]:
+        for r in range(start, len(self) if stop is None else stop):
+            yield self.row(r)
+
+
+__all__ = ["Cost", "NO_COST", "Finding", "PathResult", "PathTable", "cost_of", "event_cost", "cr3_trace_of",
+           "cr3_entry", "Injection"]
