@@ -61,7 +61,7 @@ def _db_breakpoint_on_spec_ctrl(loaded, finding) -> bool:
     while the #DB handler itself still runs on its IST stack (db-from-user, kernel_ibrs)."""
     if finding.scenario != "db-from-user" or "kernel_ibrs" not in finding.features:
         return False
-    if [i.vector for i in finding.injections] != ["db"]:
+    if [i.vector.label for i in finding.injections] != ["db"]:
         return False
     image = loaded.image(FeatureSet.parse(finding.features))
     at = image.parse_location(finding.injections[0].at)
@@ -199,10 +199,10 @@ def test_a_fault_of_the_model_stops_one_unit_not_the_check(kernel612, monkeypatc
 
     real = engine.Explorer.explore
 
-    def explore(self, sc, effects=frozenset()):
+    def explore(self, sc, effects=frozenset(), part=0, parts=1):
         if sc.name == "mc-from-kernel":
             raise RuntimeError("model broke")
-        return real(self, sc, effects)
+        return real(self, sc, effects, part, parts)
 
     monkeypatch.setattr(engine.Explorer, "explore", explore)
     result = run_check(ref(kernel612), CheckConfig(scenarios=("syscall", "mc-from-kernel", "nmi-from-kernel"),

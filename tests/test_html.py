@@ -24,7 +24,9 @@ from entrycheck.errors import InputError
 from entrycheck.explore.check import CheckConfig, CheckResult
 from entrycheck.explore.costmodel import CostModel
 from entrycheck.explore.diff import ChangeGroup, DiffResult, PathDiff
-from entrycheck.explore.paths import Cost, Finding, Injected, PathResult
+from entrycheck.explore.paths import Cost, Finding, PathResult, PathTable
+from entrycheck.machine.events import Injection
+from entrycheck.machine.model import Vector
 from entrycheck.image.features import FeatureSet
 from entrycheck.report.html import check_html, diff_html, write_html
 
@@ -270,10 +272,11 @@ def synthetic_check() -> CheckResult:
     fs = FeatureSet.parse("pti,pcid")
     cost = Cost(cr3_writes=3, cr3_flushing=2, cr3_noflush=1, cr3_redundant=1,
                 cr3_sites=((f"exc_{XSS}+0x4", 3),), redundant_sites=((f"exc_{XSS}+0x4", 1),))
-    path = PathResult("syscall", "pti,pcid", (), (), "returned", cost, (), ((f"sym_{XSS}", 0x1000, False),))
-    finding = Finding("context-not-restored", "syscall", "pti,pcid", (), (Injected("nmi", f"{XSS}+0x1"),),
+    table = PathTable("syscall", fs, ())
+    table.add(-1, None, "returned", cost, (), ((f"sym_{XSS}", 0x1000, False),), False)
+    finding = Finding("context-not-restored", "syscall", fs, (), (Injection(Vector.NMI, f"{XSS}+0x1"),),
                       site=f"{XSS}+0x10", message=f"CR3 {XSS} was wrong", trace=(f"{XSS}+0x8: movq %rax, %cr3",))
-    return CheckResult((fs,), CheckConfig(scenarios=("syscall",), feature_sets=(fs,)), paths=[path],
+    return CheckResult((fs,), CheckConfig(scenarios=("syscall",), feature_sets=(fs,)), segments=[(table, 0, 1)],
                        findings=[finding], all_findings=1, runs=1)
 
 
@@ -282,10 +285,13 @@ def synthetic_diff() -> DiffResult:
     p = old.paths[0]
     q = PathResult(p.scenario, p.features, (), (), "returned", Cost(cr3_writes=2, cr3_flushing=2,
                    cr3_sites=((f"exc_{XSS}+0x4", 2),)), (), ())
-    d = PathDiff("syscall", "pti,pcid", (), (), p, q)
+    d = PathDiff("syscall", p.features, (), (), p, q)
     sites = SimpleNamespace(_map={}, site=lambda s: s, link=lambda i: i)
-    group = ChangeGroup((), f"CR3 written no more at {XSS}", (d,))
-    return DiffResult(old, new, sites, matched=[d], new_violations=list(new.findings), groups=[group])
+    group = ChangeGroup((), f"CR3 written no more at {XSS}", 1, ("pti,pcid",), ("syscall",), d)
+    cell = ("syscall", "pti,pcid")
+    return DiffResult(old, new, sites, new_violations=list(new.findings), groups=[group], matched_count=1,
+                      changed_count=1, matched_cells=Counter({cell: 1}), changed_cells=Counter({cell: 1}),
+                      base=[d])
 
 
 def test_untrusted_strings_are_shown_as_text(browser, tmp_path, record_property) -> None:
@@ -370,14 +376,16 @@ def test_text_wraps_long_names_and_labels() -> None:
     result = synthetic_check()
     f = result.findings[0]
     result.findings = [Finding(f.invariant, f.scenario, f.features, f.effects,
-                               (Injected("nmi", long_sym + "+0x1"),) * 3, long_sym + "+0x10", "m " * 60)]
-    result.paths = [PathResult("syscall", "pti,pcid", (), (), "returned",
-                               Cost(cr3_writes=1, cr3_flushing=1, cr3_sites=((long_sym, 1),)), (), ())]
+                               (Injection(Vector.NMI, long_sym + "+0x1"),) * 3, long_sym + "+0x10", "m " * 60)]
+    table = PathTable("syscall", f.features, ())
+    table.add(-1, None, "returned", Cost(cr3_writes=1, cr3_flushing=1, cr3_sites=((long_sym, 1),)), (), (), False)
+    result.segments = [(table, 0, 1)]
     text = check_summary(result, target="/some/long/path/" + long_sym + "/entry_64.o", kernel_version="6.1.0")
     assert max(len(line) for line in text.splitlines()) <= 80, max(text.splitlines(), key=len)
     d = synthetic_diff()
     d.new_violations = result.findings
-    d.groups = [ChangeGroup((), f"CR3 written no more at {long_sym}", d.groups[0].paths)]
+    d.groups = [ChangeGroup((), f"CR3 written no more at {long_sym}", 1, ("pti,pcid",), ("syscall",),
+                            d.groups[0].example)]
     text = diff_text(d, old_label="debian:6.1 (linux-source-6.1 6.1.192-2) " + long_sym,
                      new_label="debian:6.1 (linux-source-6.1 6.1.192-2) + " + long_sym + ".patch",
                      model=CostModel(), nmi_rate=1000.0)
@@ -466,8 +474,8 @@ def test_matrix_cells_count_findings_before_deduplication() -> None:
     from entrycheck.report.html import check_matrix
 
     sets = (FeatureSet.parse("pti"), FeatureSet.parse("pti,pcid"))
-    f = Finding("context-not-restored", "nmi-from-kernel", "pti", (), (), "kernel_code+0x123", "m")
-    g = Finding("context-not-restored", "nmi-from-kernel", "pti,pcid", (), (), "kernel_code+0x123", "m")
+    f = Finding("context-not-restored", "nmi-from-kernel", sets[0], (), (), "kernel_code+0x123", "m")
+    g = Finding("context-not-restored", "nmi-from-kernel", sets[1], (), (), "kernel_code+0x123", "m")
     result = CheckResult(sets, CheckConfig(scenarios=("nmi-from-kernel", "syscall"), feature_sets=sets),
                          findings=[f], raw_findings=[f], all_findings=1)
     classes = {(c.scenario, c.features): c.cls for row in check_matrix(result, []) for c in row}

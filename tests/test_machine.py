@@ -14,6 +14,7 @@ from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, scenario
 from entrycheck.image.features import FeatureSet, all_model_feature_sets
 from entrycheck.kernelabi.world import build_world
 from entrycheck.machine import model
+from entrycheck.machine.model import Vector
 from entrycheck.machine.events import Cr3Written, Delivered, Fault, GsChange, Iret, Outcome, Resumed, StubCall
 
 pytestmark = pytest.mark.kernel
@@ -201,21 +202,25 @@ def test_a_fault_ends_the_run_as_an_emulation_fault(kernel612) -> None:
     # Returning with the stack a handler left makes IRET read garbage: the run must end
     # with a reported outcome, not crash the tool.
     w = world_of(kernel612, "pti,pcid")
-    from entrycheck.kernelabi.stubs import Stubs
-    from entrycheck.machine.emulator import Emulator, Mode
-    from entrycheck.explore.scenarios import prepare
+    from dataclasses import replace
 
-    emu = Emulator(w.image, w.config, Stubs(w), mode=Mode.RECORD, budget=50)
-    emu.set_cpu(w.kernel_cpu())
-    prepare(emu, w, scenario("nmi-from-kernel"))
-    assert emu.go() is Outcome.NO_RETURN
-    emu = Emulator(w.image, w.config, Stubs(w), mode=Mode.RECORD)
-    emu.set_cpu(w.kernel_cpu())
-    prepare(emu, w, scenario("syscall"))
-    emu.set_cpu(model.swapgs(emu.cpu))          # as if the entry's SWAPGS had already run
-    assert emu.go() is Outcome.EMULATION_FAULT
-    fault = [e for e in emu.run.events if isinstance(e, Fault)][0]
-    assert fault.kind.value == "percpu-with-user-gs"
+    from entrycheck.explore.scenarios import start_state
+    from entrycheck.kernelabi.stubs import StubOptions, Stubs
+    from entrycheck.machine.api import Level, Request
+    from entrycheck.machine.machine import Machine
+
+    machine = Machine(w.image, w.config, Stubs(w))
+    memory = machine.pristine_memory()
+    for level in (Level.EVENTS, Level.STEPS):
+        rec = machine.run(Request(start_state(w, scenario("nmi-from-kernel"), memory), deliver=Vector.NMI,
+                                  level=level, options=StubOptions(), budget=50))
+        assert rec.outcome is Outcome.NO_RETURN
+        start = start_state(w, scenario("syscall"), memory)
+        start = replace(start, cpu=model.swapgs(start.cpu))   # as if the entry's SWAPGS had already run
+        rec = machine.run(Request(start, level=level, options=StubOptions()))
+        assert rec.outcome is Outcome.EMULATION_FAULT
+        fault = [e for e in rec.events if isinstance(e, Fault)][0]
+        assert fault.kind.value == "percpu-with-user-gs"
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -5,9 +5,11 @@ Exit codes: 0 clean, 1 violations found (check/diff), 2 bad input, 3 internal er
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import click
@@ -127,7 +129,60 @@ def _scenarios(text: str | None) -> tuple[str, ...]:
     return names
 
 
+@dataclass(frozen=True)
+class ExploreOptions:
+    """What every exploring command (check, diff, review) takes, gathered from its options."""
+
+    features: tuple[str, ...] = ()
+    scenarios: str | None = None
+    vectors: str = "nmi,mc,db"
+    depth: int = 2
+    db_mode: str = "watchable"
+    mc_nesting: bool = False
+    handler_effects: str | None = None
+    no_prune: bool = False
+    max_runs: int | None = None
+    workers: int | None = None
+    scheduler: str | None = None
+    tree: str | None = None
+
+    def check_config(self, loaded):
+        """The CheckConfig these options ask for, validated against a loaded object."""
+        from entrycheck.explore.check import CheckConfig, parse_effects, parse_vectors
+        from entrycheck.kernelabi.world import IDT_SYMBOLS
+
+        sets = _feature_sets(self.features)
+        for fs in sets:
+            fs.validate(loaded.features)
+        vecs = parse_vectors(self.vectors)
+        for v in vecs:
+            if IDT_SYMBOLS[v] not in loaded.symbols:
+                raise InputError(f"this kernel has no entry point for {v.label} ({IDT_SYMBOLS[v]} is missing)")
+        return CheckConfig(scenarios=_scenarios(self.scenarios), feature_sets=sets, vectors=vecs, depth=self.depth,
+                           db_anywhere=self.db_mode == "anywhere", mc_nesting=self.mc_nesting,
+                           effects=parse_effects(self.handler_effects), prune=not self.no_prune,
+                           max_runs=self.max_runs)
+
+    def validate(self) -> None:
+        """What can be checked before any work: option values alone."""
+        from entrycheck.explore.check import parse_effects, parse_vectors
+
+        parse_vectors(self.vectors)
+        parse_effects(self.handler_effects)
+        _scenarios(self.scenarios)
+        _feature_sets(self.features)
+
+
+_EXPLORE_FIELDS = tuple(f.name for f in fields(ExploreOptions))
+
+
 def _explore_options(f):
+    """Add the exploring options to a command; it receives them as one ``opts`` object."""
+    @functools.wraps(f)
+    def wrapper(**kwargs):
+        opts = ExploreOptions(**{k: kwargs.pop(k) for k in _EXPLORE_FIELDS})
+        return f(opts=opts, **kwargs)
+
     for opt in reversed([
         click.option("--features", "features", multiple=True, metavar="LIST", help=FEATURES_HELP),
         click.option("--scenarios", default=None, metavar="LIST",
@@ -143,7 +198,8 @@ def _explore_options(f):
                      "cleared MCIP (Linux assumes this never happens)."),
         click.option("--handler-effects", default=None, metavar="LIST",
                      help="Also explore handlers that do this: invalidate-user-asid, switch-kernel-asid."),
-        click.option("--no-prune", is_flag=True, help="Brute force: run every injection to its end."),
+        click.option("--no-prune", is_flag=True, help="Brute force: run every injection to its end (no "
+                     "convergence, no latched-NMI sharing, no shared handler runs)."),
         click.option("--max-runs", type=click.IntRange(1), default=None, help="Stop after this many runs."),
         click.option("--workers", type=click.IntRange(1, 64), default=None,
                      help="Worker processes (default: one per CPU)."),
@@ -151,26 +207,8 @@ def _explore_options(f):
                      help="Run on a Dask distributed scheduler, e.g. tcp://host:8786."),
         TREE_OPTION,
     ]):
-        f = opt(f)
-    return f
-
-
-def _check_config(loaded, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects, no_prune,
-                  max_runs):
-    from entrycheck.explore.check import CheckConfig, parse_effects, parse_vectors
-
-    sets = _feature_sets(features)
-    for fs in sets:
-        fs.validate(loaded.features)
-    vecs = parse_vectors(vectors)
-    from entrycheck.kernelabi.world import IDT_SYMBOLS
-
-    for v in vecs:
-        if IDT_SYMBOLS[v] not in loaded.symbols:
-            raise InputError(f"this kernel has no entry point for {v.label} ({IDT_SYMBOLS[v]} is missing)")
-    return CheckConfig(scenarios=_scenarios(scenarios), feature_sets=sets, vectors=vecs, depth=depth,
-                       db_anywhere=db_mode == "anywhere", mc_nesting=mc_nesting,
-                       effects=parse_effects(handler_effects), prune=not no_prune, max_runs=max_runs)
+        wrapper = opt(wrapper)
+    return wrapper
 
 
 def _object_ref(build):
@@ -179,13 +217,13 @@ def _object_ref(build):
     return ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h)
 
 
-def _run_check(build, loaded, cfg, workers, scheduler):
+def _run_check(build, cfg, opts: ExploreOptions):
     from entrycheck.explore.check import default_workers, run_check
     from entrycheck.report.progress import terminal_progress
 
     with terminal_progress() as progress:
-        return run_check(_object_ref(build), cfg, workers=workers or default_workers(), scheduler=scheduler,
-                         progress=progress)
+        return run_check(_object_ref(build), cfg, workers=opts.workers or default_workers(),
+                         scheduler=opts.scheduler, progress=progress)
 
 
 @cli.command()
@@ -195,8 +233,7 @@ def _run_check(build, loaded, cfg, workers, scheduler):
 @click.option("--html", "html_out", default=None, metavar="PATH",
               help="Also write a self-contained HTML report to PATH.")
 @click.option("--explain", default=None, metavar="INVARIANT", help="Say what an invariant checks, and why.")
-def check(target, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects, no_prune, max_runs,
-          workers, scheduler, tree, json_out, html_out, explain) -> None:
+def check(target, opts: ExploreOptions, json_out, html_out, explain) -> None:
     """Inject exceptions at every instruction boundary of every path and check the invariants.
 
     Exit status: 0 clean, 1 violations found, 2 bad input.
@@ -219,10 +256,9 @@ def check(target, features, scenarios, vectors, depth, db_mode, mc_nesting, hand
     if html_out:
         from entrycheck.report.html import check_path
         check_path(html_out)
-    build, loaded = _load(target, tree)
-    cfg = _check_config(loaded, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects,
-                        no_prune, max_runs)
-    result = _run_check(build, loaded, cfg, workers, scheduler)
+    build, loaded = _load(target, opts.tree)
+    cfg = opts.check_config(loaded)
+    result = _run_check(build, cfg, opts)
     if json_out:
         _write_json(json_out, check_json(result, target=build.label, kernel_version=build.kernel_version,
                                          feature_numbers=loaded.features.source))
@@ -278,6 +314,8 @@ def trace(target, scenario_name, features, injects, handler_effects, finding, tr
 
 
 def _from_finding(spec: str):
+    from entrycheck.machine.events import Injection
+
     path, _, index = spec.rpartition(":") if ":" in spec and spec.rsplit(":", 1)[1].isdigit() else (spec, "", "0")
     try:
         doc = json.loads(Path(path).read_text())
@@ -286,9 +324,15 @@ def _from_finding(spec: str):
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
     except (ValueError, KeyError, IndexError, TypeError):
         raise InputError(f"{path} has no violation {index or 0} (expected the JSON of entrycheck check)") from None
-    injects = tuple(f"{i['vector']}@{i['at']}" + (f"#{i['hit']}" if i.get("hit", 1) != 1 else "")
-                    for i in v.get("injections", []))
-    return v["scenario"], v["features"], injects, ",".join(v.get("effects", [])) or None
+    try:
+        injects = tuple(Injection.from_json(i).spec() for i in v.get("injections", []))
+        effects = v.get("effects", [])
+        if not isinstance(v["scenario"], str) or not isinstance(v["features"], str) or \
+                not all(isinstance(e, str) for e in effects):
+            raise TypeError
+    except (KeyError, TypeError, AttributeError):
+        raise InputError(f"{path} has no violation {index or 0} (expected the JSON of entrycheck check)") from None
+    return v["scenario"], v["features"], injects, ",".join(effects) or None
 
 
 # ---- demo: the bundled fixture --------------------------------------------------------------
@@ -322,7 +366,29 @@ def demo(json_out: str | None, workers: int | None, keep: str | None) -> None:
 # ---- end of demo ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DiffOptions:
+    """What diff and review report with: the cost model, an NMI rate, the output files."""
+
+    cost_spec: str | None = None
+    nmi_rate: float | None = None
+    json_out: str | None = None
+    html_out: str | None = None
+
+    def model(self):
+        from entrycheck.explore.costmodel import parse_cost
+
+        return parse_cost(self.cost_spec)
+
+
+_DIFF_FIELDS = tuple(f.name for f in fields(DiffOptions))
+
+
 def _diff_options(f):
+    @functools.wraps(f)
+    def wrapper(**kwargs):
+        return f(report=DiffOptions(**{k: kwargs.pop(k) for k in _DIFF_FIELDS}), **kwargs)
+
     for opt in reversed([
         click.option("--cost", "cost_spec", default=None, metavar="cr3=N,cr3_flush=N,wrmsr=N",
                      help="Cycles per operation for the cost estimate (defaults: cr3=200, cr3_flush=13000, "
@@ -334,41 +400,38 @@ def _diff_options(f):
         click.option("--html", "html_out", default=None, metavar="PATH",
                      help="Also write a self-contained HTML report to PATH."),
     ]):
-        f = opt(f)
-    return f
+        wrapper = opt(wrapper)
+    return wrapper
 
 
-def _run_diff(old_build, old_loaded, new_build, new_loaded, features, scenarios, vectors, depth, db_mode,
-              mc_nesting, handler_effects, no_prune, max_runs, workers, scheduler, cost_spec, nmi_rate, json_out,
-              html_out=None, html_info=None):
-    from entrycheck.explore.costmodel import parse_cost
+def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions, report: DiffOptions,
+              html_info=None):
     from entrycheck.explore.diff import SiteMap, diff_results
     from entrycheck.report.difftext import diff_json, diff_text
 
-    model = parse_cost(cost_spec) if isinstance(cost_spec, (str, type(None))) else cost_spec
-    cfg = _check_config(old_loaded, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects,
-                        no_prune, max_runs)
-    _check_config(new_loaded, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects,
-                  no_prune, max_runs)
-    old = _run_check(old_build, old_loaded, cfg, workers, scheduler)
-    new = _run_check(new_build, new_loaded, cfg, workers, scheduler)
+    model = report.model()
+    cfg = opts.check_config(old_loaded)
+    opts.check_config(new_loaded)
+    old = _run_check(old_build, cfg, opts)
+    new = _run_check(new_build, cfg, opts)
     from entrycheck.image.features import FeatureSet
 
     fs0 = cfg.feature_sets[0] if cfg.feature_sets else FeatureSet(())
     sites = SiteMap(old_loaded.image(fs0), new_loaded.image(fs0))
     result = diff_results(old, new, sites)
-    if json_out:
-        _write_json(json_out, diff_json(result, old_label=old_build.label, new_label=new_build.label,
-                                        old_version=old_build.kernel_version, new_version=new_build.kernel_version,
-                                        model=model, nmi_rate=nmi_rate))
-    if html_out:
+    if report.json_out:
+        _write_json(report.json_out, diff_json(result, old_label=old_build.label, new_label=new_build.label,
+                                               old_version=old_build.kernel_version,
+                                               new_version=new_build.kernel_version, model=model,
+                                               nmi_rate=report.nmi_rate))
+    if report.html_out:
         from entrycheck.report.html import command_line, diff_html, write_html
-        write_html(html_out, diff_html(result, old_build=old_build, old_loaded=old_loaded, new_build=new_build,
-                                       new_loaded=new_loaded, model=model, nmi_rate=nmi_rate,
-                                       command=command_line(), **html_info))
-    if json_out != "-":
+        write_html(report.html_out, diff_html(result, old_build=old_build, old_loaded=old_loaded,
+                                              new_build=new_build, new_loaded=new_loaded, model=model,
+                                              nmi_rate=report.nmi_rate, command=command_line(), **html_info))
+    if report.json_out != "-":
         click.echo(diff_text(result, old_label=old_build.label, new_label=new_build.label, model=model,
-                             nmi_rate=nmi_rate))
+                             nmi_rate=report.nmi_rate))
     sys.exit(1 if result.new_violations else 0)
 
 
@@ -377,23 +440,19 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, features, scenarios,
 @click.argument("new")
 @_explore_options
 @_diff_options
-def diff(old, new, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects, no_prune, max_runs,
-         workers, scheduler, tree, cost_spec, nmi_rate, json_out, html_out) -> None:
+def diff(old, new, opts: ExploreOptions, report: DiffOptions) -> None:
     """Run the same scenarios and injections on two builds and compare them path by path.
 
     Exit status: 0 unless NEW has violations OLD had not (then 1); 2 on bad input.
     """
-    from entrycheck.explore.costmodel import parse_cost
-
-    cost_spec = parse_cost(cost_spec)
-    if html_out:
+    report.model()
+    opts.validate()
+    if report.html_out:
         from entrycheck.report.html import check_path
-        check_path(html_out)
-    old_build, old_loaded = _load(old, tree)
-    new_build, new_loaded = _load(new, tree)
-    _run_diff(old_build, old_loaded, new_build, new_loaded, features, scenarios, vectors, depth, db_mode,
-              mc_nesting, handler_effects, no_prune, max_runs, workers, scheduler, cost_spec, nmi_rate, json_out,
-              html_out, {"old_target": old, "new_target": new})
+        check_path(report.html_out)
+    old_build, old_loaded = _load(old, opts.tree)
+    new_build, new_loaded = _load(new, opts.tree)
+    _run_diff(old_build, old_loaded, new_build, new_loaded, opts, report, {"old_target": old, "new_target": new})
 
 
 @cli.command()
@@ -402,34 +461,28 @@ def diff(old, new, features, scenarios, vectors, depth, db_mode, mc_nesting, han
               help="A patch (mail, git format-patch, unified diff, or archive text); repeat for a series.")
 @_explore_options
 @_diff_options
-def review(target, patches, features, scenarios, vectors, depth, db_mode, mc_nesting, handler_effects, no_prune,
-           max_runs, workers, scheduler, tree, cost_spec, nmi_rate, json_out, html_out) -> None:
+def review(target, patches, opts: ExploreOptions, report: DiffOptions) -> None:
     """Build TARGET with and without the patch(es), then compare the two like diff."""
     from entrycheck.image import load_build
     from entrycheck.kernel.review import patched_build, read_patches
     from entrycheck.report.progress import terminal_progress
 
-    from entrycheck.explore.check import parse_effects
-    from entrycheck.explore.costmodel import parse_cost
-
-    cost_spec = parse_cost(cost_spec)                 # bad options fail before any build
-    parse_effects(handler_effects)
-    _scenarios(scenarios)
+    report.model()                 # bad options fail before any build
+    opts.validate()
     texts = read_patches([Path(p) for p in patches])
-    if html_out:
+    if report.html_out:
         from entrycheck.report.html import check_path
-        check_path(html_out)
+        check_path(report.html_out)
     with terminal_progress() as progress:
-        base = _resolve(target, tree, progress)
+        base = _resolve(target, opts.tree, progress)
         patched = patched_build(base, texts, progress=progress)
     if patched.applied is not None:
         for pl in patched.applied.placements:
             if pl.context_mismatches or pl.placed_line != pl.header_line:
                 click.echo(f"note: {pl.file} hunk {pl.hunk} applied at line {pl.placed_line} (header says "
                            f"{pl.header_line}; {pl.context_mismatches} context lines differ)", err=True)
-    _run_diff(base, load_build(base), patched.build, load_build(patched.build), features, scenarios, vectors,
-              depth, db_mode, mc_nesting, handler_effects, no_prune, max_runs, workers, scheduler, cost_spec,
-              nmi_rate, json_out, html_out, {"old_target": target, "new_target": str(patched.tree), "patches": texts})
+    _run_diff(base, load_build(base), patched.build, load_build(patched.build), opts, report,
+              {"old_target": target, "new_target": str(patched.tree), "patches": texts})
 
 
 @cli.command()

@@ -148,6 +148,6 @@ def _variant_json(v: VariantResult) -> dict:
 
 def _reproducer_json(v: VariantResult, invariant: str) -> dict:
     f = v.shortest(invariant)
-    return {"invariant": invariant, "scenario": f.scenario, "features": f.features,
+    return {"invariant": invariant, "scenario": f.scenario, "features": str(f.features),
             "injections": [i.to_json() for i in f.injections], "inject": [i.spec() for i in f.injections],
             "site": f.site, "message": f.message, "command": replay_command(v, f)}

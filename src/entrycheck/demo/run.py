@@ -270,7 +270,7 @@ def _variant_result(variant: Variant, kept: Path | None, check: CheckResult) -> 
 
 
 def _return_costs(check: CheckResult) -> Iterator[ReturnCost]:
-    base = {(p.scenario, p.features): p for p in check.base_paths()}
+    base = {(p.scenario, str(p.features)): p for p in check.base_paths()}
     for features in COST_FEATURES:
         for name in COST_SCENARIOS:
             path = base.get((name, features))

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
+from array import array
+from typing import Iterator
+
 from entrycheck.explore.check import CheckResult
-from entrycheck.explore.paths import Cost, Finding, Injected, PathResult
+from entrycheck.explore.paths import Cost, Finding, PathResult, PathTable
+from entrycheck.machine.events import Injection
 from entrycheck.image.decode import sweep
 from entrycheck.image.image import CODE_SECTIONS, Image
 
@@ -56,9 +60,9 @@ class SiteMap:
                 return None
         return None
 
-    def link(self, link: Injected) -> Injected | None:
+    def link(self, link: Injection) -> Injection | None:
         site = self.site(link.at)
-        return Injected(link.vector, site, link.hit) if site else None
+        return Injection(link.vector, site, link.hit) if site else None
 
 
 def _code_symbols(image: Image) -> dict[str, int]:
@@ -95,9 +99,9 @@ def _name(image: Image, value: int) -> str:
 @dataclass(frozen=True)
 class PathDiff:
     scenario: str
-    features: str
+    features: object                          # FeatureSet
     effects: tuple[str, ...]
-    injections: tuple[Injected, ...]          # as in the old build
+    injections: tuple[Injection, ...]         # as in the old build
     old: PathResult
     new: PathResult
 
@@ -111,22 +115,28 @@ class PathDiff:
 
     def cr3_sites_change(self, sites: SiteMap) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(CR3 write sites only in old (named as in the new build when mapped), only in new)."""
-        old = Counter(sites.site(s) or f"{s} (old)" for s, _, _ in self.old.cr3_trace)
-        new = Counter(s for s, _, _ in self.new.cr3_trace)
-        return tuple(sorted((old - new).elements())), tuple(sorted((new - old).elements()))
+        return _sites_change(self.old.cr3_trace, self.new.cr3_trace, sites)
 
 
-@dataclass(frozen=True)
+def _sites_change(old_trace, new_trace, sites: SiteMap) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    old = Counter(sites.site(s) or f"{s} (old)" for s, _, _ in old_trace)
+    new = Counter(s for s, _, _ in new_trace)
+    return tuple(sorted((old - new).elements())), tuple(sorted((new - old).elements()))
+
+
+@dataclass
 class ChangeGroup:
     """Changed paths that changed the same way."""
 
     signature: tuple
     description: str
-    paths: tuple[PathDiff, ...]
+    count: int = 0
+    feature_sets: tuple[str, ...] = ()
+    scenarios: tuple[str, ...] = ()
+    example: PathDiff | None = None            # the one with the shortest chain
 
-    @property
-    def feature_sets(self) -> tuple[str, ...]:
-        return tuple(sorted({p.features for p in self.paths}))
+
+Pair = tuple[PathTable, int, PathTable, int]
 
 
 @dataclass
@@ -134,73 +144,273 @@ class DiffResult:
     old: CheckResult
     new: CheckResult
     sites: SiteMap
-    matched: list[PathDiff] = field(default_factory=list)
-    only_old: list[PathResult] = field(default_factory=list)
-    only_new: list[PathResult] = field(default_factory=list)
+    pairs: list[tuple[PathTable, PathTable, array, array]] = field(default_factory=list)   # matched rows
+    unmatched: list[tuple[str, PathTable, int]] = field(default_factory=list)   # (side, table, row)
     new_violations: list[Finding] = field(default_factory=list)
     fixed_violations: list[Finding] = field(default_factory=list)
     groups: list[ChangeGroup] = field(default_factory=list)
     new_violation_cells: set[tuple[str, str]] = field(default_factory=set)   # (scenario, features)
+    matched_count: int = 0
+    changed_count: int = 0
+    matched_cells: Counter = field(default_factory=Counter)   # (scenario, features) -> matched paths
+    changed_cells: Counter = field(default_factory=Counter)
+    summary: list[dict] = field(default_factory=list)
+    base: list[PathDiff] = field(default_factory=list)        # matched paths without injection
+    _changed: dict = field(default_factory=dict)
+
+    @property
+    def only_old_count(self) -> int:
+        return sum(1 for side, _, _ in self.unmatched if side == "old")
+
+    @property
+    def only_new_count(self) -> int:
+        return len(self.unmatched) - self.only_old_count
+
+    @property
+    def only_old(self) -> list[PathResult]:
+        return [t.row(r) for side, t, r in self.unmatched if side == "old"]
+
+    @property
+    def only_new(self) -> list[PathResult]:
+        return [t.row(r) for side, t, r in self.unmatched if side == "new"]
+
+    def pair(self, ot: PathTable, orow: int, nt: PathTable, nrow: int) -> PathDiff:
+        return PathDiff(ot.scenario, ot.features, ot.effects, ot.chain(orow), ot.row(orow), nt.row(nrow))
+
+    @property
+    def matched(self) -> Iterator[PathDiff]:
+        for ot, nt, orows, nrows in self.pairs:
+            for a, b in zip(orows, nrows):
+                yield self.pair(ot, a, nt, b)
+
+    def listed(self) -> Iterator[tuple[PathDiff, bool]]:
+        """(pair, changed) for the matched paths without injection and the changed ones, in order."""
+        for ot, nt, orows, nrows in self.pairs:
+            cache = self._changed.get((id(ot), id(nt)), {})
+            for a, b in zip(orows, nrows):
+                changed = cache.get(_pair_key(ot, a, nt, b), (False,))[0]
+                if changed or ot.link[a] < 0:
+                    yield self.pair(ot, a, nt, b), changed
+
+    def changed(self) -> Iterator[PathDiff]:
+        for ot, nt, orows, nrows in self.pairs:
+            cache = self._changed.get((id(ot), id(nt)), {})
+            for a, b in zip(orows, nrows):
+                if cache.get(_pair_key(ot, a, nt, b), (False,))[0]:
+                    yield self.pair(ot, a, nt, b)
 
     def unmatched_groups(self) -> list[tuple[str, str, int]]:
         """(side, symbol, paths): paths injecting at instructions that have no counterpart in
         the other build, grouped by the symbol holding the first such instruction."""
         out: Counter = Counter()
         back = set(self.sites._map.values())
-        for side, paths in (("old", self.only_old), ("new", self.only_new)):
-            for p in paths:
-                sym = None
-                for link in p.injections:
-                    missing = self.sites.link(link) is None if side == "old" else \
-                        self.sites.new.parse_location(link.at) not in back
-                    if missing:
-                        sym = link.at.split("+")[0]
-                        break
-                if sym is None:
-                    first = p.injections[0].at.split("+")[0] if p.injections else "(no injection)"
-                    sym = f"{first} (in both builds, but the other's path runs it fewer times or not at all)"
-                out[(side, sym)] += 1
+        for side, table, row in self.unmatched:
+            chain = table.chain(row)
+            sym = None
+            for link in chain:
+                missing = self.sites.link(link) is None if side == "old" else \
+                    self.sites.new.parse_location(link.at) not in back
+                if missing:
+                    sym = link.at.split("+")[0]
+                    break
+            if sym is None:
+                first = chain[0].at.split("+")[0] if chain else "(no injection)"
+                sym = f"{first} (in both builds, but the other's path runs it fewer times or not at all)"
+            out[(side, sym)] += 1
         return sorted(((side, sym, n) for (side, sym), n in out.items()), key=lambda t: (t[0], -t[2], t[1]))
 
-    def changed(self) -> list[PathDiff]:
-        return [d for d in self.matched if d.cost_changed or d.behaviour_changed or
-                [(self.sites.site(s), v, n) for s, v, n in d.old.cr3_trace] != list(d.new.cr3_trace)]
+
+def _pair_key(ot: PathTable, a: int, nt: PathTable, b: int) -> tuple:
+    return (ot.cost[a], nt.cost[b], ot.cr3[a], nt.cr3[b], ot.end[a], nt.end[b], ot.outcome[a], nt.outcome[b])
+
+
+def _match(old: CheckResult, new: CheckResult, sites: SiteMap, result: DiffResult) -> None:
+    """Pair every old path with the new path of the same scenario, feature set, effects and
+    (mapped) injection chain, walking each table's parent links."""
+    new_units: dict[tuple, list[PathTable]] = {}
+    for table, _, _ in new.segments:
+        units = new_units.setdefault((table.scenario, table.features, table.effects), [])
+        if not any(t is table for t in units):
+            units.append(table)
+    index: dict[tuple, dict[int, tuple[int, int]]] = {}
+    link_ids: dict[tuple, dict[Injection, int]] = {}
+    for key, tables in new_units.items():
+        ids: dict[Injection, int] = {}
+        idx: dict[int, tuple[int, int]] = {}
+        for ti, t in enumerate(tables):
+            local = [ids.setdefault(link, len(ids) + 1) for link in t.links]
+            for r in range(len(t)):
+                li, p = t.link[r], t.parent[r]
+                lid = local[li] if li >= 0 else 0
+                idx[_code(ti, p, lid) if p >= 0 else _code(-1, -1, lid)] = (ti, r)
+        index[key], link_ids[key] = idx, ids
+    new_matched = {id(t): bytearray(len(t)) for ts in new_units.values() for t in ts}
+    map_cache: dict[Injection, Injection | None] = {}
+    old_seen: set[int] = set()
+    for ot, a, b in old.segments:
+        key = (ot.scenario, ot.features, ot.effects)
+        tables = new_units.get(key, [])
+        idx, ids = index.get(key, {}), link_ids.get(key, {})
+        if id(ot) not in old_seen:
+            old_seen.add(id(ot))
+            ot._match = (array("i", [-1]) * len(ot), array("i", [-1]) * len(ot))
+        mt, mr = ot._match
+        mapped = []
+        for link in ot.links:
+            if link not in map_cache:
+                map_cache[link] = sites.link(link)
+            m = map_cache[link]
+            mapped.append(ids.get(m, -1) if m is not None else -1)
+        per_table: dict[int, tuple[array, array]] = {}
+        for r in range(a, b):
+            li, p = ot.link[r], ot.parent[r]
+            lid = mapped[li] if li >= 0 else 0
+            hit = None
+            if lid >= 0:
+                if p < 0:
+                    hit = idx.get(_code(-1, -1, lid))
+                elif mt[p] >= 0:
+                    hit = idx.get(_code(mt[p], mr[p], lid))
+            if hit is None:
+                result.unmatched.append(("old", ot, r))
+                continue
+            ti, nr = hit
+            mt[r], mr[r] = ti, nr
+            new_matched[id(tables[ti])][nr] = 1
+            rows = per_table.get(ti)
+            if rows is None:
+                rows = per_table[ti] = (array("i"), array("i"))
+            rows[0].append(r)
+            rows[1].append(nr)
+        for ti, (orows, nrows) in per_table.items():
+            result.pairs.append((ot, tables[ti], orows, nrows))
+    for nt, a, b in new.segments:
+        flags = new_matched.get(id(nt))
+        for r in range(a, b):
+            if flags is None or not flags[r]:
+                result.unmatched.append(("new", nt, r))
+    for ot, _, _ in old.segments:
+        ot.__dict__.pop("_match", None)
+
+
+def _code(table: int, row: int, link: int) -> int:
+    return (((table + 1) << 28) | (row + 1)) << 24 | link
 
 
 def diff_results(old: CheckResult, new: CheckResult, sites: SiteMap) -> DiffResult:
     result = DiffResult(old, new, sites)
-    new_paths = {(p.scenario, p.features, p.effects, p.injections): p for p in new.paths}
-    used = set()
-    for p in old.paths:
-        mapped = tuple(sites.link(i) for i in p.injections)
-        if any(m is None for m in mapped):
-            result.only_old.append(p)
-            continue
-        key = (p.scenario, p.features, p.effects, mapped)
-        q = new_paths.get(key)
-        if q is None:
-            result.only_old.append(p)
-            continue
-        used.add(key)
-        result.matched.append(PathDiff(p.scenario, p.features, p.effects, p.injections, p, q))
-    result.only_new = [q for k, q in new_paths.items() if k not in used]
+    _match(old, new, sites, result)
 
     def mapped_key(f: Finding) -> tuple:
         site = sites.site(f.site) or f"{f.site} (old)"
         return (f.invariant, f.scenario, f.features, site, tuple(i.vector for i in f.injections))
 
+    def new_key(f: Finding) -> tuple:
+        return (f.invariant, f.scenario, f.features, f.site, tuple(i.vector for i in f.injections))
+
     old_keys = {mapped_key(f) for f in old.findings}
-    new_keys = {(f.invariant, f.scenario, f.features, f.site, tuple(i.vector for i in f.injections))
-                for f in new.findings}
-    result.new_violations = [f for f in new.findings if (f.invariant, f.scenario, f.features, f.site,
-                                                         tuple(i.vector for i in f.injections)) not in old_keys]
+    new_keys = {new_key(f) for f in new.findings}
+    result.new_violations = [f for f in new.findings if new_key(f) not in old_keys]
     result.fixed_violations = [f for f in old.findings if mapped_key(f) not in new_keys]
     old_raw = {mapped_key(f) for f in old.raw_findings}
-    result.new_violation_cells = {(f.scenario, f.features) for f in new.raw_findings
-                                  if (f.invariant, f.scenario, f.features, f.site,
-                                      tuple(i.vector for i in f.injections)) not in old_raw}
-    result.groups = group_changes(result)
+    result.new_violation_cells = {(f.scenario, str(f.features)) for f in new.raw_findings if new_key(f) not in old_raw}
+    _summarise(result)
     return result
+
+
+def _summarise(result: DiffResult) -> None:
+    """Counts per cell, the change groups and the per-scenario sums, one pass over the pairs
+    (what a pair is decided once per distinct combination of costs, traces and ends)."""
+    sites = result.sites
+    by_sig: dict[tuple, dict] = {}
+    summary: dict[tuple, dict] = {}
+    tables: dict[int, PathTable] = {}
+    for ot, nt, orows, nrows in result.pairs:
+        tables[id(ot)], tables[id(nt)] = ot, nt
+        cache = result._changed.setdefault((id(ot), id(nt)), {})
+        cell = (ot.scenario, str(ot.features))
+        acc = summary.setdefault((ot.scenario, ot.features, ot.effects),
+                                 {"paths": 0, "changed": 0, "behaviour_changed": 0, "old": Counter(),
+                                  "new": Counter()})
+        result.matched_count += len(orows)
+        result.matched_cells[cell] += len(orows)
+        acc["paths"] += len(orows)
+        for a, b in zip(orows, nrows):
+            k = _pair_key(ot, a, nt, b)
+            verdict = cache.get(k)
+            if verdict is None:
+                verdict = cache[k] = _judge(ot, a, nt, b, sites)
+            changed, behaviour, cost_changed, sig, values_differ = verdict
+            acc["old"][(id(ot), ot.cost[a])] += 1
+            acc["new"][(id(nt), nt.cost[b])] += 1
+            if ot.link[a] < 0:
+                result.base.append(result.pair(ot, a, nt, b))
+            if cost_changed or behaviour:
+                acc["changed"] += 1
+            acc["behaviour_changed"] += behaviour
+            if not changed:
+                continue
+            result.changed_count += 1
+            result.changed_cells[cell] += 1
+            g = by_sig.get(sig)
+            if g is None:
+                g = by_sig[sig] = {"count": 0, "fs": set(), "sc": set(), "values": False, "best": None}
+            g["count"] += 1
+            g["fs"].add(str(ot.features))
+            g["sc"].add(ot.scenario)
+            g["values"] = g["values"] or values_differ
+            rank = (_depth(ot, a), ot.scenario, str(ot.features))
+            if g["best"] is None or rank < g["best"][0]:
+                g["best"] = (rank, ot, a, nt, b)
+    # Signatures that read the same (e.g. NOFLUSH with PCID, flushing without) form one group.
+    groups: dict[str, ChangeGroup] = {}
+    best: dict[str, tuple] = {}
+    for sig, g in by_sig.items():
+        text = describe(sig, g["values"])
+        group = groups.get(text)
+        if group is None:
+            group = groups[text] = ChangeGroup(sig, text)
+        group.count += g["count"]
+        group.feature_sets = tuple(sorted(set(group.feature_sets) | g["fs"]))
+        group.scenarios = tuple(sorted(set(group.scenarios) | g["sc"]))
+        if text not in best or g["best"][0] < best[text][0]:
+            best[text] = g["best"]
+    for text, group in groups.items():
+        _, ot, a, nt, b = best[text]
+        group.example = result.pair(ot, a, nt, b)
+    result.groups = sorted(groups.values(), key=lambda g: (-g.count, g.description))
+    for (sc, fs, eff), acc in summary.items():
+        sums = {}
+        for side in ("old", "new"):
+            total = Cost()
+            for (tid, cid), n in sorted(acc[side].items(), key=lambda t: (t[0][1], t[1])):
+                total = total + tables[tid].costs[cid].times(n)
+            sums[side] = total
+        result.summary.append({"scenario": sc, "features": str(fs), "effects": list(eff), "paths": acc["paths"],
+                               "changed": acc["changed"], "behaviour_changed": acc["behaviour_changed"],
+                               "old": sums["old"], "new": sums["new"]})
+
+
+def _depth(table: PathTable, row: int) -> int:
+    n = 0
+    while row >= 0 and table.link[row] >= 0:
+        n += 1
+        row = table.parent[row]
+    return n
+
+
+def _judge(ot: PathTable, a: int, nt: PathTable, b: int, sites: SiteMap) -> tuple:
+    """(changed, behaviour changed, cost changed, signature, CR3 values differ) of a pair."""
+    oc, nc = ot.costs[ot.cost[a]], nt.costs[nt.cost[b]]
+    ocr, ncr = ot.cr3s[ot.cr3[a]], nt.cr3s[nt.cr3[b]]
+    oout, nout = ot.outcomes[ot.outcome[a]], nt.outcomes[nt.outcome[b]]
+    behaviour = ot.ends[ot.end[a]] != nt.ends[nt.end[b]] or oout != nout
+    cost_changed = oc.to_json() != nc.to_json()
+    trace_changed = [(sites.site(s), v, n) for s, v, n in ocr] != list(ncr)
+    gone, added = _sites_change(ocr, ncr, sites)
+    sig = (_delta(oc, nc), gone, added, behaviour, oout, nout)
+    values_differ = tuple(v for _, v, _ in ocr) != tuple(v for _, v, _ in ncr)
+    return cost_changed or behaviour or trace_changed, behaviour, cost_changed, sig, values_differ
 
 
 def _delta(old: Cost, new: Cost) -> tuple:
@@ -208,29 +418,12 @@ def _delta(old: Cost, new: Cost) -> tuple:
                                                              "cr3_redundant", "msr_writes", "swapgs", "exceptions"))
 
 
-def group_changes(result: DiffResult) -> list[ChangeGroup]:
-    groups: dict[tuple, list[PathDiff]] = defaultdict(list)
-    for d in result.changed():
-        gone, added = d.cr3_sites_change(result.sites)
-        sig = (_delta(d.old.cost, d.new.cost), gone, added, d.behaviour_changed,
-               d.old.outcome, d.new.outcome)
-        groups[sig].append(d)
-    # Signatures that read the same (e.g. NOFLUSH with PCID, flushing without) form one group.
-    by_text: dict[str, list[PathDiff]] = defaultdict(list)
-    sigs: dict[str, tuple] = {}
-    for sig, paths in groups.items():
-        text = describe(sig, paths)
-        by_text[text].extend(paths)
-        sigs.setdefault(text, sig)
-    out = [ChangeGroup(sigs[text], text, tuple(paths)) for text, paths in by_text.items()]
-    out.sort(key=lambda g: (-len(g.paths), g.description))
-    return out
-
-
 _LABELS = ("CR3 writes", "flushing", "NOFLUSH", "redundant", "MSR writes", "SWAPGS", "exceptions")
 
 
-def describe(sig: tuple, paths: list[PathDiff]) -> str:
+def describe(sig: tuple, values_differ: bool) -> str:
+    """One line for a kind of change (``values_differ``: some path of this kind writes CR3
+    with other values at the same places)."""
     delta, gone, added, behaviour, old_outcome, new_outcome = sig
     parts = []
     d = dict(zip(_LABELS, delta))
@@ -246,9 +439,7 @@ def describe(sig: tuple, paths: list[PathDiff]) -> str:
         parts.append("same CR3 writes, different kind (" + ", ".join(
             f"{k} {d[k]:+d}" for k in ("flushing", "NOFLUSH", "redundant") if d[k]) + ")")
     elif not any(delta[:4]) and not gone and not added:
-        kinds = {tuple(v for _, v, _ in p.old.cr3_trace) != tuple(v for _, v, _ in p.new.cr3_trace)
-                 for p in paths}
-        if True in kinds:
+        if values_differ:
             parts.append("CR3 written with different values at the same places")
     for label in ("MSR writes", "SWAPGS", "exceptions"):
         if d[label]:
@@ -261,16 +452,5 @@ def describe(sig: tuple, paths: list[PathDiff]) -> str:
 
 
 def scenario_summary(result: DiffResult) -> list[dict]:
-    """Per scenario and feature set: path counts and CR3 writes summed over matched paths."""
-    acc: dict[tuple, dict] = {}
-    for d in result.matched:
-        key = (d.scenario, d.features, d.effects)
-        a = acc.setdefault(key, {"paths": 0, "changed": 0, "behaviour_changed": 0, "old": Cost(), "new": Cost()})
-        a["paths"] += 1
-        a["old"] = a["old"] + d.old.cost
-        a["new"] = a["new"] + d.new.cost
-        if d.cost_changed or d.behaviour_changed:
-            a["changed"] += 1
-        if d.behaviour_changed:
-            a["behaviour_changed"] += 1
-    return [{"scenario": k[0], "features": k[1], "effects": list(k[2]), **v} for k, v in acc.items()]
+    """Per scenario and feature set: path counts and costs summed over matched paths."""
+    return result.summary

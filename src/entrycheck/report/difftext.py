@@ -11,7 +11,7 @@ PARANOID_FROM_KERNEL = ("nmi-from-kernel", "mc-from-kernel", "db-from-kernel")
 
 
 def _base_rows(result: DiffResult) -> list:
-    return [d for d in result.matched if not d.injections]
+    return result.base
 
 
 def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: CostModel,
@@ -23,8 +23,8 @@ def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: Cost
     lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.old.feature_sets)} feature sets; vectors "
                    f"{','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}"
                    + (f"; handler effects {','.join(e.value for e in cfg.effects)}" if cfg.effects else ""))
-    lines += _wrap(f"{len(result.matched)} paths matched, {len(result.only_old)} only in old, "
-                   f"{len(result.only_new)} only in new")
+    lines += _wrap(f"{result.matched_count} paths matched, {result.only_old_count} only in old, "
+                   f"{result.only_new_count} only in new")
     both = len(result.new.findings) - len(result.new_violations)
     lines.append(f"Violations: {len(result.new_violations)} new, {len(result.fixed_violations)} fixed, "
                  f"{both} in both")
@@ -33,26 +33,23 @@ def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: Cost
             lines += _wrap(f"{title}: {f.invariant} at {f.site} ({f.scenario}, {f.features}; "
                            f"{' '.join(i.spec() for i in f.injections) or 'no injection'}): {f.message}",
                            "      ", "  - ")
-    changed = result.changed()
     lines.append("")
-    if not changed:
+    if not result.changed_count:
         lines.append("Behaviour and costs are the same on every matched path.")
     else:
-        lines.append(f"What changed ({len(changed)} of {len(result.matched)} paths, grouped):")
+        lines.append(f"What changed ({result.changed_count} of {result.matched_count} paths, grouped):")
         for g in result.groups:
             lines.append("")
-            lines += _wrap(f"[{len(g.paths)} paths] {g.description}", "      ", "  ")
-            fsets = g.feature_sets
-            lines += _wrap("feature sets: " + "; ".join(fsets), "      ", "    ")
-            scen = sorted({p.scenario for p in g.paths})
-            lines += _wrap("scenarios: " + ", ".join(scen), "      ", "    ")
-            ex = min(g.paths, key=lambda p: (len(p.injections), p.scenario, p.features))
-            lines += _wrap("e.g. " + ex.scenario + ", " + ex.features + (
+            lines += _wrap(f"[{g.count} paths] {g.description}", "      ", "  ")
+            lines += _wrap("feature sets: " + "; ".join(g.feature_sets), "      ", "    ")
+            lines += _wrap("scenarios: " + ", ".join(g.scenarios), "      ", "    ")
+            ex = g.example
+            lines += _wrap("e.g. " + ex.scenario + ", " + str(ex.features) + (
                 ", " + " ".join(i.spec() for i in ex.injections) if ex.injections else ", no injection"),
                 "      ", "    ")
-        unchanged_pti = sorted({d.features for d in result.matched if "pti" in d.features.split(",")} -
-                               {d.features for d in changed})
-        no_pti_changed = sorted({d.features for d in changed if "pti" not in d.features.split(",")})
+        changed_fs = {fs for _, fs in result.changed_cells}
+        unchanged_pti = sorted({fs for _, fs in result.matched_cells if "pti" in fs.split(",")} - changed_fs)
+        no_pti_changed = sorted(fs for fs in changed_fs if "pti" not in fs.split(","))
         lines.append("")
         if not no_pti_changed:
             lines.append("Without pti: no change on any path.")
@@ -75,17 +72,17 @@ def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: Cost
         lines.append("CR3 writes on a paranoid return from kernel context (no injection):")
         lines.append(f"  {'scenario':<18s}{'features':<32s}{'old':>5s}{'new':>5s}"
                      f"{'cycles saved':>17s}"[:WIDTH])
-        for d in sorted(rows, key=lambda d: (d.scenario, d.features)):
+        for d in sorted(rows, key=lambda d: (d.scenario, str(d.features))):
             saved = model.cycles(d.old.cost) - model.cycles(d.new.cost)
-            lines.append(f"  {d.scenario:<18s}{d.features:<32.32s}{d.old.cost.cr3_writes:>5d}"
+            lines.append(f"  {d.scenario:<18s}{str(d.features):<32.32s}{d.old.cost.cr3_writes:>5d}"
                          f"{d.new.cost.cr3_writes:>5d}{saved:>17d}")
         if quiet:
-            lines += _wrap("no CR3 write in either build: " + "; ".join(sorted({d.features for d in quiet})),
+            lines += _wrap("no CR3 write in either build: " + "; ".join(sorted({str(d.features) for d in quiet})),
                            "    ", "  ")
         lines += _wrap(f"cycles: cr3={model.cr3}, cr3_flush={model.cr3_flush}, wrmsr={model.wrmsr} "
                        "per operation (estimates; set with --cost)", "  ", "  ")
         if nmi_rate:
-            for d in sorted(rows, key=lambda d: d.features):
+            for d in sorted(rows, key=lambda d: str(d.features)):
                 if d.scenario != "nmi-from-kernel":
                     continue
                 saved = (model.cycles(d.old.cost) - model.cycles(d.new.cost)) * nmi_rate
@@ -100,17 +97,14 @@ def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version
               new_version: str | None, model: CostModel, nmi_rate: float | None) -> dict:
     cfg = result.old.config
     entries = []
-    changed = set(id(d) for d in result.changed())
-    for d in result.matched:
-        if d.injections and id(d) not in changed:
-            continue
+    for d, changed in result.listed():
         entries.append({
-            "scenario": d.scenario, "features": d.features, "effects": list(d.effects),
+            "scenario": d.scenario, "features": str(d.features), "effects": list(d.effects),
             "injections": [i.to_json() for i in d.injections],
             "old": {**d.old.cost.to_json(), "outcome": d.old.outcome, "cycles": model.cycles(d.old.cost)},
             "new": {**d.new.cost.to_json(), "outcome": d.new.outcome, "cycles": model.cycles(d.new.cost)},
             "behaviour_changed": d.behaviour_changed,
-            "cr3_writes_changed": id(d) in changed,
+            "cr3_writes_changed": changed,
         })
     summary = []
     for s in scenario_summary(result):
@@ -125,14 +119,14 @@ def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version
         "vectors": [v.label for v in cfg.vectors],
         "depth": cfg.depth,
         "handler_effects": [e.value for e in cfg.effects],
-        "paths_matched": len(result.matched),
-        "paths_only_in_old": len(result.only_old),
-        "paths_only_in_new": len(result.only_new),
-        "paths_changed": len(changed),
+        "paths_matched": result.matched_count,
+        "paths_only_in_old": result.only_old_count,
+        "paths_only_in_new": result.only_new_count,
+        "paths_changed": result.changed_count,
         "scenarios": entries,
         "summary": summary,
-        "changes": [{"paths": len(g.paths), "description": g.description, "feature_sets": list(g.feature_sets),
-                     "scenarios": sorted({p.scenario for p in g.paths})} for g in result.groups],
+        "changes": [{"paths": g.count, "description": g.description, "feature_sets": list(g.feature_sets),
+                     "scenarios": list(g.scenarios)} for g in result.groups],
         "unmatched": [{"side": side, "symbol": sym, "paths": n} for side, sym, n in result.unmatched_groups()],
         "new_violations": [f.to_json() for f in result.new_violations],
         "fixed_violations": [f.to_json() for f in result.fixed_violations],

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,7 +35,8 @@ from entrycheck.errors import InputError
 from entrycheck.explore.check import CheckResult
 from entrycheck.explore.costmodel import CostModel
 from entrycheck.explore.diff import DiffResult
-from entrycheck.explore.paths import Cost, Finding, Injected, PathResult
+from entrycheck.explore.paths import Cost, Finding, PathResult
+from entrycheck.machine.events import Injection
 from entrycheck.explore.scenarios import SCENARIOS, Scenario
 from entrycheck.machine import events as ev
 from entrycheck.machine import model
@@ -100,35 +101,8 @@ def initial_cpu(world, sc: Scenario) -> CpuState:
 
 
 def apply_event(cpu: CpuState, e: ev.Event) -> CpuState:
-    """The CPU state after event ``e`` (only what the events say; registers are not modelled here)."""
-    if isinstance(e, (ev.StubCall, ev.Resumed)):
-        return e.cpu
-    if isinstance(e, ev.Cr3Written):
-        return replace(cpu, cr3=e.write.new)
-    if isinstance(e, ev.GsChange):
-        return replace(cpu, gs_base=e.gs_base, kernel_gs_base=e.kernel_gs_base)
-    if isinstance(e, ev.MsrWritten):
-        w = e.write
-        if w.msr == model.MSR_SPEC_CTRL:
-            return replace(cpu, spec_ctrl=w.new)
-        if w.msr == model.MSR_MCG_STATUS:
-            return replace(cpu, mcg_status=w.new)
-        if w.msr == model.MSR_GS_BASE:
-            return replace(cpu, gs_base=w.new)
-        if w.msr == model.MSR_KERNEL_GS_BASE:
-            return replace(cpu, kernel_gs_base=w.new)
-        return cpu
-    if isinstance(e, ev.Delivered):
-        return replace(cpu, cpl=0, nmi_blocked=cpu.nmi_blocked or e.vector is model.Vector.NMI,
-                       mcg_status=cpu.mcg_status | (model.MCG_STATUS_MCIP if e.vector is model.Vector.MC else 0),
-                       nmi_pending=False if e.from_latch else cpu.nmi_pending)
-    if isinstance(e, ev.Latched):
-        return replace(cpu, nmi_pending=True)
-    if isinstance(e, ev.Iret):
-        return replace(cpu, cpl=e.frame.cs & 3, ss=e.frame.ss, nmi_blocked=False)
-    if isinstance(e, ev.Sysret):
-        return replace(cpu, cpl=3, ss=model.USER_DS)
-    return cpu
+    """The CPU state after event ``e``: every event carries it."""
+    return e.cpu
 
 
 def states_along(t, world) -> list[CpuState]:
@@ -253,13 +227,14 @@ class _Side:
             else SourceLines.empty()
         self._worlds: dict[str, object] = {}
 
-    def world(self, features: str):
+    def world(self, features):
         from entrycheck.image.features import FeatureSet
         from entrycheck.kernelabi.world import build_world
 
-        got = self._worlds.get(features)
+        key = str(features)
+        got = self._worlds.get(key)
         if got is None:
-            got = self._worlds[features] = build_world(self.loaded.image(FeatureSet.parse(features)))
+            got = self._worlds[key] = build_world(self.loaded.image(FeatureSet.parse(key)))
         return got
 
     def image(self, features: str):
@@ -348,9 +323,9 @@ class _StackNames:
         return "user" if rsp < (1 << 47) else ""
 
 
-def trace_command(target: str, scenario: str, features: str, effects: Iterable[str],
-                  injections: Iterable[Injected]) -> str:
-    parts = ["entrycheck", "trace", target, "--scenario", scenario, "--features", features]
+def trace_command(target: str, scenario: str, features, effects: Iterable[str],
+                  injections: Iterable[Injection]) -> str:
+    parts = ["entrycheck", "trace", target, "--scenario", scenario, "--features", str(features)]
     effects = list(effects)
     if effects:
         parts += ["--handler-effects", ",".join(effects)]
@@ -393,11 +368,13 @@ def _needs_missing(scenario: str, features: str) -> bool:
 
 
 def check_matrix(result: CheckResult, views: Sequence[FindingView]) -> list[list[Cell]]:
-    paths = Counter((p.scenario, p.features) for p in result.paths)
-    counts = Counter((f.scenario, f.features) for f in result.raw_findings)
+    paths: Counter = Counter()
+    for table, a, b in result.segments:
+        paths[(table.scenario, str(table.features))] += b - a
+    counts = Counter((f.scenario, str(f.features)) for f in result.raw_findings)
     first: dict[tuple, str] = {}
     for v in views:
-        first.setdefault((v.finding.scenario, v.finding.features), v.anchor)
+        first.setdefault((v.finding.scenario, str(v.finding.features)), v.anchor)
     rows = []
     for sc in result.config.scenarios:
         row = []
@@ -416,14 +393,14 @@ def check_matrix(result: CheckResult, views: Sequence[FindingView]) -> list[list
 
 
 def diff_matrix(result: DiffResult, views: Sequence[FindingView]) -> list[list[Cell]]:
-    matched = Counter((d.scenario, d.features) for d in result.matched)
-    changed = Counter((d.scenario, d.features) for d in result.changed())
-    new = Counter((f.scenario, f.features) for f in result.new_violations)
-    fixed = Counter((f.scenario, f.features) for f in result.fixed_violations)
+    matched = result.matched_cells
+    changed = result.changed_cells
+    new = Counter((f.scenario, str(f.features)) for f in result.new_violations)
+    fixed = Counter((f.scenario, str(f.features)) for f in result.fixed_violations)
     first: dict[tuple, str] = {}
     for v in views:
         if v.side == "new":
-            first.setdefault((v.finding.scenario, v.finding.features), v.anchor)
+            first.setdefault((v.finding.scenario, str(v.finding.features)), v.anchor)
     rows = []
     for sc in result.old.config.scenarios:
         row = []
@@ -455,7 +432,7 @@ def _scenario_costs(paths: Iterable[PathResult], scenarios: Sequence[str]) -> di
 
 def check_plots(result: CheckResult) -> list[dict]:
     scen = list(result.config.scenarios)
-    acc = _scenario_costs(result.paths, scen)
+    acc = _scenario_costs(result.base_paths(), scen)
     n = len(result.feature_sets)
     return [{
         "title": "CR3 writes per scenario, by kind",
@@ -471,7 +448,7 @@ def check_plots(result: CheckResult) -> list[dict]:
 
 def diff_plots(result: DiffResult) -> list[dict]:
     scen = list(result.old.config.scenarios)
-    base = [d for d in result.matched if not d.injections]
+    base = result.base
     old = _scenario_costs((d.old for d in base), scen)
     new = _scenario_costs((d.new for d in base), scen)
     n = len(result.old.feature_sets)
@@ -567,14 +544,13 @@ def diff_html(result: DiffResult, *, old_build, old_loaded, new_build, new_loade
     both = [f for f in result.new.findings if id(f) not in new_keys]
     both_views = finding_views(both, new, prefix="both", label="both", budget=budget)
     cfg = result.old.config
-    changed = result.changed()
     groups = []
     for k, g in enumerate(result.groups):
-        ex = min(g.paths, key=lambda p: (len(p.injections), p.scenario, p.features))
+        ex = g.example
         mapped = tuple(result.sites.link(i) for i in ex.injections)
         groups.append({
-            "anchor": f"change-{k}", "paths": len(g.paths), "description": g.description,
-            "feature_sets": list(g.feature_sets), "scenarios": sorted({p.scenario for p in g.paths}),
+            "anchor": f"change-{k}", "paths": g.count, "description": g.description,
+            "feature_sets": list(g.feature_sets), "scenarios": list(g.scenarios),
             "example": f"{ex.scenario}, {ex.features}, " + (" ".join(i.spec() for i in ex.injections)
                                                           or "no injection"),
             "old_command": trace_command(old_target, ex.scenario, ex.features, ex.effects, ex.injections),
@@ -584,9 +560,9 @@ def diff_html(result: DiffResult, *, old_build, old_loaded, new_build, new_loade
             "new_cr3": [(s, f"{v:#x}", n) for s, v, n in ex.new.cr3_trace],
         })
     paranoid = []
-    for d in sorted((d for d in result.matched if not d.injections and d.scenario in PARANOID_FROM_KERNEL),
-                    key=lambda d: (d.scenario, d.features)):
-        paranoid.append({"scenario": d.scenario, "features": d.features, "effects": ",".join(d.effects),
+    for d in sorted((d for d in result.base if d.scenario in PARANOID_FROM_KERNEL),
+                    key=lambda d: (d.scenario, str(d.features))):
+        paranoid.append({"scenario": d.scenario, "features": str(d.features), "effects": ",".join(d.effects),
                          "old": d.old.cost.cr3_writes, "new": d.new.cost.cr3_writes,
                          "saved": model.cycles(d.old.cost) - model.cycles(d.new.cost),
                          "per_second": (model.cycles(d.old.cost) - model.cycles(d.new.cost)) * nmi_rate
@@ -600,7 +576,7 @@ def diff_html(result: DiffResult, *, old_build, old_loaded, new_build, new_loade
         verdict="NEW VIOLATIONS" if result.new_violations else "no new violations",
         cfg=cfg, result=result, feature_sets=[str(f) for f in result.old.feature_sets],
         vectors=",".join(v.label for v in cfg.vectors), effects=",".join(e.value for e in cfg.effects),
-        changed=len(changed), both_count=both_count, matrix=diff_matrix(result, new_views),
+        changed=result.changed_count, both_count=both_count, matrix=diff_matrix(result, new_views),
         plots=diff_plots(result), groups=groups, paranoid=paranoid, model=model, nmi_rate=nmi_rate,
         new_views=new_views, fixed_views=fixed_views, both_views=both_views,
         unmatched=result.unmatched_groups(), has_lines=bool(old.lines or new.lines), window=TRACE_WINDOW)

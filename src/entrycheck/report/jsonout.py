@@ -16,7 +16,7 @@ from entrycheck.machine.model import decode_cr3
 def check_json(result: CheckResult, *, target: str, kernel_version: str | None, feature_numbers: str) -> dict:
     cfg = result.config
     base = result.cost()
-    every = result.cost(result.paths)
+    every = result.total_cost()
     by_invariant = Counter(f.invariant for f in result.findings)
     return {
         "entrycheck_version": __version__,
@@ -42,7 +42,7 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
         "redundant_sites": dict(base.redundant_sites),
         "all_paths": {"cost": every.to_json(), "cr3_sites": dict(every.cr3_sites),
                       "redundant_sites": dict(every.redundant_sites)},
-        "paths": [{"scenario": p.scenario, "features": p.features, "effects": list(p.effects),
+        "paths": [{"scenario": p.scenario, "features": str(p.features), "effects": list(p.effects),
                    "outcome": p.outcome, "cr3": p.cost.cr3_json()}
                   for p in result.base_paths()],
     }
@@ -95,7 +95,7 @@ def trace_json(t: Trace, image: Image, *, target: str, kernel_version: str | Non
         "kernel_version": kernel_version,
         "scenario": t.scenario.name,
         "features": features,
-        "injections": [i.label.to_json() for i in t.injections],
+        "injections": [i.to_json() for i in t.injections],
         "instructions": [{"step": s.step, "at": image.symbolize(s.pc), "text": instruction_text(image, s.pc),
                           "rsp": f"{s.rsp:#x}"} for s in t.steps],
         "events": [_event_json(e, image) for e in t.events],

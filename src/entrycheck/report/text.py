@@ -90,7 +90,7 @@ def trace_text(t: Trace, image: Image, *, target: str, features: str) -> str:
 
     lines = [f"entrycheck trace {target} --scenario {t.scenario.name} --features {features}"]
     for i in t.injections:
-        lines.append(f"  inject {i.label.spec()}")
+        lines.append(f"  inject {i.spec()}")
     by_step: dict[int, list[ev.Event]] = defaultdict(list)
     for e in t.events:
         by_step[e.step].append(e)
