@@ -504,16 +504,19 @@ class Explorer:
             points = (ConvergePoint(len(state.outstanding), state, node.live, k, 0),) + \
                 tuple(ConvergePoint(p.index, p.ref, p.live, p.boundary, t + 1) for t, p in enumerate(node.points))
         rec = self._run(Request(state, deliver=vector, level=Level.EVENTS, converge=points, options=self.options,
-                                budget=self.config.budget, budget_from=k))
+                                budget=self.config.budget, budget_from=k, cut_loops=prune))
         position = node.position + node.index(k)
         own = self.own_summary(rec.events, position)
         converged_at = None
         if rec.converged is not None:
             converged_at = (((node, k),) + node.point_nodes)[rec.converged]
-        violations = self._leaf_path(node, k, own, rec, converged_at, link)
-        if violations:
+        violations, inherited = self._leaf_path(node, k, own, rec, converged_at, link)
+        if violations and not inherited:
             self._leaf_findings(node, k, state, vector, violations, chain, position)
-        elif key is not None and rec.converged in (0, 1) and not own.local:
+            return
+        if violations:
+            self._findings(violations, chain, (), k, {id(v): k for v in violations}, self.group)
+        if key is not None and rec.converged in (0, 1) and not own.local:
             # A clean run that rejoined: run it again with the dataflow log, to share it.
             flowed = self._run(Request(state, deliver=vector, level=Level.FLOW, converge=points,
                                        options=self.options, budget=self.config.budget, budget_from=k))
@@ -530,12 +533,19 @@ class Explorer:
         if entry.rejoined:
             outstanding = outstanding[:node.points[0].index]
         ended = _Ended(Outcome.STOPPED, "converged", shared.cpu, outstanding)
-        return not self._leaf_path(node, k, shared.own, ended, at, link, only_if_clean=True)
+        violations, inherited = self._leaf_path(node, k, shared.own, ended, at, link, only_if_inherited=True)
+        if violations and not inherited:
+            return False
+        if violations:
+            # Only what the path broke before the injection: the same for every leaf here.
+            self._findings(violations, node.chain + (link,), (), k, {id(v): k for v in violations}, self.group)
+        return True
 
     def _leaf_path(self, node: Node, k: int, own: Own, rec, converged_at, link: Injection | None,
-                   dry: bool = False, only_if_clean: bool = False) -> list[Violation]:
-        """The verdict of a leaf's path (prefix + own run + the rest it rejoined); adds its row
-        unless ``dry`` (or, with ``only_if_clean``, when it breaks an invariant)."""
+                   dry: bool = False, only_if_inherited: bool = False) -> tuple[list[Violation], bool]:
+        """The verdict of a leaf's path (prefix + own run + the rest it rejoined), and whether
+        every violation in it happened before the injection (``inherited``).  Adds the path's
+        row unless ``dry`` (or, with ``only_if_inherited``, when a violation is the leaf's own)."""
         i = node.index(k)
         cost = self.add_cost(node.cost_pre[i], own.cost)
         cr3 = self.concat(node.cr3_pre[i], own.cr3)
@@ -559,21 +569,25 @@ class Explorer:
             end = End(rec.outcome, rec.reason, final.cpu, converged_at is not None, final.outstanding, events[-1],
                       nmi, lambda: node.path_events(i) + events)
             violations = verdict(self.world, local, end)
-        if dry or (only_if_clean and violations):
-            return violations
+        inherited = True
+        if violations:
+            before = {id(t[3]) for t in node.local_pre[i]}
+            inherited = all(id(v) in before for v in violations)
+        if dry or (only_if_inherited and not inherited):
+            return violations, inherited
         self.table.add(node.row, link, ends.outcome.value, cost, self._end_state(ends), cr3,
                        converged_at is not None)
         if converged_at is not None:
             self.result.converged += 1
-        return violations
+        return violations, inherited
 
     def _leaf_findings(self, node: Node, k: int, state: Snapshot, vector: Vector, violations: list[Violation],
                        chain, position: int) -> None:
         # Leaves keep no instruction trace: replay the same run recorded.
         rec = self._run(Request(state, deliver=vector, level=Level.PCS, options=self.options,
-                                budget=self.config.budget, budget_from=k))
+                                budget=self.config.budget, budget_from=k, cut_loops=self.config.prune))
         own = self.own_summary(rec.events, position)
-        replayed = self._leaf_path(node, k, own, rec, None, None, dry=True)
+        replayed, _ = self._leaf_path(node, k, own, rec, None, None, dry=True)
         found = {(v.invariant, v.pc, v.message): v.step for v in replayed}
         pcs = rec.steps.pcs
         steps = {id(v): found.get((v.invariant, v.pc, v.message), k + len(pcs)) for v in violations}

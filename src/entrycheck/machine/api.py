@@ -121,6 +121,7 @@ class Request:
     options: Hashable = None                     # handed to the stub handler
     budget: int = DEFAULT_BUDGET
     budget_from: int = 0                         # the path step the budget counts from
+    cut_loops: bool = False                      # end as no-return once the state repeats (see machine)
 
 
 @dataclass(frozen=True)

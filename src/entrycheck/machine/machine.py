@@ -39,6 +39,7 @@ from entrycheck.machine.sites import PARENT, find_sites
 from entrycheck.machine.state import REG_INDEX, Interrupted, Regs, Snapshot
 
 RFLAGS_ZF = 1 << 6
+LOOP_WATCH = 32          # IRETs a run makes before it is watched for a repeating state
 _UC_REG = U.UC_REG
 _RAX, _RCX, _RDX = _UC_REG["rax"], _UC_REG["rcx"], _UC_REG["rdx"]
 _RSP, _RIP, _RFLAGS = _UC_REG["rsp"], _UC_REG["rip"], _UC_REG["rflags"]
@@ -104,6 +105,8 @@ class _Run:
     accesses: list[tuple[int, int, int, bool, bool]] = field(default_factory=list)
     flow: list[tuple] | None = None
     full: bool = False
+    irets: int = 0
+    seen_states: dict = field(default_factory=dict)
 
 
 class _Core:
@@ -612,6 +615,11 @@ class _Core:
             self._landed(frame.rip, frame.rsp)
             if run.outcome is not None:
                 return
+            if run.request.cut_loops:
+                run.irets += 1
+                if run.irets >= LOOP_WATCH and self._repeats():
+                    self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
+                    return
             if self.cpu.nmi_pending and not self.cpu.nmi_blocked:
                 # A latched NMI arrives at the first boundary after the unblocking IRET (in user
                 # mode too: the path then goes on through the NMI-from-user entry).
@@ -624,6 +632,18 @@ class _Core:
             if run.home is not None and (frame.rip, frame.rsp) == run.home and not run.outstanding:
                 self._end(Outcome.RETURNED, "IRET to the interrupted kernel context")
         return act
+
+    def _repeats(self) -> bool:
+        """Whether the machine is in a state it was in before, for the third time (a
+        deterministic machine then loops forever; three times leave two whole periods of
+        events for the no-return check to find the loop in).  Bookkeeping that cannot
+        change what runs next (step and delivery counts) is left out."""
+        run = self.run_
+        out = tuple((i.vector, i.rip, i.rsp, i.regs, i.cpu) for i in run.outstanding)
+        key = (self.u.read_all(), self.cpu, out, self.u.mem_read(self.wbase, self.wsize))
+        seen = run.seen_states.get(key, 0) + 1
+        run.seen_states[key] = seen
+        return seen >= 3
 
     def _landed(self, rip: int, rsp: int) -> None:
         """An IRET landed at (rip, rsp): the exceptions that interrupted exactly there resumed."""

@@ -1,0 +1,67 @@
+"""One check as a measured workload; prints one JSON object.  Runs with whichever entrycheck
+the interpreter imports, so `bench.py compare` can run it with an older version too.
+
+    python benchmarks/workload.py TARGET FEATURES DEPTH SCENARIOS WORKERS [--scheduler ADDR] [--no-prune]
+
+FEATURES: feature sets separated by ';' ("all": every model feature set); SCENARIOS: comma
+separated or "all".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("target")
+    ap.add_argument("features")
+    ap.add_argument("depth", type=int)
+    ap.add_argument("scenarios")
+    ap.add_argument("workers", type=int)
+    ap.add_argument("--scheduler", default=None)
+    ap.add_argument("--no-prune", action="store_true")
+    args = ap.parse_args()
+
+    from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
+    from entrycheck.explore.scenarios import DEFAULT_SCENARIOS
+    from entrycheck.image.features import FeatureSet, all_model_feature_sets
+    from entrycheck.kernel.targets import resolve_target
+
+    build = resolve_target(args.target)
+    ref = ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h)
+    sets = all_model_feature_sets() if args.features == "all" else \
+        tuple(FeatureSet.parse(f) for f in args.features.split(";"))
+    scenarios = DEFAULT_SCENARIOS if args.scenarios == "all" else tuple(args.scenarios.split(","))
+    cfg = CheckConfig(scenarios=scenarios, feature_sets=sets, depth=args.depth, prune=not args.no_prune)
+    kwargs = {"workers": args.workers}
+    if args.scheduler:
+        kwargs["scheduler"] = args.scheduler
+    t0, c0 = time.perf_counter(), os.times()
+    result = run_check(ref, cfg, **kwargs)
+    wall = time.perf_counter() - t0
+    c1 = os.times()
+    cpu = sum(getattr(c1, f) - getattr(c0, f) for f in ("user", "system", "children_user", "children_system"))
+
+    def label(v) -> str:
+        return v if isinstance(v, str) else v.label
+
+    findings = sorted({(f.invariant, f.scenario, str(f.features),
+                        tuple(f"{label(i.vector)}@{i.at}#{i.hit}" for i in f.injections), f.site)
+                       for f in result.findings})
+    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    print(json.dumps({
+        "target": build.label, "feature_sets": len(sets), "scenarios": len(scenarios), "depth": args.depth,
+        "workers": args.workers, "runs": result.runs, "executed": getattr(result, "executed", None),
+        "findings": len(result.findings), "findings_keys": findings, "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2), "runs_per_s": round(result.runs / wall, 1) if wall else None,
+        "peak_rss_mib": round(rss / 1024, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
