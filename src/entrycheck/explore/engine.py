@@ -159,6 +159,7 @@ class Node:
         self.points: tuple[ConvergePoint, ...] = ()
         self.point_nodes: tuple[tuple["Node", int], ...] = ()
         self._anc: tuple | None = None
+        self.attributed: dict[tuple, tuple] = {}     # (index, memo entry) -> path summary
 
     def index(self, k: int) -> int:
         """How many of this run's events happened by boundary k."""
@@ -526,27 +527,46 @@ class Explorer:
                               flowed.final.memory, flowed.final.cpu, _Shared(own, flowed.final.cpu))
 
     def _attribute(self, node: Node, k: int, entry, link: Injection) -> bool:
-        """A leaf the memo stands for: its path, if that path breaks no invariant (else it runs)."""
-        shared = entry.result
-        at = (((node, k),) + node.point_nodes)[entry.rejoined]
-        outstanding = node.log.outstanding[k - node.log.start]
-        if entry.rejoined:
-            outstanding = outstanding[:node.points[0].index]
-        ended = _Ended(Outcome.STOPPED, "converged", shared.cpu, outstanding)
-        violations, inherited = self._leaf_path(node, k, shared.own, ended, at, link, only_if_inherited=True)
+        """A leaf the memo stands for: its path, if that path breaks no invariant (else it runs).
+        The path's summary depends only on how many of the node's events precede k and on the
+        entry, so it is worked out once per (index, entry) of a node."""
+        i = node.index(k)
+        key = (i, id(entry))
+        got = node.attributed.get(key)
+        if got is None:
+            shared = entry.result
+            at = (((node, k),) + node.point_nodes)[entry.rejoined]
+            outstanding = node.log.outstanding[k - node.log.start]
+            if entry.rejoined:
+                outstanding = outstanding[:node.points[0].index]
+            ended = _Ended(Outcome.STOPPED, "converged", shared.cpu, outstanding)
+            got = node.attributed[key] = self._path(node, i, shared.own, ended, at)
+        violations, inherited, cost, cr3, ends = got
         if violations and not inherited:
             return False
+        self.table.add(node.row, link, ends.outcome.value, cost, self._end_state(ends), cr3, True)
+        self.result.converged += 1
         if violations:
             # Only what the path broke before the injection: the same for every leaf here.
             self._findings(violations, node.chain + (link,), (), k, {id(v): k for v in violations}, self.group)
         return True
 
     def _leaf_path(self, node: Node, k: int, own: Own, rec, converged_at, link: Injection | None,
-                   dry: bool = False, only_if_inherited: bool = False) -> tuple[list[Violation], bool]:
+                   dry: bool = False) -> tuple[list[Violation], bool]:
         """The verdict of a leaf's path (prefix + own run + the rest it rejoined), and whether
-        every violation in it happened before the injection (``inherited``).  Adds the path's
-        row unless ``dry`` (or, with ``only_if_inherited``, when a violation is the leaf's own)."""
-        i = node.index(k)
+        every violation in it happened before the injection (``inherited``); adds the path's
+        row unless ``dry``."""
+        violations, inherited, cost, cr3, ends = self._path(node, node.index(k), own, rec, converged_at)
+        if not dry:
+            self.table.add(node.row, link, ends.outcome.value, cost, self._end_state(ends), cr3,
+                           converged_at is not None)
+            if converged_at is not None:
+                self.result.converged += 1
+        return violations, inherited
+
+    def _path(self, node: Node, i: int, own: Own, rec, converged_at) -> tuple:
+        """(violations, inherited, cost, CR3 trace, the record it ends as) of the path made of
+        the node's first i events, the own run, and the rest of the run it rejoined."""
         cost = self.add_cost(node.cost_pre[i], own.cost)
         cr3 = self.concat(node.cr3_pre[i], own.cr3)
         nmi = node.nmi_pre[i] + own.nmi
@@ -573,13 +593,7 @@ class Explorer:
         if violations:
             before = {id(t[3]) for t in node.local_pre[i]}
             inherited = all(id(v) in before for v in violations)
-        if dry or (only_if_inherited and not inherited):
-            return violations, inherited
-        self.table.add(node.row, link, ends.outcome.value, cost, self._end_state(ends), cr3,
-                       converged_at is not None)
-        if converged_at is not None:
-            self.result.converged += 1
-        return violations, inherited
+        return violations, inherited, cost, cr3, ends
 
     def _leaf_findings(self, node: Node, k: int, state: Snapshot, vector: Vector, violations: list[Violation],
                        chain, position: int) -> None:
