@@ -1,12 +1,19 @@
-"""entrycheck's speed figures, measured on the real Debian kernels.
+"""entrycheck's speed figures, measured on the real Debian kernels (one JSON object per line).
 
-    python benchmarks/bench.py machine            # one scenario run, one restore
-    python benchmarks/bench.py depth1 [--kernel debian:6.1] [--workers 2]
-    python benchmarks/bench.py depth2 [--kernel debian:6.12] [--features pti,pcid] [--workers 2]
-    python benchmarks/bench.py all
+    python benchmarks/bench.py compare REF [--target T] [--features F] [--depth D]
+                                           [--scenarios S] [--workers N]
+        installs entrycheck at git ref REF into a scratch venv, runs the same workload
+        (benchmarks/workload.py) with it and with this tree, and prints both and the ratios
+        (runs/s, wall, CPU) and whether runs and findings are equal.
+        Default workload: debian:6.1, pti,pcid, depth 2, all scenarios, 1 worker.
+    python benchmarks/bench.py goals [--only NAME ...]
+        the engine's goals: default check of each kernel (2 workers: <= 3 min, peak RSS
+        <= 1.5 GiB per worker), depth 1 over 16 sets (<= 5 s), depth 3 on three scenarios
+        (<= 10 min), the seed review with a warm cache (<= 8 min), Dask scaling (2 workers
+        >= 1.8x one), and instruction throughput against raw runs (within 5x).
+    python benchmarks/bench.py throughput [--target T]
 
-Goals: a depth-1 check of one kernel over all 16 feature sets in <= 60 s on a
-2-core machine.  Figures are printed as one JSON object per measurement.
+Speed is never asserted by a test: these figures are read by people.
 """
 
 from __future__ import annotations
@@ -14,83 +21,193 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
-from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, prepare, scenario
-from entrycheck.image import load_build
-from entrycheck.image.features import FeatureSet, all_model_feature_sets
-from entrycheck.kernel.targets import resolve_target
-from entrycheck.kernelabi.stubs import StubOptions, Stubs
-from entrycheck.kernelabi.world import build_world
-from entrycheck.machine.emulator import Emulator, Mode
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORKLOAD = HERE / "workload.py"
+SEED = ROOT.parent / "shared" / "seed" / "000_9de1626d2e0266c3.txt"
+CACHE = Path(os.environ.get("ENTRYCHECK_CACHE", Path.home() / ".cache" / "entrycheck"))
 
 
-def _ref(build) -> ObjectRef:
-    return ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h)
+def _emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
 
 
-def bench_machine(target: str) -> dict:
-    build = resolve_target(target)
-    world = build_world(load_build(build).image(FeatureSet.parse("pti,pcid")))
-    out: dict = {"measure": "machine", "target": build.label, "features": "pti,pcid"}
-    for mode in (Mode.RECORD, Mode.FAST):
-        emu = Emulator(world.image, world.config, Stubs(world), mode=mode)
-        emu.set_cpu(world.kernel_cpu())
-        start = emu.snapshot()
-        per = {}
-        for name in DEFAULT_SCENARIOS:
-            emu.stub_handler.options = StubOptions(sysret=scenario(name).sysret)
-            times = []
-            for _ in range(30):
-                emu.restore(start)
-                t = time.perf_counter()
-                prepare(emu, world, scenario(name))
-                emu.go()
-                times.append(time.perf_counter() - t)
-            per[name] = round(statistics.median(times) * 1e6, 1)
-        out[f"scenario_run_us_{mode.value}"] = per
+def _workload(python: str, args: list[str], env: dict | None = None) -> dict:
+    out = subprocess.run([python, str(WORKLOAD), *args], capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"workload failed ({python}):\n{out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _this_tree_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _install(ref: str) -> str:
+    """A scratch venv with entrycheck at ``ref`` installed (dependencies from this interpreter)."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+                         capture_output=True, text=True)
+    if sha.returncode:
+        sys.exit(f"not a git ref here: {ref}")
+    sha = sha.stdout.strip()
+    venv = CACHE / "bench" / sha[:12]
+    python = venv / "bin" / "python"
+    if (venv / ".installed").exists():
+        return str(python)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", tmp], check=True)
+    (venv / ".installed").write_text(sha + "\n")
+    return str(python)
+
+
+def compare(args) -> None:
+    work = [args.target, args.features, str(args.depth), args.scenarios, str(args.workers)]
+    old = _workload(_install(args.ref), work, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    new = _workload(sys.executable, work, env=_this_tree_env())
+    ratio = {
+        "runs_per_s": round(new["runs_per_s"] / old["runs_per_s"], 2) if old["runs_per_s"] else None,
+        "wall_speedup": round(old["wall_s"] / new["wall_s"], 2) if new["wall_s"] else None,
+        "cpu_speedup": round(old["cpu_s"] / new["cpu_s"], 2) if new["cpu_s"] else None,
+    }
+    equal = old.pop("findings_keys") == new.pop("findings_keys")
+    _emit({"measure": "compare", "ref": args.ref, "workload": work, "old": old, "new": new, "ratio": ratio,
+           "runs_equal": old["runs"] == new["runs"], "findings_equal": equal})
+
+
+def goals(args) -> None:
+    only = set(args.only or ())
+
+    def want(name: str) -> bool:
+        return not only or name in only
+
+    env = _this_tree_env()
+    for kernel in ("debian:6.1", "debian:6.12"):
+        name = f"default-{kernel.split(':')[1]}"
+        if want(name):
+            r = _workload(sys.executable, [kernel, "all", "2", "all", "2"], env)
+            r.pop("findings_keys")
+            _emit({"measure": name, "goal": "wall <= 180 s, peak RSS <= 1536 MiB per worker", **r})
+    if want("depth1"):
+        r = _workload(sys.executable, ["debian:6.1", "all", "1", "all", "2"], env)
+        r.pop("findings_keys")
+        _emit({"measure": "depth1", "goal": "wall <= 5 s", **r})
+    if want("depth3"):
+        r = _workload(sys.executable, ["debian:6.12", "pti,pcid", "3", "nmi-from-kernel,nmi-from-user,syscall", "2"],
+                      env)
+        r.pop("findings_keys")
+        _emit({"measure": "depth3", "goal": "wall <= 600 s", **r})
+    if want("review"):
         t = time.perf_counter()
-        n = 2000
-        for _ in range(n):
-            emu.restore(start)
-        out[f"restore_us_{mode.value}"] = round((time.perf_counter() - t) / n * 1e6, 2)
+        out = subprocess.run([sys.executable, "-m", "entrycheck.cli", "review", "debian:6.1", "--patch", str(SEED)],
+                             capture_output=True, text=True, env=env)
+        _emit({"measure": "review-seed", "goal": "wall <= 480 s (warm cache)", "exit": out.returncode,
+               "wall_s": round(time.perf_counter() - t, 1)})
+    if want("dask"):
+        _emit(dask_scaling(env))
+    if want("throughput"):
+        _emit(throughput("debian:6.1"))
+
+
+def dask_scaling(env: dict) -> dict:
+    """A depth-2 workload of one feature set on a local Dask cluster of 1, then 2 workers."""
+    from dask.distributed import LocalCluster
+    work = ["debian:6.1", "pti,pcid", "2", "all", "2"]
+    out = {"measure": "dask-scaling", "goal": "2 workers >= 1.8x one", "workload": work}
+    keys = {}
+    for n in (1, 2):
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            r = _workload(sys.executable, work[:4] + [str(n), "--scheduler", cluster.scheduler_address], env)
+        keys[n] = r.pop("findings_keys")
+        out[f"wall_s_{n}"] = r["wall_s"]
+        out["runs"] = r["runs"]
+    out["speedup"] = round(out["wall_s_1"] / out["wall_s_2"], 2)
+    out["findings_equal"] = keys[1] == keys[2]
     return out
 
 
-def bench_check(target: str, depth: int, feature_sets, workers: int) -> dict:
+def throughput(target: str) -> dict:
+    """Instructions the exploration executed per CPU second, next to raw runs of the same
+    requests (no convergence checks, no step log, hooks only at the privileged sites)."""
+    import dataclasses
+
+    from entrycheck.explore.check import CheckConfig, ObjectRef, make_units, run_unit
+    from entrycheck.image.features import FeatureSet
+    from entrycheck.kernel.targets import resolve_target
+    from entrycheck.machine.api import Level
+    from entrycheck.machine.machine import Machine
+
     build = resolve_target(target)
-    cfg = CheckConfig(feature_sets=tuple(feature_sets), depth=depth)
-    t0, c0 = time.perf_counter(), os.times()
-    result = run_check(_ref(build), cfg, workers=workers)
-    wall = time.perf_counter() - t0
-    c1 = os.times()
-    cpu = (c1.user - c0.user) + (c1.children_user - c0.children_user) + (c1.system - c0.system) + \
-        (c1.children_system - c0.children_system)
-    return {"measure": f"depth{depth}", "target": build.label, "feature_sets": len(cfg.feature_sets),
-            "scenarios": len(cfg.scenarios), "workers": workers, "runs": result.runs,
-            "converged": result.converged, "findings": len(result.findings), "wall_s": round(wall, 1),
-            "cpu_s": round(cpu, 1), "runs_per_s_per_core": round(result.runs / cpu, 1) if cpu else None}
+    ref = ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h)
+    cfg = CheckConfig(feature_sets=(FeatureSet.parse("pti,pcid"),), depth=2)
+    sample: list = []
+    count = {"runs": 0, "insns": 0}
+    original = Machine.run
+
+    def recording(self, request):
+        rec = original(self, request)
+        count["runs"] += 1
+        count["insns"] += rec.final.steps - request.start.steps
+        if count["runs"] % 20 == 0:
+            sample.append((self, request))
+        return rec
+
+    Machine.run = recording
+    try:
+        c0, t0 = time.process_time(), time.perf_counter()
+        for unit in make_units(cfg):
+            run_unit(ref, cfg, unit)
+        cpu = time.process_time() - c0
+        wall = time.perf_counter() - t0
+    finally:
+        Machine.run = original
+    raw_insns, c0 = 0, time.process_time()
+    for machine, request in sample:
+        raw = dataclasses.replace(request, level=Level.EVENTS, converge=(), cut_loops=False)
+        rec = original(machine, raw)
+        raw_insns += rec.final.steps - raw.start.steps
+    raw_cpu = time.process_time() - c0
+    explore_ips = count["insns"] / cpu
+    raw_ips = raw_insns / raw_cpu if raw_cpu else 0.0
+    return {"measure": "throughput", "target": build.label, "workload": "pti,pcid depth 2, all scenarios",
+            "goal": "exploration within 5x of raw", "cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
+            "machine_runs": count["runs"], "instructions": count["insns"],
+            "explore_insns_per_cpu_s": round(explore_ips), "raw_runs": len(sample),
+            "raw_insns_per_cpu_s": round(raw_ips), "ratio": round(raw_ips / explore_ips, 2) if explore_ips else None}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["machine", "depth1", "depth2", "all"])
-    ap.add_argument("--kernel", action="append", default=None)
-    ap.add_argument("--features", action="append", default=None)
-    ap.add_argument("--workers", type=int, default=2)
+    sub = ap.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("ref")
+    c.add_argument("--target", default="debian:6.1")
+    c.add_argument("--features", default="pti,pcid")
+    c.add_argument("--depth", type=int, default=2)
+    c.add_argument("--scenarios", default="all")
+    c.add_argument("--workers", type=int, default=1)
+    g = sub.add_parser("goals")
+    g.add_argument("--only", action="append",
+                   choices=["default-6.1", "default-6.12", "depth1", "depth3", "review", "dask", "throughput"])
+    t = sub.add_parser("throughput")
+    t.add_argument("--target", default="debian:6.1")
     args = ap.parse_args()
-    kernels = args.kernel or ["debian:6.1", "debian:6.12"]
-    if args.what in ("machine", "all"):
-        print(json.dumps(bench_machine(kernels[0])), flush=True)
-    if args.what in ("depth1", "all"):
-        for k in kernels:
-            print(json.dumps(bench_check(k, 1, all_model_feature_sets(), args.workers)), flush=True)
-    if args.what in ("depth2", "all"):
-        sets = [FeatureSet.parse(f) for f in (args.features or ["pti,pcid", "pti,pcid,fsgsbase,kernel_ibrs"])]
-        for k in kernels:
-            print(json.dumps(bench_check(k, 2, sets, args.workers)), flush=True)
+    if args.what == "compare":
+        compare(args)
+    elif args.what == "goals":
+        goals(args)
+    else:
+        _emit(throughput(args.target))
 
 
 if __name__ == "__main__":
