@@ -1,0 +1,172 @@
+"""The engine without a Debian kernel: the machine boundary, the dataflow the memo relies on,
+and pruned exploration against brute force on the demo's entry-code fixture (GNU as at test time)."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from entrycheck.demo import VARIANTS, assemble, find_assembler
+from entrycheck.demo.run import demo_config
+from entrycheck.explore.check import ObjectRef, run_check
+from entrycheck.image.features import FeatureSet
+from entrycheck.machine import flow
+from entrycheck.machine.state import REG_INDEX
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "entrycheck"
+needs_as = pytest.mark.skipif(shutil.which("as") is None, reason="GNU as (binutils) is not installed")
+
+
+def test_only_the_machine_adapter_imports_unicorn() -> None:
+    importers = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "unicorn" or n.startswith("unicorn.") for n in names):
+                importers.append(path.relative_to(SRC).as_posix())
+    assert sorted(set(importers)) == ["machine/uc.py"]
+
+
+# ---- dataflow: how each instruction is classed ---------------------------------------------
+
+CLASSED = """
+    .text
+    mov %rax, %rbx            # 0 plain 64-bit copy
+    mov 8(%rsp), %rcx         # 1 load: the address registers are used, the value copied
+    mov %rdx, 16(%rdi)        # 2 store
+    mov %gs:0x10, %rax        # 3 per-cpu load: the GS base steers it, not a copy
+    mov %eax, %ebx            # 4 32-bit move: zero-extends, not a copy of the whole register
+    push %r12                 # 5
+    pop %r13                  # 6
+    xor %eax, %eax            # 7 zeroing idiom: no input used
+    add %rsi, %rdi            # 8 arithmetic: uses both
+    cmpq $5, 24(%rsp)         # 9 compare of memory with an immediate
+    je 1f                     # 10
+1:  lea 8(%rsp,%rcx,8), %rax  # 11
+    pushfq                    # 12
+    swapgs                    # 13 privileged: generic
+"""
+
+
+STARTS: list[int] = []     # instruction addresses of CLASSED, filled by the fixture
+
+
+@pytest.fixture(scope="module")
+def classed(tmp_path_factory) -> list[flow.Insn]:
+    if shutil.which("as") is None:
+        pytest.skip("GNU as (binutils) is not installed")
+    d = tmp_path_factory.mktemp("flow")
+    (d / "c.S").write_text(CLASSED)
+    subprocess.run(["as", "--64", "-o", str(d / "c.o"), str(d / "c.S")], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(d / "c.o"), str(d / "c.bin")], check=True)
+    code = (d / "c.bin").read_bytes()
+    from entrycheck.image.decode import sweep
+
+    out, starts = [], []
+    for ins in sweep(code, 0x1000):
+        out.append(flow.decode(code[ins.address - 0x1000:], ins.address))
+        starts.append(ins.address)
+    STARTS[:] = starts
+    return out
+
+
+def test_copies_are_told_from_uses(classed) -> None:
+    r = REG_INDEX
+    assert (classed[0].kind, classed[0].dst, classed[0].src) == ("mov_rr", r["rbx"], r["rax"])
+    assert (classed[1].kind, classed[1].dst, classed[1].reads) == ("load", r["rcx"], (r["rsp"],))
+    assert (classed[2].kind, classed[2].src, classed[2].reads) == ("store", r["rdx"], (r["rdi"],))
+    assert classed[3].kind == "generic"
+    assert classed[4].kind == "generic" and r["rax"] in classed[4].reads
+    assert (classed[5].kind, classed[5].src) == ("push_r", r["r12"])
+    assert (classed[6].kind, classed[6].dst) == ("pop_r", r["r13"])
+    assert (classed[7].kind, classed[7].dst) == ("zero", r["rax"])
+    assert classed[8].kind == "generic" and {r["rsi"], r["rdi"]} <= set(classed[8].reads)
+    assert dict(classed[8].writes)[r["rdi"]] is True and classed[8].flags_written
+    assert classed[9].kind == "cmp" and classed[9].operands == (("m", 8), ("i", 5)) \
+        and classed[9].addr == (r["rsp"],)
+    assert classed[10].kind == "jcc" and classed[10].cond == "je" and classed[10].target == STARTS[11]
+    assert classed[11].kind == "generic" and set(classed[11].reads) == {r["rsp"], r["rcx"]}
+    assert classed[12].kind == "pushf"
+    assert classed[13].kind == "generic"
+
+
+_JCC = sorted(flow._CONDITIONS)
+
+
+@needs_as
+@settings(max_examples=300, deadline=None)
+@given(cond=st.sampled_from(_JCC), kind=st.sampled_from(["cmp", "test"]), width=st.sampled_from([1, 2, 4, 8]),
+       a=st.integers(0, 2**64 - 1), b=st.integers(0, 2**64 - 1))
+def test_branch_conditions_agree_with_the_cpu(cond, kind, width, a, b) -> None:
+    """flow.condition decides a branch on copied values without running it; the CPU decides
+    it by flags.  Both must agree for every condition, width and operand pair."""
+    mask = (1 << 8 * width) - 1
+    assert flow.condition(cond, kind, width, a & mask, b & mask) == _cpu_takes(cond, kind, width, a & mask, b & mask)
+
+
+_CPU: dict = {}
+
+
+def _cpu_takes(cond: str, kind: str, width: int, a: int, b: int) -> bool:
+    """Run `kind b, a` (AT&T: flags of a - b / a & b) then `cond` on real x86 semantics (Unicorn)."""
+    import unicorn
+    from unicorn import x86_const as U
+
+    key = (cond, kind, width)
+    code = _CPU.get(key)
+    if code is None:
+        reg = {1: ("%sil", "%dil"), 2: ("%si", "%di"), 4: ("%esi", "%edi"), 8: ("%rsi", "%rdi")}[width]
+        src = f".text\n {kind} {reg[0]}, {reg[1]}\n {cond} 1f\n mov $0, %eax\n jmp 2f\n1: mov $1, %eax\n2: nop\n"
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "j.S").write_text(src)
+            subprocess.run(["as", "--64", "-o", f"{d}/j.o", f"{d}/j.S"], check=True)
+            subprocess.run(["objcopy", "-O", "binary", "-j", ".text", f"{d}/j.o", f"{d}/j.bin"], check=True)
+            code = _CPU[key] = Path(d, "j.bin").read_bytes()
+    mu = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    mu.mem_map(0x1000, 0x1000)
+    mu.mem_write(0x1000, code)
+    mu.reg_write(U.UC_X86_REG_RDI, a)
+    mu.reg_write(U.UC_X86_REG_RSI, b)
+    mu.emu_start(0x1000, 0x1000 + len(code) - 1)
+    return mu.reg_read(U.UC_X86_REG_RAX) == 1
+
+
+# ---- memo and convergence against brute force, on the demo fixture ---------------------------
+
+@needs_as
+@pytest.mark.parametrize("number", [0, 2])
+def test_shared_handler_runs_stand_for_what_brute_force_finds(number, tmp_path) -> None:
+    """Depth 2: a nested exception's handler run is shared between boundaries whose used
+    inputs agree (memo) and runs stop where they rejoin a recorded run (convergence).
+    Every path, finding and CR3 cost must be what running each injection to its end gives."""
+    obj = assemble(find_assembler(), VARIANTS[number], tmp_path)
+    cfg = replace(demo_config(), depth=2, feature_sets=(FeatureSet.parse("pti,pcid"),),
+                  scenarios=("syscall", "mc-from-user", "mc-from-kernel", "db-from-kernel"))
+    ref = ObjectRef(obj, None, None)
+    pruned = run_check(ref, cfg)
+    brute = run_check(ref, replace(cfg, prune=False))
+    assert pruned.shared > 0 and pruned.converged > 0          # both prunings were exercised
+    assert brute.shared == 0 and brute.converged == 0
+    assert pruned.executed < brute.executed / 5
+    assert {f.key() for f in pruned.findings} == {f.key() for f in brute.findings}
+    # Pruning drops only latched-NMI points (they reach the state of the first one); every
+    # path it keeps ends where, and costs what, the same path run to its end does.
+    def summary(paths) -> dict:
+        return {(p.scenario, p.injections): (p.outcome, p.cost.cr3_json(), p.cr3_trace, p.end_state) for p in paths}
+
+    full, kept = summary(brute.paths), summary(pruned.paths)
+    assert len(kept) == len(pruned.paths) and kept.keys() <= full.keys()
+    assert {k: full[k] for k in kept} == kept
+    assert pruned.skipped == len(full) - len(kept) > 0
