@@ -50,14 +50,17 @@ def main() -> None:
     def label(v) -> str:
         return v if isinstance(v, str) else v.label
 
-    findings = sorted({(f.invariant, f.scenario, str(f.features),
-                        tuple(f"{label(i.vector)}@{i.at}#{i.hit}" for i in f.injections), f.site)
-                       for f in result.findings})
+    def key(f) -> tuple:
+        return (f.invariant, f.scenario, str(f.features),
+                tuple(f"{label(i.vector)}@{i.at}#{i.hit}" for i in f.injections), f.site)
+
+    findings = sorted({key(f) for f in result.findings})
+    raw = sorted({key(f) for f in result.raw_findings})
     rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     print(json.dumps({
         "target": build.label, "feature_sets": len(sets), "scenarios": len(scenarios), "depth": args.depth,
         "workers": args.workers, "runs": result.runs, "executed": getattr(result, "executed", None),
-        "findings": len(result.findings), "findings_keys": findings, "wall_s": round(wall, 2),
+        "findings": len(result.findings), "findings_keys": findings, "raw_findings_keys": raw, "wall_s": round(wall, 2),
         "cpu_s": round(cpu, 2), "runs_per_s": round(result.runs / wall, 1) if wall else None,
         "peak_rss_mib": round(rss / 1024, 1),
     }))
