@@ -124,6 +124,59 @@ def test_workers_give_the_same_result_as_serial(kernel612, tmp_path) -> None:
     assert v["trace"] and all(isinstance(line, str) for line in v["trace"])
 
 
+@pytest.mark.slow
+def test_depth_2_split_work_and_a_killed_dask_worker_give_the_serial_json(kernel61, tmp_path) -> None:
+    """At depth 2 the scenarios' boundaries are split into parts across workers; the JSON is
+    byte-identical to a serial run's, in a process pool and on a Dask cluster one of whose
+    workers is killed (SIGKILL) while it explores."""
+    import os
+    import signal
+    import time
+    from collections import Counter
+
+    from dask.distributed import Client, LocalCluster
+
+    args = ["check", "debian:6.1", "--depth", "2", "--features", "pti,pcid"]
+
+    def run(name: str, *extra: str, wait=None) -> bytes:
+        path = tmp_path / f"{name}.json"
+        proc = subprocess.Popen(CLI + args + list(extra) + ["--json", str(path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if wait:
+            wait(proc)
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 1, err[-2000:]       # stock 6.1 has depth-2 findings
+        return path.read_bytes()
+
+    serial = run("serial", "--workers", "1")
+    assert json.loads(serial)["violations"]
+    assert run("pool", "--workers", "2") == serial
+
+    killed = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+
+        def kill_one_worker_mid_run(proc) -> None:
+            def states(dask_scheduler) -> dict:
+                return dict(Counter(ts.state for ts in dask_scheduler.tasks.values()))
+
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and proc.poll() is None:
+                seen = client.run_on_scheduler(states)
+                if seen.get("memory", 0) >= 2 and seen.get("processing", 0) >= 2:
+                    addr, pid = sorted(client.run(os.getpid).items())[0]
+                    os.kill(pid, signal.SIGKILL)
+                    killed.update(addr=addr, pid=pid, states=seen)
+                    return
+                time.sleep(0.05)
+
+        on_dask = run("dask", "--scheduler", cluster.scheduler_address, wait=kill_one_worker_mid_run)
+        assert killed, "the run ended before a worker could be killed"
+        client.wait_for_workers(2, timeout=60)
+        assert killed["pid"] not in client.run(os.getpid).values()     # the nanny started a new one
+    assert on_dask == serial
+
+
 def test_a_finding_replays_from_its_json(kernel61, tmp_path) -> None:
     path = tmp_path / "check.json"
     subprocess.run(CLI + ["check", str(kernel61.object_path), "--depth", "1", "--features", "kernel_ibrs",
