@@ -91,6 +91,47 @@ def test_returns_into_the_user_cr3_window_are_unchanged(kernel61, seed_review) -
     assert window                                   # the window exists and was explored
 
 
+def test_depth_2_findings_the_seed_keeps_are_neither_new_nor_fixed(kernel61, tmp_path) -> None:
+    """Stock 6.1 has depth-2 findings the seed does not touch: a context check tripping in user
+    space after the return, and a %gs access with the user GSBASE at RESTORE_CR3's first
+    per-cpu instruction, which the seed turns from `bt`+`btr` into `btr` alone.  Both are the
+    same findings in the patched build, so the review has nothing new or fixed and exits 0."""
+    out = tmp_path / "review.json"
+    proc = cli("review", "debian:6.1", "--patch", str(SEED), "--scenarios", "nmi-from-user,db-from-user",
+               "--features", "none", "--features", "pti,pcid,kernel_ibrs", "--workers", "2", "--json", str(out))
+    doc = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert doc["new_violations"] == [] and doc["fixed_violations"] == []
+    import re
+
+    both = re.search(r"Violations: 0 new, 0 fixed, (\d+) in both", proc.stdout)
+    assert both and int(both.group(1)) >= 4, proc.stdout[:2000]
+
+
+def test_sites_of_dropped_instructions_move_to_the_next_kept_one(kernel61) -> None:
+    from entrycheck.explore.diff import SiteMap
+    from entrycheck.image import load_build
+    from entrycheck.image.features import FeatureSet
+    from entrycheck.kernel.review import patched_build, read_patches
+
+    new = patched_build(kernel61, read_patches([SEED])).build
+    fs = FeatureSet.parse("pti,pcid")
+    old_image, new_image = load_build(kernel61).image(fs), load_build(new).image(fs)
+    sites = SiteMap(old_image, new_image)
+    from entrycheck.explore.diff import _listing
+
+    # 6.1 tests the flush bit (bt %rax,%gs:X) before clearing it (btr); with the seed only the btr
+    old_listing = _listing(old_image, "paranoid_exit")
+    bt = next(a for a, t in old_listing if t.startswith("btq %rax, %gs:"))
+    btr = next(a for a, t in old_listing if t.startswith("btrq %rax, %gs:"))
+    assert bt < btr
+    assert sites.site(old_image.symbolize(bt)) is None                  # injections never move
+    moved = sites.violation_site(old_image.symbolize(bt))
+    assert moved == sites.site(old_image.symbolize(btr))
+    assert new_image.instruction_text(new_image.parse_location(moved)).startswith("btr")
+    assert sites.site("0x401a2c") == "0x401a2c"                       # user space is the same in both
+
+
 def test_diff_of_the_debian_kernels_shows_the_same_class_of_change(kernel61, kernel612, tmp_path) -> None:
     out = tmp_path / "diff.json"
     proc = cli("diff", "debian:6.1", "debian:6.12", "--depth", "1", "--scenarios", SCENARIOS, "--features",

@@ -9,6 +9,7 @@ instruction keeps its identity when code around it moves.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import re
 from collections import Counter
@@ -32,6 +33,7 @@ class SiteMap:
     def __init__(self, old: Image, new: Image) -> None:
         self.old, self.new = old, new
         self._map: dict[int, int] = {}
+        self._kept: dict[str, list[int]] = {}     # symbol -> its instructions in the old build
         old_syms, new_syms = _code_symbols(old), _code_symbols(new)
         for name in sorted(set(old_syms) & set(new_syms)):
             a = _listing(old, name)
@@ -41,6 +43,7 @@ class SiteMap:
                 if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1):
                     for k in range(i2 - i1):
                         self._map.setdefault(a[i1 + k][0], b[j1 + k][0])
+            self._kept[name] = [addr for addr, _ in a]
 
     def site(self, at: str) -> str | None:
         try:
@@ -51,13 +54,33 @@ class SiteMap:
         if got is not None:
             return self.new.symbolize(got)
         if self.old.code_section(addr) is None:
-            # Not entry code (a C function, model data, the interrupted kernel code):
-            # the same name stands for the same thing in both builds.
+            # Not entry code (a C function, model data, the interrupted kernel code, user
+            # space): the same name or address stands for the same thing in both builds.
+            if at.strip().lower().startswith("0x"):
+                return at.strip()
             name, _, off = at.partition("+")
             try:
                 return self.new.symbolize(self.new.address_of(name) + (int(off, 0) if off else 0))
             except Exception:  # noqa: BLE001
                 return None
+        return None
+
+    def violation_site(self, at: str) -> str | None:
+        """Where a violation the old build had at ``at`` shows in the new one: its site, or,
+        when the new build dropped that instruction, the next one it kept in the same symbol
+        (RESTORE_CR3's `bt` before the `btr` gone, the `btr` is where the per-cpu access
+        now happens).  Injection sites never move this way."""
+        got = self.site(at)
+        if got is not None:
+            return got
+        try:
+            addr = self.old.parse_location(at)
+        except Exception:  # noqa: BLE001
+            return None
+        kept = self._kept.get(self.old.symbolize(addr).partition("+")[0], [])
+        for a in kept[bisect.bisect_left(kept, addr):]:
+            if a in self._map:
+                return self.new.symbolize(self._map[a])
         return None
 
     def link(self, link: Injection) -> Injection | None:
@@ -302,7 +325,7 @@ def diff_results(old: CheckResult, new: CheckResult, sites: SiteMap) -> DiffResu
     _match(old, new, sites, result)
 
     def mapped_key(f: Finding) -> tuple:
-        site = sites.site(f.site) or f"{f.site} (old)"
+        site = sites.violation_site(f.site) or f"{f.site} (old)"
         return (f.invariant, f.scenario, f.features, site, tuple(i.vector for i in f.injections))
 
     def new_key(f: Finding) -> tuple:
