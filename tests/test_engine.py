@@ -58,11 +58,9 @@ CLASSED = """
 """
 
 
-STARTS: list[int] = []     # instruction addresses of CLASSED, filled by the fixture
-
-
 @pytest.fixture(scope="module")
-def classed(tmp_path_factory) -> list[flow.Insn]:
+def classed(tmp_path_factory) -> list[tuple[int, flow.Insn]]:
+    """(address, how the dataflow classes it) of each instruction of CLASSED."""
     if shutil.which("as") is None:
         pytest.skip("GNU as (binutils) is not installed")
     d = tmp_path_factory.mktemp("flow")
@@ -72,16 +70,13 @@ def classed(tmp_path_factory) -> list[flow.Insn]:
     code = (d / "c.bin").read_bytes()
     from entrycheck.image.decode import sweep
 
-    out, starts = [], []
-    for ins in sweep(code, 0x1000):
-        out.append(flow.decode(code[ins.address - 0x1000:], ins.address))
-        starts.append(ins.address)
-    STARTS[:] = starts
-    return out
+    return [(ins.address, flow.decode(code[ins.address - 0x1000:], ins.address)) for ins in sweep(code, 0x1000)]
 
 
 def test_copies_are_told_from_uses(classed) -> None:
     r = REG_INDEX
+    starts = [a for a, _ in classed]
+    classed = [i for _, i in classed]
     assert (classed[0].kind, classed[0].dst, classed[0].src) == ("mov_rr", r["rbx"], r["rax"])
     assert (classed[1].kind, classed[1].dst, classed[1].reads) == ("load", r["rcx"], (r["rsp"],))
     assert (classed[2].kind, classed[2].src, classed[2].reads) == ("store", r["rdx"], (r["rdi"],))
@@ -94,7 +89,7 @@ def test_copies_are_told_from_uses(classed) -> None:
     assert dict(classed[8].writes)[r["rdi"]] is True and classed[8].flags_written
     assert classed[9].kind == "cmp" and classed[9].operands == (("m", 8), ("i", 5)) \
         and classed[9].addr == (r["rsp"],)
-    assert classed[10].kind == "jcc" and classed[10].cond == "je" and classed[10].target == STARTS[11]
+    assert classed[10].kind == "jcc" and classed[10].cond == "je" and classed[10].target == starts[11]
     assert classed[11].kind == "generic" and set(classed[11].reads) == {r["rsp"], r["rcx"]}
     assert classed[12].kind == "pushf"
     assert classed[13].kind == "generic"
