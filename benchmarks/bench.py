@@ -99,21 +99,17 @@ def goals(args) -> None:
         return not only or name in only
 
     env = _this_tree_env()
-    for kernel in ("debian:6.1", "debian:6.12"):
-        name = f"default-{kernel.split(':')[1]}"
+    workloads = [
+        ("default-6.1", ["debian:6.1", "all", "2", "all", "2"], "wall <= 180 s, peak RSS <= 1536 MiB per worker"),
+        ("default-6.12", ["debian:6.12", "all", "2", "all", "2"], "wall <= 180 s, peak RSS <= 1536 MiB per worker"),
+        ("depth1", ["debian:6.1", "all", "1", "all", "2"], "wall <= 5 s"),
+        ("depth3", ["debian:6.12", "pti,pcid", "3", "nmi-from-kernel,nmi-from-user,syscall", "2"], "wall <= 600 s"),
+    ]
+    for name, work, goal in workloads:
         if want(name):
-            r = _workload(sys.executable, [kernel, "all", "2", "all", "2"], env)
+            r = _workload(sys.executable, work, env)
             r.pop("findings_keys"), r.pop("raw_findings_keys")
-            _emit({"measure": name, "goal": "wall <= 180 s, peak RSS <= 1536 MiB per worker", **r})
-    if want("depth1"):
-        r = _workload(sys.executable, ["debian:6.1", "all", "1", "all", "2"], env)
-        r.pop("findings_keys"), r.pop("raw_findings_keys")
-        _emit({"measure": "depth1", "goal": "wall <= 5 s", **r})
-    if want("depth3"):
-        r = _workload(sys.executable, ["debian:6.12", "pti,pcid", "3", "nmi-from-kernel,nmi-from-user,syscall", "2"],
-                      env)
-        r.pop("findings_keys"), r.pop("raw_findings_keys")
-        _emit({"measure": "depth3", "goal": "wall <= 600 s", **r})
+            _emit({"measure": name, "goal": goal, **r})
     if want("review"):
         t = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "entrycheck.cli", "review", "debian:6.1", "--patch", str(SEED)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,14 +103,12 @@ def test_depth_2_findings_the_seed_keeps_are_neither_new_nor_fixed(kernel61, tmp
     doc = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert doc["new_violations"] == [] and doc["fixed_violations"] == []
-    import re
-
     both = re.search(r"Violations: 0 new, 0 fixed, (\d+) in both", proc.stdout)
     assert both and int(both.group(1)) >= 4, proc.stdout[:2000]
 
 
 def test_sites_of_dropped_instructions_move_to_the_next_kept_one(kernel61) -> None:
-    from entrycheck.explore.diff import SiteMap
+    from entrycheck.explore.diff import SiteMap, _listing
     from entrycheck.image import load_build
     from entrycheck.image.features import FeatureSet
     from entrycheck.kernel.review import patched_build, read_patches
@@ -118,8 +117,6 @@ def test_sites_of_dropped_instructions_move_to_the_next_kept_one(kernel61) -> No
     fs = FeatureSet.parse("pti,pcid")
     old_image, new_image = load_build(kernel61).image(fs), load_build(new).image(fs)
     sites = SiteMap(old_image, new_image)
-    from entrycheck.explore.diff import _listing
-
     # 6.1 tests the flush bit (bt %rax,%gs:X) before clearing it (btr); with the seed only the btr
     old_listing = _listing(old_image, "paranoid_exit")
     bt = next(a for a, t in old_listing if t.startswith("btq %rax, %gs:"))

@@ -544,8 +544,7 @@ class Explorer:
         violations, inherited, cost, cr3, ends = got
         if violations and not inherited:
             return False
-        self.table.add(node.row, link, ends.outcome.value, cost, self._end_state(ends), cr3, True)
-        self.result.converged += 1
+        self._add_path(node, link, ends, cost, cr3, True)
         if violations:
             # Only what the path broke before the injection: the same for every leaf here.
             self._findings(violations, node.chain + (link,), (), k, {id(v): k for v in violations}, self.group)
@@ -558,11 +557,14 @@ class Explorer:
         row unless ``dry``."""
         violations, inherited, cost, cr3, ends = self._path(node, node.index(k), own, rec, converged_at)
         if not dry:
-            self.table.add(node.row, link, ends.outcome.value, cost, self._end_state(ends), cr3,
-                           converged_at is not None)
-            if converged_at is not None:
-                self.result.converged += 1
+            self._add_path(node, link, ends, cost, cr3, converged_at is not None)
         return violations, inherited
+
+    def _add_path(self, node: Node, link: Injection, ends, cost: Cost, cr3: tuple, converged: bool) -> None:
+        """The row of a leaf's path under ``node``."""
+        self.table.add(node.row, link, ends.outcome.value, cost, self._end_state(ends), cr3, converged)
+        if converged:
+            self.result.converged += 1
 
     def _path(self, node: Node, i: int, own: Own, rec, converged_at) -> tuple:
         """(violations, inherited, cost, CR3 trace, the record it ends as) of the path made of
