@@ -165,3 +165,21 @@ def test_shared_handler_runs_stand_for_what_brute_force_finds(number, tmp_path) 
     assert len(kept) == len(pruned.paths) and kept.keys() <= full.keys()
     assert {k: full[k] for k in kept} == kept
     assert pruned.skipped == len(full) - len(kept) > 0
+
+
+def test_batches_keep_a_feature_set_on_one_worker_when_there_are_enough_sets() -> None:
+    from entrycheck.explore.check import CheckConfig, make_batches, make_units
+    from entrycheck.image.features import FeatureSet
+
+    sets = tuple(FeatureSet.parse(f) for f in ("pti", "pti,pcid,fsgsbase", "pti,pcid", "kernel_ibrs"))
+    cfg = CheckConfig(scenarios=("syscall", "db-from-user", "nmi-from-kernel"), depth=2, feature_sets=sets)
+    units = make_units(cfg)
+    batches = make_batches(units, 2)
+    # One batch per feature set, every unit in exactly one batch, in exploration order inside.
+    assert sorted(k for b in batches for k in b) == list(range(len(units)))
+    assert [{units[k].features for k in b} for b in batches] == [{sets[1]}, {sets[2]}, {sets[0]}, {sets[3]}]
+    assert all(list(b) == sorted(b) for b in batches)
+    # Too few sets to keep two workers busy: every unit (part) is its own batch.
+    assert make_batches(make_units(CheckConfig(scenarios=("syscall",), depth=2, feature_sets=sets[:1]), 4), 2) == \
+        [(0,), (1,), (2,), (3,)]
+    assert make_batches(units, 1) == [(k,) for k in range(len(units))]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
+from entrycheck.explore.check import CheckConfig, ObjectRef, make_batches, make_units, run_check
 from entrycheck.image.decode import decode_one
 from entrycheck.image.features import FeatureSet, all_model_feature_sets
 from entrycheck.kernelabi.stubs import Effect
@@ -105,8 +105,13 @@ def test_switch_kernel_asid_shows_what_the_seed_relies_on(kernel61, kernel612) -
 
 
 def test_workers_give_the_same_result_as_serial(kernel612, tmp_path) -> None:
-    args = [str(kernel612.object_path), "--depth", "1", "--features", "pti,pcid", "--features", "kernel_ibrs",
+    # Four feature sets for two workers: each set's units go to one worker as one batch.
+    sets = ("pti,pcid", "kernel_ibrs", "pti", "pti,pcid,fsgsbase")
+    args = [str(kernel612.object_path), "--depth", "1", *[a for f in sets for a in ("--features", f)],
             "--scenarios", "db-from-user,syscall,nmi-from-kernel"]
+    units = make_units(CheckConfig(scenarios=("db-from-user", "syscall", "nmi-from-kernel"), depth=1,
+                                   feature_sets=fsets(*sets)))
+    assert len(make_batches(units, 2)) == 4
     out = {}
     for workers in ("1", "2"):
         path = tmp_path / f"w{workers}.json"
@@ -237,7 +242,10 @@ def test_db_injection_follows_watchable_accesses(kernel612) -> None:
 def test_dask_scheduler_gives_the_same_result_as_serial(kernel612) -> None:
     from dask.distributed import LocalCluster
 
-    cfg = CheckConfig(scenarios=("nmi-from-kernel", "syscall"), depth=1, feature_sets=fsets("pti,pcid", "pti"))
+    # Four sets for two workers: one batch per feature set.
+    cfg = CheckConfig(scenarios=("nmi-from-kernel", "syscall"), depth=1,
+                      feature_sets=fsets("pti,pcid", "pti", "kernel_ibrs", "pti,pcid,fsgsbase"))
+    assert len(make_batches(make_units(cfg), 2)) == 4
     serial = run_check(ref(kernel612), cfg)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         distributed = run_check(ref(kernel612), cfg, scheduler=cluster.scheduler_address)

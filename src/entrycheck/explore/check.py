@@ -7,6 +7,11 @@ deterministic, so they can run in this process, in a process pool or on a Dask
 cluster and the merged result is the same: results are put back in exploration
 order (feature set, scenario, branch, boundary), and a run budget is applied to that
 order afterwards.
+
+Units are handed to workers in batches: when there are enough feature sets to keep
+every worker busy, all units of one feature set go to one worker as one batch, so
+they share one explorer and its memo of handler runs (split across workers, each
+would run again what another has already run); otherwise every unit is its own batch.
 """
 
 from __future__ import annotations
@@ -248,6 +253,29 @@ def run_unit(ref: ObjectRef, cfg: CheckConfig, unit: Unit, max_runs: int | None 
                           error=f"{what}: {type(exc).__name__}: {exc}")
 
 
+def make_batches(units: list[Unit], workers: int) -> list[tuple[int, ...]]:
+    """Indices of ``units`` grouped into the batches handed to workers, largest first.
+
+    By feature set when there are at least two per worker (the largest sets, those with
+    more features, first, so the last batches to finish are short); else one unit each."""
+    by_set: dict[FeatureSet, list[int]] = {}
+    for k, u in enumerate(units):
+        by_set.setdefault(u.features, []).append(k)
+    if workers <= 1 or len(by_set) < 2 * workers:
+        return [(k,) for k in range(len(units))]
+    order = sorted(by_set, key=lambda fs: -len(fs.names))
+    return [tuple(by_set[fs]) for fs in order]
+
+
+def run_batch(ref: ObjectRef, cfg: CheckConfig, units: list[Unit], max_runs: int | None = None) -> list[UnitResult]:
+    """Explore a batch of units in this process, in order; a batch of one feature set's
+    units releases its explorer afterwards (no later batch needs it)."""
+    out = [run_unit(ref, cfg, u, max_runs) for u in units]
+    if len(units) > 1 and len({u.features for u in units}) == 1:
+        _EXPLORERS.pop((ref, units[0].features, cfg.explore_config()), None)
+    return out
+
+
 def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: str | None = None,
               progress: Callable[[str, int | None, int | None], None] | None = None,
               parts: int | None = None) -> CheckResult:
@@ -270,10 +298,14 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
             progress("exploring", done, total)
 
     report()
+    batches = make_batches(units, workers)
     if client is not None:
         try:
-            futures = client.map(run_unit, [ref] * total, [cfg] * total, units, [cfg.max_runs] * total, pure=False)
-            results = client.gather(futures)
+            futures = client.map(run_batch, [ref] * len(batches), [cfg] * len(batches),
+                                 [[units[k] for k in b] for b in batches], [cfg.max_runs] * len(batches), pure=False)
+            for b, got in zip(batches, client.gather(futures)):
+                for k, r in zip(b, got):
+                    results[k] = r
         finally:
             client.close()
         done = total
@@ -284,10 +316,11 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
 
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(run_unit, ref, cfg, u, cfg.max_runs): k for k, u in enumerate(units)}
+            futures = {pool.submit(run_batch, ref, cfg, [units[k] for k in b], cfg.max_runs): b for b in batches}
             for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
-                done += 1
+                for k, r in zip(futures[fut], fut.result()):
+                    results[k] = r
+                done += len(futures[fut])
                 report()
     else:
         for k, u in enumerate(units):
