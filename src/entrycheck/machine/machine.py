@@ -421,15 +421,20 @@ class _Core:
         if run.steps >= run.limit:
             self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
             return
-        if run.inject and run.inject[0][0] == addr:
+        while run.inject and run.inject[0][0] == addr:
             run.hits += 1
             address, vector, hit = run.inject[0]
-            if run.hits == hit:
-                run.inject.pop(0)
-                run.hits = 0
-                if self.deliver(vector, 0) and run.outcome is None:
-                    self.u.emu_stop()       # restart at the handler (RIP was changed)
-                    return
+            if run.hits != hit:
+                break
+            run.inject.pop(0)
+            run.hits = 0
+            if self.deliver(vector, 0) and run.outcome is None:
+                self.u.emu_stop()       # restart at the handler (RIP was changed)
+                return
+            if run.outcome is not None:
+                break
+            # Latched: this boundary is still the one the next injection counts from (as
+            # the explorer counts it), so the next may arrive here too.
         run.pcs.append(addr)
         if run.full:
             run.regs.append(self.u.read_all())
