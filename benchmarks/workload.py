@@ -2,6 +2,10 @@
 the interpreter imports, so `bench.py compare` can run it with an older version too.
 
     python benchmarks/workload.py TARGET FEATURES DEPTH SCENARIOS WORKERS [--scheduler ADDR] [--no-prune]
+                                  [--as-before]
+
+--as-before: the findings the previous engine could report (symptoms not folded under an
+ist-reentered root cause, which it did not know), to compare the two.
 
 FEATURES: feature sets separated by ';' ("all": every model feature set); SCENARIOS: comma
 separated or "all".
@@ -25,6 +29,7 @@ def main() -> None:
     ap.add_argument("workers", type=int)
     ap.add_argument("--scheduler", default=None)
     ap.add_argument("--no-prune", action="store_true")
+    ap.add_argument("--as-before", action="store_true")
     args = ap.parse_args()
 
     from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
@@ -38,6 +43,11 @@ def main() -> None:
         tuple(FeatureSet.parse(f) for f in args.features.split(";"))
     scenarios = DEFAULT_SCENARIOS if args.scenarios == "all" else tuple(args.scenarios.split(","))
     cfg = CheckConfig(scenarios=scenarios, feature_sets=sets, depth=args.depth, prune=not args.no_prune)
+    if args.as_before and "fold" in CheckConfig.__dataclass_fields__:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, fold=False)
+    later = {"ist-reentered"} if args.as_before else set()
     kwargs = {"workers": args.workers}
     if args.scheduler:
         kwargs["scheduler"] = args.scheduler
@@ -54,13 +64,13 @@ def main() -> None:
         return (f.invariant, f.scenario, str(f.features),
                 tuple(f"{label(i.vector)}@{i.at}#{i.hit}" for i in f.injections), f.site)
 
-    findings = sorted({key(f) for f in result.findings})
-    raw = sorted({key(f) for f in result.raw_findings})
+    findings = sorted({key(f) for f in result.findings if f.invariant not in later})
+    raw = sorted({key(f) for f in result.raw_findings if f.invariant not in later})
     rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     print(json.dumps({
         "target": build.label, "feature_sets": len(sets), "scenarios": len(scenarios), "depth": args.depth,
         "workers": args.workers, "runs": result.runs, "executed": getattr(result, "executed", None),
-        "findings": len(result.findings), "findings_keys": findings, "raw_findings_keys": raw, "wall_s": round(wall, 2),
+        "findings": len(findings), "findings_keys": findings, "raw_findings_keys": raw, "wall_s": round(wall, 2),
         "cpu_s": round(cpu, 2), "runs_per_s": round(result.runs / wall, 1) if wall else None,
         "peak_rss_mib": round(rss / 1024, 1),
     }))

@@ -183,3 +183,37 @@ def test_batches_keep_a_feature_set_on_one_worker_when_there_are_enough_sets() -
     assert make_batches(make_units(CheckConfig(scenarios=("syscall",), depth=2, feature_sets=sets[:1]), 4), 2) == \
         [(0,), (1,), (2,), (3,)]
     assert make_batches(units, 1) == [(k,) for k in range(len(units))]
+
+
+def test_guards_name_the_option_an_iretq_is_compiled_in_by() -> None:
+    from entrycheck.kernel.guards import parse
+
+    text = """SYM_CODE_START(asm_exc_nmi)
+\tpushq\t%rdx
+first_nmi:
+\tmovq\t(%rsp), %rdx
+#ifdef CONFIG_DEBUG_ENTRY
+\t/*
+\t * For ease of testing, unmask NMIs right away.
+\t */
+\tpushq\t$0\t\t/* SS */
+\tpushfq
+\tpushq\t$1f\t\t/* RIP */
+\tiretq\t\t\t/* continues below */
+\tUNWIND_HINT_IRET_REGS
+1:
+#endif
+repeat_nmi:
+#if defined(CONFIG_X86_ESPFIX64)
+\tSWAPGS
+\tiretq
+#else
+\tiretq
+#endif
+#ifndef CONFIG_FOO
+\tiretq
+#endif
+nmi_restore:
+\tiretq
+"""
+    assert parse(text) == (("first_nmi", "CONFIG_DEBUG_ENTRY", 3), ("repeat_nmi", "CONFIG_X86_ESPFIX64", -1))

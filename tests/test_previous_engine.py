@@ -4,7 +4,9 @@ The previous engine (the commit before the explorer was rewritten around shared 
 runs, path tables and the closed machine boundary) is installed from this repository's
 history into a scratch venv by benchmarks/bench.py and runs the same workload
 (benchmarks/workload.py) as this tree.  Every finding before deduplication is compared:
-invariant, scenario, feature set, injection chain and site.
+invariant, scenario, feature set, injection chain and site — as the previous engine could
+report them (``--as-before``: symptoms not folded under the ist-reentered root cause it
+did not know; that root cause is tested on its own in test_root_causes.py).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def bench():
 @pytest.mark.parametrize("features", ["pti,pcid", "pti,pcid,fsgsbase,kernel_ibrs"])
 @pytest.mark.parametrize("series", ["6.1", "6.12"])
 def test_depth_2_findings_are_the_previous_engines(bench, built_kernels, series: str, features: str) -> None:
-    old, new = bench.both(PREVIOUS_ENGINE, [f"debian:{series}", features, "2", "all", "2"])
+    old, new = bench.both(PREVIOUS_ENGINE, [f"debian:{series}", features, "2", "all", "2", "--as-before"])
     assert old["findings"] > 0, "the comparison needs findings"
     assert new["raw_findings_keys"] == old["raw_findings_keys"]
     assert new["findings_keys"] == old["findings_keys"]

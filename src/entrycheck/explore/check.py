@@ -46,6 +46,7 @@ class ObjectRef:
     cpufeatures: Path | None
     asm_offsets: Path | None
     stamp: tuple = ()
+    guards: tuple = ()          # (label, CONFIG_X, n) of the iretqs a build option adds (kernel/guards.py)
 
     def __post_init__(self) -> None:
         if not self.stamp:
@@ -84,10 +85,11 @@ class CheckConfig:
     prune: bool = True
     max_runs: int | None = None
     budget: int = 20000
+    fold: bool = True                     # symptoms of an ist-reentered delivery fold under it
 
     def explore_config(self) -> ExploreConfig:
         return ExploreConfig(vectors=self.vectors, depth=self.depth, db_anywhere=self.db_anywhere,
-                             mc_nesting=self.mc_nesting, prune=self.prune, budget=self.budget)
+                             mc_nesting=self.mc_nesting, prune=self.prune, budget=self.budget, fold=self.fold)
 
     def branches(self) -> tuple[frozenset[Effect], ...]:
         return (frozenset(),) + tuple(frozenset({e}) for e in self.effects)
@@ -240,6 +242,7 @@ def run_unit(ref: ObjectRef, cfg: CheckConfig, unit: Unit, max_runs: int | None 
             _EXPLORERS.clear()
         world = build_world(ref.load().image(unit.features))
         explorer = _EXPLORERS[key] = Explorer(world, cfg.explore_config())
+        explorer.set_guards(ref.guards)
     explorer.budget = Budget(max_runs)
     try:
         return explorer.explore(scenario(unit.scenario), unit.effects, unit.part, unit.parts)

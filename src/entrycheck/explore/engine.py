@@ -23,6 +23,12 @@ runs everything to its end and must find the same):
 * Shared handler runs (explore/memo.py).  A leaf whose start state agrees with an
   earlier leaf's on everything that leaf's run used, and whose copies of the rest
   would rejoin the recorded run, is that run: it is attributed without running.
+
+Root causes.  An exception delivered through an IST slot while an earlier delivery's
+frame on that stack is still live (the recorded run reads it later) is reported as
+``ist-reentered`` at the second delivery; what goes wrong on the path after it (the
+symptoms) is folded under that finding instead of reported on its own.  Every finding
+carries the preconditions of its path (explore/preconditions.py).
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ from typing import Callable
 
 from entrycheck.explore.memo import Memo, Target
 from entrycheck.explore.paths import (NO_COST, Cost, Finding, PathTable, cr3_entry, event_cost)
+from entrycheck.explore.preconditions import (DataNames, Precondition, Reach, for_effect, for_entry,
+                                              for_injection)
 from entrycheck.explore.scenarios import Scenario, start_state
 from entrycheck.image import layout
 from entrycheck.kernelabi.stubs import Effect, StubOptions, Stubs
 from entrycheck.kernelabi.world import World
-from entrycheck.machine.events import Event, Injection, Outcome
+from entrycheck.machine.events import Delivered, Event, Injection, Iret, Outcome, Resumed
 from entrycheck.machine.flow import Analyser
 from entrycheck.machine.api import DEFAULT_BUDGET, ConvergePoint, Level, LiveIndex, Record, Request, StepLog
 from entrycheck.machine.machine import Machine
@@ -57,6 +65,7 @@ class ExploreConfig:
     prune: bool = True
     budget: int = DEFAULT_BUDGET
     trace_window: int = 16
+    fold: bool = True              # symptoms after an ist-reentered delivery fold under it
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,8 @@ class Node:
         self.log: StepLog = record.steps
         self.parent, self.parent_k = parent, parent_k
         self.chain = chain
+        self.pre: tuple[Precondition, ...] = ()      # one per link of the chain
+        self.latched: _Reentry | None = None         # an ist-reentered delivery inside its run
         self.row = row
         self.events = record.events
         self.steps = [e.step for e in self.events]
@@ -248,6 +259,12 @@ class Explorer:
         self.memo = Memo(self.wbase)
         self.memo_enabled = config.prune
         self._watch_excluded = self._db_excluded_ranges()
+        self.names = DataNames(world, self.machine.space)
+        self._reentries: list[_Reentry] = []     # the ist-reentered deliveries on the current path
+        self._pre: tuple[Precondition, ...] = ()  # preconditions of the path being evaluated
+        self.guards: dict[str, str] = {}          # label -> the CONFIG_ option its iretq needs
+        self._guarded: dict[int, Precondition] = {}   # instructions only a build option compiles in
+        self._early: dict[int, Precondition | None] = {}
         self._disasm: dict[int, str] = {}
         self._costs: dict[tuple[int, int], Cost] = {}
         self._cost_intern: dict[Cost, Cost] = {NO_COST: NO_COST}
@@ -321,6 +338,10 @@ class Explorer:
         self.options = StubOptions(effects=effects, sysret=sc.sysret)
         self.table = PathTable(sc.name, self.image.features, _names(effects))
         self.result = UnitResult(self.table)
+        self.entry_pre = (for_entry(sc.vector, sc.from_user, sc.name),) + \
+            tuple(for_effect(e.value) for e in sorted(effects, key=lambda e: e.value))
+        self._pre = self.entry_pre
+        self._reentries = []
         if not self.budget.take():
             self.result.stopped = "budget"
             return self.result
@@ -346,6 +367,14 @@ class Explorer:
     def _explore_level(self, node: Node, depth_left: int, top: tuple[int, int] | None = None) -> None:
         if depth_left <= 0:
             return
+        depth = len(self._reentries)
+        try:
+            self._explore_boundaries(node, depth_left, top)
+        finally:
+            del self._reentries[depth:]
+
+    def _explore_boundaries(self, node: Node, depth_left: int, top: tuple[int, int] | None) -> None:
+        latched = node.latched
         first, last = node.window
         log = node.log
         seen_blocked = False
@@ -356,6 +385,10 @@ class Explorer:
             i = k - log.start
             pc = log.pcs[i]
             hits[pc] = hits.get(pc, 0) + 1
+            if latched is not None and k >= latched.step:
+                # Paths injected from here on have the run's ist-reentered delivery before them.
+                self._reentries.append(latched)
+                latched = None
             if self.progress:
                 self.progress(1)
             cpu = log.cpus[i]
@@ -381,12 +414,27 @@ class Explorer:
                     return
                 if memory is None:
                     memory = cursor.advance(k)
+                pre = for_injection(vector, self._watched(node, k) if vector is Vector.DB else None)
+                self._pre = self.entry_pre + node.pre + (pre,)
+                reentry = self._ist_reentry(node, k, i, vector, memory, link) if vector.ist else None
+                if reentry is not None:
+                    if self._new_root(reentry):
+                        self._reentries.append(reentry)
+                    else:
+                        reentry = None
                 if depth_left > 1:
                     state = log.state(k, cursor.frozen())
-                    child = self._record(node, k, state, vector, link)
+                    child = self._record(node, k, state, vector, link, pre)
                     self._explore_level(child, depth_left - 1)
+                    if child.latched is not None:
+                        self._pre = self.entry_pre + child.pre
+                        self._report_reentry(child.latched)
                 else:
                     self._leaf(node, k, i, memory, cursor, vector, link)
+                if reentry is not None:
+                    self._reentries.pop()
+                    self._pre = self.entry_pre + node.pre + (pre,)
+                    self._report_reentry(reentry)
             self._close(group)
             if self.result.stopped == "budget":
                 return
@@ -439,23 +487,39 @@ class Explorer:
 
     def _watchable_before(self, node: Node, k: int) -> bool:
         """#DB as a trap: the instruction before boundary k touched data a breakpoint may watch."""
+        return self._watchable_access(node, k) is not None
+
+    def _watchable_access(self, node: Node, k: int) -> int | None:
+        """The (physical) address of the first access of the instruction before boundary k that
+        a breakpoint may watch."""
         if k == node.log.start:
-            return False
+            return None
         accesses = node.log.accesses
         lo = bisect.bisect_left(accesses, (k, -1, -1, False, False))
         for s, addr, size, _, by_insn in accesses[lo:]:
             if s != k:
                 break
             if by_insn and not any(a < addr + size and addr < b for a, b in self._watch_excluded):
-                return True
-        return False
+                return addr
+        return None
 
     # ---- recorded runs ----------------------------------------------------------------------
-    def _record(self, node: Node, k: int, state: Snapshot, vector: Vector, link: Injection) -> Node:
+    def _record(self, node: Node, k: int, state: Snapshot, vector: Vector, link: Injection,
+                pre: Precondition) -> Node:
         rec = self._run(Request(state, deliver=vector, level=Level.STEPS, options=self.options,
                                 budget=self.config.budget))
         child = Node(self, rec, node, k, node.chain + (link,), -1)
-        child.row = self._evaluate_node(child, child.chain, self.group)
+        child.pre = node.pre + (pre,)
+        r = self._latched_reentry(node, k, rec.events, child.position, child.chain)
+        if r is not None and self._new_root(r):
+            child.latched = r
+            self._reentries.append(r)
+            try:
+                child.row = self._evaluate_node(child, child.chain, self.group)
+            finally:
+                self._reentries.pop()
+        else:
+            child.row = self._evaluate_node(child, child.chain, self.group)
         if rec.delivered is not None:
             point = ConvergePoint(len(state.outstanding), state, node.live, k, 0)
             child.points = (point,) + tuple(ConvergePoint(p.index, p.ref, p.live, p.boundary, t + 1)
@@ -475,7 +539,8 @@ class Explorer:
                              rec.outcome.value, node.cost_pre[n], self._end_state(rec), node.cr3_pre[n], False)
         if violations:
             steps = {id(v): v.step for v in violations}
-            self._findings(violations, chain, node.log.pcs, node.log.start, steps, group)
+            self._findings(violations, chain, node.log.pcs, node.log.start, steps, group, node.local_pre[n],
+                           self._relied_on(node.path_events(n)))
         return row
 
     def _end_state(self, rec: Record) -> tuple:
@@ -511,12 +576,18 @@ class Explorer:
         converged_at = None
         if rec.converged is not None:
             converged_at = (((node, k),) + node.point_nodes)[rec.converged]
-        violations, inherited = self._leaf_path(node, k, own, rec, converged_at, link)
-        if violations and not inherited:
-            self._leaf_findings(node, k, state, vector, violations, chain, position)
+        violations, inherited, local = self._leaf_path(node, k, own, rec, converged_at, link)
+        r = self._latched_reentry(node, k, rec.events, position, chain)
+        if r is not None and self._new_root(r):
+            self._reentries.append(r)
+            try:
+                self._leaf_verdict(node, k, state, vector, violations, inherited, chain, position, local)
+            finally:
+                self._reentries.pop()
+            self._report_reentry(r)
             return
-        if violations:
-            self._findings(violations, chain, (), k, {id(v): k for v in violations}, self.group)
+        if self._leaf_verdict(node, k, state, vector, violations, inherited, chain, position, local):
+            return
         if key is not None and rec.converged in (0, 1) and not own.local:
             # A clean run that rejoined: run it again with the dataflow log, to share it.
             flowed = self._run(Request(state, deliver=vector, level=Level.FLOW, converge=points,
@@ -525,6 +596,25 @@ class Explorer:
             if flow is not None and flowed.converged == rec.converged:
                 self.memo.add(key, flow, flowed.converged, state.regs, state.memory, flowed.final.regs,
                               flowed.final.memory, flowed.final.cpu, _Shared(own, flowed.final.cpu))
+
+    def _leaf_verdict(self, node: Node, k: int, state: Snapshot, vector: Vector, violations, inherited: bool,
+                      chain, position: int, local: tuple) -> bool:
+        """Report a leaf's violations; True when it broke an invariant itself."""
+        if violations and not inherited:
+            self._leaf_findings(node, k, state, vector, violations, chain, position, local)
+            return True
+        if violations:
+            self._findings(violations, chain, (), k, {id(v): k for v in violations}, self.group, local,
+                           self._relied_on(node.path_events(node.index(k))))
+        return False
+
+    def _new_root(self, r: "_Reentry") -> bool:
+        """Whether an ist-reentered delivery is a root cause of its own: not when an earlier
+        one on the path already is (then it is one of that one's symptoms)."""
+        if self._reentries and self.config.fold:
+            self._reentries[0].folded.add("ist-reentered")
+            return False
+        return True
 
     def _attribute(self, node: Node, k: int, entry, link: Injection) -> bool:
         """A leaf the memo stands for: its path, if that path breaks no invariant (else it runs).
@@ -547,18 +637,20 @@ class Explorer:
         self._add_path(node, link, ends, cost, cr3, True)
         if violations:
             # Only what the path broke before the injection: the same for every leaf here.
-            self._findings(violations, node.chain + (link,), (), k, {id(v): k for v in violations}, self.group)
+            self._findings(violations, node.chain + (link,), (), k, {id(v): k for v in violations}, self.group,
+                           node.local_pre[i], self._relied_on(node.path_events(i)))
         return True
 
     def _leaf_path(self, node: Node, k: int, own: Own, rec, converged_at, link: Injection | None,
-                   dry: bool = False) -> tuple[list[Violation], bool]:
-        """The verdict of a leaf's path (prefix + own run + the rest it rejoined), and whether
-        every violation in it happened before the injection (``inherited``); adds the path's
-        row unless ``dry``."""
-        violations, inherited, cost, cr3, ends = self._path(node, node.index(k), own, rec, converged_at)
+                   dry: bool = False) -> tuple[list[Violation], bool, tuple]:
+        """The verdict of a leaf's path (prefix + own run + the rest it rejoined), whether
+        every violation in it happened before the injection (``inherited``) and its local
+        violations; adds the path's row unless ``dry``."""
+        i = node.index(k)
+        violations, inherited, cost, cr3, ends = self._path(node, i, own, rec, converged_at)
         if not dry:
             self._add_path(node, link, ends, cost, cr3, converged_at is not None)
-        return violations, inherited
+        return violations, inherited, node.local_pre[i] + own.local if own.local else node.local_pre[i]
 
     def _add_path(self, node: Node, link: Injection, ends, cost: Cost, cr3: tuple, converged: bool) -> None:
         """The row of a leaf's path under ``node``."""
@@ -598,22 +690,190 @@ class Explorer:
         return violations, inherited, cost, cr3, ends
 
     def _leaf_findings(self, node: Node, k: int, state: Snapshot, vector: Vector, violations: list[Violation],
-                       chain, position: int) -> None:
+                       chain, position: int, local: tuple) -> None:
         # Leaves keep no instruction trace: replay the same run recorded.
         rec = self._run(Request(state, deliver=vector, level=Level.PCS, options=self.options,
                                 budget=self.config.budget, budget_from=k, cut_loops=self.config.prune))
         own = self.own_summary(rec.events, position)
-        replayed, _ = self._leaf_path(node, k, own, rec, None, None, dry=True)
+        replayed, _, _ = self._leaf_path(node, k, own, rec, None, None, dry=True)
         found = {(v.invariant, v.pc, v.message): v.step for v in replayed}
         pcs = rec.steps.pcs
         steps = {id(v): found.get((v.invariant, v.pc, v.message), k + len(pcs)) for v in violations}
-        self._findings(violations, chain, pcs, k, steps, self.group)
+        self._findings(violations, chain, pcs, k, steps, self.group, local,
+                       self._relied_on(node.path_events(node.index(k)) + rec.events))
 
-    def _findings(self, violations: list[Violation], chain, pcs, pcs_start: int, steps: dict, group: Group) -> None:
+    def _relied_on(self, events) -> tuple[Precondition, ...]:
+        """Build options a path relies on: an NMI delivered while NMIs are unmasked only
+        because of an IRET to itself that the option compiles in."""
+        out: list[Precondition] = []
+        early = None
+        for e in events:
+            t = type(e)
+            if t is Iret:
+                early = self.early_iret(e)
+            elif t is Delivered and e.vector is Vector.NMI and early is not None and early not in out:
+                out.append(early)
+        return tuple(out)
+
+    def set_guards(self, guards) -> None:
+        """The tree's build-option guarded IRETs (kernel/guards.py): (label, CONFIG_X, n
+        instructions of the block before the iretq)."""
+        from entrycheck.image.decode import sweep
+
+        self.guards = {label: option for label, option, _ in guards}
+        self._early.clear()
+        self._guarded = {}
+        for label, option, n in guards:
+            if label not in self.image.loaded.symbols:
+                continue
+            start, end = self.image.symbol_range(label)
+            insns = list(sweep(self.image.read(start, end - start), start))
+            at = next((k for k, ins in enumerate(insns) if ins.mnemonic in ("iretq", "iret")), None)
+            if at is None:
+                continue
+            site = self.image.symbolize(insns[at].address)
+            pre = Precondition(Reach.BUILD, "config", f"a kernel built with {option}=y (the code at "
+                               f"{self.image.symbolize(insns[max(0, at - max(n, 0))].address)}..{site} that "
+                               "unmasks NMIs early exists only then)")
+            for ins in insns[max(0, at - max(n, 0)):at + 1]:
+                self._guarded[ins.address] = pre
+
+    def _guarded_links(self, chain) -> tuple[Precondition, ...]:
+        if not self._guarded:
+            return ()
+        out = []
+        for link in chain:
+            try:
+                p = self._guarded.get(self.image.parse_location(link.at))
+            except Exception:  # noqa: BLE001 - a site outside the image is not guarded code
+                p = None
+            if p is not None and p not in out:
+                out.append(p)
+        return tuple(out)
+
+    def early_iret(self, e: Iret) -> Precondition | None:
+        """An IRET to the next instruction (it only unmasks NMIs): the build option that
+        compiled it in, from the tree's source when at hand."""
+        if not 0 < e.frame.rip - e.pc <= 2:
+            return None
+        got = self._early.get(e.pc, False)
+        if got is False:
+            site = self.image.symbolize(e.pc)
+            option = self.guards.get(site.partition("+")[0])
+            if option:
+                got = Precondition(Reach.BUILD, "config", f"a kernel built with {option}=y (its IRET to itself at "
+                                   f"{site} unmasks NMIs early, and an NMI arrives then)")
+            else:
+                got = Precondition(Reach.UNPRIVILEGED, "early-iret", f"the IRET to itself at {site}, which "
+                                   "unmasks NMIs early (built in by an option? the source was not at hand)")
+            self._early[e.pc] = got
+        return got
+
+    def _findings(self, violations: list[Violation], chain, pcs, pcs_start: int, steps: dict, group: Group,
+                  local: tuple, options: tuple = ()) -> None:
+        """Findings of a path's violations; with an ist-reentered delivery on the path, those
+        from that delivery on are its symptoms and fold under it."""
+        guarded = self._guarded_links(chain)
+        if guarded:
+            options = options + tuple(p for p in guarded if p not in options)
+        cut = self._reentries[0].position if self._reentries and self.config.fold else None
+        if cut is not None:
+            at = {id(t[3]): t[2] for t in local}
         for v in violations:
+            if cut is not None and at.get(id(v), cut) >= cut:
+                self._reentries[0].folded.add(v.invariant)
+                continue
             trace = self._trace_window(pcs, steps[id(v)] - pcs_start)
             group.findings.append(Finding(v.invariant, self.sc.name, self.image.features, _names(self.effects),
-                                          chain, self.image.symbolize(v.pc), v.message, trace))
+                                          chain, self.image.symbolize(v.pc), v.message, trace,
+                                          self._pre + options))
+
+    # ---- root causes -----------------------------------------------------------------------
+    def _watched(self, node: Node, k: int) -> str | None:
+        """The data a breakpoint would watch to raise a #DB trap at boundary k."""
+        got = self._watchable_access(node, k)
+        return self.names.name(got) if got is not None else None
+
+    def _ist_reentry(self, node: Node, k: int, i: int, vector: Vector, memory, link: Injection) -> "_Reentry | None":
+        """An ist-reentered delivery injected at boundary k of ``node``."""
+        if vector is Vector.NMI and node.log.cpus[i].nmi_blocked:
+            return None              # latched, not delivered
+        if not any(o.vector.ist == vector.ist for o in node.log.outstanding[i]):
+            return None
+        space = self.machine.space
+        slot = space.phys(self.world.config.ist_slots[vector]) - self.wbase
+        top = int.from_bytes(memory[slot:slot + 8], "little")
+        found = self._live_frame(node, k, vector, top)
+        if found is None:
+            return None
+        outer, words = found
+        msg = self._reentry_message(vector, outer, words, "")
+        if vector is Vector.DB:
+            watched = self._watched(node, k)
+            if watched:
+                msg += f"; the #DB traps on the access to {watched} by {self.image.symbolize(self._prev_pc(node, k))}"
+        return _Reentry(node.position + node.index(k), node.chain + (link,), node.log.pcs[i], msg,
+                        self._trace_window(node.log.pcs, i), set())
+
+    def _live_frame(self, node: Node, k: int, vector: Vector, top: int):
+        """(the outstanding exception, the words) when a ``vector`` frame written below ``top``
+        at boundary k of ``node`` goes onto the IST stack of an exception still outstanding
+        there and covers words its recorded run reads later (the earlier handler has not
+        moved off the stack or copied its frame); else None."""
+        i = k - node.log.start
+        outer = next((o for o in node.log.outstanding[i] if o.vector.ist == vector.ist), None)
+        if outer is None:
+            return None
+        space = self.machine.space
+        size = 8 * (6 if vector.error_code else 5)
+        live = node.live
+        hit = []
+        for addr in range(top - size, top, 8):
+            if space.pages.get(addr >> 12) is not None and live.live(space.phys(addr) - self.wbase, k):
+                hit.append(addr)
+        return (outer, tuple(hit)) if hit else None
+
+    def _latched_reentry(self, node: Node, k: int, events, position: int,
+                         chain: tuple[Injection, ...]) -> "_Reentry | None":
+        """An ist-reentered delivery inside a run injected at boundary k of ``node``: an NMI
+        latched while blocked and delivered when an IRET that resumed a recorded run unblocked
+        NMIs.  (A run the memo stands for rejoined its recorded run with every live word
+        equal, so it overwrote no live frame: only runs made are looked at.)"""
+        prev = None
+        for j, e in enumerate(events):
+            if type(e) is Delivered and e.from_latch and e.vector.ist and type(prev) is Resumed:
+                resumed = prev.injection
+                for ref, ref_k in ((node, k),) + node.point_nodes:
+                    # The recorded run it resumed: where that exception was delivered.
+                    if resumed.step == ref_k and resumed.chain_index == ref.log.chains[ref_k - ref.log.start]:
+                        size = 8 * (6 if e.vector.error_code else 5)
+                        found = self._live_frame(ref, ref_k, e.vector, e.stack + size)
+                        if found is not None:
+                            outer, words = found
+                            how = (f" (latched, and delivered when the {prev.injection.vector.label} handler's "
+                                   f"IRET to {self.image.symbolize(prev.pc)} unblocked NMIs)")
+                            i = ref_k - ref.log.start
+                            return _Reentry(position + j, chain, e.pc,
+                                            self._reentry_message(e.vector, outer, words, how),
+                                            self._trace_window(ref.log.pcs, i), set(), e.step)
+                        break
+            prev = e
+        return None
+
+    def _reentry_message(self, vector: Vector, outer, words, how: str) -> str:
+        where = f"user mode ({outer.rip:#x})" if outer.cpu.cpl == 3 else self.image.symbolize(outer.rip)
+        return (f"{vector.label} delivered through IST {vector.ist}{how} while the frame of the "
+                f"{outer.vector.label} that interrupted {where} is still live on that stack (the handler reads it "
+                f"later; the new frame overwrites {len(words)} of its words)")
+
+    def _report_reentry(self, r: "_Reentry") -> None:
+        self.group.findings.append(Finding("ist-reentered", self.sc.name, self.image.features, _names(self.effects),
+                                           r.chain, self.image.symbolize(r.pc), r.message, r.trace,
+                                           self._pre + self._guarded_links(r.chain), tuple(sorted(r.folded))))
+
+    def _prev_pc(self, node: Node, k: int) -> int:
+        i = k - node.log.start
+        return node.log.pcs[i - 1] if i > 0 else node.log.pcs[i]
 
     def _trace_window(self, pcs, upto: int) -> tuple[str, ...]:
         n = self.config.trace_window
@@ -625,6 +885,19 @@ class Explorer:
         if got is None:
             got = self._disasm[addr] = f"{self.image.symbolize(addr)}: {self.image.instruction_text(addr)}"
         return got
+
+
+@dataclass
+class _Reentry:
+    """An ist-reentered delivery on the path being explored."""
+
+    position: int                    # path index of its Delivered event
+    chain: tuple[Injection, ...]     # the path up to it
+    pc: int                          # the instruction it interrupted
+    message: str
+    trace: tuple[str, ...]
+    folded: set[str]                 # invariants of its symptoms
+    step: int = -1                   # inside a run: the boundary it was delivered at
 
 
 @dataclass(frozen=True)

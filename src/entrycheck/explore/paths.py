@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from entrycheck.explore.preconditions import Reach, reach_of
 from entrycheck.image.features import FeatureSet
 from entrycheck.image.image import Image
 from entrycheck.machine.events import Cr3Written, Delivered, Event, GsChange, Injection, MsrWritten
@@ -137,6 +138,12 @@ class Finding:
     site: str                 # where the violation showed
     message: str
     trace: tuple[str, ...] = field(default=(), compare=False)   # instructions before the violation
+    preconditions: tuple = field(default=(), compare=False)     # Precondition per link of the path
+    folded: tuple[str, ...] = field(default=(), compare=False)  # symptom invariants folded under it
+
+    @property
+    def reach(self) -> Reach:
+        return reach_of(self.preconditions)
 
     def key(self) -> tuple:
         """Deduplication key: (invariant, site, vector chain), the chain starting with the
@@ -150,7 +157,9 @@ class Finding:
     def to_json(self) -> dict:
         return {"invariant": self.invariant, "scenario": self.scenario, "features": str(self.features),
                 "effects": list(self.effects), "injections": [i.to_json() for i in self.injections],
-                "site": self.site, "message": self.message, "trace": list(self.trace)}
+                "site": self.site, "message": self.message, "reach": self.reach.label,
+                "preconditions": [p.to_json() for p in self.preconditions],
+                **({"folded": list(self.folded)} if self.folded else {}), "trace": list(self.trace)}
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from entrycheck.image.decode import sweep
 from entrycheck.image.image import Image
 from entrycheck.kernelabi.stubs import Effect, StubOptions, Stubs
 from entrycheck.kernelabi.world import World
-from entrycheck.machine.events import Event, Injection, Outcome
-from entrycheck.machine.api import DEFAULT_BUDGET, Level, Request
+from entrycheck.machine.events import Delivered, Event, Injection, Outcome, Resumed
+from entrycheck.machine.api import DEFAULT_BUDGET, Level, LiveIndex, Record, Request
 from entrycheck.machine.machine import Machine
 from entrycheck.machine.model import CpuState, Vector
 from entrycheck.props.invariants import Violation, check_run
@@ -93,5 +93,64 @@ def trace(world: World, sc: Scenario, injections: tuple[Injection, ...],
     log = rec.steps
     steps = tuple(Step(log.start + k, pc, regs[15]) for k, (pc, regs) in enumerate(zip(log.pcs, log.regs)))
     violations = check_run(world, rec.events, rec.outcome, rec.reason, rec.final.cpu, rec.final.outstanding)
+    violations = ist_reentries(machine, world, start, sc, injections, effects, budget, rec) + violations
     return Trace(sc, injections, steps, rec.events, rec.outcome, rec.reason, rec.final.cpu,
                  cost_of(rec.events, world.image), tuple(violations), tuple(sorted(stubs.unknown)))
+
+
+def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injections: tuple[Injection, ...],
+                  effects: frozenset[Effect], budget: int, rec: Record) -> list[Violation]:
+    """The ist-reentered deliveries of a recorded path, as the explorer finds them: a
+    delivery through an IST slot whose frame covers words that the same path without
+    that exception (recorded once more) still reads later.  A latched NMI let in by an
+    IRET is judged against the path without the exception that IRET returned from."""
+    options = StubOptions(effects=effects, sysret=sc.sysret)
+    space = machine.space
+    wbase = space.writable_base
+    # Deliveries are numbered in order (an Interrupted's chain_index); which injection each was.
+    injection_of: dict[int, int] = {}
+    delivered = [e for e in rec.events if type(e) is Delivered]
+    j = 0
+    for c, e in enumerate(delivered):
+        if e.from_latch or (c == 0 and sc.vector is not None):
+            continue
+        injection_of[c] = j
+        j += 1
+    refs: dict[int, Record] = {}
+    out = []
+    prev = None
+    c = -1
+    for e in rec.events:
+        if type(e) is Delivered:
+            c += 1
+        if type(e) is Delivered and e.vector.ist and (not e.from_latch or type(prev) is Resumed):
+            if e.from_latch:
+                at, j = prev.injection.step, injection_of.get(prev.injection.chain_index)
+            else:
+                at, j = e.step, injection_of.get(c)
+            if j is not None:
+                ref = refs.get(j)
+                if ref is None:
+                    ref = refs[j] = machine.run(Request(start, deliver=sc.vector, injections=injections[:j],
+                                                        level=Level.STEPS, options=options, budget=budget))
+                log = ref.steps
+                i = at - log.start
+                if 0 <= i < len(log.pcs):
+                    outer = next((o for o in log.outstanding[i] if o.vector.ist == e.vector.ist), None)
+                    size = 8 * (6 if e.vector.error_code else 5)
+                    top = e.stack + size
+                    live = LiveIndex(log.accesses, wbase, space.writable_size)
+                    words = [a for a in range(top - size, top, 8) if space.pages.get(a >> 12) is not None
+                             and live.live(space.phys(a) - wbase, at)]
+                    if outer is not None and words:
+                        where = f"user mode ({outer.rip:#x})" if outer.cpu.cpl == 3 else \
+                            world.image.symbolize(outer.rip)
+                        how = (f" (latched, and delivered when the {prev.injection.vector.label} handler's IRET to "
+                               f"{world.image.symbolize(prev.pc)} unblocked NMIs)") if e.from_latch else ""
+                        out.append(Violation(
+                            "ist-reentered", e.pc, e.step,
+                            f"{e.vector.label} delivered through IST {e.vector.ist}{how} while the frame of the "
+                            f"{outer.vector.label} that interrupted {where} is still live on that stack (the "
+                            f"handler reads it later; the new frame overwrites {len(words)} of its words)"))
+        prev = e
+    return out

@@ -298,6 +298,14 @@ _TABLE = (
               "A fault inside the entry code is a crash on real hardware; a C function called without what "
               "C needs (kernel CR3, per-cpu GSBASE, a kernel stack) would crash or corrupt memory.  The "
               "machine stops there rather than run on with garbage.", local_emulation_fault, None),
+    Invariant("ist-reentered", "an exception delivered through an IST stack that still holds a live frame",
+              "An IST gate makes the CPU switch to a fixed stack and write its frame at the top, whatever is "
+              "there.  Until the handler has moved off that stack (sync_regs, error_entry) or copied the frame "
+              "(the NMI entry), a second delivery through the same slot overwrites the frame the first handler "
+              "will return with: #DB and #MC do not nest by design, so the kernel must keep them from arriving "
+              "there (hw_breakpoint.c refuses breakpoints on the data the entry code touches).  Found by the "
+              "explorer at the second delivery; what goes wrong after it is folded under this finding.",
+              None, None),
     Invariant("no-return", "the path did not return within the step budget",
               "Every entry path must end where it started: back in user mode, or back in the interrupted "
               "kernel code.  A path that loops (an NMI that keeps repeating, a handler that never IRETs) "

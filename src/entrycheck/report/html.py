@@ -509,7 +509,9 @@ def _site_rows(cost: Cost, side: _Side, features: str) -> list[dict]:
 def check_html(result: CheckResult, *, build, loaded, target: str, command: str | None = None) -> str:
     """The HTML report of a check of ``build`` (``target`` as given on the command line)."""
     side = _Side(build, loaded, target)
-    views = finding_views(result.findings, side)
+    # Root causes first, then the easiest to reach (the order is stable otherwise).
+    ordered = sorted(result.findings, key=lambda f: (f.invariant != "ist-reentered", f.reach))
+    views = finding_views(ordered, side)
     cfg = result.config
     by_inv: dict[str, list[FindingView]] = defaultdict(list)
     for v in views:

@@ -15,6 +15,9 @@ from entrycheck.machine.model import decode_cr3
 WIDTH = 80
 
 
+ROOT_CAUSE = "ist-reentered"
+
+
 def _wrap(text: str, indent: str = "", first: str | None = None) -> list[str]:
     """Wrap to 80 columns; continuation lines get ``indent``, the first ``first`` (default: indent)."""
     first = indent if first is None else first
@@ -62,13 +65,22 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
             groups[f.invariant].append(f)
         lines.append(f"VIOLATIONS: {len(result.findings)} distinct ({result.all_findings} before "
                      "deduplication)")
-        for inv, fs in groups.items():
-            shortest = min(fs, key=lambda f: (len(f.injections), fs.index(f)))
+        # Root causes first, then the easiest to reach.
+        order = sorted(groups, key=lambda inv: (inv != ROOT_CAUSE, min(f.reach for f in groups[inv])))
+        for inv in order:
+            fs = groups[inv]
+            shortest = min(fs, key=lambda f: (f.reach, len(f.injections), fs.index(f)))
             lines.append("")
-            lines.append(f"{inv} ({len(fs)} distinct)")
+            lines.append(f"{inv} ({len(fs)} distinct; {shortest.reach.label} at the easiest)")
+            needs = [p.text for p in shortest.preconditions]
+            if needs:
+                lines += _wrap("needs: " + "; ".join(needs), "      ", "    ")
             lines += _wrap(f"{shortest.message}", "    ", "  - ")
             lines += _wrap(f"at {shortest.site}, scenario {shortest.scenario}, features "
                            f"{shortest.features}", "    ", "    ")
+            folded = sorted({name for f in fs for name in f.folded})
+            if folded:
+                lines += _wrap("symptoms folded under it (--unfold lists them): " + ", ".join(folded), "    ", "    ")
             lines.append("    reproduce:")
             lines += _wrap(reproduce_command(target, shortest), "        ", "      ")
             others = Counter(f.site for f in fs if f is not shortest)

@@ -1,0 +1,144 @@
+"""Root causes and preconditions on the stock kernels: what a maintainer reads first."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
+from entrycheck.explore.preconditions import Reach
+from entrycheck.image.features import FeatureSet
+
+pytestmark = pytest.mark.kernel
+
+CLI = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
+
+
+def ref(build) -> ObjectRef:
+    return ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h)
+
+
+def chains(findings) -> set:
+    return {(f.scenario, f.injections) for f in findings}
+
+
+@pytest.mark.parametrize("series", ["6.1", "6.12"])
+def test_the_kernel_ibrs_db_class_is_one_ist_reentered_root_cause(built_kernels, series: str) -> None:
+    """A user-mode #DB runs error_entry on the #DB IST stack; IBRS_ENTER reads
+    x86_spec_ctrl_current there, which hw_breakpoint.c does not protect: a data breakpoint
+    on it nests a second #DB on the live frame.  That is reported once, at the second
+    delivery, with what it needs; its symptoms are folded under it."""
+    cfg = CheckConfig(feature_sets=(FeatureSet.parse("kernel_ibrs"),), depth=1)
+    folded = run_check(ref(built_kernels[series]), cfg)
+    roots = [f for f in folded.findings if f.invariant == "ist-reentered"]
+    assert roots, [(f.invariant, f.site) for f in folded.findings]
+    root = next(f for f in roots if f.scenario == "db-from-user")
+    assert [i.vector.label for i in root.injections] == ["db"]
+    assert root.site.startswith("error_entry+") and "x86_spec_ctrl_current" in root.message
+    db = [p for p in root.preconditions if p.kind == "db"]
+    assert len(db) == 1 and "x86_spec_ctrl_current" in db[0].text and db[0].reach is Reach.ROOT
+    assert root.reach is Reach.ROOT
+    doc = root.to_json()
+    assert doc["reach"] == "needs root"
+    assert any("x86_spec_ctrl_current" in p["text"] for p in doc["preconditions"])
+    # Nothing else is reported for that path: what went wrong after the nested #DB is folded.
+    same = [f for f in folded.findings if (f.scenario, f.injections) == (root.scenario, root.injections)]
+    assert same == [root]
+    assert root.folded
+
+    # Unfolded, the symptoms come back as findings of their own on the same path.
+    unfolded = run_check(ref(built_kernels[series]), replace(cfg, fold=False))
+    symptoms = {f.invariant for f in unfolded.findings
+                if (f.scenario, f.injections) == (root.scenario, root.injections) and f.invariant != "ist-reentered"}
+    assert symptoms and symptoms <= set(root.folded)
+    assert symptoms & {"percpu-with-user-gs", "emulation-fault"}
+
+
+def test_a_nested_nmi_is_a_reentry_only_before_the_frame_is_copied(kernel612) -> None:
+    """asm_exc_nmi is built for nested NMIs once it has copied its frame: a nested NMI
+    there is the designed path, not ist-reentered.  An NMI that an early #MC's IRET
+    lets in before the copy lands on the live frame (traps.c: 'nested NMI will corrupt
+    the NMI stack') and is reported, with the machine check it needs."""
+    cfg = CheckConfig(scenarios=("nmi-from-kernel",), feature_sets=(FeatureSet.parse("pti,pcid"),), depth=2)
+    result = run_check(ref(kernel612), cfg)
+    roots = [f for f in result.findings if f.invariant == "ist-reentered"]
+    assert roots
+    for f in roots:
+        assert "latched" in f.message and f.reach is Reach.MACHINE_CHECK, f.message
+        assert any(i.vector.label == "mc" for i in f.injections)
+    # The frame is copied by the end of first_nmi's copy loop; nothing after it re-enters.
+    copied = [f for f in roots if f.site.startswith(("repeat_nmi", "end_repeat_nmi", "nested_nmi"))]
+    assert not copied, [(f.site, f.message) for f in copied]
+    # `trace` finds each of them again on its own (recording the path without that NMI once more).
+    from entrycheck.explore.replay import trace
+    from entrycheck.explore.scenarios import scenario
+    from entrycheck.kernelabi.world import build_world
+
+    world = build_world(ref(kernel612).load().image(FeatureSet.parse("pti,pcid")))
+    for f in roots[::max(1, len(roots) // 6)]:
+        t = trace(world, scenario(f.scenario), f.injections)
+        assert [(v.invariant, world.image.symbolize(v.pc)) for v in t.violations][:1] == [("ist-reentered", f.site)]
+    # Paths that do not re-enter still report their own violations, preconditions first.
+    others = [f for f in result.findings if f.invariant != "ist-reentered"]
+    assert others and all(f.preconditions for f in others)
+    assert all(f.preconditions[0].kind == "entry" for f in result.findings)
+
+
+def test_check_json_and_text_lead_with_the_root_cause(kernel61, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    proc = subprocess.run(CLI + ["check", str(kernel61.object_path), "--features", "kernel_ibrs", "--depth", "1",
+                                 "--scenarios", "db-from-user", "--json", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(out.read_text())
+    assert [v["invariant"] for v in doc["violations"]] == ["ist-reentered"]
+    v = doc["violations"][0]
+    assert v["reach"] == "needs root" and v["folded"]
+    assert [p["kind"] for p in v["preconditions"]] == ["entry", "db"]
+    text = proc.stdout
+    assert text.index("ist-reentered") < text.index("reproduce:")
+    assert "needs: a #DB in user mode" in text and "x86_spec_ctrl_current" in text
+    assert "symptoms folded under it" in text
+
+
+def test_the_repeat_nmi_findings_are_those_of_config_debug_entry(kernel612, tmp_path) -> None:
+    """x86_64_defconfig sets CONFIG_DEBUG_ENTRY, whose IRET in first_nmi unmasks NMIs early.
+    Built from the same tree without it, the kernel has no repeat_nmi findings; with it,
+    the findings that carry the CONFIG_DEBUG_ENTRY precondition are exactly the ones the
+    build without it does not have."""
+    from collections import Counter
+
+    from entrycheck.kernel.guards import iret_guards
+    from entrycheck.kernel.targets import build_tree_object
+
+    tree = kernel612.source_tree
+    config = tmp_path / "no-debug-entry.config"
+    config.write_bytes((kernel612.object_path.parent / "kernel.config").read_bytes())
+    subprocess.run(["bash", str(tree / "scripts" / "config"), "--file", str(config), "-d", "DEBUG_ENTRY"], check=True)
+    without = build_tree_object(tree, config=config)
+    assert "CONFIG_DEBUG_ENTRY=y" in (kernel612.object_path.parent / "kernel.config").read_text()
+    guards = iret_guards(tree)
+    assert [(label, option) for label, option, _ in guards] == [("first_nmi", "CONFIG_DEBUG_ENTRY")]
+
+    cfg = CheckConfig(scenarios=("nmi-from-kernel", "nmi-from-user"), feature_sets=(FeatureSet.parse("pti,pcid"),),
+                      depth=2)
+    built = {name: run_check(ObjectRef(b.object_path, b.cpufeatures_h, b.asm_offsets_h, guards=guards), cfg)
+             for name, b in (("with", kernel612), ("without", without))}
+
+    def needs_option(f) -> bool:
+        return any(p.kind == "config" and "CONFIG_DEBUG_ENTRY=y" in p.text for p in f.preconditions)
+
+    with_it, without_it = built["with"].findings, built["without"].findings
+    assert not [f for f in without_it if f.site.startswith("repeat_nmi")]
+    assert not [f for f in without_it if needs_option(f)]
+    at_repeat = [f for f in with_it if f.site.startswith("repeat_nmi")]
+    assert at_repeat and all(needs_option(f) for f in at_repeat)
+    assert all(f.reach is Reach.BUILD for f in with_it if needs_option(f))
+
+    def key(f) -> tuple:
+        return (f.invariant, f.scenario, tuple(i.vector for i in f.injections))
+
+    assert Counter(key(f) for f in with_it if not needs_option(f)) == Counter(key(f) for f in without_it)
