@@ -8,6 +8,9 @@ what and checks that every invariant except no-return catches at least one mutan
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -193,3 +196,41 @@ def test_every_invariant_catches_a_mutant(suite: Suite, record_property: Callabl
     assert not unclean, f"the pristine kernel already trips the invariant these mutants target: {unclean}"
     uncovered = sorted(set(INVARIANTS) - OPTIONAL - set(caught_by))
     assert not uncovered, f"no mutant is caught by {uncovered}"
+
+
+@pytest.mark.kernel
+def test_a_baseline_passes_known_findings_and_fails_new_ones(suite: Suite, tmp_path: Path) -> None:
+    """`check --baseline B` exits 0 when B is the tree's own result and 1 when a mutant adds
+    a violation; the mutant's edit moves the code after it, so known findings must be
+    matched by instruction, not by address."""
+    mutant = next(m for m in MUTANTS if m.name == "error-entry-reads-percpu-on-ist")
+    cli = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
+    # Under kernel_ibrs the stock kernel has the same root cause at IBRS_ENTER's read: known.
+    args = ["--features", "kernel_ibrs", "--depth", "1", "--scenarios", "db-from-user,nmi-from-user",
+            "--vectors", "db,nmi"]
+    base = tmp_path / "pristine.json"
+    pristine = suite.kernels[mutant.kernel].object_path
+    first = subprocess.run(cli + ["check", str(pristine), *args, "--json", str(base)], capture_output=True, text=True)
+    assert first.returncode == 1, first.stderr
+    known = json.loads(base.read_text())["violations"]
+    assert known and all("match" in v for v in known)
+
+    again = subprocess.run(cli + ["check", str(pristine), *args, "--baseline", str(base)],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{len(known)} known findings" in again.stdout and "No violations." in again.stdout
+
+    out = tmp_path / "mutant.json"
+    mutated = subprocess.run(cli + ["check", str(suite.build(mutant).object_path), *args, "--baseline", str(base),
+                                    "--json", str(out)], capture_output=True, text=True)
+    assert mutated.returncode == 1, mutated.stdout + mutated.stderr
+    doc = json.loads(out.read_text())
+    new = [v for v in doc["violations"] if not v["known"]]
+    assert new and {v["invariant"] for v in new} == {"ist-reentered"}, new
+    assert doc["baseline"]["known"] == len(known)       # every stock finding is still recognised
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    proc = subprocess.run(cli + ["check", str(pristine), *args, "--baseline", str(bad)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

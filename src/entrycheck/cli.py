@@ -141,6 +141,7 @@ class ExploreOptions:
     mc_nesting: bool = False
     handler_effects: str | None = None
     no_prune: bool = False
+    unfold: bool = False
     max_runs: int | None = None
     workers: int | None = None
     scheduler: str | None = None
@@ -161,7 +162,7 @@ class ExploreOptions:
         return CheckConfig(scenarios=_scenarios(self.scenarios), feature_sets=sets, vectors=vecs, depth=self.depth,
                            db_anywhere=self.db_mode == "anywhere", mc_nesting=self.mc_nesting,
                            effects=parse_effects(self.handler_effects), prune=not self.no_prune,
-                           max_runs=self.max_runs)
+                           max_runs=self.max_runs, fold=not self.unfold)
 
     def validate(self) -> None:
         """What can be checked before any work: option values alone."""
@@ -200,6 +201,8 @@ def _explore_options(f):
                      help="Also explore handlers that do this: invalidate-user-asid, switch-kernel-asid."),
         click.option("--no-prune", is_flag=True, help="Brute force: run every injection to its end (no "
                      "convergence, no latched-NMI sharing, no shared handler runs)."),
+        click.option("--unfold", is_flag=True, help="Also report on their own the symptoms folded under an "
+                     "ist-reentered root cause."),
         click.option("--max-runs", type=click.IntRange(1), default=None, help="Stop after this many runs."),
         click.option("--workers", type=click.IntRange(1, 64), default=None,
                      help="Worker processes (default: one per CPU)."),
@@ -213,8 +216,10 @@ def _explore_options(f):
 
 def _object_ref(build):
     from entrycheck.explore.check import ObjectRef
+    from entrycheck.kernel.guards import iret_guards
 
-    return ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h)
+    return ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h,
+                     guards=iret_guards(build.source_tree))
 
 
 def _run_check(build, cfg, opts: ExploreOptions):
@@ -233,10 +238,12 @@ def _run_check(build, cfg, opts: ExploreOptions):
 @click.option("--html", "html_out", default=None, metavar="PATH",
               help="Also write a self-contained HTML report to PATH.")
 @click.option("--explain", default=None, metavar="INVARIANT", help="Say what an invariant checks, and why.")
-def check(target, opts: ExploreOptions, json_out, html_out, explain) -> None:
+@click.option("--baseline", default=None, metavar="FILE",
+              help="A previous --json of this check: its findings are known; exit 1 only for new ones.")
+def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline) -> None:
     """Inject exceptions at every instruction boundary of every path and check the invariants.
 
-    Exit status: 0 clean, 1 violations found, 2 bad input.
+    Exit status: 0 clean (or nothing beyond the baseline), 1 violations found, 2 bad input.
     """
     from entrycheck.props.invariants import INVARIANTS, invariant
 
@@ -256,18 +263,43 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain) -> None:
     if html_out:
         from entrycheck.report.html import check_path
         check_path(html_out)
+    from entrycheck.explore import baseline as known_findings
+
+    known = known_findings.load(baseline) if baseline else None
     build, loaded = _load(target, opts.tree)
     cfg = opts.check_config(loaded)
     result = _run_check(build, cfg, opts)
+    site_keys: dict = {}
+
+    def keys_of(f):
+        got = site_keys.get(f.features)
+        if got is None:
+            got = site_keys[f.features] = known_findings.SiteKeys(loaded.image(f.features))
+        return got
+
+    matches = [known_findings.finding_key(keys_of(f), f) for f in result.findings]
+    new = result.findings
+    if known is not None:
+        new, old = known_findings.split(result.findings, keys_of, known)
     if json_out:
         _write_json(json_out, check_json(result, target=build.label, kernel_version=build.kernel_version,
-                                         feature_numbers=loaded.features.source))
+                                         feature_numbers=loaded.features.source, matches=matches,
+                                         baseline=(baseline, new) if known is not None else None))
     if html_out:
         from entrycheck.report.html import check_html, command_line, write_html
         write_html(html_out, check_html(result, build=build, loaded=loaded, target=target, command=command_line()))
     if json_out != "-":
-        click.echo(check_summary(result, target=target, kernel_version=build.kernel_version))
-    sys.exit(1 if result.findings else (EXIT_INTERNAL if result.errors else 0))
+        if known is not None:
+            import copy
+
+            shown = copy.copy(result)
+            shown.findings = new
+            text = check_summary(shown, target=target, kernel_version=build.kernel_version)
+            click.echo(f"{len(old)} known findings (in the baseline {baseline}) not listed; "
+                       f"{len(new)} new.\n" + text)
+        else:
+            click.echo(check_summary(result, target=target, kernel_version=build.kernel_version))
+    sys.exit(1 if new else (EXIT_INTERNAL if result.errors else 0))
 
 
 @cli.command()

@@ -13,8 +13,21 @@ from entrycheck.machine import events as ev
 from entrycheck.machine.model import decode_cr3
 
 
-def check_json(result: CheckResult, *, target: str, kernel_version: str | None, feature_numbers: str) -> dict:
+def check_json(result: CheckResult, *, target: str, kernel_version: str | None, feature_numbers: str,
+               matches: list | None = None, baseline: tuple | None = None) -> dict:
+    """``matches``: per finding its address-free identity (explore/baseline.py); ``baseline``:
+    (the file, the findings not in it)."""
     cfg = result.config
+    violations = [f.to_json() for f in result.findings]
+    if matches is not None:
+        for v, m in zip(violations, matches):
+            v["match"] = m
+    extra = {}
+    if baseline is not None:
+        new = {id(f) for f in baseline[1]}
+        for v, f in zip(violations, result.findings):
+            v["known"] = id(f) not in new
+        extra["baseline"] = {"file": baseline[0], "known": len(result.findings) - len(new), "new": len(new)}
     base = result.cost()
     every = result.total_cost()
     by_invariant = Counter(f.invariant for f in result.findings)
@@ -33,7 +46,7 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
         "skipped_points": result.skipped,
         "stopped_because": result.stopped_because,
         "errors": list(result.errors),
-        "violations": [f.to_json() for f in result.findings],
+        "violations": violations,
         "violations_before_dedup": result.all_findings,
         "violations_by_invariant": dict(sorted(by_invariant.items())),
         "cr3": base.cr3_json(),
@@ -45,6 +58,7 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
         "paths": [{"scenario": p.scenario, "features": str(p.features), "effects": list(p.effects),
                    "outcome": p.outcome, "cr3": p.cost.cr3_json()}
                   for p in result.base_paths()],
+        **extra,
     }
 
 
