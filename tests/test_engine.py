@@ -217,3 +217,33 @@ nmi_restore:
 \tiretq
 """
     assert parse(text) == (("first_nmi", "CONFIG_DEBUG_ENTRY", 3), ("repeat_nmi", "CONFIG_X86_ESPFIX64", -1))
+
+
+def test_breakpoint_refusals_are_read_from_within_cpu_entry() -> None:
+    from entrycheck.kernel.guards import parse_refusals
+
+    text = """static int other(void) { within_area(a, b, (unsigned long)&per_cpu(not_this, cpu), 8); }
+static inline bool within_cpu_entry(unsigned long addr, unsigned long end)
+{
+\tif (within_area(addr, end, CPU_ENTRY_AREA_BASE,
+\t\t\tCPU_ENTRY_AREA_MAP_SIZE))
+\t\treturn true;
+#ifdef CONFIG_SMP
+\tif (within_area(addr, end, (unsigned long)__per_cpu_offset,
+\t\t\tsizeof(unsigned long) * nr_cpu_ids))
+\t\treturn true;
+#endif
+\tfor_each_possible_cpu(cpu) {
+\t\t/* within_area(addr, end, (unsigned long)&per_cpu(commented_out, cpu), 1) */
+\t\tif (within_area(addr, end, (unsigned long)get_cpu_gdt_rw(cpu), GDT_SIZE))
+\t\t\treturn true;
+\t\tif (within_area(addr, end,
+\t\t\t\t(unsigned long)&per_cpu(cpu_tss_rw, cpu),
+\t\t\t\tsizeof(struct tss_struct)))
+\t\t\treturn true;
+\t}
+\treturn false;
+}
+"""
+    assert parse_refusals(text) == ("cpu_entry_area", "__per_cpu_offset", "gdt_page", "cpu_tss_rw")
+    assert parse_refusals("int main(void) { return 0; }") is None

@@ -142,3 +142,36 @@ def test_the_repeat_nmi_findings_are_those_of_config_debug_entry(kernel612, tmp_
         return (f.invariant, f.scenario, tuple(i.vector for i in f.injections))
 
     assert Counter(key(f) for f in with_it if not needs_option(f)) == Counter(key(f) for f in without_it)
+
+
+def test_a_patch_to_hw_breakpoint_c_is_reviewed_like_entry_code(kernel61, tmp_path) -> None:
+    """The breakpoint exclusions come from the tree's own hw_breakpoint.c: a patch adding
+    x86_spec_ctrl_current and cpu_current_top_of_stack to within_cpu_entry() fixes the
+    ist-reentered findings of kernel_ibrs, and review says so and exits 0."""
+    import difflib
+
+    from entrycheck.kernel.guards import BUILTIN_REFUSALS, breakpoint_refusals
+
+    assert breakpoint_refusals(kernel61.source_tree) == BUILTIN_REFUSALS
+    path = "arch/x86/kernel/hw_breakpoint.c"
+    old = (kernel61.source_tree / path).read_text()
+    anchor = ("\t\tif (within_area(addr, end, (unsigned long)&per_cpu(cpu_dr7, cpu),\n"
+              "\t\t\t\tsizeof(cpu_dr7)))\n\t\t\treturn true;\n")
+    assert old.count(anchor) == 1
+    add = "".join(f"\n\t\tif (within_area(addr, end,\n\t\t\t\t(unsigned long)&per_cpu({name}, cpu),\n"
+                  f"\t\t\t\tsizeof(u64)))\n\t\t\treturn true;\n"
+                  for name in ("x86_spec_ctrl_current", "cpu_current_top_of_stack"))
+    new = old.replace(anchor, anchor + add)
+    patch = tmp_path / "hw-breakpoint.patch"
+    patch.write_text("Subject: [PATCH] x86/hw_breakpoint: refuse data read on IST stacks\n\n---\n" + "".join(
+        difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a/{path}", f"b/{path}")))
+
+    out = tmp_path / "review.json"
+    proc = subprocess.run(CLI + ["review", "debian:6.1", "--patch", str(patch), "--depth", "1", "--features",
+                                 "kernel_ibrs", "--json", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    doc = json.loads(out.read_text())
+    fixed = doc["fixed_violations"]
+    assert fixed and {v["invariant"] for v in fixed} == {"ist-reentered"}
+    assert any("x86_spec_ctrl_current" in p["text"] for v in fixed for p in v["preconditions"])
+    assert doc["new_violations"] == []

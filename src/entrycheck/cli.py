@@ -216,10 +216,10 @@ def _explore_options(f):
 
 def _object_ref(build):
     from entrycheck.explore.check import ObjectRef
-    from entrycheck.kernel.guards import iret_guards
+    from entrycheck.kernel.guards import breakpoint_refusals, iret_guards
 
     return ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h,
-                     guards=iret_guards(build.source_tree))
+                     guards=iret_guards(build.source_tree), refusals=breakpoint_refusals(build.source_tree))
 
 
 def _run_check(build, cfg, opts: ExploreOptions):
@@ -289,6 +289,9 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline) -
         from entrycheck.report.html import check_html, command_line, write_html
         write_html(html_out, check_html(result, build=build, loaded=loaded, target=target, command=command_line()))
     if json_out != "-":
+        if any(v.label == "db" for v in cfg.vectors) and cfg.depth and _object_ref(build).refusals is None:
+            click.echo("note: no hw_breakpoint.c at hand: #DB may follow an access to anything but\n"
+                       "  what within_cpu_entry() of 6.1/6.12 protects (--tree gives the source's list)")
         if known is not None:
             import copy
 

@@ -47,6 +47,7 @@ class ObjectRef:
     asm_offsets: Path | None
     stamp: tuple = ()
     guards: tuple = ()          # (label, CONFIG_X, n) of the iretqs a build option adds (kernel/guards.py)
+    refusals: tuple | None = None   # data hw_breakpoint.c refuses breakpoints on (None: the built-in list)
 
     def __post_init__(self) -> None:
         if not self.stamp:
@@ -243,6 +244,8 @@ def run_unit(ref: ObjectRef, cfg: CheckConfig, unit: Unit, max_runs: int | None 
         world = build_world(ref.load().image(unit.features))
         explorer = _EXPLORERS[key] = Explorer(world, cfg.explore_config())
         explorer.set_guards(ref.guards)
+        if ref.refusals is not None:
+            explorer.set_refusals(ref.refusals)
     explorer.budget = Budget(max_runs)
     try:
         return explorer.explore(scenario(unit.scenario), unit.effects, unit.part, unit.parts)

@@ -43,6 +43,7 @@ from entrycheck.explore.preconditions import (DataNames, Precondition, Reach, fo
                                               for_injection)
 from entrycheck.explore.scenarios import Scenario, start_state
 from entrycheck.image import layout
+from entrycheck.kernel.guards import BUILTIN_REFUSALS
 from entrycheck.kernelabi.stubs import Effect, StubOptions, Stubs
 from entrycheck.kernelabi.world import World
 from entrycheck.machine.events import Delivered, Event, Injection, Iret, Outcome, Resumed
@@ -457,22 +458,28 @@ class Explorer:
             return self._watchable_before(node, k)
         return vector in self.world.config.idt
 
-    def _db_excluded_ranges(self) -> list[tuple[int, int]]:
+    def set_refusals(self, names) -> None:
+        """The data the kernel refuses hardware breakpoints on (kernel/guards.py), by name."""
+        self._watch_excluded = self._db_excluded_ranges(names)
+
+    def _db_excluded_ranges(self, names=BUILTIN_REFUSALS) -> list[tuple[int, int]]:
         """Data the kernel refuses hardware breakpoints on (hw_breakpoint.c within_cpu_entry()),
-        as physical ranges (memory hooks report physical addresses)."""
+        as physical ranges (memory hooks report physical addresses): the cpu_entry_area, data
+        symbols, and whole per-cpu variables (up to the next one in the per-cpu area)."""
         w = self.world
-        out = [(layout.CEA_BASE - layout.PAGE, layout.CEA_BASE + 0x100000)]
+        out = []
         res = self.image.loaded.resolution
-        if "__per_cpu_offset" in res.data:
-            out.append((res.data["__per_cpu_offset"],
-                        res.data["__per_cpu_offset"] + res.data_sizes["__per_cpu_offset"]))
-        if "cpu_tss_rw" in w.percpu:
-            out.append((w.percpu_addr("cpu_tss_rw"), w.percpu_addr("cpu_tss_rw") + 0x1000))
-        mask = w.tlbstate_flush_mask()
-        if mask is not None:
-            out.append((mask, mask + 2))
-        if "cpu_dr7" in w.percpu:
-            out.append((w.percpu_addr("cpu_dr7"), w.percpu_addr("cpu_dr7") + 8))
+        offsets = sorted(set(w.percpu.values()))
+        for name in names:
+            if name == "cpu_entry_area":
+                out.append((layout.CEA_BASE - layout.PAGE, layout.CEA_BASE + 0x100000))
+            elif name in w.percpu:
+                start = w.percpu[name]
+                k = bisect.bisect_right(offsets, start)
+                end = offsets[k] if k < len(offsets) else start + layout.PAGE
+                out.append((w.percpu_addr(name), w.percpu_base + end))
+            elif name in res.data:
+                out.append((res.data[name], res.data[name] + max(8, res.data_sizes.get(name, 8))))
         space = self.machine.space
         phys = []
         for start, end in out:

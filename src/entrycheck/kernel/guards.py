@@ -1,9 +1,12 @@
-"""Which build options put an IRET into the entry code: read from the tree's entry_64.S.
+"""What the tree's C and assembly source says that the object does not.
 
-An IRET that returns to the next instruction does nothing but unmask NMIs.  Whether a
-path that relies on it can happen on a given kernel depends on the build option that
-compiled it in, which only the source says: for every `iretq` inside an
-``#ifdef CONFIG_X`` block, the label it follows and X.
+* Which build options put an IRET into the entry code (entry_64.S).  An IRET that
+  returns to the next instruction does nothing but unmask NMIs; whether a path that
+  relies on it can happen depends on the option that compiled it in: for every `iretq`
+  inside an ``#ifdef CONFIG_X`` block, the label it follows and X.
+* Which data the kernel refuses hardware breakpoints on (within_cpu_entry() in
+  arch/x86/kernel/hw_breakpoint.c): a #DB can follow an access to anything else.  A
+  patch to hw_breakpoint.c is then reviewable like one to the entry code.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ import re
 from pathlib import Path
 
 ENTRY_SOURCE = "arch/x86/entry/entry_64.S"
+BREAKPOINT_SOURCE = "arch/x86/kernel/hw_breakpoint.c"
+
+# within_cpu_entry() of 6.1 and 6.12 (the same list), for a bare object with no source.
+BUILTIN_REFUSALS = ("cpu_entry_area", "__per_cpu_offset", "pcpu_unit_offsets", "gdt_page", "cpu_tss_rw",
+                    "cpu_tlbstate", "cpu_dr7")
 
 _LABEL = re.compile(r"^\s*(?:SYM_[A-Z_]*START[A-Z_]*\((\w+)|SYM_INNER_LABEL[A-Z_]*\((\w+)|([A-Za-z_]\w*):)")
 _IF = re.compile(r"^\s*#\s*(ifdef|ifndef|if|elif|else|endif)\b\s*(.*)$")
@@ -83,4 +91,40 @@ def parse(text: str) -> tuple[tuple[str, str, int], ...]:
     return tuple(dict.fromkeys(out))
 
 
-__all__ = ["iret_guards", "parse"]
+def breakpoint_refusals(source_tree: Path | None) -> tuple[str, ...] | None:
+    """The data within_cpu_entry() protects, by name ("cpu_entry_area", a data symbol or
+    a per-cpu variable; get_cpu_gdt_rw() is gdt_page), or None when the source is not
+    at hand or has no such function."""
+    if source_tree is None:
+        return None
+    try:
+        text = (Path(source_tree) / BREAKPOINT_SOURCE).read_text(errors="replace")
+    except OSError:
+        return None
+    return parse_refusals(text)
+
+
+def parse_refusals(text: str) -> tuple[str, ...] | None:
+    m = re.search(r"\bwithin_cpu_entry\s*\([^)]*\)\s*\{", text)
+    if not m:
+        return None
+    depth, i = 1, m.end()
+    while depth and i < len(text):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    body = re.sub(r"/\*.*?\*/", "", text[m.end():i], flags=re.S)
+    out = []
+    for call in re.finditer(r"\bwithin_area\s*\((.*?)\)\s*\)", body, flags=re.S):
+        args = call.group(1)
+        if "CPU_ENTRY_AREA_BASE" in args:
+            out.append("cpu_entry_area")
+        elif (pc := re.search(r"per_cpu\s*\(\s*(\w+)", args)) is not None:
+            out.append(pc.group(1))
+        elif "get_cpu_gdt_rw" in args:
+            out.append("gdt_page")
+        elif (sym := re.search(r"\(unsigned long\)\s*&?\s*(\w+)", args)) is not None:
+            out.append(sym.group(1))
+    return tuple(dict.fromkeys(out))
+
+
+__all__ = ["iret_guards", "parse", "breakpoint_refusals", "parse_refusals", "BUILTIN_REFUSALS"]
