@@ -175,3 +175,31 @@ def test_a_patch_to_hw_breakpoint_c_is_reviewed_like_entry_code(kernel61, tmp_pa
     assert fixed and {v["invariant"] for v in fixed} == {"ist-reentered"}
     assert any("x86_spec_ctrl_current" in p["text"] for v in fixed for p in v["preconditions"])
     assert doc["new_violations"] == []
+
+
+def test_format_mail_writes_up_the_ist_class_with_its_fix(kernel61, tmp_path) -> None:
+    from entrycheck.kernel.guards import BREAKPOINT_SOURCE, parse_refusals
+
+    proc = subprocess.run(CLI + ["check", "debian:6.1", "--features", "kernel_ibrs", "--depth", "1", "--format",
+                                 "mail"], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    mail = proc.stdout
+    assert mail.startswith("Subject: ") and "ist-reentered" in mail.splitlines()[0]
+    assert all(len(line.expandtabs(8)) <= 72 for line in mail.splitlines()), \
+        [line for line in mail.splitlines() if len(line.expandtabs(8)) > 72]
+    for part in ("What happens", "What it needs (needs root)", "x86_spec_ctrl_current", "Reproduce",
+                 "entrycheck trace debian:6.1 \\", "--inject db@error_entry+", "Suggested fix", "within_cpu_entry()"):
+        assert part in mail, part
+    # The suggested diff applies to the tree and makes within_cpu_entry() refuse the variable.
+    diff = mail[mail.index("--- a/"):mail.index("\n-- \n") + 1]
+    work = tmp_path / "tree"
+    (work / BREAKPOINT_SOURCE).parent.mkdir(parents=True)
+    (work / BREAKPOINT_SOURCE).write_text((kernel61.source_tree / BREAKPOINT_SOURCE).read_text())
+    (tmp_path / "fix.diff").write_text(diff)
+    applied = subprocess.run(["git", "apply", str(tmp_path / "fix.diff")], cwd=work, capture_output=True, text=True)
+    assert applied.returncode == 0, applied.stderr
+    assert "x86_spec_ctrl_current" in parse_refusals((work / BREAKPOINT_SOURCE).read_text())
+
+    bad = subprocess.run(CLI + ["check", "debian:6.1", "--depth", "0", "--class", "no-such"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

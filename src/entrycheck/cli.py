@@ -214,6 +214,34 @@ def _explore_options(f):
     return wrapper
 
 
+def _echo_mail(findings, build, loaded, target: str, mail_class: str | None) -> None:
+    from entrycheck.report import mail
+    from entrycheck.report.srclines import SourceLines
+
+    if not findings:
+        click.echo("No findings: nothing to write up.")
+        return
+    if mail_class is not None and mail_class not in {f.invariant for f in findings}:
+        raise InputError(f"no {mail_class} findings to write up; found: "
+                         + ", ".join(mail.classes(findings)))
+    lines = SourceLines.from_build(build, loaded)
+    images: dict = {}
+
+    def source_line(f, site: str):
+        if not lines:
+            return None
+        image = images.get(f.features)
+        if image is None:
+            image = images[f.features] = loaded.image(f.features)
+        try:
+            return lines.location(image.parse_location(site))
+        except Exception:  # noqa: BLE001 - a site outside the object has no line
+            return None
+
+    click.echo(mail.write(findings, target=target, kernel_version=build.kernel_version, invariant=mail_class,
+                          source_tree=build.source_tree, source_line=source_line), nl=False)
+
+
 def _object_ref(build):
     from entrycheck.explore.check import ObjectRef
     from entrycheck.kernel.guards import breakpoint_refusals, iret_guards
@@ -240,7 +268,12 @@ def _run_check(build, cfg, opts: ExploreOptions):
 @click.option("--explain", default=None, metavar="INVARIANT", help="Say what an invariant checks, and why.")
 @click.option("--baseline", default=None, metavar="FILE",
               help="A previous --json of this check: its findings are known; exit 1 only for new ones.")
-def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline) -> None:
+@click.option("--format", "out_format", type=click.Choice(["text", "mail"]), default="text", show_default=True,
+              help="mail: one finding class written up for the maintainers (72 columns), instead of the summary.")
+@click.option("--class", "mail_class", default=None, metavar="INVARIANT",
+              help="With --format mail: the class to write up (default: the first root cause, else the "
+              "easiest to reach).")
+def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, out_format, mail_class) -> None:
     """Inject exceptions at every instruction boundary of every path and check the invariants.
 
     Exit status: 0 clean (or nothing beyond the baseline), 1 violations found, 2 bad input.
@@ -265,6 +298,12 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline) -
         check_path(html_out)
     from entrycheck.explore import baseline as known_findings
 
+    if mail_class is not None:
+        if out_format != "mail":
+            raise InputError("--class goes with --format mail")
+        invariant(mail_class)
+    if out_format == "mail" and json_out == "-":
+        raise InputError("--format mail writes to standard output: give --json a file")
     known = known_findings.load(baseline) if baseline else None
     build, loaded = _load(target, opts.tree)
     cfg = opts.check_config(loaded)
@@ -288,7 +327,9 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline) -
     if html_out:
         from entrycheck.report.html import check_html, command_line, write_html
         write_html(html_out, check_html(result, build=build, loaded=loaded, target=target, command=command_line()))
-    if json_out != "-":
+    if out_format == "mail":
+        _echo_mail(new, build, loaded, target, mail_class)
+    elif json_out != "-":
         if any(v.label == "db" for v in cfg.vectors) and cfg.depth and _object_ref(build).refusals is None:
             click.echo("note: no hw_breakpoint.c at hand: #DB may follow an access to anything but\n"
                        "  what within_cpu_entry() of 6.1/6.12 protects (--tree gives the source's list)")

@@ -1,0 +1,141 @@
+"""A finding class written up for the maintainers: `check --format mail`.
+
+Plain text in 72 columns: subject, what happens, what it needs, the shortest
+reproducer, the trace before it (with source lines when the build has DWARF), where
+else the class shows, and, where the fix is mechanical, the suggested diff — for a #DB
+that re-enters its IST stack after an access to data hw_breakpoint.c does not protect,
+the lines that add that data to within_cpu_entry().
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+from entrycheck import __version__
+from entrycheck.explore.paths import Finding
+from entrycheck.kernel.guards import BREAKPOINT_SOURCE
+from entrycheck.props.invariants import INVARIANTS
+from entrycheck.report.text import ROOT_CAUSE, reproduce_command
+
+WIDTH = 72
+
+
+def _wrap(text: str, indent: str = "", first: str | None = None) -> list[str]:
+    first = indent if first is None else first
+    return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=indent, break_long_words=True,
+                         break_on_hyphens=False) or [first.rstrip()]
+
+
+def classes(findings: list[Finding]) -> list[str]:
+    """Invariants in report order: root causes first, then the easiest to reach."""
+    names = list(dict.fromkeys(f.invariant for f in findings))
+    return sorted(names, key=lambda inv: (inv != ROOT_CAUSE,
+                                          min(f.reach for f in findings if f.invariant == inv)))
+
+
+def write(findings: list[Finding], *, target: str, kernel_version: str | None, invariant: str | None,
+          source_tree: Path | None, source_line: Callable[[Finding, str], str | None]) -> str:
+    """The mail for the findings of ``invariant`` (default: the first class in report order)."""
+    order = classes(findings)
+    name = invariant or order[0]
+    fs = [f for f in findings if f.invariant == name]
+    shortest = min(fs, key=lambda f: (f.reach, len(f.injections), fs.index(f)))
+    symbol = shortest.site.partition("+")[0]
+    inv = INVARIANTS.get(name)
+    lines = _wrap(f"Subject: [REPORT] x86/entry: {name} at {symbol} ({shortest.reach.label})")
+    lines.append("")
+    lines += _wrap(f"Found by exhaustive exception injection into the compiled entry code of {target}"
+                   + (f" (kernel {kernel_version})" if kernel_version else "")
+                   + f", feature set {shortest.features}. {len(fs)} distinct path(s) show it.")
+    lines += ["", "What happens"]
+    lines += _wrap(shortest.message, "  ", "  ")
+    if inv is not None:
+        lines.append("")
+        lines += _wrap(inv.rationale, "  ", "  ")
+    if shortest.folded:
+        lines.append("")
+        lines += _wrap("What breaks after it (symptoms): " + ", ".join(shortest.folded) + ".", "  ", "  ")
+    lines += ["", f"What it needs ({shortest.reach.label})"]
+    for p in shortest.preconditions:
+        lines += _wrap(f"{p.text} ({p.reach.label})", "    ", "  - ")
+    lines += ["", "Reproduce"]
+    lines += _shell(reproduce_command(target, shortest))
+    if shortest.trace:
+        lines += ["", "The instructions before it"]
+        for t in shortest.trace:
+            src = source_line(shortest, t.partition(":")[0])
+            lines += _wrap(t + (f"  [{src}]" if src else ""), "      ", "  ")
+    others = Counter(f.site for f in fs if f is not shortest)
+    if others:
+        lines += ["", "Also at"]
+        lines += _wrap(", ".join(f"{s} (x{n})" if n > 1 else s for s, n in sorted(others.items())[:12])
+                       + (" ..." if len(others) > 12 else ""), "  ", "  ")
+    fix = suggested_fix(fs, source_tree)
+    lines += ["", "Suggested fix"]
+    if fix:
+        lines += _wrap(f"Refuse hardware breakpoints on {', '.join(fix[0])} in within_cpu_entry(), as on "
+                       "the other data the entry code reads there:", "  ", "  ")
+        lines.append("")
+        lines += fix[1].rstrip("\n").splitlines()
+    else:
+        lines += _wrap("Not mechanical: the trace above shows where the path goes wrong.", "  ", "  ")
+    lines += ["", "-- ", f"entrycheck {__version__}"]
+    return "\n".join(lines) + "\n"
+
+
+def _shell(command: str) -> list[str]:
+    """A command split before its options, each line ending in a backslash."""
+    parts = re.split(r" (?=--)", command)
+    return [("  " if k == 0 else "      ") + part + (" \\" if k + 1 < len(parts) else "")
+            for k, part in enumerate(parts)]
+
+
+def watched_data(findings: list[Finding]) -> list[str]:
+    """The per-cpu variables the class's #DB preconditions name (breakpoints on them)."""
+    out = []
+    for f in findings:
+        for p in f.preconditions:
+            m = re.match(r"a kernel data breakpoint on (\w+)(?:\+0x[0-9a-f]+)? \(per-cpu\)", p.text)
+            if p.kind == "db" and m and m.group(1) not in out:
+                out.append(m.group(1))
+    return out
+
+
+def suggested_fix(findings: list[Finding], source_tree: Path | None) -> tuple[list[str], str] | None:
+    """(variables, unified diff of hw_breakpoint.c) for an ist-reentered class that a #DB
+    after an access to unprotected per-cpu data causes; None when not mechanical."""
+    if not findings or findings[0].invariant != ROOT_CAUSE or source_tree is None:
+        return None
+    names = watched_data(findings)
+    if not names:
+        return None
+    path = Path(source_tree) / BREAKPOINT_SOURCE
+    try:
+        old = path.read_text()
+    except OSError:
+        return None
+    m = re.search(r"\bwithin_cpu_entry\s*\([^)]*\)\s*\{", old)
+    if not m:
+        return None
+    body_end = old.find("\n}\n", m.end())
+    loop = old.rfind("for_each_possible_cpu(cpu)", m.end(), body_end)
+    last = old.rfind("\t\t\treturn true;\n", loop if loop >= 0 else m.end(), body_end)
+    if loop < 0 or last < 0:
+        return None
+    at = last + len("\t\t\treturn true;\n")
+    # Laid out to stay within 72 columns with 8-column tabs.
+    add = "".join(f"\n\t\t/* The entry code reads it on an IST stack. */\n"
+                  f"\t\tif (within_area(addr, end, (unsigned long)&per_cpu(\n"
+                  f"\t\t\t\t{n}, cpu),\n\t\t\t\tsizeof({n})))\n\t\t\treturn true;\n" for n in names)
+    new = old[:at] + add + old[at:]
+    diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a/{BREAKPOINT_SOURCE}",
+                                        f"b/{BREAKPOINT_SOURCE}", n=1))
+    return names, diff
+
+
+__all__ = ["write", "classes", "suggested_fix", "watched_data"]
