@@ -214,10 +214,16 @@ def _explore_options(f):
     return wrapper
 
 
-def _echo_mail(findings, build, loaded, target: str, mail_class: str | None) -> None:
+def _echo_mail(findings, redundant, build, loaded, target: str, mail_class: str | None) -> None:
     from entrycheck.report import mail
     from entrycheck.report.srclines import SourceLines
 
+    if mail_class == "redundant-write" or (mail_class is None and not findings and redundant):
+        if not redundant:
+            raise InputError("no redundant writes to write up on the paths without injection")
+        click.echo(mail.write_redundant(redundant[0], target=target, kernel_version=build.kernel_version,
+                                        others=redundant[1:]), nl=False)
+        return
     if not findings:
         click.echo("No findings: nothing to write up.")
         return
@@ -271,8 +277,8 @@ def _run_check(build, cfg, opts: ExploreOptions):
 @click.option("--format", "out_format", type=click.Choice(["text", "mail"]), default="text", show_default=True,
               help="mail: one finding class written up for the maintainers (72 columns), instead of the summary.")
 @click.option("--class", "mail_class", default=None, metavar="INVARIANT",
-              help="With --format mail: the class to write up (default: the first root cause, else the "
-              "easiest to reach).")
+              help="With --format mail: the class to write up, an invariant or redundant-write (default: "
+              "the first root cause, else the easiest to reach).")
 def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, out_format, mail_class) -> None:
     """Inject exceptions at every instruction boundary of every path and check the invariants.
 
@@ -301,13 +307,18 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
     if mail_class is not None:
         if out_format != "mail":
             raise InputError("--class goes with --format mail")
-        invariant(mail_class)
+        if mail_class != "redundant-write":
+            invariant(mail_class)
     if out_format == "mail" and json_out == "-":
         raise InputError("--format mail writes to standard output: give --json a file")
     known = known_findings.load(baseline) if baseline else None
     build, loaded = _load(target, opts.tree)
     cfg = opts.check_config(loaded)
     result = _run_check(build, cfg, opts)
+    from entrycheck.explore.redundant import redundant_writes
+    from entrycheck.kernelabi.world import build_world
+
+    redundant = redundant_writes(result, lambda fs: build_world(loaded.image(fs)))
     site_keys: dict = {}
 
     def keys_of(f):
@@ -323,12 +334,13 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
     if json_out:
         _write_json(json_out, check_json(result, target=build.label, kernel_version=build.kernel_version,
                                          feature_numbers=loaded.features.source, matches=matches,
-                                         baseline=(baseline, new) if known is not None else None))
+                                         baseline=(baseline, new) if known is not None else None,
+                                         redundant=redundant))
     if html_out:
         from entrycheck.report.html import check_html, command_line, write_html
         write_html(html_out, check_html(result, build=build, loaded=loaded, target=target, command=command_line()))
     if out_format == "mail":
-        _echo_mail(new, build, loaded, target, mail_class)
+        _echo_mail(new, redundant, build, loaded, target, mail_class)
     elif json_out != "-":
         if any(v.label == "db" for v in cfg.vectors) and cfg.depth and _object_ref(build).refusals is None:
             click.echo("note: no hw_breakpoint.c at hand: #DB may follow an access to anything but\n"
@@ -338,11 +350,12 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
 
             shown = copy.copy(result)
             shown.findings = new
-            text = check_summary(shown, target=target, kernel_version=build.kernel_version)
+            text = check_summary(shown, target=target, kernel_version=build.kernel_version, redundant=redundant)
             click.echo(f"{len(old)} known findings (in the baseline {baseline}) not listed; "
                        f"{len(new)} new.\n" + text)
         else:
-            click.echo(check_summary(result, target=target, kernel_version=build.kernel_version))
+            click.echo(check_summary(result, target=target, kernel_version=build.kernel_version,
+                                     redundant=redundant))
     sys.exit(1 if new else (EXIT_INTERNAL if result.errors else 0))
 
 

@@ -14,7 +14,7 @@ from entrycheck.machine.model import decode_cr3
 
 
 def check_json(result: CheckResult, *, target: str, kernel_version: str | None, feature_numbers: str,
-               matches: list | None = None, baseline: tuple | None = None) -> dict:
+               matches: list | None = None, baseline: tuple | None = None, redundant=()) -> dict:
     """``matches``: per finding its address-free identity (explore/baseline.py); ``baseline``:
     (the file, the findings not in it)."""
     cfg = result.config
@@ -53,6 +53,7 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
         "cost": base.to_json(),
         "cr3_sites": dict(base.cr3_sites),
         "redundant_sites": dict(base.redundant_sites),
+        "redundant_writes": [w.to_json() for w in redundant],
         "all_paths": {"cost": every.to_json(), "cr3_sites": dict(every.cr3_sites),
                       "redundant_sites": dict(every.redundant_sites)},
         "paths": [{"scenario": p.scenario, "features": str(p.features), "effects": list(p.effects),

@@ -47,7 +47,8 @@ def write(findings: list[Finding], *, target: str, kernel_version: str | None, i
     shortest = min(fs, key=lambda f: (f.reach, len(f.injections), fs.index(f)))
     symbol = shortest.site.partition("+")[0]
     inv = INVARIANTS.get(name)
-    lines = _wrap(f"Subject: [REPORT] x86/entry: {name} at {symbol} ({shortest.reach.label})")
+    subject = f"Subject: x86/entry: {name} at {symbol}"
+    lines = [subject + (f" ({shortest.reach.label})" if len(subject) + len(shortest.reach.label) < 69 else "")]
     lines.append("")
     lines += _wrap(f"Found by exhaustive exception injection into the compiled entry code of {target}"
                    + (f" (kernel {kernel_version})" if kernel_version else "")
@@ -84,6 +85,37 @@ def write(findings: list[Finding], *, target: str, kernel_version: str | None, i
         lines += fix[1].rstrip("\n").splitlines()
     else:
         lines += _wrap("Not mechanical: the trace above shows where the path goes wrong.", "  ", "  ")
+    lines += ["", "-- ", f"entrycheck {__version__}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_redundant(w, *, target: str, kernel_version: str | None, others=()) -> str:
+    """The mail for one redundant-write site (explore/redundant.py)."""
+    scenario, features = w.paths[0]
+    lines = [f"Subject: x86/entry: redundant {w.register} write at {w.site}"]
+    lines.append("")
+    lines += _wrap(f"Found by running the compiled entry code of {target}"
+                   + (f" (kernel {kernel_version})" if kernel_version else "")
+                   + f" on a model CPU, feature set {features}.")
+    lines += ["", "What happens"]
+    lines += _wrap(f"{w.why}. It happens {w.writes} time(s) on the paths without injection "
+                   f"({', '.join(sorted({s for s, _ in w.paths}))}), {w.all_writes} time(s) over every "
+                   "explored path.", "  ", "  ")
+    lines += ["", "When it could be skipped"]
+    lines += _wrap(w.skip_if + ", as PARANOID_RESTORE_CR3 skips the CR3 write when the saved CR3 is "
+                   "the current one.", "  ", "  ")
+    lines += ["", "What it costs"]
+    lines += _wrap(f"{w.cycles} cycles per write (an estimate), "
+                   f"{w.cycles * w.writes} on these paths.", "  ", "  ")
+    lines += ["", "Reproduce"]
+    lines += _shell(f"entrycheck trace {target} --scenario {scenario} --features {features}")
+    if others:
+        lines += ["", "Other redundant writes"]
+        lines += _wrap(", ".join(f"{o.site} ({o.register})" for o in others), "  ", "  ")
+    lines += ["", "Suggested fix"]
+    lines += _wrap(f"Not mechanical: test the condition above before the write at {w.site} and skip it; "
+                   "entrycheck review of such a patch shows whether every path still restores what it "
+                   "must.", "  ", "  ")
     lines += ["", "-- ", f"entrycheck {__version__}"]
     return "\n".join(lines) + "\n"
 
@@ -138,4 +170,4 @@ def suggested_fix(findings: list[Finding], source_tree: Path | None) -> tuple[li
     return names, diff
 
 
-__all__ = ["write", "classes", "suggested_fix", "watched_data"]
+__all__ = ["write", "write_redundant", "classes", "suggested_fix", "watched_data"]

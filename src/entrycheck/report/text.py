@@ -47,7 +47,22 @@ def cost_lines(cost: Cost, title: str) -> list[str]:
     return out
 
 
-def check_summary(result: CheckResult, *, target: str, kernel_version: str | None) -> str:
+def redundant_lines(writes) -> list[str]:
+    """The redundant writes of the paths without injection, each explained."""
+    if not writes:
+        return []
+    out = ["", "Redundant writes on the paths without injection, explained:"]
+    for w in writes:
+        scen = ", ".join(sorted({s for s, _ in w.paths}))
+        out += _wrap(f"{w.site}: {w.register} <- {w.value:#x}, {w.writes} write(s) on {len(w.paths)} path(s) "
+                     f"({scen}); {w.all_writes} on all explored paths; {w.cycles} cycles each (estimate)",
+                     "      ", "  - ")
+        out += _wrap(f"why: {w.why}", "      ", "    ")
+        out += _wrap(f"skip it when: {w.skip_if}", "      ", "    ")
+    return out
+
+
+def check_summary(result: CheckResult, *, target: str, kernel_version: str | None, redundant=()) -> str:
     cfg = result.config
     lines = _wrap(f"entrycheck check {target}" + (f" (kernel {kernel_version})" if kernel_version else ""), "    ",
                   "")
@@ -92,6 +107,7 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
         lines.append("No violations.")
     lines.append("")
     lines += cost_lines(result.cost(), "CR3 writes on the entry paths (no injection)")
+    lines += redundant_lines(redundant)
     lines.append("")
     lines.append("Verdict: " + ("VIOLATIONS FOUND" if result.findings else "clean"))
     return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Redundant privileged writes, the seed's own class, explained and reviewable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+CLI = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
+
+# IBRS_ENTER skips its write when IBRS is already set; this skips IBRS_EXIT's write back then,
+# as PARANOID_RESTORE_CR3 skips the CR3 write (the same hunk applies to 6.1 and 6.12).
+SKIP_IBRS_EXIT = """Subject: [PATCH] x86/entry: Avoid redundant SPEC_CTRL write on paranoid returns
+
+---
+--- a/arch/x86/entry/calling.h
++++ b/arch/x86/entry/calling.h
+@@ -335,3 +335,6 @@
+ .ifnb \\save_reg
+ \tmov\t\\save_reg, %rdx
++\t/* IBRS_ENTER did not write when IBRS was set: nothing to restore */
++\ttest\t$SPEC_CTRL_IBRS, %edx
++\tjnz\t.Lend_\\@
+ .else
+"""
+
+
+@pytest.mark.parametrize("series", ["6.1", "6.12"])
+def test_the_spec_ctrl_write_back_is_explained(built_kernels, series: str, tmp_path) -> None:
+    out = tmp_path / "c.json"
+    proc = subprocess.run(CLI + ["check", f"debian:{series}", "--features", "kernel_ibrs", "--depth", "0",
+                                 "--json", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    writes = json.loads(out.read_text())["redundant_writes"]
+    assert {w["site"].split("+")[0] for w in writes} == {"paranoid_exit", "end_repeat_nmi"}
+    for w in writes:
+        assert w["register"] == "SPEC_CTRL" and w["cycles_per_write"] > 0 and w["writes"] >= 1
+        assert w["held_since"].startswith("read at paranoid_entry+")
+        assert "read at paranoid_entry+" in w["skip_if"]
+        assert {p["scenario"] for p in w["paths"]} <= {"nmi-from-kernel", "mc-from-kernel", "db-from-kernel"}
+    assert "Redundant writes on the paths without injection, explained:" in proc.stdout
+    assert "skip it when:" in proc.stdout
+
+    mail = subprocess.run(CLI + ["check", f"debian:{series}", "--features", "kernel_ibrs", "--depth", "0",
+                                 "--format", "mail", "--class", "redundant-write"], capture_output=True, text=True)
+    assert mail.returncode == 0, mail.stderr
+    assert mail.stdout.startswith("Subject: x86/entry: redundant SPEC_CTRL write at ")
+    assert all(len(line.expandtabs(8)) <= 72 for line in mail.stdout.splitlines())
+    assert "When it could be skipped" in mail.stdout and "cycles per write" in mail.stdout
+
+
+@pytest.mark.parametrize("series", ["6.1", "6.12"])
+def test_a_patch_that_skips_the_write_back_removes_it_and_breaks_nothing(built_kernels, series: str,
+                                                                         tmp_path) -> None:
+    patch = tmp_path / "skip-ibrs-exit.patch"
+    patch.write_text(SKIP_IBRS_EXIT)
+    out = tmp_path / "review.json"
+    proc = subprocess.run(CLI + ["review", f"debian:{series}", "--patch", str(patch), "--depth", "1", "--features",
+                                 "kernel_ibrs", "--json", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["new_violations"] == []
+    old = sum(s["old"]["redundant_msr_writes"] for s in doc["summary"])
+    new = sum(s["new"]["redundant_msr_writes"] for s in doc["summary"])
+    assert old > 0 and new == 0
+    assert sum(s["old"]["msr_writes"] - s["new"]["msr_writes"] for s in doc["summary"]) == old
+    assert all(s["behaviour_changed"] == 0 for s in doc["summary"])
