@@ -5,7 +5,8 @@ the interpreter imports, so `bench.py compare` can run it with an older version 
                                   [--as-before]
 
 --as-before: the findings the previous engine could report (symptoms not folded under an
-ist-reentered root cause, which it did not know), to compare the two.
+ist-reentered root cause, and no #DB inside C functions, which it did not know), to compare
+the two.
 
 FEATURES: feature sets separated by ';' ("all": every model feature set); SCENARIOS: comma
 separated or "all".
@@ -47,6 +48,10 @@ def main() -> None:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, fold=False)
+    if args.as_before and "c_footprints" in CheckConfig.__dataclass_fields__:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, c_footprints=False)
     later = {"ist-reentered"} if args.as_before else set()
     kwargs = {"workers": args.workers}
     if args.scheduler:

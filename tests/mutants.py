@@ -196,14 +196,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "spec-ctrl", ("syscall",), ("kernel_ibrs",)),
     # ---- ist-reentered
     Mutant(
-        "error-entry-reads-percpu-on-ist", "6.1", ENTRY_S,
-        Edit("\tSWITCH_TO_KERNEL_CR3 scratch_reg=%rax\n\tIBRS_ENTER\n\tUNTRAIN_RET\n\n\tleaq\t8(%rsp), %rdi",
-             "\tSWITCH_TO_KERNEL_CR3 scratch_reg=%rax\n\tIBRS_ENTER\n"
-             "\tmovq\tPER_CPU_VAR(x86_spec_ctrl_current), %rax\n\tUNTRAIN_RET\n\n\tleaq\t8(%rsp), %rdi"),
-        "error_entry reads a per-cpu variable hw_breakpoint.c does not protect while still on the IST stack "
-        "of a user-mode #DB, whatever the mitigations (as IBRS_ENTER's read of x86_spec_ctrl_current did "
-        "from Retbleed's kernel IBRS in v5.19): a kernel data breakpoint on it nests a #DB on the live frame",
-        "ist-reentered", ("db-from-user",), ("pti,pcid",), vectors=("db",), depth=1),
+        "paranoid-entry-reads-percpu-on-ist", "6.1", ENTRY_S,
+        Edit("\tIBRS_ENTER save_reg=%r15\n\tUNTRAIN_RET\n",
+             "\tIBRS_ENTER save_reg=%r15\n\tmovq\tPER_CPU_VAR(x86_spec_ctrl_current), %rax\n\tUNTRAIN_RET\n"),
+        "paranoid_entry reads a per-cpu variable hw_breakpoint.c does not protect, whatever the "
+        "mitigations (as IBRS_ENTER's read of x86_spec_ctrl_current did from Retbleed's kernel IBRS in "
+        "v5.19): a kernel data breakpoint on it nests a #DB on the live frame of a #DB from kernel mode, "
+        "which stays on its IST stack",
+        "ist-reentered", ("db-from-kernel",), ("pti,pcid",), vectors=("db",), depth=1),
     # ---- nmi-lost-or-corrupted
     Mutant(
         "nested-nmi-dropped-after-mc", "6.1", ENTRY_S,

@@ -83,12 +83,15 @@ def test_pristine_kernels_depth_1_all_feature_sets(built_kernels) -> None:
         result = run_check(ref(build), CheckConfig(feature_sets=all_model_feature_sets(), depth=1), workers=2)
         assert result.stopped_because == "done" and result.runs > 10000
         loaded = load_build(build)
-        unexplained = [f for f in result.findings if not _db_breakpoint_on_spec_ctrl(loaded, f)]
+        unexplained = [f for f in result.findings if not _db_breakpoint_on_spec_ctrl(loaded, f)
+                       and f.site != "sync_regs"]
         assert unexplained == [], [(f.invariant, f.scenario, f.features, f.site, f.message) for f in unexplained]
-        # Only feature sets with kernel_ibrs read x86_spec_ctrl_current on the #DB IST stack,
-        # and what that breaks is reported as its root cause alone.
-        assert all("kernel_ibrs" in f.features for f in result.findings)
+        # Only feature sets with kernel_ibrs read x86_spec_ctrl_current on the #DB IST stack;
+        # sync_regs reads the top of stack there on every set.  Each is reported as its
+        # root cause alone.
         assert {f.invariant for f in result.findings} == {"ist-reentered"}
+        assert all("kernel_ibrs" in f.features or f.site == "sync_regs" for f in result.findings)
+        assert len({f.features for f in result.raw_findings if f.site == "sync_regs"}) == 16
 
 
 def test_switch_kernel_asid_shows_what_the_seed_relies_on(kernel61, kernel612) -> None:
@@ -235,10 +238,20 @@ def test_db_injection_follows_watchable_accesses(kernel612) -> None:
     assert watched < every
     from entrycheck.image import load_build
 
+    from entrycheck.kernelabi.stubs import c_footprint
+    from entrycheck.kernelabi.world import build_world
+
     image = load_build(kernel612).image(FeatureSet.parse("pti,pcid"))
+    world = build_world(image)
+    functions = image.loaded.resolution.functions
+    in_c = [link for (link,) in watched if link.at in functions]
+    # Inside C code only where the function reads per-cpu data a breakpoint may watch (exc_nmi
+    # before local_db_save() clears DR7).
+    assert in_c and all(c_footprint(world, link.at) for link in in_c)
     for (link,) in watched:
-        at = image.parse_location(link.at)
-        assert decode_one(image.read(at, 16), at) is not None
+        if link.at not in functions:
+            at = image.parse_location(link.at)
+            assert decode_one(image.read(at, 16), at) is not None
 
 
 def test_dask_scheduler_gives_the_same_result_as_serial(kernel612) -> None:

@@ -203,10 +203,10 @@ def test_a_baseline_passes_known_findings_and_fails_new_ones(suite: Suite, tmp_p
     """`check --baseline B` exits 0 when B is the tree's own result and 1 when a mutant adds
     a violation; the mutant's edit moves the code after it, so known findings must be
     matched by instruction, not by address."""
-    mutant = next(m for m in MUTANTS if m.name == "error-entry-reads-percpu-on-ist")
+    mutant = next(m for m in MUTANTS if m.name == "paranoid-entry-reads-percpu-on-ist")
     cli = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
     # Under kernel_ibrs the stock kernel has the same root cause at IBRS_ENTER's read: known.
-    args = ["--features", "kernel_ibrs", "--depth", "1", "--scenarios", "db-from-user,nmi-from-user",
+    args = ["--features", "kernel_ibrs", "--depth", "1", "--scenarios", "db-from-user,db-from-kernel",
             "--vectors", "db,nmi"]
     base = tmp_path / "pristine.json"
     pristine = suite.kernels[mutant.kernel].object_path

@@ -87,10 +87,12 @@ class CheckConfig:
     max_runs: int | None = None
     budget: int = 20000
     fold: bool = True                     # symptoms of an ist-reentered delivery fold under it
+    c_footprints: bool = True             # #DB inside C functions reading unprotected data on an IST stack
 
     def explore_config(self) -> ExploreConfig:
         return ExploreConfig(vectors=self.vectors, depth=self.depth, db_anywhere=self.db_anywhere,
-                             mc_nesting=self.mc_nesting, prune=self.prune, budget=self.budget, fold=self.fold)
+                             mc_nesting=self.mc_nesting, prune=self.prune, budget=self.budget, fold=self.fold,
+                             c_footprints=self.c_footprints)
 
     def branches(self) -> tuple[frozenset[Effect], ...]:
         return (frozenset(),) + tuple(frozenset({e}) for e in self.effects)
@@ -367,6 +369,7 @@ def merge(units: list[Unit], per_unit: list[UnitResult], cfg: CheckConfig) -> Ch
     remaining = cfg.max_runs
     best: dict[tuple, Finding] = {}
     order: list[tuple] = []
+    windows: dict[tuple, list[str]] = {}      # key -> sites of a last-link #MC leading to it
     for _, table, g in pieces:
         a, b = g.rows
         findings = g.findings
@@ -390,13 +393,40 @@ def merge(units: list[Unit], per_unit: list[UnitResult], cfg: CheckConfig) -> Ch
             result.all_findings += 1
             result.raw_findings.append(f)
             key = f.key()
+            if f.injections and f.injections[-1].vector is Vector.MC:
+                sites = windows.setdefault(key, [])
+                if f.injections[-1].at not in sites:
+                    sites.append(f.injections[-1].at)
             if key not in best:
                 best[key] = f
                 order.append(key)
             elif len(f.injections) < len(best[key].injections):
                 best[key] = f
-    result.findings = [best[k] for k in order]
+    result.findings = [_with_windows(best[k], windows.get(k, ())) for k in order]
     return result
+
+
+def _with_windows(f: Finding, sites) -> Finding:
+    """A deduplicated finding whose last link is a machine check: that precondition says in
+    how many instructions' window the #MC leads to the same finding."""
+    if len(sites) < 2 or not f.preconditions or f.preconditions[-1 - _trailing(f)].kind != "mc":
+        return f
+    from dataclasses import replace
+
+    k = len(f.preconditions) - 1 - _trailing(f)
+    shown = ", ".join(sites[:3]) + (f", ... {sites[-1]}" if len(sites) > 3 else "")
+    pre = replace(f.preconditions[k], text=f"a machine check at any of {len(sites)} instructions ({shown})")
+    return replace(f, preconditions=f.preconditions[:k] + (pre,) + f.preconditions[k + 1:])
+
+
+def _trailing(f: Finding) -> int:
+    """Preconditions after the last link's (build options come last)."""
+    n = 0
+    for p in reversed(f.preconditions):
+        if p.kind not in ("config", "early-iret"):
+            break
+        n += 1
+    return n
 
 
 def default_workers() -> int:

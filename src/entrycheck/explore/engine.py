@@ -44,7 +44,7 @@ from entrycheck.explore.preconditions import (DataNames, Precondition, Reach, fo
 from entrycheck.explore.scenarios import Scenario, start_state
 from entrycheck.image import layout
 from entrycheck.kernel.guards import BUILTIN_REFUSALS
-from entrycheck.kernelabi.stubs import Effect, StubOptions, Stubs
+from entrycheck.kernelabi.stubs import Effect, StubOptions, Stubs, c_footprint
 from entrycheck.kernelabi.world import World
 from entrycheck.machine.events import Delivered, Event, Injection, Iret, Outcome, Resumed
 from entrycheck.machine.flow import Analyser
@@ -67,6 +67,7 @@ class ExploreConfig:
     budget: int = DEFAULT_BUDGET
     trace_window: int = 16
     fold: bool = True              # symptoms after an ist-reentered delivery fold under it
+    c_footprints: bool = True      # #DB also inside C functions that read unprotected data on an IST stack
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,7 @@ class Explorer:
         self.memo = Memo(self.wbase)
         self.memo_enabled = config.prune
         self._watch_excluded = self._db_excluded_ranges()
+        self._footprints = self._c_footprints()
         self.names = DataNames(world, self.machine.space)
         self._reentries: list[_Reentry] = []     # the ist-reentered deliveries on the current path
         self._pre: tuple[Precondition, ...] = ()  # preconditions of the path being evaluated
@@ -461,6 +463,19 @@ class Explorer:
     def set_refusals(self, names) -> None:
         """The data the kernel refuses hardware breakpoints on (kernel/guards.py), by name."""
         self._watch_excluded = self._db_excluded_ranges(names)
+        self._footprints = self._c_footprints(names)
+
+    def _c_footprints(self, refused=BUILTIN_REFUSALS) -> dict[str, str]:
+        """C function -> the first per-cpu variable it reads on an IST stack that no refusal
+        covers (kernelabi/stubs.py); empty unless the configuration asks for it."""
+        if not self.config.c_footprints:
+            return {}
+        out = {}
+        for name in set(self.world.config.stubs.values()):
+            free = [v for v in c_footprint(self.world, name) if v not in refused]
+            if free:
+                out[name] = free[0]
+        return out
 
     def _db_excluded_ranges(self, names=BUILTIN_REFUSALS) -> list[tuple[int, int]]:
         """Data the kernel refuses hardware breakpoints on (hw_breakpoint.c within_cpu_entry()),
@@ -496,9 +511,14 @@ class Explorer:
         """#DB as a trap: the instruction before boundary k touched data a breakpoint may watch."""
         return self._watchable_access(node, k) is not None
 
-    def _watchable_access(self, node: Node, k: int) -> int | None:
+    def _watchable_access(self, node: Node, k: int) -> int | str | None:
         """The (physical) address of the first access of the instruction before boundary k that
-        a breakpoint may watch."""
+        a breakpoint may watch; at a C function's boundary, the per-cpu variable it reads that
+        a breakpoint may watch (its name)."""
+        if self._footprints:
+            name = self.world.config.stubs.get(node.log.pcs[k - node.log.start])
+            if name is not None:
+                return self._footprints.get(name)
         if k == node.log.start:
             return None
         accesses = node.log.accesses
@@ -799,6 +819,8 @@ class Explorer:
     def _watched(self, node: Node, k: int) -> str | None:
         """The data a breakpoint would watch to raise a #DB trap at boundary k."""
         got = self._watchable_access(node, k)
+        if isinstance(got, str):
+            return f"{got} (per-cpu, read by {self.world.config.stubs[node.log.pcs[k - node.log.start]]})"
         return self.names.name(got) if got is not None else None
 
     def _ist_reentry(self, node: Node, k: int, i: int, vector: Vector, memory, link: Injection) -> "_Reentry | None":
@@ -816,9 +838,13 @@ class Explorer:
         outer, words = found
         msg = self._reentry_message(vector, outer, words, "")
         if vector is Vector.DB:
-            watched = self._watched(node, k)
-            if watched:
-                msg += f"; the #DB traps on the access to {watched} by {self.image.symbolize(self._prev_pc(node, k))}"
+            got = self._watchable_access(node, k)
+            if isinstance(got, str):
+                func = self.world.config.stubs[node.log.pcs[i]]
+                msg += f"; the #DB traps in {func}, which reads {got} (per-cpu) on that stack"
+            elif got is not None:
+                msg += (f"; the #DB traps on the access to {self.names.name(got)} by "
+                        f"{self.image.symbolize(self._prev_pc(node, k))}")
         return _Reentry(node.position + node.index(k), node.chain + (link,), node.log.pcs[i], msg,
                         self._trace_window(node.log.pcs, i), set())
 

@@ -46,6 +46,18 @@ class Kind(enum.Enum):
     UNMODELLED = "not modelled"
 
 
+def c_footprint(world, name: str) -> tuple[str, ...]:
+    """Per-cpu data a C function reads while it may still run on an IST stack with DR7 live
+    (sync_regs before it switches stacks; exc_nmi before local_db_save() clears DR7): a
+    hardware breakpoint on it raises a #DB there unless hw_breakpoint.c refuses it."""
+    hot = "pcpu_hot" in world.percpu
+    if name == "sync_regs":
+        return ("pcpu_hot" if hot else "cpu_current_top_of_stack",)
+    if name == "exc_nmi":
+        return ("pcpu_hot" if hot else "cpu_number", "nmi_state", "nmi_cr2")
+    return ()
+
+
 EFFECT_HANDLERS = frozenset({"exc_nmi", "exc_machine_check", "exc_debug", "exc_double_fault",
                              "exc_vmm_communication", "noist_exc_machine_check", "noist_exc_debug"})
 
