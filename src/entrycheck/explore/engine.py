@@ -52,7 +52,8 @@ from entrycheck.machine.api import DEFAULT_BUDGET, ConvergePoint, Level, LiveInd
 from entrycheck.machine.machine import Machine
 from entrycheck.machine.model import CpuState, Vector, can_deliver
 from entrycheck.machine.state import Snapshot
-from entrycheck.props.invariants import (NO_NMI, End, NmiSummary, Violation, local_violations, nmi_of, verdict)
+from entrycheck.props.invariants import (NO_NMI, End, NmiSummary, Violation, ist_reentered_message,
+                                         local_violations, nmi_of, verdict)
 
 DEFAULT_VECTORS = (Vector.NMI, Vector.MC, Vector.DB)
 
@@ -894,10 +895,7 @@ class Explorer:
         return None
 
     def _reentry_message(self, vector: Vector, outer, words, how: str) -> str:
-        where = f"user mode ({outer.rip:#x})" if outer.cpu.cpl == 3 else self.image.symbolize(outer.rip)
-        return (f"{vector.label} delivered through IST {vector.ist}{how} while the frame of the "
-                f"{outer.vector.label} that interrupted {where} is still live on that stack (the handler reads it "
-                f"later; the new frame overwrites {len(words)} of its words)")
+        return ist_reentered_message(vector, outer, len(words), how, self.image.symbolize)
 
     def _report_reentry(self, r: "_Reentry") -> None:
         self.group.findings.append(Finding("ist-reentered", self.sc.name, self.image.features, _names(self.effects),

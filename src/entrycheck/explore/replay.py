@@ -21,7 +21,7 @@ from entrycheck.machine.events import Delivered, Event, Injection, Outcome, Resu
 from entrycheck.machine.api import DEFAULT_BUDGET, Level, LiveIndex, Record, Request
 from entrycheck.machine.machine import Machine
 from entrycheck.machine.model import CpuState, Vector
-from entrycheck.props.invariants import Violation, check_run
+from entrycheck.props.invariants import Violation, check_run, ist_reentered_message
 
 
 @dataclass(frozen=True)
@@ -143,14 +143,9 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
                     words = [a for a in range(top - size, top, 8) if space.pages.get(a >> 12) is not None
                              and live.live(space.phys(a) - wbase, at)]
                     if outer is not None and words:
-                        where = f"user mode ({outer.rip:#x})" if outer.cpu.cpl == 3 else \
-                            world.image.symbolize(outer.rip)
                         how = (f" (latched, and delivered when the {prev.injection.vector.label} handler's IRET to "
                                f"{world.image.symbolize(prev.pc)} unblocked NMIs)") if e.from_latch else ""
-                        out.append(Violation(
-                            "ist-reentered", e.pc, e.step,
-                            f"{e.vector.label} delivered through IST {e.vector.ist}{how} while the frame of the "
-                            f"{outer.vector.label} that interrupted {where} is still live on that stack (the "
-                            f"handler reads it later; the new frame overwrites {len(words)} of its words)"))
+                        out.append(Violation("ist-reentered", e.pc, e.step, ist_reentered_message(
+                            e.vector, outer, len(words), how, world.image.symbolize)))
         prev = e
     return out

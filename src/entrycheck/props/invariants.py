@@ -318,6 +318,15 @@ _ENDS = tuple((k, inv.end) for k, inv in enumerate(_TABLE) if inv.end is not Non
 LocalViolation = tuple       # (invariant index, order, position in the path, Violation)
 
 
+def ist_reentered_message(vector: Vector, outer: Interrupted, words: int, how: str,
+                          symbolize: Callable[[int], str]) -> str:
+    """What an ist-reentered finding says (the explorer and `trace` find it alike)."""
+    where = f"user mode ({outer.rip:#x})" if outer.cpu.cpl == 3 else symbolize(outer.rip)
+    return (f"{vector.label} delivered through IST {vector.ist}{how} while the frame of the "
+            f"{outer.vector.label} that interrupted {where} is still live on that stack (the handler reads it "
+            f"later; the new frame overwrites {words} of its words)")
+
+
 def invariant(name: str) -> Invariant:
     try:
         return INVARIANTS[name]
