@@ -229,6 +229,17 @@ def test_a_baseline_passes_known_findings_and_fails_new_ones(suite: Suite, tmp_p
     assert new and {v["invariant"] for v in new} == {"ist-reentered"}, new
     assert doc["baseline"]["known"] == len(known)       # every stock finding is still recognised
 
+    # diff takes a baseline of the new build's known findings too.
+    mutant_obj = str(suite.build(mutant).object_path)
+    differ = subprocess.run(cli + ["diff", str(pristine), mutant_obj, *args], capture_output=True, text=True)
+    assert differ.returncode == 1, differ.stdout[-2000:] + differ.stderr
+    mutant_base = tmp_path / "mutant-known.json"
+    subprocess.run(cli + ["check", mutant_obj, *args, "--json", str(mutant_base)], capture_output=True)
+    known_diff = subprocess.run(cli + ["diff", str(pristine), mutant_obj, *args, "--baseline", str(mutant_base)],
+                                capture_output=True, text=True)
+    assert known_diff.returncode == 0, known_diff.stdout[-2000:] + known_diff.stderr
+    assert "new violations are known" in known_diff.stdout
+
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     proc = subprocess.run(cli + ["check", str(pristine), *args, "--baseline", str(bad)], capture_output=True,

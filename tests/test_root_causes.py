@@ -220,3 +220,25 @@ def test_format_mail_writes_up_the_ist_class_with_its_fix(kernel61, tmp_path) ->
     bad = subprocess.run(CLI + ["check", "debian:6.1", "--depth", "0", "--class", "no-such"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("series", ["6.1", "6.12"])
+def test_every_depth_2_finding_on_the_stock_kernels_says_what_it_needs(built_kernels, series: str) -> None:
+    from entrycheck.kernel.guards import breakpoint_refusals, iret_guards
+
+    build = built_kernels[series]
+    cfg = CheckConfig(feature_sets=(FeatureSet.parse("pti,pcid,fsgsbase,kernel_ibrs"),), depth=2)
+    result = run_check(ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h,
+                                 guards=iret_guards(build.source_tree),
+                                 refusals=breakpoint_refusals(build.source_tree)), cfg, workers=2)
+    assert result.findings and result.stopped_because == "done"
+    for f in result.raw_findings:
+        kinds = [p.kind for p in f.preconditions]
+        assert kinds[0] == "entry" and len(kinds) >= 1 + len(f.injections), (f.invariant, f.site, kinds)
+        assert kinds[1:1 + len(f.injections)] == [i.vector.label for i in f.injections], kinds
+    # Root causes lead, and every other finding is reachable only with a machine check, root,
+    # or a debug build option: nothing on a stock kernel is open to an unprivileged user.
+    assert result.findings[0].invariant == "ist-reentered" or any(f.invariant == "ist-reentered"
+                                                                   for f in result.findings)
+    assert all(f.reach > Reach.UNPRIVILEGED for f in result.raw_findings)

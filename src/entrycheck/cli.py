@@ -463,11 +463,18 @@ class DiffOptions:
     nmi_rate: float | None = None
     json_out: str | None = None
     html_out: str | None = None
+    baseline: str | None = None
 
     def model(self):
         from entrycheck.explore.costmodel import parse_cost
 
         return parse_cost(self.cost_spec)
+
+    def known(self):
+        """The finding keys of --baseline (read before any build), or None."""
+        from entrycheck.explore import baseline
+
+        return baseline.load(self.baseline) if self.baseline else None
 
 
 _DIFF_FIELDS = tuple(f.name for f in fields(DiffOptions))
@@ -488,6 +495,8 @@ def _diff_options(f):
         click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the comparison as JSON."),
         click.option("--html", "html_out", default=None, metavar="PATH",
                      help="Also write a self-contained HTML report to PATH."),
+        click.option("--baseline", default=None, metavar="FILE",
+                     help="A check --json of NEW's findings known already: exit 1 only for new ones not in it."),
     ]):
         wrapper = opt(wrapper)
     return wrapper
@@ -499,6 +508,7 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions
     from entrycheck.report.difftext import diff_json, diff_text
 
     model = report.model()
+    known = report.known()
     cfg = opts.check_config(old_loaded)
     opts.check_config(new_loaded)
     old = _run_check(old_build, cfg, opts)
@@ -521,7 +531,22 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions
     if report.json_out != "-":
         click.echo(diff_text(result, old_label=old_build.label, new_label=new_build.label, model=model,
                              nmi_rate=report.nmi_rate))
-    sys.exit(1 if result.new_violations else 0)
+    unknown = result.new_violations
+    if known is not None:
+        from entrycheck.explore import baseline
+
+        keys: dict = {}
+
+        def keys_of(f):
+            if f.features not in keys:
+                keys[f.features] = baseline.SiteKeys(new_loaded.image(f.features))
+            return keys[f.features]
+
+        unknown, in_baseline = baseline.split(result.new_violations, keys_of, known)
+        if report.json_out != "-":
+            click.echo(f"{len(in_baseline)} of the {len(result.new_violations)} new violations are known "
+                       f"(in the baseline {report.baseline}).")
+    sys.exit(1 if unknown else 0)
 
 
 @cli.command()
@@ -535,6 +560,7 @@ def diff(old, new, opts: ExploreOptions, report: DiffOptions) -> None:
     Exit status: 0 unless NEW has violations OLD had not (then 1); 2 on bad input.
     """
     report.model()
+    report.known()
     opts.validate()
     if report.html_out:
         from entrycheck.report.html import check_path
@@ -557,6 +583,7 @@ def review(target, patches, opts: ExploreOptions, report: DiffOptions) -> None:
     from entrycheck.report.progress import terminal_progress
 
     report.model()                 # bad options fail before any build
+    report.known()
     opts.validate()
     texts = read_patches([Path(p) for p in patches])
     if report.html_out:
