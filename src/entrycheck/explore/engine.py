@@ -518,8 +518,8 @@ class Explorer:
         a breakpoint may watch (its name)."""
         if self._footprints:
             name = self.world.config.stubs.get(node.log.pcs[k - node.log.start])
-            if name is not None:
-                return self._footprints.get(name)
+            if name in self._footprints:
+                return self._footprints[name]
         if k == node.log.start:
             return None
         accesses = node.log.accesses
