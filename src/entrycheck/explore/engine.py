@@ -269,6 +269,7 @@ class Explorer:
         self.guards: dict[str, str] = {}          # label -> the CONFIG_ option its iretq needs
         self._guarded: dict[int, Precondition] = {}   # instructions only a build option compiles in
         self._early: dict[int, Precondition | None] = {}
+        self._link_pres: dict[tuple, Precondition] = {}
         self._disasm: dict[int, str] = {}
         self._costs: dict[tuple[int, int], Cost] = {}
         self._cost_intern: dict[Cost, Cost] = {NO_COST: NO_COST}
@@ -418,7 +419,7 @@ class Explorer:
                     return
                 if memory is None:
                     memory = cursor.advance(k)
-                pre = for_injection(vector, self._watched(node, k) if vector is Vector.DB else None)
+                pre = self._link_pre(node, k, vector)
                 self._pre = self.entry_pre + node.pre + (pre,)
                 reentry = self._ist_reentry(node, k, i, vector, memory, link) if vector.ist else None
                 if reentry is not None:
@@ -817,6 +818,15 @@ class Explorer:
                                           self._pre + options))
 
     # ---- root causes -----------------------------------------------------------------------
+    def _link_pre(self, node: Node, k: int, vector: Vector) -> Precondition:
+        """The precondition of injecting ``vector`` at boundary k (one object per distinct one)."""
+        got = self._watchable_access(node, k) if vector is Vector.DB else None
+        key = (vector, got, node.log.pcs[k - node.log.start] if isinstance(got, str) else None)
+        pre = self._link_pres.get(key)
+        if pre is None:
+            pre = self._link_pres[key] = for_injection(vector, self._watched(node, k) if got is not None else None)
+        return pre
+
     def _watched(self, node: Node, k: int) -> str | None:
         """The data a breakpoint would watch to raise a #DB trap at boundary k."""
         got = self._watchable_access(node, k)

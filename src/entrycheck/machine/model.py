@@ -63,14 +63,16 @@ class Vector(enum.IntEnum):
     @property
     def ist(self) -> int:
         """TSS IST slot (1-based) the IDT gate names, 0 for none (Linux's IST_INDEX_* + 1)."""
-        return {Vector.DF: 1, Vector.NMI: 2, Vector.DB: 3, Vector.MC: 4, Vector.VC: 5}.get(self, 0)
+        return _IST_SLOTS.get(self, 0)
 
     @property
     def error_code(self) -> bool:
         """Whether delivery pushes an error code."""
-        return self in (Vector.DF, Vector.PF, Vector.VC)
+        return self in _ERROR_CODE
 
 
+_IST_SLOTS = {Vector.DF: 1, Vector.NMI: 2, Vector.DB: 3, Vector.MC: 4, Vector.VC: 5}
+_ERROR_CODE = frozenset({Vector.DF, Vector.PF, Vector.VC})
 VECTOR_NAMES = {Vector.DB: "db", Vector.NMI: "nmi", Vector.DF: "df", Vector.PF: "pf", Vector.MC: "mc",
                 Vector.VC: "vc", Vector.IRQ: "irq"}
 VECTOR_BY_NAME = {v: k for k, v in VECTOR_NAMES.items()}
