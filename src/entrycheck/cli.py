@@ -256,12 +256,12 @@ def _object_ref(build):
                      guards=iret_guards(build.source_tree), refusals=breakpoint_refusals(build.source_tree))
 
 
-def _run_check(build, cfg, opts: ExploreOptions):
+def _run_check(build, cfg, opts: ExploreOptions, ref=None):
     from entrycheck.explore.check import default_workers, run_check
     from entrycheck.report.progress import terminal_progress
 
     with terminal_progress() as progress:
-        return run_check(_object_ref(build), cfg, workers=opts.workers or default_workers(),
+        return run_check(ref or _object_ref(build), cfg, workers=opts.workers or default_workers(),
                          scheduler=opts.scheduler, progress=progress)
 
 
@@ -314,19 +314,13 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
     known = known_findings.load(baseline) if baseline else None
     build, loaded = _load(target, opts.tree)
     cfg = opts.check_config(loaded)
-    result = _run_check(build, cfg, opts)
+    ref = _object_ref(build)
+    result = _run_check(build, cfg, opts, ref)
     from entrycheck.explore.redundant import redundant_writes
     from entrycheck.kernelabi.world import build_world
 
     redundant = redundant_writes(result, lambda fs: build_world(loaded.image(fs)))
-    site_keys: dict = {}
-
-    def keys_of(f):
-        got = site_keys.get(f.features)
-        if got is None:
-            got = site_keys[f.features] = known_findings.SiteKeys(loaded.image(f.features))
-        return got
-
+    keys_of = known_findings.keys_by_features(loaded)
     matches = [known_findings.finding_key(keys_of(f), f) for f in result.findings]
     new = result.findings
     if known is not None:
@@ -342,7 +336,7 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
     if out_format == "mail":
         _echo_mail(new, redundant, build, loaded, target, mail_class)
     elif json_out != "-":
-        if any(v.label == "db" for v in cfg.vectors) and cfg.depth and _object_ref(build).refusals is None:
+        if any(v.label == "db" for v in cfg.vectors) and cfg.depth and ref.refusals is None:
             click.echo("note: no hw_breakpoint.c at hand: #DB may follow an access to anything but\n"
                        "  what within_cpu_entry() of 6.1/6.12 protects (--tree gives the source's list)")
         if known is not None:
@@ -535,14 +529,7 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions
     if known is not None:
         from entrycheck.explore import baseline
 
-        keys: dict = {}
-
-        def keys_of(f):
-            if f.features not in keys:
-                keys[f.features] = baseline.SiteKeys(new_loaded.image(f.features))
-            return keys[f.features]
-
-        unknown, in_baseline = baseline.split(result.new_violations, keys_of, known)
+        unknown, in_baseline = baseline.split(result.new_violations, baseline.keys_by_features(new_loaded), known)
         if report.json_out != "-":
             click.echo(f"{len(in_baseline)} of the {len(result.new_violations)} new violations are known "
                        f"(in the baseline {report.baseline}).")

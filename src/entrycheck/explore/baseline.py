@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from entrycheck.errors import InputError
 from entrycheck.explore.diff import _listing
@@ -46,6 +47,19 @@ class SiteKeys:
                 table[a] = (name, text, n)
             self._by_symbol[name] = table
         return table.get(addr, (at,))
+
+
+def keys_by_features(loaded) -> Callable[[Finding], SiteKeys]:
+    """The SiteKeys of a finding's image (one per feature set of ``loaded``)."""
+    cache: dict = {}
+
+    def keys_of(f: Finding) -> SiteKeys:
+        got = cache.get(f.features)
+        if got is None:
+            got = cache[f.features] = SiteKeys(loaded.image(f.features))
+        return got
+
+    return keys_of
 
 
 def finding_key(keys: SiteKeys, f: Finding) -> list:
@@ -86,4 +100,4 @@ def split(findings: list[Finding], keys_of, known: set) -> tuple[list[Finding], 
     return new, old
 
 
-__all__ = ["SiteKeys", "finding_key", "load", "split"]
+__all__ = ["SiteKeys", "keys_by_features", "finding_key", "load", "split"]

@@ -39,6 +39,7 @@ from typing import Callable
 
 from entrycheck.explore.memo import Memo, Target
 from entrycheck.explore.paths import (NO_COST, Cost, Finding, PathTable, cr3_entry, event_cost)
+from entrycheck.explore.replay import live_ist_frame
 from entrycheck.explore.preconditions import (DataNames, Precondition, Reach, for_effect, for_entry,
                                               for_injection)
 from entrycheck.explore.scenarios import Scenario, start_state
@@ -860,22 +861,9 @@ class Explorer:
                         self._trace_window(node.log.pcs, i), set())
 
     def _live_frame(self, node: Node, k: int, vector: Vector, top: int):
-        """(the outstanding exception, the words) when a ``vector`` frame written below ``top``
-        at boundary k of ``node`` goes onto the IST stack of an exception still outstanding
-        there and covers words its recorded run reads later (the earlier handler has not
-        moved off the stack or copied its frame); else None."""
-        i = k - node.log.start
-        outer = next((o for o in node.log.outstanding[i] if o.vector.ist == vector.ist), None)
-        if outer is None:
-            return None
-        space = self.machine.space
-        size = 8 * (6 if vector.error_code else 5)
-        live = node.live
-        hit = []
-        for addr in range(top - size, top, 8):
-            if space.pages.get(addr >> 12) is not None and live.live(space.phys(addr) - self.wbase, k):
-                hit.append(addr)
-        return (outer, tuple(hit)) if hit else None
+        """live_ist_frame at boundary k of ``node``'s recorded run."""
+        return live_ist_frame(self.machine.space, node.live, node.log.outstanding[k - node.log.start], vector,
+                              top, k)
 
     def _latched_reentry(self, node: Node, k: int, events, position: int,
                          chain: tuple[Injection, ...]) -> "_Reentry | None":
@@ -890,8 +878,7 @@ class Explorer:
                 for ref, ref_k in ((node, k),) + node.point_nodes:
                     # The recorded run it resumed: where that exception was delivered.
                     if resumed.step == ref_k and resumed.chain_index == ref.log.chains[ref_k - ref.log.start]:
-                        size = 8 * (6 if e.vector.error_code else 5)
-                        found = self._live_frame(ref, ref_k, e.vector, e.stack + size)
+                        found = self._live_frame(ref, ref_k, e.vector, e.stack + e.vector.frame_bytes)
                         if found is not None:
                             outer, words = found
                             how = (f" (latched, and delivered when the {prev.injection.vector.label} handler's "

@@ -74,10 +74,10 @@ def redundant_writes(result: CheckResult, world_of: Callable[[object], World],
             msr = e.write.msr
             register = MSR_NAMES.get(msr, f"MSR {msr:#x}")
             value, cycles = e.write.new, model.wrmsr
-            held = _msr_held(events[:k], msr, image)
+            how, at = _msr_held(events[:k], msr, image)
+            held = f"{how} at {at} and not written since" if at else "held since the path started"
             why = f"{register} is written with {value:#x}, the value it holds ({held})"
-            if "read at " in held:
-                at = held.split("read at ")[1].split(" ")[0]
+            if how == "read":
                 skip = (f"the value to write equals the value read at {at} (the code keeps it in a register): "
                         f"nothing writes {register} in between on these paths")
             else:
@@ -87,13 +87,15 @@ def redundant_writes(result: CheckResult, world_of: Callable[[object], World],
     return out
 
 
-def _msr_held(events, msr: int, image) -> str:
+def _msr_held(events, msr: int, image) -> tuple[str, str | None]:
+    """How the MSR got the value it holds: ("written" or "read", site) of the last write or
+    read before, or ("held", None) from the path's start."""
     for e in reversed(events):
         if isinstance(e, MsrWritten) and e.write.msr == msr:
-            return f"written at {image.symbolize(e.pc)} and not written since"
+            return "written", image.symbolize(e.pc)
         if isinstance(e, MsrRead) and e.msr == msr:
-            return f"read at {image.symbolize(e.pc)} and not written since"
-    return "held since the path started"
+            return "read", image.symbolize(e.pc)
+    return "held", None
 
 
 def _cr3_held(events, image) -> str:

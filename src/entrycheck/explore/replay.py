@@ -98,6 +98,21 @@ def trace(world: World, sc: Scenario, injections: tuple[Injection, ...],
                  cost_of(rec.events, world.image), tuple(violations), tuple(sorted(stubs.unknown)))
 
 
+def live_ist_frame(space, live: LiveIndex, outstanding, vector: Vector, top: int, boundary: int):
+    """(the outstanding exception, the words) when a ``vector`` frame written below ``top`` at
+    ``boundary`` goes onto the IST stack of an exception still outstanding there and covers
+    words the recorded run (``live``) reads later: the earlier handler has not moved off the
+    stack or copied its frame (an ist-reentered delivery); else None."""
+    outer = next((o for o in outstanding if o.vector.ist == vector.ist), None)
+    if outer is None:
+        return None
+    size = vector.frame_bytes
+    wbase = space.writable_base
+    words = tuple(a for a in range(top - size, top, 8)
+                  if space.pages.get(a >> 12) is not None and live.live(space.phys(a) - wbase, boundary))
+    return (outer, words) if words else None
+
+
 def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injections: tuple[Injection, ...],
                   effects: frozenset[Effect], budget: int, rec: Record) -> list[Violation]:
     """The ist-reentered deliveries of a recorded path, as the explorer finds them: a
@@ -136,13 +151,11 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
                 log = ref.steps
                 i = at - log.start
                 if 0 <= i < len(log.pcs):
-                    outer = next((o for o in log.outstanding[i] if o.vector.ist == e.vector.ist), None)
-                    size = 8 * (6 if e.vector.error_code else 5)
-                    top = e.stack + size
                     live = LiveIndex(log.accesses, wbase, space.writable_size)
-                    words = [a for a in range(top - size, top, 8) if space.pages.get(a >> 12) is not None
-                             and live.live(space.phys(a) - wbase, at)]
-                    if outer is not None and words:
+                    found = live_ist_frame(space, live, log.outstanding[i], e.vector,
+                                           e.stack + e.vector.frame_bytes, at)
+                    if found is not None:
+                        outer, words = found
                         how = (f" (latched, and delivered when the {prev.injection.vector.label} handler's IRET to "
                                f"{world.image.symbolize(prev.pc)} unblocked NMIs)") if e.from_latch else ""
                         out.append(Violation("ist-reentered", e.pc, e.step, ist_reentered_message(

@@ -70,6 +70,11 @@ class Vector(enum.IntEnum):
         """Whether delivery pushes an error code."""
         return self in _ERROR_CODE
 
+    @property
+    def frame_bytes(self) -> int:
+        """What delivery pushes in 64-bit mode: SS, RSP, RFLAGS, CS, RIP and an error code."""
+        return 48 if self in _ERROR_CODE else 40
+
 
 _IST_SLOTS = {Vector.DF: 1, Vector.NMI: 2, Vector.DB: 3, Vector.MC: 4, Vector.VC: 5}
 _ERROR_CODE = frozenset({Vector.DF, Vector.PF, Vector.VC})

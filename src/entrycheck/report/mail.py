@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -21,14 +20,13 @@ from entrycheck.explore.paths import Finding
 from entrycheck.kernel.guards import BREAKPOINT_SOURCE
 from entrycheck.props.invariants import INVARIANTS
 from entrycheck.report.text import ROOT_CAUSE, reproduce_command
+from entrycheck.report.text import _wrap as text_wrap
 
 WIDTH = 72
 
 
 def _wrap(text: str, indent: str = "", first: str | None = None) -> list[str]:
-    first = indent if first is None else first
-    return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=indent, break_long_words=True,
-                         break_on_hyphens=False) or [first.rstrip()]
+    return text_wrap(text, indent, first, WIDTH)
 
 
 def classes(findings: list[Finding]) -> list[str]:

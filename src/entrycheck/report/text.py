@@ -18,10 +18,11 @@ WIDTH = 80
 ROOT_CAUSE = "ist-reentered"
 
 
-def _wrap(text: str, indent: str = "", first: str | None = None) -> list[str]:
-    """Wrap to 80 columns; continuation lines get ``indent``, the first ``first`` (default: indent)."""
+def _wrap(text: str, indent: str = "", first: str | None = None, width: int = WIDTH) -> list[str]:
+    """Wrap to ``width`` columns (80); continuation lines get ``indent``, the first ``first``
+    (default: indent)."""
     first = indent if first is None else first
-    return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=indent,
+    return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=indent,
                          break_long_words=True, break_on_hyphens=False) or [first.rstrip()]
 
 
