@@ -247,3 +247,34 @@ static inline bool within_cpu_entry(unsigned long addr, unsigned long end)
 """
     assert parse_refusals(text) == ("cpu_entry_area", "__per_cpu_offset", "gdt_page", "cpu_tss_rw")
     assert parse_refusals("int main(void) { return 0; }") is None
+
+
+# ---- loops that never end ---------------------------------------------------------------
+
+@needs_as
+def test_a_loop_that_never_ends_is_cut_where_its_state_repeats(tmp_path) -> None:
+    """`jmp .` in paranoid_exit: every path through it loops.  Each run ends as no-return at
+    the loop once the whole state there repeats, not at the step budget, and the findings
+    are those of running every path to its budget (--no-prune)."""
+    from entrycheck.demo.run import FIXTURE
+    from importlib import resources
+
+    source = (resources.files("entrycheck.demo") / FIXTURE).read_text()
+    spin = source.replace("paranoid_exit:\n", "paranoid_exit:\n\tjmp\t.\n", 1)
+    assert spin != source
+    (tmp_path / "spin.S").write_text(spin)
+    obj = tmp_path / "spin.o"
+    subprocess.run([find_assembler().path, "--64", "--defsym", "VARIANT=1", "-o", str(obj), str(tmp_path / "spin.S")],
+                   check=True, capture_output=True)
+    # A short budget keeps the brute force cheap; the cut comes long before it.
+    cfg = replace(demo_config(), depth=1, feature_sets=(FeatureSet.parse("pti"),),
+                  scenarios=("mc-from-kernel", "syscall"), budget=400)
+    ref = ObjectRef(obj, None, None)
+    cut = run_check(ref, cfg)
+    full = run_check(ref, replace(cfg, prune=False))
+    loops = [f for f in cut.findings if f.invariant == "no-return"]
+    assert loops and all("state at paranoid_exit repeats" in f.message for f in loops)
+    assert any(p.outcome == "no-return" for p in cut.paths)
+    assert {f.key() for f in cut.findings if f.invariant == "no-return"} == \
+        {f.key() for f in full.findings if f.invariant == "no-return"}
+    assert all(f.site.startswith("paranoid_exit") for f in cut.findings if f.invariant == "no-return")

@@ -353,7 +353,7 @@ class Explorer:
             return self.result
         start = start_state(self.world, sc, self.pristine)
         rec = self._run(Request(start, deliver=sc.vector, level=Level.STEPS, options=self.options,
-                                budget=self.config.budget))
+                                budget=self.config.budget, cut_loops=self.config.prune))
         base = Node(self, rec, None, 0, (), -1)
         if part == 0:
             group = Group(-1, (0, 0))
@@ -537,7 +537,7 @@ class Explorer:
     def _record(self, node: Node, k: int, state: Snapshot, vector: Vector, link: Injection,
                 pre: Precondition) -> Node:
         rec = self._run(Request(state, deliver=vector, level=Level.STEPS, options=self.options,
-                                budget=self.config.budget))
+                                budget=self.config.budget, cut_loops=self.config.prune))
         child = Node(self, rec, node, k, node.chain + (link,), -1)
         child.pre = node.pre + (pre,)
         r = self._latched_reentry(node, k, rec.events, child.position, child.chain)

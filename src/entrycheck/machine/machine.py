@@ -35,11 +35,12 @@ from entrycheck.machine.events import (Cr3Read, Cr3Written, Delivered, Ended, Ev
                                        GsChange, Iret, Latched, MsrRead, MsrWritten, Outcome, Resumed, Sysret)
 from entrycheck.machine.memory import AddressSpace, build_address_space, diff_words
 from entrycheck.machine.model import CpuState, Frame, Vector
-from entrycheck.machine.sites import PARENT, find_sites
+from entrycheck.machine.sites import PARENT, find_sites, loop_heads
 from entrycheck.machine.state import REG_INDEX, Interrupted, Regs, Snapshot
 
 RFLAGS_ZF = 1 << 6
 LOOP_WATCH = 32          # IRETs a run makes before it is watched for a repeating state
+LOOP_HEAD_VISITS = 16    # visits of one loop head before the run is watched there for a repeating state
 _UC_REG = U.UC_REG
 _RAX, _RCX, _RDX = _UC_REG["rax"], _UC_REG["rcx"], _UC_REG["rdx"]
 _RSP, _RIP, _RFLAGS = _UC_REG["rsp"], _UC_REG["rip"], _UC_REG["rflags"]
@@ -54,6 +55,7 @@ class Machine:
         self.stubs = stubs
         self.space: AddressSpace = build_address_space(config.regions)
         self._sites = find_sites(image, config)
+        self._loop_heads = loop_heads(image)
         self._cores: dict[bool, _Core] = {}
 
     def pristine_memory(self) -> bytes:
@@ -107,6 +109,7 @@ class _Run:
     full: bool = False
     irets: int = 0
     seen_states: dict = field(default_factory=dict)
+    head_visits: dict = field(default_factory=dict)
 
 
 class _Core:
@@ -117,6 +120,7 @@ class _Core:
         self.image = machine.image
         self.config = machine.config
         self.space = machine.space
+        self.heads = machine._loop_heads
         self.steps_mode = steps
         self.u = U.Unicorn()
         for chunk in self.space.chunks:
@@ -371,6 +375,8 @@ class _Core:
         else:
             for addr in sorted(self._actions):
                 u.hook(U.HOOK_CODE, self._site, U.CODE_CB, addr, addr)
+            for addr in sorted(self.heads):
+                u.hook(U.HOOK_CODE, self._head, U.CODE_CB, addr, addr)
 
     def _tlb_fill(self, vaddr: int, access: int, entry) -> bool:
         page = self.space.pages.get(vaddr >> 12)
@@ -420,6 +426,8 @@ class _Core:
             return
         if run.steps >= run.limit:
             self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
+            return
+        if addr in self.heads and run.request.cut_loops and self._loops_for_good(addr):
             return
         while run.inject and run.inject[0][0] == addr:
             run.hits += 1
@@ -623,7 +631,7 @@ class _Core:
             if run.request.cut_loops:
                 run.irets += 1
                 if run.irets >= LOOP_WATCH and self._repeats():
-                    self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
+                    self._end(Outcome.NO_RETURN, self._loop_reason(addr))
                     return
             if self.cpu.nmi_pending and not self.cpu.nmi_blocked:
                 # A latched NMI arrives at the first boundary after the unblocking IRET (in user
@@ -637,6 +645,28 @@ class _Core:
             if run.home is not None and (frame.rip, frame.rsp) == run.home and not run.outstanding:
                 self._end(Outcome.RETURNED, "IRET to the interrupted kernel context")
         return act
+
+    def _head(self, addr: int, size: int) -> None:
+        run = self.run_
+        if run.outcome is not None:
+            self.u.emu_stop()
+        elif run.request.cut_loops:
+            self._loops_for_good(addr)
+
+    def _loops_for_good(self, addr: int) -> bool:
+        """At a loop head (``sites.loop_heads``): after a few visits in one run, end the run as
+        no-return once the whole state there repeats, as at the step budget, only sooner."""
+        run = self.run_
+        n = run.head_visits.get(addr, 0) + 1
+        run.head_visits[addr] = n
+        if n > LOOP_HEAD_VISITS and self._repeats():
+            self._end(Outcome.NO_RETURN, self._loop_reason(addr))
+            self.u.emu_stop()
+            return True
+        return False
+
+    def _loop_reason(self, addr: int) -> str:
+        return f"no return: the whole machine state at {self.image.symbolize(addr)} repeats (a loop that never ends)"
 
     def _repeats(self) -> bool:
         """Whether the machine is in a state it was in before, for the third time (a

@@ -33,6 +33,28 @@ def find_sites(image: Image, config: MachineConfig) -> dict[int, tuple]:
     return sites
 
 
+def loop_heads(image: Image) -> frozenset[int]:
+    """Targets of backward direct branches: every loop made of direct branches passes one
+    (a cycle of addresses needs an edge that goes back).  Loops closed only by an indirect
+    jump or a RET are not among them."""
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    heads: set[int] = set()
+    for sec in image.loaded.sections:
+        if sec.name not in CODE_SECTIONS:
+            continue
+        code = image.contents[sec.name]
+        offset = 0
+        while offset < len(code):
+            for address, size, mnemonic, op_str in md.disasm_lite(code[offset:], sec.address + offset):
+                if (mnemonic[0] == "j" or mnemonic.startswith("loop")) and op_str.startswith("0x"):
+                    target = int(op_str, 16)
+                    if target <= address:
+                        heads.add(target)
+                offset += size
+            offset += 1
+    return frozenset(heads)
+
+
 def _parents() -> dict[str, str]:
     """Every x86-64 general register name -> its 64-bit register."""
     out = {}
