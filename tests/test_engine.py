@@ -251,21 +251,42 @@ static inline bool within_cpu_entry(unsigned long addr, unsigned long end)
 
 # ---- loops that never end ---------------------------------------------------------------
 
+def _assemble_edited(tmp_path, old: str, new: str) -> Path:
+    """The demo fixture (variant 1: safe) with one edit, assembled."""
+    from importlib import resources
+
+    from entrycheck.demo.run import FIXTURE
+
+    source = (resources.files("entrycheck.demo") / FIXTURE).read_text()
+    edited = source.replace(old, new, 1)
+    assert edited != source
+    (tmp_path / "edited.S").write_text(edited)
+    obj = tmp_path / "edited.o"
+    subprocess.run([find_assembler().path, "--64", "--defsym", "VARIANT=1", "-o", str(obj), str(tmp_path / "edited.S")],
+                   check=True, capture_output=True)
+    return obj
+
+
+@needs_as
+def test_a_c_function_given_a_bad_pt_regs_is_a_finding_not_an_internal_error(tmp_path) -> None:
+    """Entry code that hands a C handler a pointer that is no pt_regs (here an unmapped one)
+    breaks the C function's contract: an emulation-fault finding at the call, and the check
+    is complete (no exploration error)."""
+    obj = _assemble_edited(tmp_path, "\tmovq\t%rsp, %rdi\t\t\t/* pt_regs */\n\tmovq\t$-1, %rsi\n\tcall\t\\handler",
+                           "\tmovl\t$0xdead0000, %edi\n\tmovq\t$-1, %rsi\n\tcall\t\\handler")
+    cfg = replace(demo_config(), depth=0, feature_sets=(FeatureSet.parse("pti"),), scenarios=("mc-from-kernel",))
+    result = run_check(ObjectRef(obj, None, None), cfg)
+    assert not result.errors
+    faults = [f for f in result.findings if f.invariant == "emulation-fault"]
+    assert faults and "pt_regs at 0xdead0000" in faults[0].message
+
+
 @needs_as
 def test_a_loop_that_never_ends_is_cut_where_its_state_repeats(tmp_path) -> None:
     """`jmp .` in paranoid_exit: every path through it loops.  Each run ends as no-return at
     the loop once the whole state there repeats, not at the step budget, and the findings
     are those of running every path to its budget (--no-prune)."""
-    from entrycheck.demo.run import FIXTURE
-    from importlib import resources
-
-    source = (resources.files("entrycheck.demo") / FIXTURE).read_text()
-    spin = source.replace("paranoid_exit:\n", "paranoid_exit:\n\tjmp\t.\n", 1)
-    assert spin != source
-    (tmp_path / "spin.S").write_text(spin)
-    obj = tmp_path / "spin.o"
-    subprocess.run([find_assembler().path, "--64", "--defsym", "VARIANT=1", "-o", str(obj), str(tmp_path / "spin.S")],
-                   check=True, capture_output=True)
+    obj = _assemble_edited(tmp_path, "paranoid_exit:\n", "paranoid_exit:\n\tjmp\t.\n")
     # A short budget keeps the brute force cheap; the cut comes long before it.
     cfg = replace(demo_config(), depth=1, feature_sets=(FeatureSet.parse("pti"),),
                   scenarios=("mc-from-kernel", "syscall"), budget=400)

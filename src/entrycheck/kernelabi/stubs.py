@@ -87,6 +87,10 @@ HANDLER_PREFIXES = ("exc_", "noist_exc_", "sysvec_", "common_interrupt", "spurio
                     "user_exc_")
 
 
+# C functions whose first argument is the pt_regs the entry code built.
+PT_REGS_ARG = frozenset({Kind.SYSCALL, Kind.SYNC_REGS, Kind.FIXUP_BAD_IRET, Kind.HANDLER})
+
+
 def contract(name: str) -> Kind | None:
     """The contract of a C function, or None for an unknown one (it returns, and is listed)."""
     if name in CONTRACTS:
@@ -134,6 +138,8 @@ class Stubs:
         if kind is Kind.NORETURN:
             emu.fault(FaultKind.CHECKPOINT, f"{name} called: the kernel would kill the task here")
             return
+        if kind in PT_REGS_ARG and not self._pt_regs_arg(emu, name, rsp):
+            return
         if kind is Kind.SYSCALL:
             self._do_syscall_64(emu)
         elif kind is Kind.SYNC_REGS:
@@ -169,6 +175,25 @@ class Stubs:
             emu.fault(FaultKind.CHECKPOINT, f"C function {name} called on {where}, not a kernel stack")
             return False
         return True
+
+    def _stack_of(self, rsp: int) -> tuple[int, int] | None:
+        """The kernel stack (low, top) that ``rsp`` is on, if any."""
+        w = self.world
+        stacks = [(w.task_stack_top - 0x4000, w.task_stack_top), (w.entry_stack_top - 0x1000, w.entry_stack_top)]
+        stacks += [(top - 0x1000, top) for top in w.ist_tops.values()]
+        return next(((lo, hi) for lo, hi in stacks if lo <= rsp < hi), None)
+
+    def _pt_regs_arg(self, emu: Context, name: str, rsp: int) -> bool:
+        """The contract on the first argument of a C function that takes ``struct pt_regs *``:
+        a whole, aligned pt_regs above the return address, on the stack it was called on.
+        Anything else is a fault of the calling entry code (C would read or write through it)."""
+        regs = emu.reg("rdi")
+        stack = self._stack_of(rsp)
+        if stack is not None and regs % 8 == 0 and rsp + 8 <= regs and regs + PTREGS_SIZE <= stack[1]:
+            return True
+        emu.fault(FaultKind.CHECKPOINT, f"{name} called with pt_regs at {regs:#x}, not a pt_regs above its "
+                                        f"return address on the stack it was called on (rsp {rsp:#x})")
+        return False
 
     # ---- contracts ---------------------------------------------------------------------
     def _do_syscall_64(self, emu: Context) -> None:

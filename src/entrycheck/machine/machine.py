@@ -33,7 +33,7 @@ from entrycheck.machine.api import (DEFAULT_BUDGET, FLAG_GROUPS, GROUP_MASKS, MA
                                     StubHandler)
 from entrycheck.machine.events import (Cr3Read, Cr3Written, Delivered, Ended, Event, Fault, FaultKind, Fence,
                                        GsChange, Iret, Latched, MsrRead, MsrWritten, Outcome, Resumed, Sysret)
-from entrycheck.machine.memory import AddressSpace, build_address_space, diff_words
+from entrycheck.machine.memory import AddressSpace, Unmapped, build_address_space, diff_words
 from entrycheck.machine.model import CpuState, Frame, Vector
 from entrycheck.machine.sites import PARENT, find_sites, loop_heads
 from entrycheck.machine.state import REG_INDEX, Interrupted, Regs, Snapshot
@@ -746,7 +746,11 @@ class _Core:
         stubs = self.m.stubs
 
         def act(addr: int, size: int) -> None:
-            stubs(self, name)
+            try:
+                stubs(self, name)
+            except Unmapped as exc:
+                self.fault(FaultKind.UNMAPPED, f"{name} was given an address it reads or writes through, "
+                                               f"and {exc}", exc.addr)
         return act
 
 

@@ -19,6 +19,15 @@ PHYS_WRITABLE = 0x1000_0000
 PHYS_READONLY = 0x4000_0000
 
 
+class Unmapped(InternalError):
+    """A guest address with no mapping, reached from Python (a stub); in a stub it is a fault
+    of the code under test that gave the stub that address (see ``Machine``)."""
+
+    def __init__(self, addr: int) -> None:
+        super().__init__(f"{addr:#x} is not mapped")
+        self.addr = addr
+
+
 @dataclass(frozen=True)
 class Page:
     phys: int
@@ -45,7 +54,7 @@ class AddressSpace:
     def phys(self, addr: int) -> int:
         page = self.pages.get(addr >> 12)
         if page is None:
-            raise InternalError(f"{addr:#x} is not mapped")
+            raise Unmapped(addr)
         return page.phys + (addr & (PAGE - 1))
 
 

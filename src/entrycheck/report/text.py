@@ -110,7 +110,13 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
     lines += cost_lines(result.cost(), "CR3 writes on the entry paths (no injection)")
     lines += redundant_lines(redundant)
     lines.append("")
-    lines.append("Verdict: " + ("VIOLATIONS FOUND" if result.findings else "clean"))
+    if result.findings:
+        verdict = "VIOLATIONS FOUND"
+    elif result.errors:
+        verdict = f"INCOMPLETE ({len(result.errors)} exploration error(s) above; not checked there)"
+    else:
+        verdict = "clean"
+    lines.append("Verdict: " + verdict)
     return "\n".join(lines)
 
 
