@@ -28,7 +28,8 @@ from entrycheck.explore.paths import Cost, Finding, PathResult, PathTable
 from entrycheck.machine.events import Injection
 from entrycheck.machine.model import Vector
 from entrycheck.image.features import FeatureSet
-from entrycheck.report.html import check_html, diff_html, write_html
+from entrycheck.report.html import check_html, diff_html
+from entrycheck.report.outputs import Outputs
 
 CLI = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
 SEED = Path(__file__).parent / "data" / "patches" / "x86-entry-paranoid-restore-cr3.archive.txt"
@@ -330,23 +331,12 @@ def test_untrusted_strings_are_shown_as_text(browser, tmp_path, record_property)
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def test_html_is_written_atomically_and_bad_paths_are_one_line_errors(tmp_path, monkeypatch) -> None:
-    dest = tmp_path / "report.html"
-    dest.write_text("old")
-    write_html(dest, "<p>new</p>")
-    assert dest.read_text() == "<p>new</p>" and os.listdir(tmp_path) == ["report.html"]
-    with pytest.raises(InputError, match="is a directory"):
-        write_html(tmp_path, "x")
-    with pytest.raises(InputError, match="no such directory"):
-        write_html(tmp_path / "missing" / "r.html", "x")
-
-    def fail(*_args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(InputError, match="No space left"):
-        write_html(dest, "<p>newer</p>")
-    assert dest.read_text() == "<p>new</p>" and os.listdir(tmp_path) == ["report.html"]
+def write_html(dest, text: str):
+    out = Outputs()
+    out.want("--html", str(dest))
+    out.stage("--html", text)
+    out.commit()
+    return dest
 
 
 @pytest.mark.parametrize("args", [

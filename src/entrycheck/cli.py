@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import click
 
 from entrycheck.errors import EntrycheckError, InputError
+from entrycheck.report.outputs import abort_all
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
@@ -22,6 +24,7 @@ EXIT_INTERNAL = 3
 
 class _State:
     debug = False
+    pid = -1
 
 
 def _fail(message: str, code: int) -> None:
@@ -57,19 +60,24 @@ def _load(target: str, tree: str | None):
     return build, loaded
 
 
-def _write_json(dest: str, payload: dict) -> None:
-    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-    if dest == "-":
+def _outputs(json_out: str | None = None, html_out: str | None = None):
+    """The command's output files, checked before any work (see report/outputs.py)."""
+    from entrycheck.report.outputs import Outputs
+
+    out = Outputs()
+    out.want("--json", json_out, stdout_ok=True)
+    out.want("--html", html_out)
+    return out
+
+
+def _json_text(payload: dict) -> str:
+    return json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _commit(out) -> None:
+    """Write the outputs together; what goes to standard output is echoed."""
+    for text in out.commit().values():
         click.echo(text, nl=False)
-        return
-    path = Path(dest)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {dest}: {exc.strerror}") from exc
 
 
 TREE_OPTION = click.option("--tree", type=click.Path(file_okay=False), default=None,
@@ -89,18 +97,20 @@ def disasm(target: str, symbol: str, features: str, tree: str | None, intel: boo
     from entrycheck.image.features import FeatureSet
     from entrycheck.report.disasm import disassemble, format_lines
 
+    out = _outputs(json_out)
     build, loaded = _load(target, tree)
     fs = FeatureSet.parse(features)
     image = loaded.image(fs)
     lines = disassemble(image, symbol, att=not intel)
     note = f"# {build.label}; features: {fs}; feature numbers from the {loaded.features.source}"
     if json_out:
-        _write_json(json_out, {
+        out.stage("--json", _json_text({
             "target": build.label, "kernel_version": build.kernel_version, "symbol": symbol,
             "features": list(fs.names), "feature_numbers": loaded.features.source,
             "instructions": [{"address": f"{ln.address:#x}", "at": ln.location, "bytes": ln.raw.hex(),
                               "text": ln.text, "relocation": ln.reloc, "alternative": ln.alt}
-                             for ln in lines]})
+                             for ln in lines]}))
+        _commit(out)
         if json_out == "-":
             return
     click.echo(note, err=True)
@@ -159,10 +169,37 @@ class ExploreOptions:
         for v in vecs:
             if IDT_SYMBOLS[v] not in loaded.symbols:
                 raise InputError(f"this kernel has no entry point for {v.label} ({IDT_SYMBOLS[v]} is missing)")
-        return CheckConfig(scenarios=_scenarios(self.scenarios), feature_sets=sets, vectors=vecs, depth=self.depth,
+        return CheckConfig(scenarios=self._runnable(loaded, sets), feature_sets=sets, vectors=vecs, depth=self.depth,
                            db_anywhere=self.db_mode == "anywhere", mc_nesting=self.mc_nesting,
                            effects=parse_effects(self.handler_effects), prune=not self.no_prune,
                            max_runs=self.max_runs, fold=not self.unfold)
+
+    def _runnable(self, loaded, sets) -> tuple[str, ...]:
+        """The scenarios to explore: the default ones this object has an entry for (a fixture
+        without interrupt entries skips those), or the ones asked for, each of which must run."""
+        from entrycheck.explore.scenarios import scenario
+        from entrycheck.kernelabi.world import IDT_SYMBOLS
+
+        names = _scenarios(self.scenarios)
+
+        def missing(name: str) -> str | None:
+            v = scenario(name).vector
+            return IDT_SYMBOLS[v] if v is not None and IDT_SYMBOLS[v] not in loaded.symbols else None
+
+        if self.scenarios and self.scenarios != "all":
+            for name in names:
+                sc = scenario(name)
+                if missing(name):
+                    raise InputError(f"scenario {name}: this kernel has no entry point for {sc.vector.label} "
+                                     f"({missing(name)} is missing)")
+                if sc.needs and not any(sc.needs in fs for fs in sets):
+                    raise InputError(f"scenario {name} needs the {sc.needs} feature: add it to --features "
+                                     f"(e.g. --features {sc.needs})")
+            return names
+        runnable = tuple(n for n in names if not missing(n))
+        if not runnable:
+            raise InputError("this object has none of the entry points the scenarios start at")
+        return runnable
 
     def validate(self) -> None:
         """What can be checked before any work: option values alone."""
@@ -299,9 +336,7 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
     from entrycheck.report.jsonout import check_json
     from entrycheck.report.text import check_summary
 
-    if html_out:
-        from entrycheck.report.html import check_path
-        check_path(html_out)
+    out = _outputs(json_out, html_out)
     from entrycheck.explore import baseline as known_findings
 
     if mail_class is not None:
@@ -326,13 +361,14 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
     if known is not None:
         new, old = known_findings.split(result.findings, keys_of, known)
     if json_out:
-        _write_json(json_out, check_json(result, target=build.label, kernel_version=build.kernel_version,
-                                         feature_numbers=loaded.features.source, matches=matches,
-                                         baseline=(baseline, new) if known is not None else None,
-                                         redundant=redundant))
+        out.stage("--json", _json_text(check_json(result, target=build.label, kernel_version=build.kernel_version,
+                                                  feature_numbers=loaded.features.source, matches=matches,
+                                                  baseline=(baseline, new) if known is not None else None,
+                                                  redundant=redundant)))
     if html_out:
-        from entrycheck.report.html import check_html, command_line, write_html
-        write_html(html_out, check_html(result, build=build, loaded=loaded, target=target, command=command_line()))
+        from entrycheck.report.html import check_html, command_line
+        out.stage("--html", check_html(result, build=build, loaded=loaded, target=target, command=command_line()))
+    _commit(out)
     if out_format == "mail":
         _echo_mail(new, redundant, build, loaded, target, mail_class)
     elif json_out != "-":
@@ -382,6 +418,7 @@ def trace(target, scenario_name, features, injects, handler_effects, finding, tr
 
         raise click.UsageError("missing --scenario; choose from " + ", ".join(SCENARIOS))
     sc = scenario(scenario_name)
+    out = _outputs(json_out)
     build, loaded = _load(target, tree)
     fs = FeatureSet.parse(features)
     image = loaded.image(fs)
@@ -390,8 +427,9 @@ def trace(target, scenario_name, features, injects, handler_effects, finding, tr
     effects = frozenset(parse_effects(handler_effects))
     t = run_trace(world, sc, injections, effects)
     if json_out:
-        _write_json(json_out, trace_json(t, image, target=build.label, kernel_version=build.kernel_version,
-                                         features=str(fs)))
+        out.stage("--json", _json_text(trace_json(t, image, target=build.label, kernel_version=build.kernel_version,
+                                                  features=str(fs))))
+    _commit(out)
     if json_out != "-":
         click.echo(trace_text(t, image, target=target, features=str(fs)))
 
@@ -438,11 +476,13 @@ def demo(json_out: str | None, workers: int | None, keep: str | None) -> None:
     from entrycheck.explore.check import default_workers
     from entrycheck.report.progress import terminal_progress
 
+    out = _outputs(json_out)
     with terminal_progress() as progress:
         result = run_demo(workers=workers or default_workers(), keep=Path(keep) if keep else None,
                           progress=progress)
     if json_out:
-        _write_json(json_out, demo_json(result))
+        out.stage("--json", _json_text(demo_json(result)))
+    _commit(out)
     if json_out != "-":
         click.echo(demo_text(result))
     sys.exit(0 if result.as_expected else 1)
@@ -483,7 +523,7 @@ def _diff_options(f):
         click.option("--cost", "cost_spec", default=None, metavar="cr3=N,cr3_flush=N,wrmsr=N",
                      help="Cycles per operation for the cost estimate (defaults: cr3=200, cr3_flush=13000, "
                           "wrmsr=300; see the documentation for their sources)."),
-        click.option("--nmi-rate", type=click.FloatRange(min=0), default=None, metavar="HZ",
+        click.option("--nmi-rate", type=click.FloatRange(min=0, max=1e9), default=None, metavar="HZ",
                      help="What-if: NMIs per second from kernel context (e.g. perf sampling) to turn the "
                           "per-return saving into cycles per second per CPU."),
         click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the comparison as JSON."),
@@ -496,7 +536,7 @@ def _diff_options(f):
     return wrapper
 
 
-def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions, report: DiffOptions,
+def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions, report: DiffOptions, out,
               html_info=None):
     from entrycheck.explore.diff import SiteMap, diff_results
     from entrycheck.report.difftext import diff_json, diff_text
@@ -513,15 +553,16 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions
     sites = SiteMap(old_loaded.image(fs0), new_loaded.image(fs0))
     result = diff_results(old, new, sites)
     if report.json_out:
-        _write_json(report.json_out, diff_json(result, old_label=old_build.label, new_label=new_build.label,
-                                               old_version=old_build.kernel_version,
-                                               new_version=new_build.kernel_version, model=model,
-                                               nmi_rate=report.nmi_rate))
+        out.stage("--json", _json_text(diff_json(result, old_label=old_build.label, new_label=new_build.label,
+                                                 old_version=old_build.kernel_version,
+                                                 new_version=new_build.kernel_version, model=model,
+                                                 nmi_rate=report.nmi_rate)))
     if report.html_out:
-        from entrycheck.report.html import command_line, diff_html, write_html
-        write_html(report.html_out, diff_html(result, old_build=old_build, old_loaded=old_loaded,
-                                              new_build=new_build, new_loaded=new_loaded, model=model,
-                                              nmi_rate=report.nmi_rate, command=command_line(), **html_info))
+        from entrycheck.report.html import command_line, diff_html
+        out.stage("--html", diff_html(result, old_build=old_build, old_loaded=old_loaded,
+                                      new_build=new_build, new_loaded=new_loaded, model=model,
+                                      nmi_rate=report.nmi_rate, command=command_line(), **html_info))
+    _commit(out)
     if report.json_out != "-":
         click.echo(diff_text(result, old_label=old_build.label, new_label=new_build.label, model=model,
                              nmi_rate=report.nmi_rate))
@@ -549,12 +590,11 @@ def diff(old, new, opts: ExploreOptions, report: DiffOptions) -> None:
     report.model()
     report.known()
     opts.validate()
-    if report.html_out:
-        from entrycheck.report.html import check_path
-        check_path(report.html_out)
+    out = _outputs(report.json_out, report.html_out)
     old_build, old_loaded = _load(old, opts.tree)
     new_build, new_loaded = _load(new, opts.tree)
-    _run_diff(old_build, old_loaded, new_build, new_loaded, opts, report, {"old_target": old, "new_target": new})
+    _run_diff(old_build, old_loaded, new_build, new_loaded, opts, report, out,
+              {"old_target": old, "new_target": new})
 
 
 @cli.command()
@@ -573,9 +613,7 @@ def review(target, patches, opts: ExploreOptions, report: DiffOptions) -> None:
     report.known()
     opts.validate()
     texts = read_patches([Path(p) for p in patches])
-    if report.html_out:
-        from entrycheck.report.html import check_path
-        check_path(report.html_out)
+    out = _outputs(report.json_out, report.html_out)
     with terminal_progress() as progress:
         base = _resolve(target, opts.tree, progress)
         patched = patched_build(base, texts, progress=progress)
@@ -584,7 +622,7 @@ def review(target, patches, opts: ExploreOptions, report: DiffOptions) -> None:
             if pl.context_mismatches or pl.placed_line != pl.header_line:
                 click.echo(f"note: {pl.file} hunk {pl.hunk} applied at line {pl.placed_line} (header says "
                            f"{pl.header_line}; {pl.context_mismatches} context lines differ)", err=True)
-    _run_diff(base, load_build(base), patched.build, load_build(patched.build), opts, report,
+    _run_diff(base, load_build(base), patched.build, load_build(patched.build), opts, report, out,
               {"old_target": target, "new_target": str(patched.tree), "patches": texts})
 
 
@@ -602,8 +640,54 @@ def scenarios() -> None:
         click.echo(f"  {inv.name:<30s}{inv.summary}")
 
 
+def _children() -> list[int]:
+    """The processes this one started (Linux /proc)."""
+    me = str(os.getpid())
+    out = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as fh:
+                    fields_ = fh.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if fields_[1].decode() == me:
+                out.append(int(name))
+    return out
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGINT / SIGTERM: stop now, within the handler (no exception to unwind through code
+    that may swallow it): undo output files being written, kill the worker processes,
+    one line, exit 130."""
+    if os.getpid() != _State.pid:
+        os._exit(130)                        # a forked worker before it set its own signals
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        abort_all()
+        for pid in _children():
+            try:
+                os.kill(pid, signal.SIGKILL)      # workers and tools (make, apt-get) we started
+            except OSError:
+                pass
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\x1b[2K\x1b[?25h")     # the progress bar's line; the cursor back
+        sys.stderr.write("entrycheck: error: interrupted\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(130)
+
+
 def main() -> None:
     _State.debug = "--debug" in sys.argv[1:] or bool(os.environ.get("ENTRYCHECK_DEBUG"))
+    _State.pid = os.getpid()
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     try:
         cli.main(standalone_mode=False, prog_name="entrycheck")
     except click.exceptions.Exit as exc:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from entrycheck.errors import InputError, InternalError
-from entrycheck.explore.check import CheckConfig, CheckResult, ObjectRef, run_check
+from entrycheck.explore.check import CheckConfig, CheckResult, ObjectRef, run_check, worker_signals
 from entrycheck.explore.paths import Finding
 from entrycheck.image.features import FeatureSet
 from entrycheck.machine.model import Vector
@@ -259,7 +259,7 @@ def _check_all(refs: list[ObjectRef], cfg: CheckConfig, workers: int,
 
     results: list[CheckResult | None] = [None] * total
     ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx, initializer=worker_signals) as pool:
         futures = {pool.submit(run_check, ref, cfg): k for k, ref in enumerate(refs)}
         for done, fut in enumerate(as_completed(futures), 1):
             results[futures[fut]] = fut.result()

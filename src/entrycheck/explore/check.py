@@ -323,7 +323,7 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
         import multiprocessing
 
         ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_signals) as pool:
             futures = {pool.submit(run_batch, ref, cfg, [units[k] for k in b], cfg.max_runs): b for b in batches}
             for fut in as_completed(futures):
                 for k, r in zip(futures[fut], fut.result()):
@@ -336,6 +336,15 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
             done += 1
             report()
     return merge(units, [r for r in results], cfg)
+
+
+def worker_signals() -> None:
+    """In a worker process: Ctrl-C is the parent's to handle (it kills its workers), and
+    SIGTERM ends the worker at once."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _dask_client(scheduler: str):

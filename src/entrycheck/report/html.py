@@ -53,39 +53,6 @@ MSR_NAMES = {model.MSR_SPEC_CTRL: "SPEC_CTRL", model.MSR_PRED_CMD: "PRED_CMD", m
 
 
 # ---- writing ------------------------------------------------------------------------------
-def check_path(dest: str | os.PathLike) -> Path:
-    """Fail early (one-line InputError) if ``dest`` cannot be written as a file."""
-    path = Path(dest)
-    if str(dest) in ("", "-"):
-        raise InputError("--html needs a file path")
-    if path.is_dir():
-        raise InputError(f"cannot write {dest}: it is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"cannot write {dest}: no such directory {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {dest}: permission denied")
-    return path
-
-
-def write_html(dest: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``dest`` atomically (a temporary file in the same directory, renamed)."""
-    path = check_path(dest)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent)
-                                   else ".")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise InputError(f"cannot write {dest}: {exc.strerror or exc}") from exc
-    return path
-
-
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The entrycheck command line of this process, quoted for a shell."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -585,5 +552,5 @@ def diff_html(result: DiffResult, *, old_build, old_loaded, new_build, new_loade
 
 
 __all__ = ["TRACE_WINDOW", "Cell", "FindingView", "TraceRow", "TraceView", "apply_event", "check_html",
-           "check_matrix", "check_path", "command_line", "describe_event", "diff_html", "diff_matrix",
-           "initial_cpu", "states_along", "trace_command", "write_html"]
+           "check_matrix", "command_line", "describe_event", "diff_html", "diff_matrix",
+           "initial_cpu", "states_along", "trace_command"]
