@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -72,3 +76,22 @@ def test_a_failing_write_leaves_no_output_at_all(tmp_path, monkeypatch) -> None:
     with pytest.raises(InputError, match="No space left"):
         out.commit()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(shutil.which("as") is None, reason="GNU as (binutils) is not installed")
+def test_the_same_check_and_diff_give_the_same_html_bytes(tmp_path) -> None:
+    from entrycheck.demo import VARIANTS, assemble, find_assembler
+
+    a = assemble(find_assembler(), VARIANTS[0], tmp_path)
+    b = assemble(find_assembler(), VARIANTS[1], tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    for command in (["check", str(a)], ["diff", str(a), str(b)]):
+        pages = []
+        for n in range(2):
+            dest = tmp_path / f"{command[0]}.html"          # the page shows its command line
+            proc = subprocess.run([sys.executable, "-m", "entrycheck.cli", *command, "--depth", "1", "--features",
+                                   "pti", "--html", str(dest)], capture_output=True, text=True, env=env, check=False)
+            assert proc.returncode in (0, 1), proc.stderr
+            pages.append(dest.read_bytes())
+            time.sleep(1.1 if n == 0 else 0)       # a clock in the page would differ now
+        assert pages[0] == pages[1]

@@ -461,7 +461,19 @@ def _render(template: str, **context) -> str:
     env = _environment()
     return env.get_template(template).render(
         script=script, script_hash=script_hash, version=__version__,
-        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **context)
+        generated=_generated(), **context)
+
+
+def _generated() -> str | None:
+    """The time the page names: none by default, so that the same inputs give the same bytes;
+    SOURCE_DATE_EPOCH (the reproducible-builds convention) when set."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not epoch.isdigit():
+        return None
+    try:
+        return datetime.fromtimestamp(int(epoch), timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def _site_rows(cost: Cost, side: _Side, features: str) -> list[dict]:
