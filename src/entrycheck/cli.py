@@ -47,6 +47,8 @@ def cli(debug: bool) -> None:
 def _resolve(target: str, tree: str | None, progress):
     from entrycheck.kernel.targets import resolve_target
 
+    if tree is not None and not tree.strip():
+        raise InputError("--tree needs a kernel source directory")
     return resolve_target(target, tree=Path(tree) if tree else None, progress=progress)
 
 
@@ -203,6 +205,10 @@ class ExploreOptions:
 
     def validate(self) -> None:
         """What can be checked before any work: option values alone."""
+        if self.scheduler is not None and not self.scheduler.strip():
+            raise InputError("--scheduler needs the address of a Dask scheduler (e.g. tcp://host:8786)")
+        if self.tree is not None and not self.tree.strip():
+            raise InputError("--tree needs a kernel source directory")
         from entrycheck.explore.check import parse_effects, parse_vectors
 
         parse_vectors(self.vectors)
@@ -337,6 +343,7 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
     from entrycheck.report.text import check_summary
 
     out = _outputs(json_out, html_out)
+    opts.validate()
     from entrycheck.explore import baseline as known_findings
 
     if mail_class is not None:
@@ -443,7 +450,7 @@ def _from_finding(spec: str):
         v = doc["violations"][int(index or 0)]
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from exc
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         raise InputError(f"{path} has no violation {index or 0} (expected the JSON of entrycheck check)") from None
     try:
         injects = tuple(Injection.from_json(i).spec() for i in v.get("injections", []))
@@ -451,7 +458,7 @@ def _from_finding(spec: str):
         if not isinstance(v["scenario"], str) or not isinstance(v["features"], str) or \
                 not all(isinstance(e, str) for e in effects):
             raise TypeError
-    except (KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError):
         raise InputError(f"{path} has no violation {index or 0} (expected the JSON of entrycheck check)") from None
     return v["scenario"], v["features"], injects, ",".join(effects) or None
 

@@ -100,6 +100,11 @@ class ObjectFile:
         return sym.name
 
 
+MAX_FILE = 256 << 20        # entry_64.o with DWARF is about 1 MiB
+MAX_SECTION = 64 << 20      # memory a section may ask for (its pages are mapped and snapshotted)
+SHF_ALLOC = 0x2
+
+
 def load_object(path: Path) -> ObjectFile:
     """Parse ``path`` as an x86-64 relocatable object; InputError if it is not one."""
     path = Path(path)
@@ -107,7 +112,13 @@ def load_object(path: Path) -> ObjectFile:
         raise InputError(f"{path}: no such file")
     if not path.is_file():
         raise InputError(f"{path}: not a regular file (expected an entry_64.o)")
-    raw = path.read_bytes()
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE:
+            raise InputError(f"{path}: {size:,} bytes, larger than any entry object ({MAX_FILE >> 20} MiB at most)")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
     if raw[:4] != b"\x7fELF":
         raise InputError(f"{path}: not an ELF object (expected an entry_64.o built for x86-64)")
     try:
@@ -141,6 +152,9 @@ def _parse(path: Path, raw: bytes) -> ObjectFile:
         sh_type = sec["sh_type"]
         kind = sh_type.replace("SHT_", "") if isinstance(sh_type, str) else f"{sh_type:#x}"
         size = sec["sh_size"]
+        if size > MAX_SECTION and sec["sh_flags"] & SHF_ALLOC:
+            raise InputError(f"{path}: section {sec.name} claims {size:,} bytes of memory; an entry object's "
+                             f"sections are far smaller ({MAX_SECTION >> 20} MiB at most)")
         if kind == "NOBITS":
             data = b""
         else:

@@ -266,7 +266,20 @@ def resolve_target(spec: str, *, tree: Path | None = None, progress: Progress = 
         return _from_entry(built.entry, built.package.label(debug), built.source)
     if not spec.strip():
         raise InputError(f"empty target: expected {TARGET_FORMS}")
-    path = Path(spec).expanduser()
+    if "\0" in spec:
+        raise InputError("the target contains a NUL byte")
+    try:
+        return _path_target(spec, tree, progress)
+    except OSError as exc:                       # a name too long, a file that cannot be read, ...
+        shown = spec if len(spec) <= 120 else spec[:117] + "..."
+        raise InputError(f"cannot use {shown}: {exc.strerror or exc}") from exc
+
+
+def _path_target(spec: str, tree: Path | None, progress: Progress) -> KernelBuild:
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError as exc:                  # ~user that does not exist
+        raise InputError(f"{spec}: {exc}") from exc
     debug = False
     if not path.exists() and spec.endswith(DEBUG_SUFFIX):
         plain = Path(spec.removesuffix(DEBUG_SUFFIX)).expanduser()

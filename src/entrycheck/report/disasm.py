@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from entrycheck.errors import InputError
 from entrycheck.image.decode import sweep
 from entrycheck.image.image import Image
 
@@ -22,6 +23,8 @@ class DisasmLine:
 
 def disassemble(image: Image, symbol: str, *, att: bool = True) -> list[DisasmLine]:
     start, end = image.symbol_range(symbol)
+    if image.code_section(start) is None:
+        raise InputError(f"{symbol} is not in the object's code (a data or per-cpu symbol?): disasm shows code")
     code = image.read(start, end - start)
     sites = {s.address: s for s in image.alt_sites}
     inside: dict[int, int] = {}
