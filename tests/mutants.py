@@ -234,7 +234,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "stack and overwrites the outer NMI's stack, which then returns to garbage (nested NMI / "
         "espfix class, CVE-2015-3290)",
         "emulation-fault", ("nmi-from-kernel",), ("none",), vectors=("nmi",), depth=1),
+    Mutant(
+        "syscall-passes-bad-pt-regs", "6.1", ENTRY_S,
+        Edit("\tcall\tdo_syscall_64\t\t/* returns with IRQs disabled */\n",
+             "\tmovl\t$0xdead0000, %edi\n\tcall\tdo_syscall_64\t\t/* returns with IRQs disabled */\n"),
+        "entry_SYSCALL_64 hands do_syscall_64 a pt_regs pointer that is not the frame it built "
+        "(C code would read the user's registers from, and write the return value to, wild memory)",
+        "emulation-fault", ("syscall",), ("pti",)),
     # ---- no-return (optional)
+    Mutant(
+        "paranoid-exit-spins", "6.1", ENTRY_S,
+        Edit("\tRESTORE_CR3\tscratch_reg=%rax save_reg=%r14\n\n\t/* Handle the three GSBASE cases */\n",
+             "\tRESTORE_CR3\tscratch_reg=%rax save_reg=%r14\n\tjmp\t.\n\n\t/* Handle the three GSBASE cases */\n"),
+        "paranoid_exit spins on itself after RESTORE_CR3: every #DB/#MC from kernel mode never returns "
+        "(found once per path where the state repeats, not by running each injection to the budget)",
+        "no-return", ("db-from-kernel",), ("pti",), vectors=("nmi", "mc", "db"), depth=1),
     Mutant(
         "nmi-exit-skips-std", "6.12", ENTRY_S,
         Edit("\tstd\n\tmovq\t$0, 5*8(%rsp)\t\t/* clear \"NMI executing\" */\n",
