@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from entrycheck.errors import EntrycheckError, InputError
+from entrycheck.errors import EntrycheckError, InputError, one_line
 from entrycheck.report.outputs import abort_all
 
 EXIT_BAD_INPUT = 2
@@ -28,7 +28,7 @@ class _State:
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"entrycheck: error: {message}", err=True)
+    click.echo(f"entrycheck: error: {one_line(message)}", err=True)
     sys.exit(code)
 
 

@@ -12,7 +12,19 @@ class EntrycheckError(Exception):
 
 
 class InputError(EntrycheckError):
-    """Bad input: one line that says what is wrong and what to do (exit 2)."""
+    """Bad input: one line that says what is wrong and what to do (exit 2).  Characters
+    that would break the line (a newline or carriage return in a user's file name) are
+    shown escaped."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(one_line(str(message)))
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped, as one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class InternalError(EntrycheckError):

@@ -80,6 +80,8 @@ def load(path: str) -> set:
         raise InputError(f"cannot read the baseline {path}: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"the baseline {path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(f"the baseline {path} is not the JSON of entrycheck check (nested too deeply)") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("violations"), list):
         raise InputError(f"the baseline {path} is not the JSON of entrycheck check (no 'violations' list)")
     keys = set()

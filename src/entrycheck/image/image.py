@@ -316,6 +316,9 @@ def _layout(obj: ObjectFile) -> tuple[PlacedSection, ...]:
         perm = Perm.R | (Perm.X if s.executable else Perm(0)) | (Perm.W if s.writable else Perm(0))
         placed.append(PlacedSection(s.index, s.name, cursor, s.size, perm))
         cursor += s.size
+    if cursor > layout.KERNEL_TEXT_BASE:
+        raise InputError(f"{obj.path}: its sections take {cursor - layout.IMAGE_BASE:,} bytes of memory, more than "
+                         f"the {(layout.KERNEL_TEXT_BASE - layout.IMAGE_BASE) >> 20} MiB an entry object is given")
     return tuple(placed)
 
 

@@ -8,6 +8,8 @@ truncated, corrupt) becomes one ``InputError`` line.
 
 from __future__ import annotations
 
+import zlib
+
 import enum
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +127,8 @@ def load_object(path: Path) -> ObjectFile:
         return _parse(path, raw)
     except InputError:
         raise
-    except (ELFError, ValueError, KeyError, IndexError, AssertionError, OSError, EOFError, OverflowError) as exc:
+    except (ELFError, ValueError, KeyError, IndexError, AssertionError, OSError, EOFError, OverflowError,
+            zlib.error) as exc:
         raise InputError(f"{path}: corrupt or truncated ELF object ({_reason(exc)}); rebuild it") from exc
     except Exception as exc:  # pyelftools raises construct/struct errors on truncation
         if type(exc).__module__.split(".")[0] in {"construct", "struct", "elftools"} or isinstance(exc, EOFError):
@@ -180,6 +183,8 @@ def _parse(path: Path, raw: bytes) -> ObjectFile:
             shndx = SHN_ABS
         elif shndx >= len(sections):
             raise InputError(f"{path}: symbol {sym.name!r} refers to section {shndx}, which does not exist")
+        if sym["st_info"]["type"] == "STT_SECTION" and shndx in (SHN_UNDEF, SHN_ABS):
+            raise InputError(f"{path}: section symbol #{idx} names no section")
         binding = SymbolBinding(sym["st_info"]["bind"]) if sym["st_info"]["bind"] in {
             b.value for b in SymbolBinding} else SymbolBinding.LOCAL
         symbols.append(Symbol(idx, sym.name, sym["st_value"], sym["st_size"], sym["st_info"]["type"],

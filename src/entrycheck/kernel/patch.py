@@ -394,7 +394,12 @@ class _Tree:
     def get(self, path: str) -> _Content | None:
         if path not in self.current:
             full = self.src / path
-            content = _split(full.read_bytes(), None) if full.is_file() else None
+            try:
+                content = _split(full.read_bytes(), None) if full.is_file() else None
+            except OSError as exc:
+                shown = path if len(path) <= 120 else path[:117] + "..."
+                raise InputError(f"the patch names {shown}, which cannot be read in the tree: "
+                                 f"{exc.strerror or exc}") from exc
             self.original[path] = content
             self.current[path] = content
         return self.current[path]

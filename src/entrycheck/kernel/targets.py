@@ -234,9 +234,13 @@ def _tree_target(spec: str, path: Path, debug: bool, progress: Progress) -> Kern
 def _object_target(spec: str, path: Path, tree: Path | None) -> KernelBuild:
     kernel: KernelTree | None = None
     if tree is not None:
-        if not tree.expanduser().is_dir():
+        try:
+            tree = tree.expanduser()
+        except RuntimeError as exc:              # ~user that does not exist
+            raise InputError(f"--tree {tree}: {exc}") from exc
+        if not tree.is_dir():
             raise InputError(f"--tree {tree}: no such directory")
-        kernel = _inspect(tree.expanduser(), f"--tree {tree}")
+        kernel = _inspect(tree, f"--tree {tree}")
     return KernelBuild(
         label=spec,
         object_path=path.absolute(),
