@@ -40,7 +40,7 @@ from entrycheck.machine.state import REG_INDEX, Interrupted, Regs, Snapshot
 
 RFLAGS_ZF = 1 << 6
 LOOP_WATCH = 32          # IRETs a run makes before it is watched for a repeating state
-LOOP_HEAD_VISITS = 16    # visits of one loop head before the run is watched there for a repeating state
+LOOP_HEAD_VISITS = 8     # visits of one loop head before the run is watched there for a repeating state
 _UC_REG = U.UC_REG
 _RAX, _RCX, _RDX = _UC_REG["rax"], _UC_REG["rcx"], _UC_REG["rdx"]
 _RSP, _RIP, _RFLAGS = _UC_REG["rsp"], _UC_REG["rip"], _UC_REG["rflags"]
@@ -109,6 +109,7 @@ class _Run:
     full: bool = False
     irets: int = 0
     seen_states: dict = field(default_factory=dict)
+    seen_light: set = field(default_factory=set)
     head_visits: dict = field(default_factory=dict)
 
 
@@ -672,10 +673,15 @@ class _Core:
         """Whether the machine is in a state it was in before, for the third time (a
         deterministic machine then loops forever; three times leave two whole periods of
         events for the no-return check to find the loop in).  Bookkeeping that cannot
-        change what runs next (step and delivery counts) is left out."""
+        change what runs next (step and delivery counts) is left out.  Memory is read only
+        once registers and model state have repeated (a loop that counts never pays for it)."""
         run = self.run_
         out = tuple((i.vector, i.rip, i.rsp, i.regs, i.cpu) for i in run.outstanding)
-        key = (self.u.read_all(), self.cpu, out, self.u.mem_read(self.wbase, self.wsize))
+        light = (self.u.read_all(), self.cpu, out)
+        if light not in run.seen_light:
+            run.seen_light.add(light)
+            return False
+        key = (light, self.u.mem_read(self.wbase, self.wsize))
         seen = run.seen_states.get(key, 0) + 1
         run.seen_states[key] = seen
         return seen >= 3
