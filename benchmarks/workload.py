@@ -5,8 +5,8 @@ the interpreter imports, so `bench.py compare` can run it with an older version 
                                   [--as-before]
 
 --as-before: the findings the previous engine could report (symptoms not folded under an
-ist-reentered root cause, and no #DB inside C functions, which it did not know), to compare
-the two.
+ist-reentered root cause, no #DB inside C functions, and C functions that do not check the
+pt_regs they are given, none of which it knew), to compare the two.
 
 FEATURES: feature sets separated by ';' ("all": every model feature set); SCENARIOS: comma
 separated or "all".
@@ -52,6 +52,10 @@ def main() -> None:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, c_footprints=False)
+    if args.as_before and "pt_regs_contract" in CheckConfig.__dataclass_fields__:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, pt_regs_contract=False)
     later = {"ist-reentered"} if args.as_before else set()
     kwargs = {"workers": args.workers}
     if args.scheduler:

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from entrycheck.errors import EntrycheckError, InputError, one_line
-from entrycheck.report.outputs import abort_all
+from entrycheck.report.outputs import Outputs, abort_all
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
@@ -64,8 +64,6 @@ def _load(target: str, tree: str | None):
 
 def _outputs(json_out: str | None = None, html_out: str | None = None):
     """The command's output files, checked before any work (see report/outputs.py)."""
-    from entrycheck.report.outputs import Outputs
-
     out = Outputs()
     out.want("--json", json_out, stdout_ok=True)
     out.want("--html", html_out)
@@ -207,8 +205,6 @@ class ExploreOptions:
         """What can be checked before any work: option values alone."""
         if self.scheduler is not None and not self.scheduler.strip():
             raise InputError("--scheduler needs the address of a Dask scheduler (e.g. tcp://host:8786)")
-        if self.tree is not None and not self.tree.strip():
-            raise InputError("--tree needs a kernel source directory")
         from entrycheck.explore.check import parse_effects, parse_vectors
 
         parse_vectors(self.vectors)

@@ -88,11 +88,12 @@ class CheckConfig:
     budget: int = 20000
     fold: bool = True                     # symptoms of an ist-reentered delivery fold under it
     c_footprints: bool = True             # #DB inside C functions reading unprotected data on an IST stack
+    pt_regs_contract: bool = True         # C functions taking pt_regs check it
 
     def explore_config(self) -> ExploreConfig:
         return ExploreConfig(vectors=self.vectors, depth=self.depth, db_anywhere=self.db_anywhere,
                              mc_nesting=self.mc_nesting, prune=self.prune, budget=self.budget, fold=self.fold,
-                             c_footprints=self.c_footprints)
+                             c_footprints=self.c_footprints, pt_regs_contract=self.pt_regs_contract)
 
     def branches(self) -> tuple[frozenset[Effect], ...]:
         return (frozenset(),) + tuple(frozenset({e}) for e in self.effects)

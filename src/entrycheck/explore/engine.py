@@ -70,6 +70,7 @@ class ExploreConfig:
     trace_window: int = 16
     fold: bool = True              # symptoms after an ist-reentered delivery fold under it
     c_footprints: bool = True      # #DB also inside C functions that read unprotected data on an IST stack
+    pt_regs_contract: bool = True  # C functions taking pt_regs check it (off: as engines before it did)
 
 
 @dataclass(frozen=True)
@@ -341,7 +342,7 @@ class Explorer:
         """Explore ``sc``; with ``parts`` > 1 only the boundaries of its path whose index is
         ``part`` modulo ``parts`` (the scenario's own path belongs to part 0)."""
         self.sc, self.effects = sc, effects
-        self.options = StubOptions(effects=effects, sysret=sc.sysret)
+        self.options = StubOptions(effects=effects, sysret=sc.sysret, pt_regs=self.config.pt_regs_contract)
         self.table = PathTable(sc.name, self.image.features, _names(effects))
         self.result = UnitResult(self.table)
         self.entry_pre = (for_entry(sc.vector, sc.from_user, sc.name),) + \

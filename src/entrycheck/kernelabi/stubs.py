@@ -106,6 +106,7 @@ def contract(name: str) -> Kind | None:
 class StubOptions:
     effects: frozenset[Effect] = frozenset()
     sysret: bool = True                  # do_syscall_64 lets the syscall return with SYSRET
+    pt_regs: bool = True                 # C functions check the pt_regs they are given (their contract)
 
 
 class Stubs:
@@ -138,7 +139,7 @@ class Stubs:
         if kind is Kind.NORETURN:
             emu.fault(FaultKind.CHECKPOINT, f"{name} called: the kernel would kill the task here")
             return
-        if kind in PT_REGS_ARG and not self._pt_regs_arg(emu, name, rsp):
+        if kind in PT_REGS_ARG and emu.options.pt_regs and not self._pt_regs_arg(emu, name, rsp):
             return
         if kind is Kind.SYSCALL:
             self._do_syscall_64(emu)
