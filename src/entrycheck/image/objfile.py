@@ -8,9 +8,8 @@ truncated, corrupt) becomes one ``InputError`` line.
 
 from __future__ import annotations
 
-import zlib
-
 import enum
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType

@@ -21,7 +21,6 @@ import hashlib
 import os
 import shlex
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from pathlib import Path
 from markupsafe import Markup
 
 from entrycheck import __version__
-from entrycheck.errors import InputError
 from entrycheck.explore.check import CheckResult
 from entrycheck.explore.costmodel import CostModel
 from entrycheck.explore.diff import DiffResult
@@ -52,7 +50,7 @@ MSR_NAMES = {model.MSR_SPEC_CTRL: "SPEC_CTRL", model.MSR_PRED_CMD: "PRED_CMD", m
              model.MSR_FS_BASE: "FS_BASE"}
 
 
-# ---- writing ------------------------------------------------------------------------------
+# ---- the command line ------------------------------------------------------------------------------
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The entrycheck command line of this process, quoted for a shell."""
     args = list(sys.argv[1:] if argv is None else argv)
