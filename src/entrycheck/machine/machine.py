@@ -35,7 +35,7 @@ from entrycheck.machine.events import (Cr3Read, Cr3Written, Delivered, Ended, Ev
                                        GsChange, Iret, Latched, MsrRead, MsrWritten, Outcome, Resumed, Sysret)
 from entrycheck.machine.memory import AddressSpace, Unmapped, build_address_space, diff_words
 from entrycheck.machine.model import CpuState, Frame, Vector
-from entrycheck.machine.sites import PARENT, find_sites, loop_heads
+from entrycheck.machine.sites import PARENT, find_sites
 from entrycheck.machine.state import REG_INDEX, Interrupted, Regs, Snapshot
 
 RFLAGS_ZF = 1 << 6
@@ -54,8 +54,7 @@ class Machine:
         self.config = config
         self.stubs = stubs
         self.space: AddressSpace = build_address_space(config.regions)
-        self._sites = find_sites(image, config)
-        self._loop_heads = loop_heads(image)
+        self._sites, self._loop_heads = find_sites(image, config)
         self._cores: dict[bool, _Core] = {}
 
     def pristine_memory(self) -> bytes:
@@ -655,7 +654,7 @@ class _Core:
             self._loops_for_good(addr)
 
     def _loops_for_good(self, addr: int) -> bool:
-        """At a loop head (``sites.loop_heads``): after a few visits in one run, end the run as
+        """At a loop head (``sites.find_sites``): after a few visits in one run, end the run as
         no-return once the whole state there repeats, as at the step budget, only sooner."""
         run = self.run_
         n = run.head_visits.get(addr, 0) + 1

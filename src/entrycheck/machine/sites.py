@@ -11,11 +11,15 @@ from entrycheck.machine.api import MachineConfig
 from entrycheck.machine.state import REG_INDEX
 
 
-def find_sites(image: Image, config: MachineConfig) -> dict[int, tuple]:
-    """address -> (kind, operands): the instructions the machine carries out itself."""
+def find_sites(image: Image, config: MachineConfig) -> tuple[dict[int, tuple], frozenset[int]]:
+    """address -> (kind, operands): the instructions the machine carries out itself; and the
+    loop heads, the targets of backward direct branches: every loop made of direct branches
+    passes one (a cycle of addresses needs an edge that goes back).  Loops closed only by an
+    indirect jump or a RET are not among them."""
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     md.detail = True
     sites: dict[int, tuple] = {}
+    heads: set[int] = set()
     for sec in image.loaded.sections:
         if sec.name not in CODE_SECTIONS:
             continue
@@ -26,33 +30,15 @@ def find_sites(image: Image, config: MachineConfig) -> dict[int, tuple]:
                 got = _classify(ins)
                 if got is not None:
                     sites[ins.address] = got
+                mnemonic, op_str = ins.mnemonic, ins.op_str
+                if (mnemonic[0] == "j" or mnemonic.startswith("loop")) and op_str.startswith("0x") \
+                        and int(op_str, 16) <= ins.address:
+                    heads.add(int(op_str, 16))
                 offset += ins.size
             offset += 1          # past a byte capstone cannot decode (or the end)
     for addr, name in config.stubs.items():
         sites[addr] = ("stub", name)
-    return sites
-
-
-def loop_heads(image: Image) -> frozenset[int]:
-    """Targets of backward direct branches: every loop made of direct branches passes one
-    (a cycle of addresses needs an edge that goes back).  Loops closed only by an indirect
-    jump or a RET are not among them."""
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    heads: set[int] = set()
-    for sec in image.loaded.sections:
-        if sec.name not in CODE_SECTIONS:
-            continue
-        code = image.contents[sec.name]
-        offset = 0
-        while offset < len(code):
-            for address, size, mnemonic, op_str in md.disasm_lite(code[offset:], sec.address + offset):
-                if (mnemonic[0] == "j" or mnemonic.startswith("loop")) and op_str.startswith("0x"):
-                    target = int(op_str, 16)
-                    if target <= address:
-                        heads.add(target)
-                offset += size
-            offset += 1
-    return frozenset(heads)
+    return sites, frozenset(heads)
 
 
 def _parents() -> dict[str, str]:
