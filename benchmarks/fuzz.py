@@ -199,21 +199,6 @@ def replay(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- interrupts
 
 
-def _marked(mark: str) -> list[int]:
-    """Processes whose environment carries the marker (the command and its workers)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{name}/environ").read_bytes()
-        except OSError:
-            continue
-        if f"ENTRYCHECK_FUZZ_MARK={mark}".encode() in env.split(b"\0"):
-            out.append(int(name))
-    return out
-
-
 def sigint(args: argparse.Namespace) -> int:
     rnd = random.Random(args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="entrycheck-sigint-"))
@@ -230,7 +215,7 @@ def sigint(args: argparse.Namespace) -> int:
             out = scratch / f"out-{k}"
             out.mkdir()
             mark = uuid.uuid4().hex
-            env = {**os.environ, "ENTRYCHECK_FUZZ_MARK": mark}
+            env = {**os.environ, fuzzing.MARK: mark}
             env.pop("ENTRYCHECK_DEBUG", None)
             proc = subprocess.Popen([sys.executable, "-m", "entrycheck.cli", "check", target, "--depth", "2",
                                      "--workers", str(args.workers), "--json", str(out / "r.json"), "--html", str(out / "r.html")],
@@ -251,9 +236,9 @@ def sigint(args: argparse.Namespace) -> int:
                 _, stderr = proc.communicate()
             took = time.monotonic() - sent
             deadline = time.monotonic() + 2
-            while _marked(mark) and time.monotonic() < deadline:
+            while fuzzing.marked(mark) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            survivors = _marked(mark)
+            survivors = fuzzing.marked(mark)
             for pid in survivors:
                 try:
                     os.kill(pid, signal.SIGKILL)

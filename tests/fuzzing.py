@@ -100,6 +100,25 @@ class CaseResult:
         return "\n".join(lines)
 
 
+MARK = "ENTRYCHECK_TEST_MARK"
+
+
+def marked(mark: str) -> list[int]:
+    """Processes whose environment has MARK=mark (a command started with it and every worker
+    it forked), from /proc."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{name}/environ").read_bytes()
+        except OSError:
+            continue
+        if f"{MARK}={mark}".encode() in env.split(b"\0"):
+            out.append(int(name))
+    return out
+
+
 def problems(results: Iterable[CaseResult]) -> list[CaseResult]:
     return [r for r in results if r.problem]
 

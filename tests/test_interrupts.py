@@ -11,28 +11,13 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from entrycheck.demo import VARIANTS, assemble, find_assembler
+from fuzzing import MARK, marked
 
 needs_as = pytest.mark.skipif(shutil.which("as") is None, reason="GNU as (binutils) is not installed")
-
-
-def _marked(mark: str) -> list[int]:
-    """Processes whose environment carries ``mark`` (the command and every worker it forked)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{name}/environ").read_bytes()
-        except OSError:
-            continue
-        if f"ENTRYCHECK_TEST_MARK={mark}".encode() in env.split(b"\0"):
-            out.append(int(name))
-    return out
 
 
 @needs_as
@@ -42,7 +27,7 @@ def test_an_interrupt_ends_a_check_within_two_seconds_and_leaves_nothing(sig, de
     out = tmp_path / "out"
     out.mkdir()
     mark = uuid.uuid4().hex
-    env = {**os.environ, "ENTRYCHECK_TEST_MARK": mark}
+    env = {**os.environ, MARK: mark}
     proc = subprocess.Popen([sys.executable, "-m", "entrycheck.cli", "check", str(obj), "--depth", "2",
                              "--workers", "2", "--json", str(out / "r.json"), "--html", str(out / "r.html")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
@@ -61,6 +46,6 @@ def test_an_interrupt_ends_a_check_within_two_seconds_and_leaves_nothing(sig, de
     assert stderr.decode().splitlines() == ["entrycheck: error: interrupted"]
     assert os.listdir(out) == []
     deadline = time.monotonic() + 2
-    while _marked(mark) and time.monotonic() < deadline:
+    while marked(mark) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _marked(mark) == []
+    assert marked(mark) == []
