@@ -353,8 +353,6 @@ def _dask_client(scheduler: str):
         from dask.distributed import Client
     except ImportError as exc:  # pragma: no cover - dask is a dependency
         raise InputError("--scheduler needs dask.distributed (pip install 'dask[distributed]')") from exc
-    if not scheduler.strip():
-        raise InputError("--scheduler needs the address of a Dask scheduler (e.g. tcp://host:8786)")
     try:
         return Client(scheduler, timeout=10)
     except (OSError, TimeoutError, ValueError, TypeError) as exc:
