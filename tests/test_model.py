@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from entrycheck.machine import model
-from entrycheck.machine.model import (NOFLUSH, CpuState, Frame, FrameError, MsrError, Vector, deliver, iret, rdmsr,
-                                      swapgs, sysret, write_cr3, wrmsr)
+from entrycheck.machine.model import (NOFLUSH, CpuState, Frame, FrameError, IretFault, MsrError, Vector, deliver, iret,
+                                      rdmsr, swapgs, sysret, write_cr3, wrmsr)
 
 KERNEL_PGD = 0xA0C0000
 
@@ -108,10 +108,38 @@ def test_any_iret_unblocks_nmis_and_checks_the_frame() -> None:
     s = state(nmi_blocked=True)
     assert not iret(s, Frame(None, 0xFFFFFFFF81000000, model.KERNEL_CS, 2, 0xFFFFC90000010000, 0)).nmi_blocked
     assert iret(s, Frame(None, 0x401000, model.USER_CS, 2, 0x7FFF0000, model.USER_DS)).cpl == 3
-    with pytest.raises(FrameError):
+    with pytest.raises(IretFault):
         iret(s, Frame(None, 0x401000, 0x77, 2, 0, 0))
-    with pytest.raises(FrameError):
+    with pytest.raises(IretFault):
         iret(s, Frame(None, 1 << 60, model.KERNEL_CS, 2, 0, 0))
+
+
+@pytest.mark.parametrize("frame, code", [
+    (Frame(None, 0x0000800000000000, model.USER_CS, 0x246, 0x7FFF0000, model.USER_DS), 0),   # non-canonical RIP
+    (Frame(None, 0x401000, model.USER_CS, 0x246, 0x7FFF0000, 0), 0),                       # null SS to CPL 3
+    (Frame(None, 0x401000, model.USER_CS, 0x246, 0x7FFF0000, 0x18), 0x18),                 # kernel SS to CPL 3
+    (Frame(None, 0x401000, 0x2B, 0x246, 0x7FFF0000, model.USER_DS), 0x28),                 # data segment as CS
+])
+def test_a_faulting_iret_raises_gp_with_nmis_already_unblocked(frame: Frame, code: int) -> None:
+    """SDM Vol. 3A 6.7.1: the IRET unblocks NMIs even when it faults, so the #GP handler can
+    be interrupted by an NMI at once (the nested-NMI code has to cope with it)."""
+    with pytest.raises(IretFault) as got:
+        iret(state(nmi_blocked=True, nmi_pending=True), frame)
+    assert got.value.vector is Vector.GP and got.value.error_code == code
+    assert not got.value.cpu.nmi_blocked and got.value.cpu.nmi_pending and got.value.cpu.cpl == 0
+    assert Vector.GP.error_code and Vector.GP.ist == 0        # delivered on the current stack, with an error code
+
+
+def test_a_32_bit_user_code_segment_is_a_valid_iret_target() -> None:
+    assert iret(state(), Frame(None, 0x8048000, model.USER32_CS, 0x246, 0xFFFF0000, model.USER_DS)).cpl == 3
+
+
+def test_the_syscall_mask_is_what_linux_programs() -> None:
+    """syscall_init(): CF PF AF ZF SF TF IF DF OF IOPL NT RF AC ID; a user RFLAGS with every
+    bit user space can set, plus RF and IF, arrives in the kernel as just the fixed bit."""
+    user = model.USER_SETTABLE_FLAGS | model.RFLAGS_IF | model.RFLAGS_RF | model.RFLAGS_FIXED
+    assert (user & ~model.SYSCALL_MASK) | model.RFLAGS_FIXED == model.RFLAGS_FIXED
+    assert model.SYSCALL_MASK == 0x257FD5
 
 
 def test_sysret_refuses_a_non_canonical_rip() -> None:

@@ -36,6 +36,16 @@ USER_BASE = 0x0000000000400000
 
 # A user GSBASE no %gs: access can reach: low, canonical, and never mapped.
 USER_GSBASE_POISON = 0x00007F5EC0DE0000
+# With FSGSBASE user space may load any canonical GSBASE: a negative, kernel-looking one
+# (in the direct map's range, never mapped by the model).
+USER_GSBASE_NEGATIVE = 0xFFFF_8880_C0DE_0000
+USER_GSBASE_VALUES = frozenset({USER_GSBASE_POISON, USER_GSBASE_NEGATIVE, 0})
+# The user context a signal handler starts in (a C handler that signals rewrites pt_regs to it).
+SIGNAL_HANDLER_RIP = USER_BASE + 0x1000
+SIGNAL_STACK = 0x00007FFD_C0DE_0000
+# TASK_SIZE_MAX with 4-level paging: the last user page is never mapped (a SYSCALL at its end
+# would leave a non-canonical RCX).
+TASK_SIZE_MAX = (1 << 47) - PAGE
 
 # ---- x86-64 Linux facts the model lays memory out by (the one table of them) ------------
 # Segment selectors (arch/x86/include/asm/segment.h).
@@ -53,9 +63,11 @@ ASM_OFFSET_DEFAULTS = {
     "TLB_STATE_loaded_mm_asid": 16, "X86_top_of_stack": 24, "PTREGS_SIZE": 168, "FIXED_stack_canary": 40,
 }
 
-# Stacks.  THREAD_SIZE is 16 KiB.  Linux's IST stacks are EXCEPTION_STKSZ = 8 KiB; the model
-# gives each 4 KiB between guard pages (its findings are reported against that layout).
-IST_STACK_SIZE = 0x1000
+# Stacks, as Linux sizes them: THREAD_SIZE 16 KiB; each IST stack EXCEPTION_STKSZ = 8 KiB
+# (the NMI entry's `subq $EXCEPTION_STKSZ` range test relies on it); the entry (trampoline)
+# stack one page (struct entry_stack).  Guard pages between them.
+IST_STACK_SIZE = 0x2000
+ENTRY_STACK_SIZE = PAGE
 
 
 class Perm(enum.Flag):

@@ -26,6 +26,7 @@ IDT_SYMBOLS: Mapping[Vector, str] = MappingProxyType({
     Vector.DB: "asm_exc_debug",
     Vector.NMI: "asm_exc_nmi",
     Vector.DF: "asm_exc_double_fault",
+    Vector.GP: "asm_exc_general_protection",
     Vector.PF: "asm_exc_page_fault",
     Vector.MC: "asm_exc_machine_check",
     Vector.VC: "asm_exc_vmm_communication",
@@ -148,14 +149,14 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
     regions.append(Region("task stack", layout.TASK_STACK_BASE, layout.TASK_STACK_SIZE, Perm.R | Perm.W, False))
     cea = layout.CEA_BASE
     regions.append(Region("cpu_entry_area GDT", cea, PAGE, Perm.R, True))
-    regions.append(Region("cpu_entry_area entry stack", cea + PAGE, PAGE, Perm.R | Perm.W, True))
+    regions.append(Region("cpu_entry_area entry stack", cea + PAGE, layout.ENTRY_STACK_SIZE, Perm.R | Perm.W, True))
     ist_tops: dict[Vector, int] = {}
-    cursor = cea + 3 * PAGE                       # guard page after the entry stack
+    entry_top = cea + PAGE + layout.ENTRY_STACK_SIZE
+    cursor = entry_top + PAGE                     # guard page after the entry stack
     for vec in IST_ORDER:
         regions.append(Region(f"cpu_entry_area {vec.label} stack", cursor, EXCEPTION_STKSZ, Perm.R | Perm.W, True))
         ist_tops[vec] = cursor + EXCEPTION_STKSZ
         cursor += EXCEPTION_STKSZ + PAGE          # guard page
-    entry_top = cea + 2 * PAGE
 
     # Model memory for data symbols.
     percpu_offsets = dict(res.percpu)

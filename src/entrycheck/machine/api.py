@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 from typing import Callable, Hashable, Mapping, Protocol, Sequence
 
-from entrycheck.image.layout import USER_GSBASE_POISON, Region
+from entrycheck.image.layout import USER_GSBASE_POISON, USER_GSBASE_VALUES, Region
 from entrycheck.machine.events import Event, FaultKind, Injection, Outcome
 from entrycheck.machine.model import CpuState, Vector
 from entrycheck.machine.state import Interrupted, Regs, Snapshot
@@ -64,7 +64,8 @@ class MachineConfig:
     cpunode_selector: int                # __CPUNODE_SEG
     cpunode_limit: int                   # what LSL of it yields (cpu | node << 12)
     stubs: Mapping[int, str]             # stub address -> C function name
-    user_gs_poison: int = USER_GSBASE_POISON
+    user_gs_poison: int = USER_GSBASE_POISON    # the GSBASE user space runs with by default
+    user_gs_values: frozenset[int] = USER_GSBASE_VALUES   # every GSBASE the model gives user space
 
 
 class LiveIndex:

@@ -32,7 +32,7 @@ class FaultKind(enum.Enum):
     CHECKPOINT = "checkpoint"              # a stub found the state C code needs missing
 
 
-INJECTABLE = ("nmi", "mc", "db", "df", "vc")
+INJECTABLE = ("nmi", "mc", "db", "irq", "df", "vc")
 _SPEC = re.compile(r"^(?P<vec>[a-z]+)@(?P<loc>[^#]+?)(?:#(?P<hit>\d+))?$")
 
 
@@ -152,6 +152,17 @@ class StubCall(Event):
 class Iret(Event):
     frame: Frame
     to_user: bool
+
+
+@dataclass(frozen=True)
+class IretFaulted(Event):
+    """An IRET whose frame the CPU refused: ``vector`` is delivered at the IRET instead (NMIs
+    were unblocked all the same)."""
+
+    frame: Frame
+    vector: Vector
+    error_code: int
+    reason: str
 
 
 @dataclass(frozen=True)

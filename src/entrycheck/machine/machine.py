@@ -32,7 +32,7 @@ from entrycheck.machine.api import (DEFAULT_BUDGET, FLAG_GROUPS, GROUP_MASKS, MA
                                     Level, LiveIndex, MachineConfig, MemoryCursor, Op, Record, Request, StepLog,
                                     StubHandler)
 from entrycheck.machine.events import (Cr3Read, Cr3Written, Delivered, Ended, Event, Fault, FaultKind, Fence,
-                                       GsChange, Iret, Latched, MsrRead, MsrWritten, Outcome, Resumed, Sysret)
+                                       GsChange, Iret, IretFaulted, Latched, MsrRead, MsrWritten, Outcome, Resumed, Sysret)
 from entrycheck.machine.memory import AddressSpace, Unmapped, build_address_space, diff_words
 from entrycheck.machine.model import CpuState, Frame, Vector
 from entrycheck.machine.sites import PARENT, find_sites
@@ -382,8 +382,8 @@ class _Core:
         page = self.space.pages.get(vaddr >> 12)
         run = self.run_
         if page is None:
-            poison = self.config.user_gs_poison
-            if self.cpu is not None and self.cpu.gs_base == poison and 0 <= vaddr - poison < 0x100000:
+            gs = self.cpu.gs_base if self.cpu is not None else None
+            if gs in self.config.user_gs_values and 0 <= vaddr - gs < 0x100000:
                 run.pending_fault = (FaultKind.USER_GS, f"%gs: access with the user GSBASE ({vaddr:#x})", vaddr)
             else:
                 run.pending_fault = (FaultKind.UNMAPPED, f"access to unmapped {vaddr:#x}", vaddr)
@@ -613,8 +613,8 @@ class _Core:
             frame = Frame(None, *(int.from_bytes(raw[8 * k:8 * k + 8], "little") for k in range(5)))
             try:
                 cpu = model.iret(self.cpu, frame)
-            except model.FrameError as exc:
-                self.fault(FaultKind.GP, f"{exc} at {self.image.symbolize(addr)}")
+            except model.IretFault as exc:
+                self._iret_faults(addr, rsp, frame, exc)
                 return
             if flow is not None:
                 flow.append((Op.SKIP,))
@@ -645,6 +645,27 @@ class _Core:
             if run.home is not None and (frame.rip, frame.rsp) == run.home and not run.outstanding:
                 self._end(Outcome.RETURNED, "IRET to the interrupted kernel context")
         return act
+
+    def _iret_faults(self, addr: int, rsp: int, frame: Frame, exc: model.IretFault) -> None:
+        """The IRET at ``addr`` faults: NMIs are unblocked, and the fault is delivered at the
+        IRET itself, in the mode it ran in (the bad-IRET case of error_entry); a latched NMI
+        then arrives before the handler's first instruction."""
+        run = self.run_
+        if exc.vector not in self.config.idt:
+            self.fault(FaultKind.GP, f"{exc} at {self.image.symbolize(addr)}")
+            return
+        if run.flow is not None:
+            run.flow.append((Op.READ, rsp, 40))
+            run.flow.append((Op.SKIP,))
+        self.emit(IretFaulted, pc=addr, frame=frame, vector=exc.vector, error_code=exc.error_code,
+                  reason=str(exc))
+        self.set_cpu(exc.cpu)
+        self.u.write(_RIP, addr)
+        if not self.deliver(exc.vector, exc.error_code) or run.outcome is not None:
+            return
+        if self.cpu.nmi_pending and not self.cpu.nmi_blocked:
+            self.set_cpu(self.cpu.but(nmi_pending=False))
+            self.deliver(Vector.NMI, from_latch=True)
 
     def _head(self, addr: int, size: int) -> None:
         run = self.run_

@@ -33,15 +33,29 @@ MSR_KERNEL_GS_BASE = 0xC0000102
 MCG_STATUS_MCIP = 1 << 2
 SPEC_CTRL_IBRS = 1
 
+RFLAGS_CF = 1 << 0
+RFLAGS_PF = 1 << 2
+RFLAGS_AF = 1 << 4
+RFLAGS_ZF = 1 << 6
+RFLAGS_SF = 1 << 7
 RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9
 RFLAGS_DF = 1 << 10
+RFLAGS_OF = 1 << 11
+RFLAGS_IOPL = 3 << 12
 RFLAGS_NT = 1 << 14
 RFLAGS_RF = 1 << 16
 RFLAGS_AC = 1 << 18
+RFLAGS_ID = 1 << 21
 RFLAGS_FIXED = 1 << 1
-# What Linux programs into MSR_SYSCALL_MASK.
-SYSCALL_MASK = RFLAGS_TF | RFLAGS_DF | RFLAGS_IF | (3 << 12) | RFLAGS_AC | RFLAGS_NT
+# What Linux programs into MSR_SYSCALL_MASK (syscall_init(), arch/x86/kernel/cpu/common.c).
+SYSCALL_MASK = (RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_TF | RFLAGS_IF | RFLAGS_DF
+                | RFLAGS_OF | RFLAGS_IOPL | RFLAGS_NT | RFLAGS_RF | RFLAGS_AC | RFLAGS_ID)
+# The RFLAGS bits user space can change with POPF at CPL 3, IOPL 0 (IF and IOPL it cannot).
+USER_SETTABLE_FLAGS = (RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_TF | RFLAGS_DF
+                       | RFLAGS_OF | RFLAGS_NT | RFLAGS_AC | RFLAGS_ID)
+# __USER32_CS: a 32-bit user code segment, also a valid IRET target.
+USER32_CS = 0x23
 
 
 
@@ -51,6 +65,7 @@ class Vector(enum.IntEnum):
     DB = 1
     NMI = 2
     DF = 8
+    GP = 13           # raised by the machine (a faulting IRET), never injected
     PF = 14
     MC = 18
     VC = 29
@@ -77,9 +92,9 @@ class Vector(enum.IntEnum):
 
 
 _IST_SLOTS = {Vector.DF: 1, Vector.NMI: 2, Vector.DB: 3, Vector.MC: 4, Vector.VC: 5}
-_ERROR_CODE = frozenset({Vector.DF, Vector.PF, Vector.VC})
-VECTOR_NAMES = {Vector.DB: "db", Vector.NMI: "nmi", Vector.DF: "df", Vector.PF: "pf", Vector.MC: "mc",
-                Vector.VC: "vc", Vector.IRQ: "irq"}
+_ERROR_CODE = frozenset({Vector.DF, Vector.GP, Vector.PF, Vector.VC})
+VECTOR_NAMES = {Vector.DB: "db", Vector.NMI: "nmi", Vector.DF: "df", Vector.GP: "gp",
+                Vector.PF: "pf", Vector.MC: "mc", Vector.VC: "vc", Vector.IRQ: "irq"}
 VECTOR_BY_NAME = {v: k for k, v in VECTOR_NAMES.items()}
 
 
@@ -280,19 +295,40 @@ def latch_nmi(s: CpuState) -> CpuState:
 
 
 class FrameError(Exception):
-    """IRET/SYSRET with state the CPU would refuse (#GP)."""
+    """SYSRET with state the CPU would refuse (#GP in ring 0)."""
+
+
+class IretFault(Exception):
+    """IRETQ that faults: the CPU delivers ``vector`` with ``error_code`` at the IRET
+    instead.  ``cpu`` is the state the fault is delivered from: NMIs are unblocked
+    already, since IRET unblocks them even when it faults (SDM Vol. 3A 6.7.1)."""
+
+    def __init__(self, cpu: CpuState, vector: Vector, error_code: int, why: str) -> None:
+        super().__init__(why)
+        self.cpu, self.vector, self.error_code = cpu, vector, error_code
+
+
+USER_CODE_SELECTORS = (USER_CS, USER32_CS)
 
 
 def iret(s: CpuState, frame: Frame) -> CpuState:
-    """IRETQ to ``frame`` (error code already popped).  Any IRET unblocks NMIs."""
+    """IRETQ to ``frame`` (error code already popped).  Any IRET unblocks NMIs, a faulting one
+    too: that one raises ``IretFault`` (the checks of the SDM's IRET pseudocode, for the
+    selectors of Linux's GDT)."""
+    s = s.but(nmi_blocked=False)
     rpl = frame.cs & 3
-    if frame.cs not in (KERNEL_CS, USER_CS):
-        raise FrameError(f"IRET to an invalid CS {frame.cs:#x}")
+    if frame.cs not in (KERNEL_CS,) + USER_CODE_SELECTORS:
+        raise IretFault(s, Vector.GP, frame.cs & ~3, f"IRET to an invalid CS {frame.cs:#x}")
     if rpl < s.cpl:
-        raise FrameError("IRET to a more privileged level")
+        raise IretFault(s, Vector.GP, frame.cs & ~3, "IRET to a more privileged level")
+    if rpl == 3:
+        if frame.ss & ~3 == 0:
+            raise IretFault(s, Vector.GP, 0, f"IRET to user mode with a null SS {frame.ss:#x}")
+        if frame.ss != USER_DS:
+            raise IretFault(s, Vector.GP, frame.ss & ~3, f"IRET to user mode with an invalid SS {frame.ss:#x}")
     if not canonical(frame.rip):
-        raise FrameError(f"IRET to a non-canonical RIP {frame.rip:#x}")
-    return s.but(cpl=rpl, ss=frame.ss, nmi_blocked=False)
+        raise IretFault(s, Vector.GP, 0, f"IRET to a non-canonical RIP {frame.rip:#x}")
+    return s.but(cpl=rpl, ss=frame.ss)
 
 
 def syscall(s: CpuState) -> CpuState:

@@ -109,6 +109,8 @@ def describe_event(e: ev.Event, image) -> str | None:
         return f"{e.vector.label.upper()} latched (NMIs blocked)"
     if isinstance(e, ev.Iret):
         return f"IRET to {image.symbolize(e.frame.rip)} (CPL {e.frame.cs & 3}); NMIs unblocked"
+    if isinstance(e, ev.IretFaulted):
+        return f"IRET faults: {e.reason}; {e.vector.label.upper()}({e.error_code:#x}), NMIs unblocked"
     if isinstance(e, ev.Sysret):
         return f"SYSRET to {e.rip:#x} (CPL 3)"
     if isinstance(e, ev.Resumed):

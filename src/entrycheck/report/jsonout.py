@@ -87,6 +87,9 @@ def _event_json(e: ev.Event, image: Image) -> dict:
         out.update(vector=e.injection.vector.label)
     elif isinstance(e, ev.Iret):
         out.update(to=image.symbolize(e.frame.rip), to_user=e.to_user)
+    elif isinstance(e, ev.IretFaulted):
+        out.update(vector=e.vector.label, error_code=f"{e.error_code:#x}", reason=e.reason,
+                   to=f"{e.frame.rip:#x}")
     elif isinstance(e, ev.Sysret):
         out.update(to=f"{e.rip:#x}")
     elif isinstance(e, ev.StubCall):

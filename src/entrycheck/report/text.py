@@ -183,6 +183,8 @@ def _event_lines(e: ev.Event, image: Image) -> list[str]:
         return [f"{pre}{e.vector.label.upper()} latched (NMIs blocked)"]
     if isinstance(e, ev.Iret):
         return [f"{pre}IRET to {image.symbolize(e.frame.rip)} (CPL {e.frame.cs & 3}); NMIs unblocked"]
+    if isinstance(e, ev.IretFaulted):
+        return [f"{pre}IRET faults: {e.reason}; {e.vector.label.upper()}({e.error_code:#x}), NMIs unblocked"]
     if isinstance(e, ev.Sysret):
         return [f"{pre}SYSRET to {e.rip:#x} (CPL 3)"]
     if isinstance(e, ev.Resumed):
