@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass, fields
@@ -128,12 +129,15 @@ def _feature_sets(values: tuple[str, ...]):
     return parse_feature_sets(values) if values else all_model_feature_sets()
 
 
+DEFAULT_VECTORS = "nmi,mc,db,irq"
+
+
 def _scenarios(text: str | None) -> tuple[str, ...]:
     from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, scenario
 
     if not text or text == "all":
         return DEFAULT_SCENARIOS
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    names = tuple(n.strip() for n in re.split(r",(?![^\[]*\])", text) if n.strip())   # commas in [...] stay
     for n in names:
         scenario(n)
     return names
@@ -145,7 +149,7 @@ class ExploreOptions:
 
     features: tuple[str, ...] = ()
     scenarios: str | None = None
-    vectors: str = "nmi,mc,db"
+    vectors: str = DEFAULT_VECTORS
     depth: int = 2
     db_mode: str = "watchable"
     mc_nesting: bool = False
@@ -166,6 +170,9 @@ class ExploreOptions:
         for fs in sets:
             fs.validate(loaded.features)
         vecs = parse_vectors(self.vectors)
+        if self.vectors == DEFAULT_VECTORS:
+            # The default vectors the object has an entry for (a fixture without interrupt entries).
+            vecs = tuple(v for v in vecs if IDT_SYMBOLS[v] in loaded.symbols)
         for v in vecs:
             if IDT_SYMBOLS[v] not in loaded.symbols:
                 raise InputError(f"this kernel has no entry point for {v.label} ({IDT_SYMBOLS[v]} is missing)")
@@ -227,8 +234,8 @@ def _explore_options(f):
         click.option("--features", "features", multiple=True, metavar="LIST", help=FEATURES_HELP),
         click.option("--scenarios", default=None, metavar="LIST",
                      help="Scenarios to explore, comma-separated (default: all; see 'entrycheck scenarios')."),
-        click.option("--vectors", default="nmi,mc,db", show_default=True, metavar="LIST",
-                     help="Exceptions to inject: nmi, mc, db, df, vc."),
+        click.option("--vectors", default=DEFAULT_VECTORS, show_default=True, metavar="LIST",
+                     help="What to inject: nmi, mc, db, irq (a maskable interrupt, where IF=1), df, vc."),
         click.option("--depth", default=2, show_default=True, type=click.IntRange(0, 4),
                      help="Nesting depth of injection (0: the paths alone)."),
         click.option("--db", "db_mode", type=click.Choice(["watchable", "anywhere"]), default="watchable",

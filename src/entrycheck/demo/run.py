@@ -78,9 +78,10 @@ COST_FEATURES: tuple[str, ...] = ("pti,pcid", "pti")
 def demo_config() -> CheckConfig:
     # The fixture is about where the paranoid return writes CR3; the per-cpu data Linux's own
     # C functions read on an IST stack (a #DB inside sync_regs) is a finding about Linux, not
-    # about the fixture, so the demo leaves it out.
+    # about the fixture, so the demo leaves it out.  So are hostile user values: the fixture has
+    # no #GP entry for a faulting IRET to land in.
     return CheckConfig(scenarios=SCENARIOS, feature_sets=FEATURE_SETS, vectors=VECTORS, depth=DEPTH,
-                       c_footprints=False)
+                       c_footprints=False, user_values=False)
 
 
 # ---- results ----------------------------------------------------------------------------

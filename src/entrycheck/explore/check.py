@@ -20,16 +20,17 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections import Counter
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from entrycheck.errors import InputError
-from entrycheck.explore.engine import Budget, ExploreConfig, Explorer, Group, UnitResult
+from entrycheck.explore.engine import DEFAULT_VECTORS, Budget, ExploreConfig, Explorer, Group, UnitResult
 from entrycheck.explore.paths import NO_COST, Cost, Finding, PathResult, PathTable
 from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, scenario
 from entrycheck.image.features import FeatureSet
 from entrycheck.image.image import LoadedObject, load
 from entrycheck.kernelabi.stubs import Effect
 from entrycheck.kernelabi.world import build_world
+from entrycheck.machine.events import INJECTABLE
 from entrycheck.machine.model import VECTOR_BY_NAME, Vector
 
 STOPPED_DONE, STOPPED_BUDGET, STOPPED_ERROR = "done", "budget", "error"
@@ -78,7 +79,7 @@ def _load_cached(ref: ObjectRef) -> LoadedObject:
 class CheckConfig:
     scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
     feature_sets: tuple[FeatureSet, ...] = ()
-    vectors: tuple[Vector, ...] = (Vector.NMI, Vector.MC, Vector.DB)
+    vectors: tuple[Vector, ...] = DEFAULT_VECTORS
     depth: int = 2
     db_anywhere: bool = False
     mc_nesting: bool = False
@@ -89,14 +90,23 @@ class CheckConfig:
     fold: bool = True                     # symptoms of an ist-reentered delivery fold under it
     c_footprints: bool = True             # #DB inside C functions reading unprotected data on an IST stack
     pt_regs_contract: bool = True         # C functions taking pt_regs check it
+    user_values: bool = True              # also explore the hostile user values the code tells apart
+    user_depth: int = 1                   # nesting depth for those (at most --depth)
+    irq_flush: bool = True                # interrupt scenarios also run with tlb-shootdown
 
     def explore_config(self) -> ExploreConfig:
         return ExploreConfig(vectors=self.vectors, depth=self.depth, db_anywhere=self.db_anywhere,
                              mc_nesting=self.mc_nesting, prune=self.prune, budget=self.budget, fold=self.fold,
                              c_footprints=self.c_footprints, pt_regs_contract=self.pt_regs_contract)
 
-    def branches(self) -> tuple[frozenset[Effect], ...]:
-        return (frozenset(),) + tuple(frozenset({e}) for e in self.effects)
+    def branches(self, sc=None) -> tuple[frozenset[Effect], ...]:
+        """The handler-effect branches of a scenario: none, and each asked for.  An interrupt may
+        be a TLB-shootdown IPI, so interrupt scenarios also run with tlb-shootdown (and any
+        interrupt injected on their paths is one too)."""
+        effects = self.effects
+        if sc is not None and sc.vector is Vector.IRQ and self.irq_flush and Effect.TLB_SHOOTDOWN not in effects:
+            effects = effects + (Effect.TLB_SHOOTDOWN,)
+        return (frozenset(),) + tuple(frozenset({e}) for e in effects)
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,7 @@ class Unit:
     effects: frozenset[Effect]
     part: int = 0              # which boundaries of the scenario's path: those with index % parts == part
     parts: int = 1
+    depth: int | None = None   # the nesting depth, when not the check's (user-value variants)
 
 
 class PathView(Sequence[PathResult]):
@@ -185,11 +196,11 @@ class CheckResult:
 def parse_vectors(text: str) -> tuple[Vector, ...]:
     out = []
     for name in (n.strip().lower() for n in text.split(",") if n.strip()):
-        if name not in VECTOR_BY_NAME or VECTOR_BY_NAME[name] in (Vector.PF, Vector.IRQ):
-            raise InputError(f"unknown vector {name!r}; choose from nmi, mc, db, df, vc")
+        if name not in INJECTABLE:
+            raise InputError(f"unknown vector {name!r}; choose from {', '.join(INJECTABLE)}")
         out.append(VECTOR_BY_NAME[name])
     if not out:
-        raise InputError("no vectors given; choose from nmi, mc, db, df, vc")
+        raise InputError(f"no vectors given; choose from {', '.join(INJECTABLE)}")
     return tuple(dict.fromkeys(out))
 
 
@@ -206,8 +217,12 @@ def parse_effects(text: str | None) -> tuple[Effect, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def make_units(cfg: CheckConfig, parts: int = 1) -> list[Unit]:
-    """The units of a check, in a fixed order: (feature set, scenario, branch, part)."""
+Variants = Mapping[tuple[FeatureSet, str], tuple[str, ...]]
+
+
+def make_units(cfg: CheckConfig, parts: int = 1, variants: Variants | None = None) -> list[Unit]:
+    """The units of a check, in a fixed order: (feature set, scenario, branch, part); each
+    scenario's user-value variants (``variants``, from ``derive_set``) follow it."""
     for name in cfg.scenarios:
         scenario(name)
     units = []
@@ -217,11 +232,34 @@ def make_units(cfg: CheckConfig, parts: int = 1) -> list[Unit]:
             sc = scenario(name)
             if sc.needs and sc.needs not in fs:
                 continue
-            for effects in cfg.branches():
-                n = parts if cfg.depth >= 1 else 1
-                units.extend(Unit(index, fs, name, effects, p, n) for p in range(n))
-                index += 1
+            own = (variants or {}).get((fs, name), ())
+            for sc_name, depth in [(name, None)] + [(v, min(cfg.depth, cfg.user_depth)) for v in own]:
+                for effects in cfg.branches(scenario(sc_name)):
+                    n = parts if (cfg.depth if depth is None else depth) >= 1 else 1
+                    units.extend(Unit(index, fs, sc_name, effects, p, n, depth) for p in range(n))
+                    index += 1
     return units
+
+
+def derive_set(ref: ObjectRef, cfg: CheckConfig, fs: FeatureSet) -> tuple[tuple, tuple[str, ...]]:
+    """The user-value variants of each of the check's scenarios on ``fs`` (explore/userstate.py):
+    ((scenario, (variant, ...)), ...), and the errors of scenarios it could not run."""
+    from entrycheck.explore.userstate import derive
+
+    explorer = _explorer(ref, cfg, fs)
+    out, errors = [], []
+    for name in cfg.scenarios:
+        sc = scenario(name)
+        if (sc.needs and sc.needs not in fs) or (sc.vector is not None and sc.vector not in explorer.world.config.idt):
+            continue
+        try:
+            out.append((name, tuple(v.name for v in derive(explorer, sc, cfg.vectors))))
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a fault of the model: recorded, the check goes on
+            _EXPLORERS.pop((ref, fs, cfg.explore_config()), None)
+            errors.append(f"user values of {name} on {fs}: {type(exc).__name__}: {exc}")
+    return tuple(out), tuple(errors)
 
 
 def choose_parts(cfg: CheckConfig, workers: int) -> int:
@@ -237,21 +275,27 @@ def choose_parts(cfg: CheckConfig, workers: int) -> int:
 _EXPLORERS: dict[tuple, Explorer] = {}
 
 
-def run_unit(ref: ObjectRef, cfg: CheckConfig, unit: Unit, max_runs: int | None = None) -> UnitResult:
-    """Explore one unit in this process (also the entry point of worker processes)."""
-    key = (ref, unit.features, cfg.explore_config())
+def _explorer(ref: ObjectRef, cfg: CheckConfig, fs: FeatureSet) -> Explorer:
+    key = (ref, fs, cfg.explore_config())
     explorer = _EXPLORERS.get(key)
     if explorer is None:
         if len(_EXPLORERS) > 32:
             _EXPLORERS.clear()
-        world = build_world(ref.load().image(unit.features))
+        world = build_world(ref.load().image(fs))
         explorer = _EXPLORERS[key] = Explorer(world, cfg.explore_config())
         explorer.set_guards(ref.guards)
         if ref.refusals is not None:
             explorer.set_refusals(ref.refusals)
+    return explorer
+
+
+def run_unit(ref: ObjectRef, cfg: CheckConfig, unit: Unit, max_runs: int | None = None) -> UnitResult:
+    """Explore one unit in this process (also the entry point of worker processes)."""
+    key = (ref, unit.features, cfg.explore_config())
+    explorer = _explorer(ref, cfg, unit.features)
     explorer.budget = Budget(max_runs)
     try:
-        return explorer.explore(scenario(unit.scenario), unit.effects, unit.part, unit.parts)
+        return explorer.explore(scenario(unit.scenario), unit.effects, unit.part, unit.parts, depth=unit.depth)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - a fault of the model: recorded, the check goes on
@@ -297,7 +341,8 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
     if scheduler:
         client = _dask_client(scheduler)
         workers = max(workers, sum(client.nthreads().values()) or 1)
-    units = make_units(cfg, parts if parts is not None else choose_parts(cfg, workers))
+    variants, derive_errors = _derive_all(ref, cfg, workers, client, progress)
+    units = make_units(cfg, parts if parts is not None else choose_parts(cfg, workers), variants)
     total = len(units)
     results: list[UnitResult | None] = [None] * total
     done = 0
@@ -336,7 +381,39 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
             results[k] = run_unit(ref, cfg, u, cfg.max_runs)
             done += 1
             report()
-    return merge(units, [r for r in results], cfg)
+    result = merge(units, [r for r in results], cfg)
+    if derive_errors:
+        result.errors[:0] = derive_errors
+        result.stopped_because = STOPPED_ERROR
+    return result
+
+
+def _derive_all(ref: ObjectRef, cfg: CheckConfig, workers: int, client,
+                progress: Callable[[str, int | None, int | None], None] | None) -> tuple[dict, list[str]]:
+    """The user-value variants of every (feature set, scenario), one task per feature set."""
+    if not cfg.user_values:
+        return {}, []
+    sets = list(cfg.feature_sets)
+    if progress:
+        progress("finding user values", 0, len(sets))
+    if client is not None:
+        got = client.gather(client.map(derive_set, [ref] * len(sets), [cfg] * len(sets), sets, pure=False))
+    elif workers > 1 and len(sets) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_signals) as pool:
+            got = list(pool.map(derive_set, [ref] * len(sets), [cfg] * len(sets), sets))
+    else:
+        got = [derive_set(ref, cfg, fs) for fs in sets]
+    variants, errors = {}, []
+    for fs, (pairs, errs) in zip(sets, got):
+        variants.update({(fs, name): names for name, names in pairs})
+        errors.extend(errs)
+    if progress:
+        progress("finding user values", len(sets), len(sets))
+    return variants, errors
 
 
 def worker_signals() -> None:

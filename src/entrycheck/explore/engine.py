@@ -40,23 +40,23 @@ from typing import Callable
 from entrycheck.explore.memo import Memo, Target
 from entrycheck.explore.paths import (NO_COST, Cost, Finding, PathTable, cr3_entry, event_cost)
 from entrycheck.explore.replay import live_ist_frame
-from entrycheck.explore.preconditions import (DataNames, Precondition, Reach, for_effect, for_entry,
+from entrycheck.explore.preconditions import (DataNames, Precondition, Reach, for_effect, for_entry, for_user,
                                               for_injection)
-from entrycheck.explore.scenarios import Scenario, start_state
+from entrycheck.explore.scenarios import Scenario, start_state, stub_options
 from entrycheck.image import layout
 from entrycheck.kernel.guards import BUILTIN_REFUSALS
-from entrycheck.kernelabi.stubs import Effect, StubOptions, Stubs, c_footprint
+from entrycheck.kernelabi.stubs import Effect, Stubs, c_footprint
 from entrycheck.kernelabi.world import World
 from entrycheck.machine.events import Delivered, Event, Injection, Iret, Outcome, Resumed
 from entrycheck.machine.flow import Analyser
 from entrycheck.machine.api import DEFAULT_BUDGET, ConvergePoint, Level, LiveIndex, Record, Request, StepLog
 from entrycheck.machine.machine import Machine
-from entrycheck.machine.model import CpuState, Vector, can_deliver
-from entrycheck.machine.state import Snapshot
+from entrycheck.machine.model import RFLAGS_IF, CpuState, Vector, can_deliver
+from entrycheck.machine.state import RFLAGS, Snapshot
 from entrycheck.props.invariants import (NO_NMI, End, NmiSummary, Violation, ist_reentered_message,
                                          local_violations, nmi_of, verdict)
 
-DEFAULT_VECTORS = (Vector.NMI, Vector.MC, Vector.DB)
+DEFAULT_VECTORS = (Vector.NMI, Vector.MC, Vector.DB, Vector.IRQ)
 
 
 @dataclass(frozen=True)
@@ -338,14 +338,15 @@ class Explorer:
 
     # ---- the unit of work ---------------------------------------------------------------
     def explore(self, sc: Scenario, effects: frozenset[Effect] = frozenset(), part: int = 0,
-                parts: int = 1) -> UnitResult:
-        """Explore ``sc``; with ``parts`` > 1 only the boundaries of its path whose index is
-        ``part`` modulo ``parts`` (the scenario's own path belongs to part 0)."""
+                parts: int = 1, depth: int | None = None) -> UnitResult:
+        """Explore ``sc`` to ``depth`` (default: the config's); with ``parts`` > 1 only the
+        boundaries of its path whose index is ``part`` modulo ``parts`` (the scenario's own
+        path belongs to part 0)."""
         self.sc, self.effects = sc, effects
-        self.options = StubOptions(effects=effects, sysret=sc.sysret, pt_regs=self.config.pt_regs_contract)
+        self.options = stub_options(sc, effects, self.config.pt_regs_contract)
         self.table = PathTable(sc.name, self.image.features, _names(effects))
         self.result = UnitResult(self.table)
-        self.entry_pre = (for_entry(sc.vector, sc.from_user, sc.name),) + \
+        self.entry_pre = (for_entry(sc.vector, sc.from_user, sc.name),) + for_user(sc.user.items()) + \
             tuple(for_effect(e.value) for e in sorted(effects, key=lambda e: e.value))
         self._pre = self.entry_pre
         self._reentries = []
@@ -363,7 +364,7 @@ class Explorer:
             self.result.groups.append(group)
         else:
             base.row = -1
-        self._explore_level(base, self.config.depth, top=(part, parts))
+        self._explore_level(base, self.config.depth if depth is None else depth, top=(part, parts))
         return self.result
 
     def _run(self, request: Request) -> Record:
@@ -409,6 +410,8 @@ class Explorer:
                 self.group = group
             memory = None
             for vector in vectors:
+                if vector is Vector.IRQ and not self._irq_window(log, i):
+                    continue
                 if not self._allowed(vector, cpu, log.outstanding[i], node, k):
                     continue
                 if vector is Vector.NMI and cpu.nmi_blocked and self.config.prune and not blocked_start:
@@ -463,6 +466,17 @@ class Explorer:
         if vector is Vector.DB and not self.config.db_anywhere:
             return self._watchable_before(node, k)
         return vector in self.world.config.idt
+
+    def _irq_window(self, log: StepLog, i: int) -> bool:
+        """A maskable interrupt arrives at a boundary where IF=1, unless the instruction before
+        was an STI that set IF (its one-instruction shadow; MOV SS/POP SS never run here: the
+        machine refuses segment loads)."""
+        if not log.regs[i][RFLAGS] & RFLAGS_IF:
+            return False
+        if i == 0:
+            return True
+        prev = log.pcs[i - 1]
+        return not (self.image.read(prev, 1) == b"\xfb" and not log.regs[i - 1][RFLAGS] & RFLAGS_IF)
 
     def set_refusals(self, names) -> None:
         """The data the kernel refuses hardware breakpoints on (kernel/guards.py), by name."""

@@ -75,10 +75,29 @@ def for_injection(vector: Vector, watched: str | None = None) -> Precondition:
         what = watched or "the data the instruction before accessed"
         return Precondition(Reach.ROOT, "db", f"a kernel data breakpoint on {what} (root or CAP_PERFMON, "
                             "through perf_event_open)")
+    if vector is Vector.IRQ:
+        return Precondition(Reach.UNPRIVILEGED, "irq", "a device interrupt or IPI at that instruction, where "
+                            "IF=1 lets it in (a user can cause one: network traffic, a TLB shootdown)")
     return Precondition(Reach.ROOT, vector.label, f"a {vector.label} exception at that instruction")
 
 
+_USER_TEXT = {
+    "rsp": "user space set RSP={v:#x} before it entered the kernel",
+    "gsbase": "user space loaded GSBASE={v:#x} (WRGSBASE with FSGSBASE, arch_prctl(ARCH_SET_GS))",
+    "rflags": "user space set RFLAGS={v:#x} with POPF",
+    "ret_rip": "the system call returns to RIP=RCX={v:#x} (rt_sigreturn of a crafted frame, or ptrace)",
+}
+
+
+def for_user(items: tuple[tuple[str, int], ...]) -> tuple[Precondition, ...]:
+    """The hostile user values the scenario started from: any user can set them."""
+    return tuple(Precondition(Reach.UNPRIVILEGED, "user", _USER_TEXT[k].format(v=v)) for k, v in items)
+
+
 def for_effect(name: str) -> Precondition:
+    if name == "tlb-shootdown":
+        return Precondition(Reach.UNPRIVILEGED, "effect", "the interrupt is a TLB-flush IPI, whose handler does "
+                            "invalidate_user_asid (another CPU unmapping memory of this mm: any user can cause it)")
     return Precondition(Reach.UNPRIVILEGED, "effect", f"the handler does {name} (as C code may on this path)")
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from entrycheck.errors import InputError
 from entrycheck.explore.paths import Cost, cost_of
-from entrycheck.explore.scenarios import Scenario, start_state
+from entrycheck.explore.scenarios import Scenario, start_state, stub_options
 from entrycheck.image.decode import sweep
 from entrycheck.image.image import Image
-from entrycheck.kernelabi.stubs import Effect, StubOptions, Stubs
+from entrycheck.kernelabi.stubs import Effect, Stubs
 from entrycheck.kernelabi.world import World
 from entrycheck.machine.events import Delivered, Event, Injection, Outcome, Resumed
 from entrycheck.machine.api import DEFAULT_BUDGET, Level, LiveIndex, Record, Request
@@ -89,7 +89,7 @@ def trace(world: World, sc: Scenario, injections: tuple[Injection, ...],
     machine = Machine(world.image, world.config, stubs)
     start = start_state(world, sc, machine.pristine_memory())
     rec = machine.run(Request(start, deliver=sc.vector, injections=injections, level=Level.STEPS,
-                              options=StubOptions(effects=effects, sysret=sc.sysret), budget=budget))
+                              options=stub_options(sc, effects), budget=budget))
     log = rec.steps
     steps = tuple(Step(log.start + k, pc, regs[15]) for k, (pc, regs) in enumerate(zip(log.pcs, log.regs)))
     violations = check_run(world, rec.events, rec.outcome, rec.reason, rec.final.cpu, rec.final.outstanding)
@@ -119,7 +119,7 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
     delivery through an IST slot whose frame covers words that the same path without
     that exception (recorded once more) still reads later.  A latched NMI let in by an
     IRET is judged against the path without the exception that IRET returned from."""
-    options = StubOptions(effects=effects, sysret=sc.sysret)
+    options = stub_options(sc, effects)
     space = machine.space
     wbase = space.writable_base
     # Deliveries are numbered in order (an Interrupted's chain_index); which injection each was.
@@ -127,7 +127,7 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
     delivered = [e for e in rec.events if type(e) is Delivered]
     j = 0
     for c, e in enumerate(delivered):
-        if e.from_latch or (c == 0 and sc.vector is not None):
+        if e.from_latch or e.vector is Vector.GP or (c == 0 and sc.vector is not None):
             continue
         injection_of[c] = j
         j += 1

@@ -8,12 +8,13 @@ IRET into the interrupted kernel code).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Mapping
 
 from entrycheck.errors import InputError
 from entrycheck.image import layout
+from entrycheck.kernelabi.stubs import Effect, StubOptions
 from entrycheck.kernelabi.world import World
 from entrycheck.machine import model
 from entrycheck.machine.model import Vector
@@ -28,6 +29,35 @@ SYSCALL_NR = 39                      # getpid
 
 
 @dataclass(frozen=True)
+class UserState:
+    """What user space controls when the path begins, where it differs from the defaults.
+
+    ``rsp`` and ``gsbase`` are live in kernel mode until the entry code replaces them (the
+    SYSCALL gap, the paranoid entry's GSBASE test); ``rflags`` is what user space set with
+    POPF (SYSCALL saves it in R11 and masks it); ``ret_rip`` is the user RIP (and RCX) the
+    system call returns to, as rt_sigreturn or ptrace can set it."""
+
+    rsp: int | None = None
+    gsbase: int | None = None
+    rflags: int | None = None
+    ret_rip: int | None = None
+
+    def items(self) -> tuple[tuple[str, int], ...]:
+        return tuple((f, v) for f in USER_FIELDS if (v := getattr(self, f)) is not None)
+
+    def suffix(self) -> str:
+        items = self.items()
+        return "[" + ",".join(f"{k}={v:#x}" for k, v in items) + "]" if items else ""
+
+    def user_return(self) -> tuple[tuple[str, int], ...]:
+        """The pt_regs fields do_syscall_64 sets (a sigreturn frame with RCX = RIP)."""
+        return (("ip", self.ret_rip), ("rcx", self.ret_rip)) if self.ret_rip is not None else ()
+
+
+USER_FIELDS = ("rsp", "gsbase", "rflags", "ret_rip")
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     description: str
@@ -35,6 +65,16 @@ class Scenario:
     from_user: bool
     sysret: bool = True              # syscall: do_syscall_64 allows SYSRET
     needs: str | None = None         # a feature the scenario needs (vc: sev_es)
+    user: UserState = UserState()    # hostile user values (the name then carries them: syscall[rsp=0x...])
+
+    @property
+    def base(self) -> str:
+        return self.name.split("[", 1)[0]
+
+    def with_user(self, user: UserState) -> "Scenario":
+        """This scenario started from ``user`` (checked against what user space can set)."""
+        check_user(self, user)
+        return replace(self, name=self.base + user.suffix(), user=user)
 
 
 _ALL = (
@@ -59,10 +99,46 @@ DEFAULT_SCENARIOS: tuple[str, ...] = tuple(s.name for s in _ALL if s.needs is No
 
 
 def scenario(name: str) -> Scenario:
+    """A scenario by name; ``NAME[field=value,...]`` starts it from hostile user values."""
+    base, _, rest = name.partition("[")
     try:
-        return SCENARIOS[name]
+        sc = SCENARIOS[base]
     except KeyError:
-        raise InputError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}") from None
+        raise InputError(f"unknown scenario {base!r}; choose from {', '.join(SCENARIOS)}") from None
+    if not _:
+        return sc
+    if not rest.endswith("]"):
+        raise InputError(f"scenario {name!r}: user values go in brackets, e.g. syscall[rsp=0x7ffd0000]")
+    values: dict[str, int] = {}
+    for item in rest[:-1].split(","):
+        key, eq, text = item.strip().partition("=")
+        if key not in USER_FIELDS or not eq:
+            raise InputError(f"scenario {name!r}: {item.strip()!r} is not FIELD=VALUE with FIELD one of "
+                             f"{', '.join(USER_FIELDS)}")
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise InputError(f"scenario {name!r}: {key} value {text!r} is not a number") from None
+        if not 0 <= value < 1 << 64:
+            raise InputError(f"scenario {name!r}: {key} value {text} is not a 64-bit value")
+        values[key] = value
+    return sc.with_user(UserState(**values))
+
+
+def check_user(sc: Scenario, user: UserState) -> None:
+    """Refuse user values the scenario cannot start from (one line, InputError)."""
+    where = f"scenario {sc.base}{user.suffix()}"
+    if not sc.from_user and user.items():
+        raise InputError(f"{where}: a scenario from kernel mode has no user values")
+    if user.ret_rip is not None and sc.vector is not None:
+        raise InputError(f"{where}: ret_rip is the RIP a system call returns to; only SYSCALL scenarios have one")
+    if user.rflags is not None and user.rflags & ~(model.USER_SETTABLE_FLAGS | model.RFLAGS_IF | model.RFLAGS_FIXED):
+        raise InputError(f"{where}: rflags {user.rflags:#x} has bits user space cannot set "
+                         f"(settable: {model.USER_SETTABLE_FLAGS:#x})")
+    if user.rsp is not None and user.rsp % 8:
+        raise InputError(f"{where}: rsp {user.rsp:#x} is not 8-byte aligned")
+    if user.gsbase is not None and not layout.canonical(user.gsbase):
+        raise InputError(f"{where}: gsbase {user.gsbase:#x} is not canonical (WRGSBASE and arch_prctl refuse it)")
 
 
 def user_gprs() -> tuple[int, ...]:
@@ -74,23 +150,35 @@ def kernel_gprs() -> tuple[int, ...]:
     return tuple(0xFFFF_8880_0BAD_0000 | (0x11 * (k + 1)) for k in range(len(GPR_NAMES)))
 
 
+def stub_options(sc: Scenario, effects: frozenset[Effect] = frozenset(), pt_regs: bool = True) -> StubOptions:
+    """What the stubbed C code does on this scenario's path."""
+    return StubOptions(effects=effects, sysret=sc.sysret, pt_regs=pt_regs, user_return=sc.user.user_return())
+
+
 def start_state(world: World, sc: Scenario, memory: bytes) -> Snapshot:
     """Where ``sc``'s path begins, as data: the machine then delivers ``sc.vector`` (if any)."""
     if sc.needs and sc.needs not in world.image.features:
         raise InputError(f"scenario {sc.name} needs the {sc.needs} feature")
     if sc.vector is not None and sc.vector not in world.config.idt:
         raise InputError(f"this kernel has no entry point for {sc.vector.label} (scenario {sc.name})")
+    user = sc.user
+    flags = USER_RFLAGS if user.rflags is None else user.rflags | model.RFLAGS_IF | model.RFLAGS_FIXED
     if sc.from_user:
-        regs = Regs(*user_gprs(), USER_RSP, USER_RIP, USER_RFLAGS)
+        regs = Regs(*user_gprs(), USER_RSP if user.rsp is None else user.rsp, USER_RIP, flags)
         cpu, home = world.user_cpu(), None
+        if user.gsbase is not None:
+            if user.gsbase >> 63 and not world.fsgsbase:
+                raise InputError(f"scenario {sc.name}: a negative GSBASE needs the fsgsbase feature (without "
+                                 "WRGSBASE the kernel never lets user space load one)")
+            cpu = cpu.but(gs_base=user.gsbase)
     else:
         rsp = world.task_stack_top - 0x800
         regs = Regs(*kernel_gprs(), rsp, KERNEL_RIP, KERNEL_RFLAGS)
         cpu, home = world.kernel_cpu(), (KERNEL_RIP, rsp)
     if sc.vector is None:
         # SYSCALL: RCX = return RIP, R11 = RFLAGS, RFLAGS &= ~SFMASK, CPL 0; RSP and GS untouched.
-        regs = regs.with_(rax=SYSCALL_NR, rcx=USER_RIP, r11=USER_RFLAGS,
-                          rflags=(USER_RFLAGS & ~model.SYSCALL_MASK) | model.RFLAGS_FIXED,
+        regs = regs.with_(rax=SYSCALL_NR, rcx=USER_RIP, r11=flags,
+                          rflags=(flags & ~model.SYSCALL_MASK) | model.RFLAGS_FIXED,
                           rip=world.image.address_of("entry_SYSCALL_64"))
         cpu = model.syscall(cpu)
     return Snapshot(regs, memory, cpu, 0, (), 0, home)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
+from entrycheck.image.layout import (ENTRY_STACK_SIZE, IST_STACK_SIZE, SIGNAL_HANDLER_RIP, SIGNAL_STACK,
+                                     TASK_SIZE_MAX, TASK_STACK_SIZE, USER_CS, USER_DS)
 from entrycheck.machine import model
 from entrycheck.machine.events import Cr3Written, FaultKind, MsrWritten, StubCall
 from entrycheck.machine.api import Context
@@ -32,6 +34,8 @@ class Effect(enum.Enum):
 
     INVALIDATE_USER_ASID = "invalidate-user-asid"   # set the user ASID's flush-mask bit, stale user PCID
     SWITCH_KERNEL_ASID = "switch-kernel-asid"       # write CR3 with another kernel ASID (another mm)
+    TLB_SHOOTDOWN = "tlb-shootdown"                 # the interrupt is a TLB-flush IPI: its handler does
+                                                    # invalidate_user_asid (flush_tlb_func)
 
 
 class Kind(enum.Enum):
@@ -83,6 +87,7 @@ CONTRACTS: Mapping[str, Kind] = MappingProxyType({
     "handle_interrupted_saferet": Kind.C_FUNCTION,
     "int80_emulation": Kind.C_FUNCTION,
 })
+IRQ_HANDLERS = ("common_interrupt", "sysvec_")      # the C handlers of maskable interrupts
 HANDLER_PREFIXES = ("exc_", "noist_exc_", "sysvec_", "common_interrupt", "spurious_interrupt", "kernel_exc_",
                     "user_exc_")
 
@@ -105,8 +110,19 @@ def contract(name: str) -> Kind | None:
 @dataclass(frozen=True)
 class StubOptions:
     effects: frozenset[Effect] = frozenset()
-    sysret: bool = True                  # do_syscall_64 lets the syscall return with SYSRET
+    sysret: bool = True                  # do_syscall_64 leaves the user context as SYSCALL saved it
     pt_regs: bool = True                 # C functions check the pt_regs they are given (their contract)
+    # The user context the system call returns to, as rt_sigreturn or ptrace can set it:
+    # (pt_regs field, value) pairs do_syscall_64 writes.
+    user_return: tuple[tuple[str, int], ...] = ()
+
+
+def sysret_allowed(regs: dict[str, int]) -> bool:
+    """do_syscall_64's verdict in 6.12 (arch/x86/entry/common.c): may the return use SYSRET?"""
+    return (regs["rcx"] == regs["ip"] and regs["r11"] == regs["flags"]
+            and regs["cs"] == USER_CS and regs["ss"] == USER_DS
+            and regs["ip"] < TASK_SIZE_MAX
+            and not regs["flags"] & (model.RFLAGS_RF | model.RFLAGS_TF))
 
 
 class Stubs:
@@ -139,7 +155,7 @@ class Stubs:
         if kind is Kind.NORETURN:
             emu.fault(FaultKind.CHECKPOINT, f"{name} called: the kernel would kill the task here")
             return
-        if kind in PT_REGS_ARG and emu.options.pt_regs and not self._pt_regs_arg(emu, name, rsp):
+        if kind in PT_REGS_ARG and emu.options.pt_regs and not self._pt_regs_arg(emu, name, rsp, kind):
             return
         if kind is Kind.SYSCALL:
             self._do_syscall_64(emu)
@@ -148,12 +164,16 @@ class Stubs:
         elif kind is Kind.FIXUP_BAD_IRET:
             self._fixup_bad_iret(emu)
         elif kind is Kind.HANDLER:
+            if name == "exc_general_protection" and not self._general_protection(emu):
+                return
             if name in ("exc_machine_check", "noist_exc_machine_check"):
                 cpu, write = model.wrmsr(emu.cpu, model.MSR_MCG_STATUS, 0)
                 emu.set_cpu(cpu)
                 emu.emit(MsrWritten, write=write)
             if name in EFFECT_HANDLERS:
                 self._effects(emu)
+            elif name.startswith(IRQ_HANDLERS) and Effect.TLB_SHOOTDOWN in emu.options.effects:
+                self._invalidate_user_asid(emu)
 
     # ---- checkpoint ---------------------------------------------------------------------
     def _checkpoint(self, emu: Context, name: str, rsp: int, entry_stack_ok: bool) -> bool:
@@ -162,17 +182,16 @@ class Stubs:
             emu.fault(FaultKind.USER_CR3, f"C function {name} called with the user CR3")
             return False
         if cpu.gs_base != w.percpu_base:
-            kind = FaultKind.USER_GS if cpu.gs_base == w.config.user_gs_poison else FaultKind.CHECKPOINT
+            kind = FaultKind.USER_GS if cpu.gs_base in w.config.user_gs_values else FaultKind.CHECKPOINT
             emu.fault(kind, f"C function {name} called with GSBASE {cpu.gs_base:#x}, not this CPU's per-cpu "
                             f"base {w.percpu_base:#x}")
             return False
-        on_task = w.task_stack_top - 0x4000 <= rsp < w.task_stack_top
-        on_ist = any(top - 0x1000 <= rsp < top for top in w.ist_tops.values())
+        on_task = w.task_stack_top - TASK_STACK_SIZE <= rsp < w.task_stack_top
+        on_ist = any(top - IST_STACK_SIZE <= rsp < top for top in w.ist_tops.values())
         # sync_regs and fixup_bad_iret run on the entry stack by design (they move pt_regs off it).
-        on_entry = entry_stack_ok and w.entry_stack_top - 0x1000 <= rsp < w.entry_stack_top
-        if not (on_task or on_ist or on_entry):
-            where = "the entry (trampoline) stack" if w.entry_stack_top - 0x1000 <= rsp < w.entry_stack_top \
-                else f"{rsp:#x}"
+        entry = w.entry_stack_top - ENTRY_STACK_SIZE <= rsp < w.entry_stack_top
+        if not (on_task or on_ist or (entry_stack_ok and entry)):
+            where = "the entry (trampoline) stack" if entry else f"{rsp:#x}"
             emu.fault(FaultKind.CHECKPOINT, f"C function {name} called on {where}, not a kernel stack")
             return False
         return True
@@ -180,17 +199,24 @@ class Stubs:
     def _stack_of(self, rsp: int) -> tuple[int, int] | None:
         """The kernel stack (low, top) that ``rsp`` is on, if any."""
         w = self.world
-        stacks = [(w.task_stack_top - 0x4000, w.task_stack_top), (w.entry_stack_top - 0x1000, w.entry_stack_top)]
-        stacks += [(top - 0x1000, top) for top in w.ist_tops.values()]
+        stacks = [(w.task_stack_top - TASK_STACK_SIZE, w.task_stack_top),
+                  (w.entry_stack_top - ENTRY_STACK_SIZE, w.entry_stack_top)]
+        stacks += [(top - IST_STACK_SIZE, top) for top in w.ist_tops.values()]
         return next(((lo, hi) for lo, hi in stacks if lo <= rsp < hi), None)
 
-    def _pt_regs_arg(self, emu: Context, name: str, rsp: int) -> bool:
+    def _pt_regs_arg(self, emu: Context, name: str, rsp: int, kind: Kind) -> bool:
         """The contract on the first argument of a C function that takes ``struct pt_regs *``:
         a whole, aligned pt_regs above the return address, on the stack it was called on.
-        Anything else is a fault of the calling entry code (C would read or write through it)."""
+        sync_regs copies the pt_regs it is given to the task stack, so that one may be on
+        another kernel stack (6.12's bad-IRET path hands it fixup_bad_iret's copy on the entry
+        stack while still running on the stack the #GP was delivered on).  Anything else is a
+        fault of the calling entry code (C would read or write through it)."""
         regs = emu.reg("rdi")
         stack = self._stack_of(rsp)
         if stack is not None and regs % 8 == 0 and rsp + 8 <= regs and regs + PTREGS_SIZE <= stack[1]:
+            return True
+        home = self._stack_of(regs)
+        if kind is Kind.SYNC_REGS and home is not None and regs % 8 == 0 and regs + PTREGS_SIZE <= home[1]:
             return True
         emu.fault(FaultKind.CHECKPOINT, f"{name} called with pt_regs at {regs:#x}, not a pt_regs above its "
                                         f"return address on the stack it was called on (rsp {rsp:#x})")
@@ -204,8 +230,26 @@ class Stubs:
             # The system call changed the user context (as sigreturn or a signal would): IRET needed.
             ip = emu.read_u64(regs + PTREGS["ip"])
             emu.write_u64(regs + PTREGS["ip"], ip + 0x100)
+        for name, value in emu.options.user_return:
+            emu.write_u64(regs + PTREGS[name], value)
         if self.world.syscall_returns_bool:
-            emu.set_reg("rax", 1 if emu.options.sysret else 0)
+            fields = {k: emu.read_u64(regs + PTREGS[k]) for k in ("rcx", "ip", "r11", "flags", "cs", "ss")}
+            emu.set_reg("rax", 1 if sysret_allowed(fields) else 0)
+
+    def _general_protection(self, emu: Context) -> bool:
+        """exc_general_protection: from user mode (a bad IRET's frame, moved by fixup_bad_iret,
+        says user mode) it signals the task, and the return goes to the signal handler's fresh
+        user context; from kernel mode with no exception-table fixup it oopses."""
+        regs = emu.reg("rdi")
+        ip, cs = emu.read_u64(regs + PTREGS["ip"]), emu.read_u64(regs + PTREGS["cs"])
+        if cs & 3 != 3:
+            emu.fault(FaultKind.CHECKPOINT, f"general protection fault in kernel mode at {emu.symbolize(ip)}: "
+                                            "no exception-table fixup, the kernel oopses")
+            return False
+        for name, value in (("ip", SIGNAL_HANDLER_RIP), ("cs", USER_CS), ("flags", 0x246),
+                            ("sp", SIGNAL_STACK), ("ss", USER_DS)):
+            emu.write_u64(regs + PTREGS[name], value)
+        return True
 
     def _sync_regs(self, emu: Context) -> None:
         eregs = emu.reg("rdi")
@@ -225,16 +269,23 @@ class Stubs:
             emu.write(new + PTREGS["ip"], bytes(40))
         emu.set_reg("rax", new)
 
+    def _invalidate_user_asid(self, emu: Context) -> None:
+        """invalidate_user_asid(): the user ASID's flush-mask bit set, its TLB entries stale."""
+        w = self.world
+        if not (w.pti and w.pcid):
+            return
+        kern_pcid = w.params.asid + 1
+        mask_addr = w.tlbstate_flush_mask()
+        if mask_addr is not None:
+            mask = int.from_bytes(emu.read(mask_addr, 2), "little") | (1 << kern_pcid)
+            emu.write(mask_addr, mask.to_bytes(2, "little"))
+        emu.set_cpu(model.invalidate_pcid(emu.cpu, kern_pcid | model.PTI_USER_PCID))
+
     def _effects(self, emu: Context) -> None:
         w = self.world
         effects = emu.options.effects
-        if Effect.INVALIDATE_USER_ASID in effects and w.pti and w.pcid:
-            kern_pcid = w.params.asid + 1
-            mask_addr = w.tlbstate_flush_mask()
-            if mask_addr is not None:
-                mask = int.from_bytes(emu.read(mask_addr, 2), "little") | (1 << kern_pcid)
-                emu.write(mask_addr, mask.to_bytes(2, "little"))
-            emu.set_cpu(model.invalidate_pcid(emu.cpu, kern_pcid | model.PTI_USER_PCID))
+        if Effect.INVALIDATE_USER_ASID in effects:
+            self._invalidate_user_asid(emu)
         if Effect.SWITCH_KERNEL_ASID in effects:
             new_cr3 = w.kernel_cr3(asid=w.params.other_asid, pgd=w.params.other_pgd)
             cpu, write = model.write_cr3(emu.cpu, new_cr3)
