@@ -759,7 +759,8 @@ class _Core:
             try:
                 cpu = model.sysret(self.cpu, rcx)
             except model.FrameError as exc:
-                self.fault(FaultKind.GP, str(exc))
+                self.fault(FaultKind.GP, f"{exc}: the #GP is delivered on the user's RSP "
+                                         f"({u.read(_RSP):#x}) with GSBASE {self.cpu.gs_base:#x}")
                 return
             u.write(_RIP, rcx)
             u.write(_RFLAGS, (r11 & 0x3C7FD7) | model.RFLAGS_FIXED)

@@ -233,6 +233,22 @@ def end_nmi(world: World, end: End) -> list:
     return out
 
 
+def local_irq_in_user_context(world: World, e: Event) -> list:
+    if not (isinstance(e, Delivered) and e.vector is Vector.IRQ and e.frame.cs & 3 == 0):
+        return []
+    cpu = e.cpu
+    what = []
+    if cpu.gs_base != world.percpu_base:
+        what.append(f"GSBASE {cpu.gs_base:#x}")
+    if cpu.cr3 & model.PTI_USER_PGTABLE:
+        what.append(f"the user CR3 ({model.decode_cr3(cpu.cr3, cpu.pcide)})")
+    if not what:
+        return []
+    return [(0, Violation("irq-in-user-context", e.pc, e.step,
+                          "a maskable interrupt arrived (IF=1) in kernel mode with " + " and ".join(what)
+                          + ": its entry takes the kernel's GSBASE and CR3 for granted when CS says kernel"))]
+
+
 def local_emulation_fault(world: World, e: Event) -> list:
     if isinstance(e, Fault) and e.kind not in (FaultKind.USER_CR3, FaultKind.USER_GS):
         return [(0, Violation("emulation-fault", e.pc, e.step, e.message))]
@@ -297,6 +313,12 @@ _TABLE = (
               "'NMI executing' variable and repeat_nmi loop exist so that every NMI is processed exactly "
               "once and the outer frame survives.  Every delivered NMI must reach exc_nmi once, none may stay "
               "latched, and NMIs must be unblocked when the path ends.", None, end_nmi),
+    Invariant("irq-in-user-context", "a maskable interrupt can arrive while the kernel holds user state",
+              "Interrupts are off (IF=0) from SYSCALL or exception delivery until the kernel has its own "
+              "GSBASE, CR3 and stack, and off again before it gives them back: interrupt entries are not "
+              "paranoid, and from kernel mode they neither SWAPGS nor switch CR3 nor stack.  An STI, POPF "
+              "or IRET that sets IF inside that window lets a device interrupt or IPI run C code on user "
+              "state (or push its frame on the user's stack).", local_irq_in_user_context, None),
     Invariant("emulation-fault", "the code faulted (unmapped access, #UD, #GP) or broke a C contract",
               "A fault inside the entry code is a crash on real hardware; a C function called without what "
               "C needs (kernel CR3, per-cpu GSBASE, a kernel stack) would crash or corrupt memory.  The "
