@@ -259,6 +259,60 @@ MUTANTS: tuple[Mutant, ...] = (
         "no-return", ("nmi-from-kernel",), ("none",), vectors=("nmi",), depth=1),
 )
 
+# ---- what user space controls (hostile user values, faulting returns, interrupts) ------------
+# Each is caught only on a path that starts from a user value the explorer derived itself
+# (syscall[rsp=...], syscall[ret_rip=...], syscall[gsbase=...]) or through an IRQ where IF=1.
+USER_MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "nmi-trusts-user-rsp", "6.1", ENTRY_S,
+        Edit("\ttestb\t$(X86_EFLAGS_DF >> 8), (3*8 + 1)(%rsp)\n\tjz\tfirst_nmi\t/* RSP was user controlled. */\n", ""),
+        "asm_exc_nmi takes an interrupted RSP inside the NMI stack for nesting without its DF test: an NMI "
+        "in the SYSCALL gap, where user space chose RSP, is dropped as a nested NMI (CVE-2015-3291, "
+        "810bc075f78f)",
+        "nmi-lost-or-corrupted", ("syscall",), ("none",), vectors=("nmi",), depth=1),
+    Mutant(
+        "sysret-skips-canonical-check", "6.1", ENTRY_S,
+        Edit("\t/* If this changed %rcx, it was not canonical */\n\tcmpq\t%rcx, %r11\n"
+             "\tjne\tswapgs_restore_regs_and_return_to_usermode\n", ""),
+        "the SYSRET exit no longer refuses a non-canonical RCX: a system call whose return RIP user space set "
+        "(rt_sigreturn, ptrace) SYSRETs to it and the #GP comes in ring 0 on the user's stack "
+        "(CVE-2012-0217, CVE-2014-4699)",
+        "emulation-fault", ("syscall",), ("none",), vectors=("nmi",), depth=0),
+    Mutant(
+        "sysret-ignores-syscall-verdict", "6.12", ENTRY_S,
+        Edit("\tALTERNATIVE \"testb %al, %al; jz swapgs_restore_regs_and_return_to_usermode\", \\\n",
+             "\tALTERNATIVE \"\", \\\n"),
+        "entry_SYSCALL_64 drops do_syscall_64's verdict (testb %al,%al): every system call returns with "
+        "SYSRET, a non-canonical return RIP included (the CVE-2012-0217 class on 6.12's C check)",
+        "emulation-fault", ("syscall",), ("none",), vectors=("nmi",), depth=0),
+    Mutant(
+        "error-entry-misses-bad-iret", "6.12", ENTRY_S,
+        Edit("\tleaq\tnative_irq_return_iret(%rip), %rcx\n\tcmpq\t%rcx, RIP+8(%rsp)\n\tje\t.Lerror_bad_iret\n",
+             "\tleaq\tnative_irq_return_iret(%rip), %rcx\n"),
+        "error_entry no longer recognises a fault on the IRET to user mode: the #GP of a bad IRET, which "
+        "arrives in kernel mode with the user GSBASE, is handled as a kernel fault on it (the BadIRET "
+        "class, CVE-2014-9322, 6f442be2fb22)",
+        "percpu-with-user-gs", ("syscall",), ("none",), vectors=("nmi",), depth=0),
+    Mutant(
+        "paranoid-entry-trusts-gsbase-sign", "6.12", ENTRY_S,
+        Edit("\tALTERNATIVE \"jmp .Lparanoid_entry_checkgs\", \"\", X86_FEATURE_FSGSBASE\n",
+             "\tALTERNATIVE \"jmp .Lparanoid_entry_checkgs\", \"\", X86_FEATURE_FSGSBASE\n"
+             "\trdgsbase\t%rbx\n\ttestq\t%rbx, %rbx\n\tjs\t.Lparanoid_gsbase_done\n"),
+        "with FSGSBASE the paranoid entry still takes a negative GSBASE for the kernel's and keeps it: user "
+        "space can load one with WRGSBASE, and an NMI/#MC/#DB in the SYSCALL gap then runs C code on it "
+        "(the convention FSGSBASE broke: reverted in 5.3, 049331f277fe, re-done in 5.9)",
+        "percpu-with-user-gs", ("syscall",), ("fsgsbase",), vectors=("nmi",), depth=1),
+    Mutant(
+        "sysret-exit-restores-if-early", "6.1", ENTRY_S,
+        Edit("syscall_return_via_sysret:\n\tIBRS_EXIT\n\tPOP_REGS pop_rdi=0\n",
+             "syscall_return_via_sysret:\n\tIBRS_EXIT\n\tPOP_REGS pop_rdi=0\n\tpushq\t%r11\n\tpopfq\n"),
+        "the SYSRET exit restores the user's RFLAGS (IF=1) with POPF before it leaves the kernel: a "
+        "device interrupt in the window after the user RSP and GSBASE are back is delivered on the "
+        "user's stack, or runs C code with the user GSBASE",
+        "irq-in-user-context", ("syscall",), ("pti",), vectors=("irq",), depth=1),
+)
+
+MUTANTS = MUTANTS + USER_MUTANTS
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from mutants import MUTANTS, Edit, Mutant, MutantDoesNotApply, build_mutant, object_ref
+from mutants import MUTANTS, USER_MUTANTS, Edit, Mutant, MutantDoesNotApply, build_mutant, object_ref
 
 from entrycheck.explore.check import STOPPED_DONE, CheckConfig, CheckResult, run_check
 from entrycheck.explore.paths import Finding
@@ -163,6 +163,27 @@ def test_mutant_is_caught(suite: Suite, mutant: Mutant) -> None:
     false = findings_of(pristine, mutant.invariant)
     assert not false, (f"pristine {mutant.kernel} already trips {mutant.invariant} under the config of "
                        f"{mutant.name}: {reproducer(shortest(false))} ({false[0].message})")
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("mutant", USER_MUTANTS, ids=[m.name for m in USER_MUTANTS])
+def test_a_user_controlled_bug_is_found_by_diff(suite: Suite, mutant: Mutant, tmp_path: Path) -> None:
+    """`entrycheck diff PRISTINE MUTANT --depth 1` reports the mutant's new violations (exit 1), and
+    the shortest of them is reached from what user space controls: a user value the explorer
+    derived (named in the scenario), a faulting IRET, or a maskable interrupt."""
+    out = tmp_path / "diff.json"
+    args = ["--depth", "1", "--scenarios", ",".join(mutant.scenarios), "--features", ",".join(mutant.features),
+            "--vectors", ",".join(mutant.vectors), "--json", str(out)]
+    cli = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
+    p = subprocess.run(cli + ["diff", str(suite.kernels[mutant.kernel].object_path),
+                              str(suite.build(mutant).object_path), *args], capture_output=True, text=True)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr
+    new = [v for v in json.loads(out.read_text())["new_violations"] if v["invariant"] == mutant.invariant]
+    assert new, f"{mutant.name}: no new {mutant.invariant} in {p.stdout[-2000:]}"
+    first = min(new, key=lambda v: len(v["injections"]))
+    user_value = "[" in first["scenario"]
+    irq = any(j["vector"] == "irq" for j in first["injections"])
+    assert user_value or irq, first
 
 
 @pytest.mark.kernel
