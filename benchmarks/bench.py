@@ -11,6 +11,10 @@
         <= 1.5 GiB per worker), depth 1 over 16 sets (<= 5 s), depth 3 on three scenarios
         (<= 10 min), the seed review with a warm cache (<= 8 min), Dask scaling (2 workers
         >= 1.8x one), and instruction throughput against raw runs (within 5x).
+    python benchmarks/bench.py dims [--target T] [--features F] [--depth D ...] [--workers N]
+        the cost of what user space controls (derived user values, injected IRQs, the
+        tlb-shootdown branch of interrupt scenarios): the same check without and with them
+        (default: every feature set, depth 1 and 2, 2 workers).
     python benchmarks/bench.py throughput [--target T]
 
 Speed is never asserted by a test: these figures are read by people.
@@ -90,6 +94,21 @@ def compare(args) -> None:
     raw_equal = old.pop("raw_findings_keys") == new.pop("raw_findings_keys")
     _emit({"measure": "compare", "ref": args.ref, "workload": work, "old": old, "new": new, "ratio": ratio,
            "runs_equal": old["runs"] == new["runs"], "findings_equal": equal, "raw_findings_equal": raw_equal})
+
+
+def dims(args) -> None:
+    """The cost of what user space controls (derived user values, injected IRQs, the
+    tlb-shootdown branch): the same check with and without those dimensions, this tree."""
+    env = _this_tree_env()
+    for depth in args.depth or [1, 2]:
+        work = [args.target, args.features, str(depth), "all", str(args.workers)]
+        without = _workload(sys.executable, work + ["--no-user-dims"], env)
+        with_ = _workload(sys.executable, work, env)
+        for r in (without, with_):
+            r.pop("findings_keys"), r.pop("raw_findings_keys")
+        _emit({"measure": "user-dims", "workload": work, "without": without, "with": with_,
+               "runs_ratio": round(with_["runs"] / without["runs"], 2) if without["runs"] else None,
+               "wall_ratio": round(with_["wall_s"] / without["wall_s"], 2) if without["wall_s"] else None})
 
 
 def goals(args) -> None:
@@ -202,6 +221,11 @@ def main() -> None:
     g = sub.add_parser("goals")
     g.add_argument("--only", action="append",
                    choices=["default-6.1", "default-6.12", "depth1", "depth3", "review", "dask", "throughput"])
+    d = sub.add_parser("dims")
+    d.add_argument("--target", default="debian:6.1")
+    d.add_argument("--features", default="all")
+    d.add_argument("--depth", type=int, action="append")
+    d.add_argument("--workers", type=int, default=2)
     t = sub.add_parser("throughput")
     t.add_argument("--target", default="debian:6.1")
     args = ap.parse_args()
@@ -209,6 +233,8 @@ def main() -> None:
         compare(args)
     elif args.what == "goals":
         goals(args)
+    elif args.what == "dims":
+        dims(args)
     else:
         _emit(throughput(args.target))
 

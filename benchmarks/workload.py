@@ -2,11 +2,12 @@
 the interpreter imports, so `bench.py compare` can run it with an older version too.
 
     python benchmarks/workload.py TARGET FEATURES DEPTH SCENARIOS WORKERS [--scheduler ADDR] [--no-prune]
-                                  [--as-before]
+                                  [--as-before] [--no-user-dims]
 
 --as-before: the findings the previous engine could report (symptoms not folded under an
-ist-reentered root cause, no #DB inside C functions, and C functions that do not check the
-pt_regs they are given, none of which it knew), to compare the two.
+ist-reentered root cause, no #DB inside C functions, C functions that do not check the
+pt_regs they are given, no hostile user values and no injected interrupts, none of which it
+knew), to compare the two.  --no-user-dims: the last two left out alone (their cost).
 
 FEATURES: feature sets separated by ';' ("all": every model feature set); SCENARIOS: comma
 separated or "all".
@@ -31,6 +32,9 @@ def main() -> None:
     ap.add_argument("--scheduler", default=None)
     ap.add_argument("--no-prune", action="store_true")
     ap.add_argument("--as-before", action="store_true")
+    ap.add_argument("--no-user-dims", action="store_true",
+                    help="leave out the dimensions of what user space controls (derived user values, "
+                         "injected IRQs, the tlb-shootdown branch of interrupt scenarios): their cost")
     args = ap.parse_args()
 
     from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
@@ -56,6 +60,13 @@ def main() -> None:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, pt_regs_contract=False)
+    if (args.as_before or args.no_user_dims) and "user_values" in CheckConfig.__dataclass_fields__:
+        import dataclasses
+
+        from entrycheck.machine.model import Vector
+
+        cfg = dataclasses.replace(cfg, user_values=False, irq_flush=False,
+                                  vectors=tuple(v for v in cfg.vectors if v is not Vector.IRQ))
     later = {"ist-reentered"} if args.as_before else set()
     kwargs = {"workers": args.workers}
     if args.scheduler:
