@@ -104,9 +104,11 @@ def dims(args) -> None:
         work = [args.target, args.features, str(depth), "all", str(args.workers)]
         without = _workload(sys.executable, work + ["--no-user-dims"], env)
         with_ = _workload(sys.executable, work, env)
-        for r in (without, with_):
-            r.pop("findings_keys"), r.pop("raw_findings_keys")
+        before = {tuple(map(str, k)) for k in without.pop("findings_keys")}
+        new_findings = sorted({tuple(map(str, k)) for k in with_.pop("findings_keys")} - before)
+        without.pop("raw_findings_keys"), with_.pop("raw_findings_keys")
         _emit({"measure": "user-dims", "workload": work, "without": without, "with": with_,
+               "new_findings": new_findings,
                "runs_ratio": round(with_["runs"] / without["runs"], 2) if without["runs"] else None,
                "wall_ratio": round(with_["wall_s"] / without["wall_s"], 2) if without["wall_s"] else None})
 

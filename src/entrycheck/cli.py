@@ -156,6 +156,8 @@ class ExploreOptions:
     handler_effects: str | None = None
     no_prune: bool = False
     unfold: bool = False
+    user_values: bool = True
+    user_depth: int = 1
     max_runs: int | None = None
     workers: int | None = None
     scheduler: str | None = None
@@ -179,7 +181,8 @@ class ExploreOptions:
         return CheckConfig(scenarios=self._runnable(loaded, sets), feature_sets=sets, vectors=vecs, depth=self.depth,
                            db_anywhere=self.db_mode == "anywhere", mc_nesting=self.mc_nesting,
                            effects=parse_effects(self.handler_effects), prune=not self.no_prune,
-                           max_runs=self.max_runs, fold=not self.unfold)
+                           max_runs=self.max_runs, fold=not self.unfold, user_values=self.user_values,
+                           user_depth=self.user_depth)
 
     def _runnable(self, loaded, sets) -> tuple[str, ...]:
         """The scenarios to explore: the default ones this object has an entry for (a fixture
@@ -249,6 +252,11 @@ def _explore_options(f):
                      "convergence, no latched-NMI sharing, no shared handler runs)."),
         click.option("--unfold", is_flag=True, help="Also report on their own the symptoms folded under an "
                      "ist-reentered root cause."),
+        click.option("--user-values/--no-user-values", default=True, show_default=True,
+                     help="Also start each scenario from the hostile user values (RSP, GSBASE, RFLAGS, the "
+                     "RIP a system call returns to) the entry code tells apart, found by running it."),
+        click.option("--user-depth", default=1, show_default=True, type=click.IntRange(0, 4),
+                     help="Nesting depth for those user values (at most --depth)."),
         click.option("--max-runs", type=click.IntRange(1), default=None, help="Stop after this many runs."),
         click.option("--workers", type=click.IntRange(1, 64), default=None,
                      help="Worker processes (default: one per CPU)."),
@@ -645,6 +653,9 @@ def scenarios() -> None:
     click.echo("Scenarios:")
     for sc in SCENARIOS.values():
         click.echo(f"  {sc.name:<24s}{sc.description}" + (f" (needs {sc.needs})" if sc.needs else ""))
+    click.echo("User values (from user mode: NAME[field=value,...], e.g. syscall[rsp=0xfffffe0000008fc0]):")
+    click.echo("  rsp, gsbase, rflags (what user space set before entering); ret_rip (the RIP a system call")
+    click.echo("  returns to, as rt_sigreturn or ptrace set it).  check derives the values that matter.")
     click.echo("Invariants:")
     for inv in INVARIANTS.values():
         click.echo(f"  {inv.name:<30s}{inv.summary}")

@@ -168,6 +168,7 @@ class CheckResult:
     shared: int = 0            # paths a shared handler run stood for (likewise)
     stopped_because: str = STOPPED_DONE
     errors: list[str] = field(default_factory=list)
+    user_values: dict[str, list[str]] = field(default_factory=dict)   # variant -> feature sets it ran on
 
     @property
     def paths(self) -> PathView:
@@ -382,6 +383,10 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
             done += 1
             report()
     result = merge(units, [r for r in results], cfg)
+    for fs in cfg.feature_sets:
+        for name in cfg.scenarios:
+            for v in variants.get((fs, name), ()):
+                result.user_values.setdefault(v, []).append(str(fs))
     if derive_errors:
         result.errors[:0] = derive_errors
         result.stopped_because = STOPPED_ERROR

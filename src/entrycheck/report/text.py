@@ -70,6 +70,11 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
     lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.feature_sets)} feature sets"
                    + (f" x {len(cfg.branches())} handler-effect branches" if cfg.effects else "")
                    + f"; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}")
+    if result.user_values:
+        n = len(result.feature_sets)
+        shown = [v + ("" if len(sets) == n else f" ({len(sets)} sets)") for v, sets in result.user_values.items()]
+        lines += _wrap(f"user values the entry code tells apart (depth {min(cfg.depth, cfg.user_depth)}): "
+                       + ", ".join(shown), "    ", "")
     lines += _wrap(f"{result.runs} runs ({result.converged} rejoined a checked run early, "
                    f"{result.skipped} latched-NMI points shared); stopped: {result.stopped_because}")
     for err in result.errors:
