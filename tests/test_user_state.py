@@ -55,6 +55,7 @@ def test_user_values_are_part_of_the_scenario_name() -> None:
     ("syscall[gsbase=0x800000000000]", "not canonical"),
     ("nmi-from-kernel[rsp=0x1000]", "from kernel mode has no user values"),
     ("nmi-from-user[ret_rip=0x1000]", "only SYSCALL scenarios"),
+    ("syscall[ret_ss=0x18]", "not a selector with RPL 3"),
     ("nosuch[rsp=0x1000]", "unknown scenario 'nosuch'"),
 ])
 def test_bad_user_values_are_one_clear_error(name: str, needle: str) -> None:
@@ -190,3 +191,34 @@ def test_stock_kernels_take_no_irq_inside_the_entry_code(debian_kernel: KernelBu
         assert p.returncode in (0, 1), p.stderr
         out[vectors] = json.loads((tmp_path / f"{vectors}.json").read_text())
     assert out["nmi"]["runs"] == out["nmi,irq"]["runs"] > 100
+
+
+@pytest.mark.kernel
+def test_a_db_held_by_the_mov_ss_shadow_arrives_at_the_syscall_entry(kernel61: KernelBuild) -> None:
+    """CVE-2018-8897: a user breakpoint on a MOV SS operand right before SYSCALL raises a #DB that
+    the shadow holds until the first instruction of entry_SYSCALL_64 (kernel mode, user GSBASE).
+    It is explored there, unprivileged, and the stock kernel's paranoid entry handles it."""
+    from dataclasses import replace
+
+    from entrycheck.machine.model import Vector
+
+    ex = explorer(kernel61, "pti,pcid")
+    ex.config = replace(ex.config, vectors=(Vector.DB,), depth=1)
+    result = ex.explore(scenario("syscall"))
+    chains = [result.table.chain(r) for r in range(len(result.table))]
+    first = [c for c in chains if c and c[0].at == "entry_SYSCALL_64"]
+    assert len(first) == 1 and first[0][0].vector is Vector.DB
+    assert ex._link_pre(ex_base_node(ex), 0, Vector.DB).text.endswith("(CVE-2018-8897)")
+    assert not [f for f in result.groups for f in f.findings]
+
+
+def ex_base_node(ex: Explorer):
+    """The scenario's own recorded path, as the explorer keeps it."""
+    from entrycheck.explore.engine import Node
+    from entrycheck.machine.api import Level, Request
+    from entrycheck.explore.scenarios import start_state, stub_options
+
+    sc = ex.sc
+    rec = ex.machine.run(Request(start_state(ex.world, sc, ex.pristine), deliver=sc.vector, level=Level.STEPS,
+                                 options=stub_options(sc)))
+    return Node(ex, rec, None, 0, (), -1)

@@ -56,6 +56,9 @@ from entrycheck.machine.state import RFLAGS, Snapshot
 from entrycheck.props.invariants import (NO_NMI, End, NmiSummary, Violation, ist_reentered_message,
                                          local_violations, nmi_of, verdict)
 
+MOV_SS_DB = Precondition(Reach.UNPRIVILEGED, "db", "a data breakpoint of the user's own on the operand of a "
+                         "MOV SS or POP SS right before SYSCALL: the MOV SS shadow holds the #DB until the first "
+                         "instruction of the SYSCALL entry (CVE-2018-8897)")
 DEFAULT_VECTORS = (Vector.NMI, Vector.MC, Vector.DB, Vector.IRQ)
 
 
@@ -527,7 +530,13 @@ class Explorer:
 
     def _watchable_before(self, node: Node, k: int) -> bool:
         """#DB as a trap: the instruction before boundary k touched data a breakpoint may watch."""
-        return self._watchable_access(node, k) is not None
+        return self._watchable_access(node, k) is not None or self._mov_ss(node, k)
+
+    def _mov_ss(self, node: Node, k: int) -> bool:
+        """The first boundary of the SYSCALL entry: a #DB that a user's own data breakpoint on the
+        operand of a MOV SS/POP SS raised just before SYSCALL is held by the MOV SS shadow and
+        delivered here, in kernel mode with the user's GSBASE and RSP (CVE-2018-8897)."""
+        return node.parent is None and k == node.log.start and self.sc.vector is None
 
     def _watchable_access(self, node: Node, k: int) -> int | str | None:
         """The (physical) address of the first access of the instruction before boundary k that
@@ -837,6 +846,8 @@ class Explorer:
     def _link_pre(self, node: Node, k: int, vector: Vector) -> Precondition:
         """The precondition of injecting ``vector`` at boundary k (one object per distinct one)."""
         got = self._watchable_access(node, k) if vector is Vector.DB else None
+        if vector is Vector.DB and got is None and self._mov_ss(node, k):
+            return MOV_SS_DB
         key = (vector, got, node.log.pcs[k - node.log.start] if isinstance(got, str) else None)
         pre = self._link_pres.get(key)
         if pre is None:

@@ -86,6 +86,8 @@ _USER_TEXT = {
     "gsbase": "user space loaded GSBASE={v:#x} (WRGSBASE with FSGSBASE, arch_prctl(ARCH_SET_GS))",
     "rflags": "user space set RFLAGS={v:#x} with POPF",
     "ret_rip": "the system call returns to RIP=RCX={v:#x} (rt_sigreturn of a crafted frame, or ptrace)",
+    "ret_cs": "the system call returns with CS={v:#x} (rt_sigreturn of a crafted frame)",
+    "ret_ss": "the system call returns with SS={v:#x} (rt_sigreturn of a crafted frame)",
 }
 
 

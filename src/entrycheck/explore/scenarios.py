@@ -35,12 +35,15 @@ class UserState:
     ``rsp`` and ``gsbase`` are live in kernel mode until the entry code replaces them (the
     SYSCALL gap, the paranoid entry's GSBASE test); ``rflags`` is what user space set with
     POPF (SYSCALL saves it in R11 and masks it); ``ret_rip`` is the user RIP (and RCX) the
-    system call returns to, as rt_sigreturn or ptrace can set it."""
+    system call returns to, as rt_sigreturn or ptrace can set it, and ``ret_cs``/``ret_ss`` the
+    selectors it returns with (rt_sigreturn takes them from the user's frame, RPL forced to 3)."""
 
     rsp: int | None = None
     gsbase: int | None = None
     rflags: int | None = None
     ret_rip: int | None = None
+    ret_cs: int | None = None
+    ret_ss: int | None = None
 
     def items(self) -> tuple[tuple[str, int], ...]:
         return tuple((f, v) for f in USER_FIELDS if (v := getattr(self, f)) is not None)
@@ -51,10 +54,16 @@ class UserState:
 
     def user_return(self) -> tuple[tuple[str, int], ...]:
         """The pt_regs fields do_syscall_64 sets (a sigreturn frame with RCX = RIP)."""
-        return (("ip", self.ret_rip), ("rcx", self.ret_rip)) if self.ret_rip is not None else ()
+        out = (("ip", self.ret_rip), ("rcx", self.ret_rip)) if self.ret_rip is not None else ()
+        if self.ret_cs is not None:
+            out += (("cs", self.ret_cs),)
+        if self.ret_ss is not None:
+            out += (("ss", self.ret_ss),)
+        return out
 
 
-USER_FIELDS = ("rsp", "gsbase", "rflags", "ret_rip")
+USER_FIELDS = ("rsp", "gsbase", "rflags", "ret_rip", "ret_cs", "ret_ss")
+RETURN_FIELDS = ("ret_rip", "ret_cs", "ret_ss")
 
 
 @dataclass(frozen=True)
@@ -130,8 +139,14 @@ def check_user(sc: Scenario, user: UserState) -> None:
     where = f"scenario {sc.base}{user.suffix()}"
     if not sc.from_user and user.items():
         raise InputError(f"{where}: a scenario from kernel mode has no user values")
-    if user.ret_rip is not None and sc.vector is not None:
-        raise InputError(f"{where}: ret_rip is the RIP a system call returns to; only SYSCALL scenarios have one")
+    for name in RETURN_FIELDS:
+        if getattr(user, name) is not None and sc.vector is not None:
+            raise InputError(f"{where}: {name} is part of the context a system call returns to; only SYSCALL "
+                             "scenarios have one")
+    for name in ("ret_cs", "ret_ss"):
+        value = getattr(user, name)
+        if value is not None and (value > 0xFFFF or value & 3 != 3):
+            raise InputError(f"{where}: {name} {value:#x} is not a selector with RPL 3 (rt_sigreturn forces it)")
     if user.rflags is not None and user.rflags & ~(model.USER_SETTABLE_FLAGS | model.RFLAGS_IF | model.RFLAGS_FIXED):
         raise InputError(f"{where}: rflags {user.rflags:#x} has bits user space cannot set "
                          f"(settable: {model.USER_SETTABLE_FLAGS:#x})")

@@ -17,7 +17,7 @@ values that fall on the same side of all of them are one.
 
 from __future__ import annotations
 
-from entrycheck.explore.scenarios import Scenario, UserState, start_state, stub_options
+from entrycheck.explore.scenarios import RETURN_FIELDS, Scenario, UserState, start_state, stub_options
 from entrycheck.image import layout
 from entrycheck.machine import model
 from entrycheck.machine.api import Level, Request
@@ -46,6 +46,9 @@ def candidates(world, sc: Scenario) -> list[UserState]:
         if Vector.GP in world.config.idt:
             out += [UserState(ret_rip=layout.TASK_SIZE_MAX), UserState(ret_rip=NON_CANONICAL),
                     UserState(ret_rip=0xFFFF_8000_0000_0000)]
+            # The selectors it returns with: 32-bit code (a valid IRET target SYSRETQ cannot
+            # reach), a data segment as CS, a null SS.
+            out += [UserState(ret_cs=model.USER32_CS), UserState(ret_cs=layout.USER_DS), UserState(ret_ss=3)]
     from entrycheck.explore.scenarios import USER_RFLAGS
     out += [UserState(rflags=USER_RFLAGS | bit) for bit in SETTABLE_FLAGS]
     out.append(UserState(gsbase=0))
@@ -85,7 +88,7 @@ def _signature(explorer, sc: Scenario, vectors: tuple[Vector, ...], live: set[in
                                        budget=budget, cut_loops=True))
     log = rec.steps
     sig: list = [(rec.outcome, tuple(log.pcs))]
-    if sc.user.rflags is not None or sc.user.ret_rip is not None:
+    if sc.user.rflags is not None or any(getattr(sc.user, f) is not None for f in RETURN_FIELDS):
         # Kernel code sees these only through the path's own frame (R11, pt_regs): an exception
         # delivered on the way saves the kernel's RFLAGS and RIP, not these.
         return tuple(sig)
