@@ -67,6 +67,10 @@ def main() -> None:
 
         cfg = dataclasses.replace(cfg, user_values=False, irq_flush=False,
                                   vectors=tuple(v for v in cfg.vectors if v is not Vector.IRQ))
+    if args.as_before and "iret_faults" in CheckConfig.__dataclass_fields__:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, iret_faults=False, mov_ss_db=False)
     later = {"ist-reentered"} if args.as_before else set()
     kwargs = {"workers": args.workers}
     if args.scheduler:

@@ -275,14 +275,28 @@ def test_a_fault_of_the_model_stops_one_unit_not_the_check(kernel612, monkeypatc
 
     real = engine.Explorer.explore
 
-    def explore(self, sc, effects=frozenset(), part=0, parts=1):
+    def explore(self, sc, effects=frozenset(), part=0, parts=1, depth=None):
         if sc.name == "mc-from-kernel":
             raise RuntimeError("model broke")
-        return real(self, sc, effects, part, parts)
+        return real(self, sc, effects, part, parts, depth)
 
     monkeypatch.setattr(engine.Explorer, "explore", explore)
     result = run_check(ref(kernel612), CheckConfig(scenarios=("syscall", "mc-from-kernel", "nmi-from-kernel"),
                                                    feature_sets=fsets("pti,pcid"), depth=0))
     assert result.stopped_because == "error"
     assert len(result.errors) == 1 and "mc-from-kernel" in result.errors[0] and "model broke" in result.errors[0]
-    assert {p.scenario for p in result.paths} == {"syscall", "nmi-from-kernel"}
+    assert {p.scenario for p in result.paths} == {"syscall", "nmi-from-kernel"} | set(result.user_values)
+    assert any(v.startswith("syscall[") for v in result.user_values)
+
+
+def test_a_fault_while_finding_user_values_is_an_error_of_the_check(kernel612, monkeypatch) -> None:
+    from entrycheck.explore import userstate
+
+    def derive(explorer, sc, vectors):
+        raise RuntimeError("probe broke")
+
+    monkeypatch.setattr(userstate, "derive", derive)
+    result = run_check(ref(kernel612), CheckConfig(scenarios=("syscall",), feature_sets=fsets("pti"), depth=0))
+    assert result.stopped_because == "error" and not result.user_values
+    assert result.errors == ["user values of syscall on pti: RuntimeError: probe broke"]
+    assert {p.scenario for p in result.paths} == {"syscall"}

@@ -187,6 +187,22 @@ def test_a_user_controlled_bug_is_found_by_diff(suite: Suite, mutant: Mutant, tm
 
 
 @pytest.mark.kernel
+def test_stale_tlb_is_checked_by_default_through_interrupts(suite: Suite, tmp_path: Path) -> None:
+    """Without --handler-effects: an interrupt may be a TLB-flush IPI, so the lost user-ASID flush
+    of user-cr3-ignores-flush-mask is found on the interrupt's own return."""
+    mutant = next(m for m in MUTANTS if m.name == "user-cr3-ignores-flush-mask")
+    out = tmp_path / "diff.json"
+    cli = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
+    p = subprocess.run(cli + ["diff", str(suite.kernels[mutant.kernel].object_path), str(suite.build(mutant).object_path),
+                              "--depth", "0", "--scenarios", "irq-from-user", "--features", "pti,pcid",
+                              "--json", str(out)], capture_output=True, text=True)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr
+    new = json.loads(out.read_text())["new_violations"]
+    assert {v["invariant"] for v in new} == {"stale-tlb"}
+    assert all(v["effects"] == ["tlb-shootdown"] and v["injections"] == [] for v in new), new
+
+
+@pytest.mark.kernel
 def test_every_invariant_catches_a_mutant(suite: Suite, record_property: Callable[[str, object], None],
                                           tmp_path: Path) -> None:
     rows = []

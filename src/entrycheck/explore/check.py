@@ -93,11 +93,14 @@ class CheckConfig:
     user_values: bool = True              # also explore the hostile user values the code tells apart
     user_depth: int = 1                   # nesting depth for those (at most --depth)
     irq_flush: bool = True                # interrupt scenarios also run with tlb-shootdown
+    iret_faults: bool = True              # a refused IRET delivers #GP (off: the run ends, as before)
+    mov_ss_db: bool = True                # a #DB held by MOV SS arrives at the SYSCALL entry
 
     def explore_config(self) -> ExploreConfig:
         return ExploreConfig(vectors=self.vectors, depth=self.depth, db_anywhere=self.db_anywhere,
                              mc_nesting=self.mc_nesting, prune=self.prune, budget=self.budget, fold=self.fold,
-                             c_footprints=self.c_footprints, pt_regs_contract=self.pt_regs_contract)
+                             c_footprints=self.c_footprints, pt_regs_contract=self.pt_regs_contract,
+                             iret_faults=self.iret_faults, mov_ss_db=self.mov_ss_db)
 
     def branches(self, sc=None) -> tuple[frozenset[Effect], ...]:
         """The handler-effect branches of a scenario: none, and each asked for.  An interrupt may

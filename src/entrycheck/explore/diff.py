@@ -20,6 +20,7 @@ from typing import Iterator
 
 from entrycheck.explore.check import CheckResult
 from entrycheck.explore.paths import Cost, Finding, PathResult, PathTable
+from entrycheck.explore.scenarios import base_name
 from entrycheck.machine.events import Injection
 from entrycheck.image.decode import sweep
 from entrycheck.image.image import CODE_SECTIONS, Image
@@ -336,7 +337,8 @@ def diff_results(old: CheckResult, new: CheckResult, sites: SiteMap) -> DiffResu
     result.new_violations = [f for f in new.findings if new_key(f) not in old_keys]
     result.fixed_violations = [f for f in old.findings if mapped_key(f) not in new_keys]
     old_raw = {mapped_key(f) for f in old.raw_findings}
-    result.new_violation_cells = {(f.scenario, str(f.features)) for f in new.raw_findings if new_key(f) not in old_raw}
+    result.new_violation_cells = {(base_name(f.scenario), str(f.features)) for f in new.raw_findings
+                                  if new_key(f) not in old_raw}
     _summarise(result)
     return result
 
@@ -351,7 +353,7 @@ def _summarise(result: DiffResult) -> None:
     for ot, nt, orows, nrows in result.pairs:
         tables[id(ot)], tables[id(nt)] = ot, nt
         cache = result._changed.setdefault((id(ot), id(nt)), {})
-        cell = (ot.scenario, str(ot.features))
+        cell = (base_name(ot.scenario), str(ot.features))       # a user-value variant counts in its scenario
         acc = summary.setdefault((ot.scenario, ot.features, ot.effects),
                                  {"paths": 0, "changed": 0, "behaviour_changed": 0, "old": Counter(),
                                   "new": Counter()})

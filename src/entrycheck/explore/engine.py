@@ -34,7 +34,7 @@ carries the preconditions of its path (explore/preconditions.py).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from entrycheck.explore.memo import Memo, Target
@@ -74,6 +74,8 @@ class ExploreConfig:
     fold: bool = True              # symptoms after an ist-reentered delivery fold under it
     c_footprints: bool = True      # #DB also inside C functions that read unprotected data on an IST stack
     pt_regs_contract: bool = True  # C functions taking pt_regs check it (off: as engines before it did)
+    iret_faults: bool = True       # a refused IRET delivers #GP (off: it ends the run, as engines before did)
+    mov_ss_db: bool = True         # a #DB held by a MOV SS shadow arrives at the SYSCALL entry
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,8 @@ class Explorer:
         self.budget = budget or Budget(None)
         self.progress = progress
         self.stubs = Stubs(world)
-        self.machine = Machine(self.image, world.config, self.stubs)
+        machine_config = world.config if config.iret_faults else replace(world.config, iret_faults=False)
+        self.machine = Machine(self.image, machine_config, self.stubs)
         self.pristine = self.machine.pristine_memory()
         self.wbase = self.machine.space.writable_base
         self.analyser = Analyser(self.image, self.wbase, self.machine.space.writable_size)
@@ -536,7 +539,7 @@ class Explorer:
         """The first boundary of the SYSCALL entry: a #DB that a user's own data breakpoint on the
         operand of a MOV SS/POP SS raised just before SYSCALL is held by the MOV SS shadow and
         delivered here, in kernel mode with the user's GSBASE and RSP (CVE-2018-8897)."""
-        return node.parent is None and k == node.log.start and self.sc.vector is None
+        return self.config.mov_ss_db and node.parent is None and k == node.log.start and self.sc.vector is None
 
     def _watchable_access(self, node: Node, k: int) -> int | str | None:
         """The (physical) address of the first access of the instruction before boundary k that

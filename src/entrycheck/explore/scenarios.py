@@ -78,7 +78,7 @@ class Scenario:
 
     @property
     def base(self) -> str:
-        return self.name.split("[", 1)[0]
+        return base_name(self.name)
 
     def with_user(self, user: UserState) -> "Scenario":
         """This scenario started from ``user`` (checked against what user space can set)."""
@@ -105,6 +105,11 @@ _ALL = (
 )
 SCENARIOS: Mapping[str, Scenario] = MappingProxyType({s.name: s for s in _ALL})
 DEFAULT_SCENARIOS: tuple[str, ...] = tuple(s.name for s in _ALL if s.needs is None)
+
+
+def base_name(name: str) -> str:
+    """The scenario a name with user values is a variant of: syscall[rsp=...] -> syscall."""
+    return name.split("[", 1)[0]
 
 
 def scenario(name: str) -> Scenario:

@@ -66,6 +66,7 @@ class MachineConfig:
     stubs: Mapping[int, str]             # stub address -> C function name
     user_gs_poison: int = USER_GSBASE_POISON    # the GSBASE user space runs with by default
     user_gs_values: frozenset[int] = USER_GSBASE_VALUES   # every GSBASE the model gives user space
+    iret_faults: bool = True             # a refused IRET delivers #GP (off: the run ends with a fault)
 
 
 class LiveIndex:

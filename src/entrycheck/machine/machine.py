@@ -651,7 +651,7 @@ class _Core:
         IRET itself, in the mode it ran in (the bad-IRET case of error_entry); a latched NMI
         then arrives before the handler's first instruction."""
         run = self.run_
-        if exc.vector not in self.config.idt:
+        if exc.vector not in self.config.idt or not self.config.iret_faults:
             self.fault(FaultKind.GP, f"{exc} at {self.image.symbolize(addr)}")
             return
         if run.flow is not None:

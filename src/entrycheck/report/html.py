@@ -35,7 +35,7 @@ from entrycheck.explore.costmodel import CostModel
 from entrycheck.explore.diff import DiffResult
 from entrycheck.explore.paths import Cost, Finding, PathResult
 from entrycheck.machine.events import Injection
-from entrycheck.explore.scenarios import SCENARIOS, Scenario
+from entrycheck.explore.scenarios import SCENARIOS, Scenario, base_name
 from entrycheck.machine import events as ev
 from entrycheck.machine import model
 from entrycheck.machine.model import CpuState, decode_cr3
@@ -335,13 +335,14 @@ def _needs_missing(scenario: str, features: str) -> bool:
 
 
 def check_matrix(result: CheckResult, views: Sequence[FindingView]) -> list[list[Cell]]:
+    # A user-value variant (syscall[rsp=...]) counts in its scenario's cell.
     paths: Counter = Counter()
     for table, a, b in result.segments:
-        paths[(table.scenario, str(table.features))] += b - a
-    counts = Counter((f.scenario, str(f.features)) for f in result.raw_findings)
+        paths[(base_name(table.scenario), str(table.features))] += b - a
+    counts = Counter((base_name(f.scenario), str(f.features)) for f in result.raw_findings)
     first: dict[tuple, str] = {}
     for v in views:
-        first.setdefault((v.finding.scenario, str(v.finding.features)), v.anchor)
+        first.setdefault((base_name(v.finding.scenario), str(v.finding.features)), v.anchor)
     rows = []
     for sc in result.config.scenarios:
         row = []
@@ -362,12 +363,12 @@ def check_matrix(result: CheckResult, views: Sequence[FindingView]) -> list[list
 def diff_matrix(result: DiffResult, views: Sequence[FindingView]) -> list[list[Cell]]:
     matched = result.matched_cells
     changed = result.changed_cells
-    new = Counter((f.scenario, str(f.features)) for f in result.new_violations)
-    fixed = Counter((f.scenario, str(f.features)) for f in result.fixed_violations)
+    new = Counter((base_name(f.scenario), str(f.features)) for f in result.new_violations)
+    fixed = Counter((base_name(f.scenario), str(f.features)) for f in result.fixed_violations)
     first: dict[tuple, str] = {}
     for v in views:
         if v.side == "new":
-            first.setdefault((v.finding.scenario, str(v.finding.features)), v.anchor)
+            first.setdefault((base_name(v.finding.scenario), str(v.finding.features)), v.anchor)
     rows = []
     for sc in result.old.config.scenarios:
         row = []
@@ -390,6 +391,8 @@ def diff_matrix(result: DiffResult, views: Sequence[FindingView]) -> list[list[C
 
 
 def _scenario_costs(paths: Iterable[PathResult], scenarios: Sequence[str]) -> dict[str, Cost]:
+    """The paths without injection of each scenario, from its default user state (a variant
+    with hostile user values is a path of its own, left out of the sums)."""
     acc = {s: Cost() for s in scenarios}
     for p in paths:
         if not p.injections and p.scenario in acc:
