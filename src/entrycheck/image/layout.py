@@ -39,7 +39,9 @@ USER_GSBASE_POISON = 0x00007F5EC0DE0000
 # With FSGSBASE user space may load any canonical GSBASE: a negative, kernel-looking one
 # (in the direct map's range, never mapped by the model).
 USER_GSBASE_NEGATIVE = 0xFFFF_8880_C0DE_0000
-USER_GSBASE_VALUES = frozenset({USER_GSBASE_POISON, USER_GSBASE_NEGATIVE, 0})
+# The values a %gs: access is recognised by as one through the user's GSBASE (not 0: a kernel
+# bug that zeroes GSBASE is not user space's doing, and reads as an unmapped access).
+USER_GSBASE_VALUES = frozenset({USER_GSBASE_POISON, USER_GSBASE_NEGATIVE})
 # The user context a signal handler starts in (a C handler that signals rewrites pt_regs to it).
 SIGNAL_HANDLER_RIP = USER_BASE + 0x1000
 SIGNAL_STACK = 0x00007FFD_C0DE_0000
