@@ -345,7 +345,12 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
     if scheduler:
         client = _dask_client(scheduler)
         workers = max(workers, sum(client.nthreads().values()) or 1)
-    variants, derive_errors = _derive_all(ref, cfg, workers, client, progress)
+    try:
+        variants, derive_errors = _derive_all(ref, cfg, workers, client, progress)
+    except BaseException:
+        if client is not None:
+            client.close()
+        raise
     units = make_units(cfg, parts if parts is not None else choose_parts(cfg, workers), variants)
     total = len(units)
     results: list[UnitResult | None] = [None] * total

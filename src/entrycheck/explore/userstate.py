@@ -5,8 +5,8 @@ holds until the entry code replaces them, the RFLAGS bits POPF can set, and the 
 system call returns to (rt_sigreturn, ptrace).  Crossing every value with every path is
 not affordable, and most values change nothing.  So each scenario is given candidates on
 both sides of every threshold the model knows the entry code can compare such a value
-against — each kernel stack's bounds (the NMI entry tests whether the interrupted RSP is
-on its own stack), the sign bit (the paranoid entry's GSBASE test without FSGSBASE), the
+against — inside each kernel stack (the NMI entry tests whether the interrupted RSP is on
+its own stack; below them all is the default), the sign bit (the paranoid entry's GSBASE test without FSGSBASE), the
 canonical limit and TASK_SIZE_MAX (SYSRET's), every settable flag — and a candidate is
 kept only when running it makes the entry code do something else: its recorded path,
 or the path of an exception delivered where the value is live in kernel mode (RSP or
@@ -17,7 +17,8 @@ values that fall on the same side of all of them are one.
 
 from __future__ import annotations
 
-from entrycheck.explore.scenarios import RETURN_FIELDS, Scenario, UserState, start_state, stub_options
+from entrycheck.explore.scenarios import (RETURN_FIELDS, USER_RFLAGS, Scenario, UserState, start_state,
+                                          stub_options)
 from entrycheck.image import layout
 from entrycheck.machine import model
 from entrycheck.machine.api import Level, Request
@@ -49,7 +50,6 @@ def candidates(world, sc: Scenario) -> list[UserState]:
             # The selectors it returns with: 32-bit code (a valid IRET target SYSRETQ cannot
             # reach), a data segment as CS, a null SS.
             out += [UserState(ret_cs=model.USER32_CS), UserState(ret_cs=layout.USER_DS), UserState(ret_ss=3)]
-    from entrycheck.explore.scenarios import USER_RFLAGS
     out += [UserState(rflags=USER_RFLAGS | bit) for bit in SETTABLE_FLAGS]
     out.append(UserState(gsbase=0))
     if world.fsgsbase:
