@@ -374,11 +374,9 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
         done = total
         report()
     elif workers > 1 and total > 1:
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        import multiprocessing
+        from concurrent.futures import as_completed
 
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_signals) as pool:
+        with _process_pool(workers) as pool:
             futures = {pool.submit(run_batch, ref, cfg, [units[k] for k in b], cfg.max_runs): b for b in batches}
             for fut in as_completed(futures):
                 for k, r in zip(futures[fut], fut.result()):
@@ -412,11 +410,7 @@ def _derive_all(ref: ObjectRef, cfg: CheckConfig, workers: int, client,
     if client is not None:
         got = client.gather(client.map(derive_set, [ref] * len(sets), [cfg] * len(sets), sets, pure=False))
     elif workers > 1 and len(sets) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_signals) as pool:
+        with _process_pool(workers) as pool:
             got = list(pool.map(derive_set, [ref] * len(sets), [cfg] * len(sets), sets))
     else:
         got = [derive_set(ref, cfg, fs) for fs in sets]
@@ -427,6 +421,15 @@ def _derive_all(ref: ObjectRef, cfg: CheckConfig, workers: int, client,
     if progress:
         progress("finding user values", len(sets), len(sets))
     return variants, errors
+
+
+def _process_pool(workers: int):
+    """The local worker pool of both passes (forked, so workers share the loaded object)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=worker_signals)
 
 
 def worker_signals() -> None:
