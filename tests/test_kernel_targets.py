@@ -23,6 +23,7 @@ from entrycheck.kernel.kbuild import ensure_build_packages, object_is_current, p
 from entrycheck.kernel.targets import KernelBuild, build_tree_object, resolve_target
 
 ENTRY_O = "arch/x86/entry/entry_64.o"
+COMPAT_O = "arch/x86/entry/entry_64_compat.o"
 ENTRY_S = "arch/x86/entry/entry_64.S"
 CPUFEATURES = "arch/x86/include/asm/cpufeatures.h"
 
@@ -119,7 +120,7 @@ def test_debian_kernel_resolves_to_entry_object(debian_kernel: KernelBuild) -> N
     series = ".".join(kb.kernel_version.split(".")[:2])
     assert kb.package_version in apt_versions(f"linux-source-{series}")
     assert kb.package_version.split("-")[0] == kb.kernel_version
-    assert kb.label == f"debian:{series} (linux-source-{series} {kb.package_version})"
+    assert kb.label == f"debian:{series} (linux-source-{series} {kb.package_version}; defconfig)"
     assert kb.debug_info is False and ".debug_line" not in sections
 
 
@@ -189,7 +190,7 @@ def test_debian_without_network_uses_the_newest_cached_build(
     stages = Stages()
     kb = resolve_target("debian:6.1", progress=stages)
     assert kb.package_version == f"{major}.{minor}.10-1"
-    assert kb.object_path == scratch_cache / "builds" / f"debian-6.1_{major}.{minor}.10-1" / "entry_64.o"
+    assert kb.object_path.parent.name == f"debian-6.1_{major}.{minor}.10-1"
     assert any("unreachable" in stage and error in stage for stage in stages.seen)
     assert work_dirs(scratch_cache) == [] and list((scratch_cache / "src").iterdir()) == []
 
@@ -303,7 +304,7 @@ def user_build_dir(
         ["bash", str(tree / "scripts/config"), "--file", str(build / ".config"), "-e", "DEBUG_ENTRY"], check=True
     )
     run_make(tree, f"O={build}", "olddefconfig")
-    run_make(tree, f"O={build}", f"-j{os.cpu_count()}", ENTRY_O)
+    run_make(tree, f"O={build}", f"-j{os.cpu_count()}", ENTRY_O, COMPAT_O)
     return tree, build
 
 
@@ -313,13 +314,15 @@ def test_build_dir_with_current_object_is_used_as_is(user_build_dir: tuple[Path,
     assert object_is_current(build)
     stages = Stages()
     kb = resolve_target(str(build), progress=stages)
-    assert kb.object_path == build.resolve() / ENTRY_O
+    # Its own objects are used (linked into one in the cache), not rebuilt.
+    assert kb.parts == (build.resolve() / ENTRY_O, build.resolve() / COMPAT_O)
+    assert kb.object_path.is_relative_to(scratch_cache) and not any(s.startswith(("configure", "build ")) for s in stages.seen)
     assert kb.asm_offsets_h == build.resolve() / "include/generated/asm-offsets.h"
     assert kb.cpufeatures_h == tree.resolve() / CPUFEATURES
     assert kb.source_tree == tree.resolve()
     assert kb.kernel_version == makefile_version(tree)
     assert not stages.built()
-    assert cache_entries(scratch_cache) == []
+    assert cache_entries(scratch_cache) == [kb.object_path.parent.name]   # only the link of its objects
 
 
 @pytest.mark.kernel
@@ -357,7 +360,7 @@ def test_bare_object_path(kernel61: KernelBuild, tmp_path: Path) -> None:
     kb = resolve_target(str(obj))
     assert kb == KernelBuild(
         label=str(obj), object_path=obj, cpufeatures_h=None, asm_offsets_h=None,
-        source_tree=None, kernel_version=None, package_version=None, debug_info=False,
+        source_tree=None, kernel_version=None, package_version=None, debug_info=False, parts=(obj,),
     )
 
 

@@ -45,20 +45,22 @@ def cli(debug: bool) -> None:
     _State.debug = debug or bool(os.environ.get("ENTRYCHECK_DEBUG"))
 
 
-def _resolve(target: str, tree: str | None, progress):
+def _resolve(target: str, tree: str | None, progress, config: tuple = (None, ())):
+    from entrycheck.kernel.kconfig import parse_request
     from entrycheck.kernel.targets import resolve_target
 
     if tree is not None and not tree.strip():
         raise InputError("--tree needs a kernel source directory")
-    return resolve_target(target, tree=Path(tree) if tree else None, progress=progress)
+    return resolve_target(target, tree=Path(tree) if tree else None, progress=progress,
+                          request=parse_request(*config))
 
 
-def _load(target: str, tree: str | None):
+def _load(target: str, tree: str | None, config: tuple = (None, ())):
     from entrycheck.image import load_build
     from entrycheck.report.progress import terminal_progress
 
     with terminal_progress() as progress:
-        build = _resolve(target, tree, progress)
+        build = _resolve(target, tree, progress, config)
     loaded = load_build(build)
     return build, loaded
 
@@ -83,6 +85,22 @@ def _commit(out) -> None:
 
 TREE_OPTION = click.option("--tree", type=click.Path(file_okay=False), default=None,
                            help="Kernel tree whose cpufeatures.h numbers the features of a bare .o.")
+CONFIG_OPTION = click.option("--config", "config", type=click.Choice(["defconfig", "distro"]), default=None,
+                             help="Build the target with defconfig or with Debian's own amd64 config of its "
+                             "series (default: a tree's own .config, else defconfig).")
+KCONFIG_OPTION = click.option("--kconfig", "kconfig", multiple=True, metavar="NAME=VALUE",
+                              help="Set a kernel option on top (scripts/config + olddefconfig), e.g. "
+                              "X86_FRED=y or DEBUG_ENTRY=n; repeatable.")
+
+
+def _config_options(f):
+    """--config and --kconfig: the command receives them as ``config`` = (base, options)."""
+    @functools.wraps(f)
+    def wrapper(**kwargs):
+        config = (kwargs.pop("config"), kwargs.pop("kconfig"))
+        return f(**kwargs, config=config)
+
+    return CONFIG_OPTION(KCONFIG_OPTION(wrapper))
 
 
 @cli.command()
@@ -91,15 +109,17 @@ TREE_OPTION = click.option("--tree", type=click.Path(file_okay=False), default=N
 @click.option("--features", default="", show_default=False,
               help="CPU features to patch alternatives for, e.g. pti,pcid (default: none).")
 @TREE_OPTION
+@_config_options
 @click.option("--intel", is_flag=True, help="Intel syntax instead of AT&T.")
 @click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the listing as JSON.")
-def disasm(target: str, symbol: str, features: str, tree: str | None, intel: bool, json_out: str | None) -> None:
+def disasm(target: str, symbol: str, features: str, tree: str | None, intel: bool, json_out: str | None,
+           config: tuple) -> None:
     """Show the code that really runs for SYMBOL with a feature set, objdump-like."""
     from entrycheck.image.features import FeatureSet
     from entrycheck.report.disasm import disassemble, format_lines
 
     out = _outputs(json_out)
-    build, loaded = _load(target, tree)
+    build, loaded = _load(target, tree, config)
     fs = FeatureSet.parse(features)
     image = loaded.image(fs)
     lines = disassemble(image, symbol, att=not intel)
@@ -162,6 +182,12 @@ class ExploreOptions:
     workers: int | None = None
     scheduler: str | None = None
     tree: str | None = None
+    config: str | None = None
+    kconfig: tuple[str, ...] = ()
+
+    @property
+    def build_config(self) -> tuple:
+        return (self.config, self.kconfig)
 
     def check_config(self, loaded):
         """The CheckConfig these options ask for, validated against a loaded object."""
@@ -263,6 +289,8 @@ def _explore_options(f):
         click.option("--scheduler", default=None, metavar="ADDRESS",
                      help="Run on a Dask distributed scheduler, e.g. tcp://host:8786."),
         TREE_OPTION,
+        CONFIG_OPTION,
+        KCONFIG_OPTION,
     ]):
         wrapper = opt(wrapper)
     return wrapper
@@ -365,7 +393,7 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
     if out_format == "mail" and json_out == "-":
         raise InputError("--format mail writes to standard output: give --json a file")
     known = known_findings.load(baseline) if baseline else None
-    build, loaded = _load(target, opts.tree)
+    build, loaded = _load(target, opts.tree, opts.build_config)
     cfg = opts.check_config(loaded)
     ref = _object_ref(build)
     result = _run_check(build, cfg, opts, ref)
@@ -418,8 +446,9 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
 @click.option("--finding", default=None, metavar="FILE[:N]",
               help="Replay violation N (default 0) of a check JSON file.")
 @TREE_OPTION
+@_config_options
 @click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the trace as JSON.")
-def trace(target, scenario_name, features, injects, handler_effects, finding, tree, json_out) -> None:
+def trace(target, scenario_name, features, injects, handler_effects, finding, tree, json_out, config) -> None:
     """Run one path instruction by instruction and show every privileged state change."""
     from entrycheck.explore.check import parse_effects
     from entrycheck.explore.replay import parse_injection, trace as run_trace
@@ -437,7 +466,7 @@ def trace(target, scenario_name, features, injects, handler_effects, finding, tr
         raise click.UsageError("missing --scenario; choose from " + ", ".join(SCENARIOS))
     sc = scenario(scenario_name)
     out = _outputs(json_out)
-    build, loaded = _load(target, tree)
+    build, loaded = _load(target, tree, config)
     fs = FeatureSet.parse(features)
     image = loaded.image(fs)
     world = build_world(image)
@@ -609,8 +638,8 @@ def diff(old, new, opts: ExploreOptions, report: DiffOptions) -> None:
     report.known()
     opts.validate()
     out = _outputs(report.json_out, report.html_out)
-    old_build, old_loaded = _load(old, opts.tree)
-    new_build, new_loaded = _load(new, opts.tree)
+    old_build, old_loaded = _load(old, opts.tree, opts.build_config)
+    new_build, new_loaded = _load(new, opts.tree, opts.build_config)
     _run_diff(old_build, old_loaded, new_build, new_loaded, opts, report, out,
               {"old_target": old, "new_target": new})
 
@@ -633,7 +662,7 @@ def review(target, patches, opts: ExploreOptions, report: DiffOptions) -> None:
     texts = read_patches([Path(p) for p in patches])
     out = _outputs(report.json_out, report.html_out)
     with terminal_progress() as progress:
-        base = _resolve(target, opts.tree, progress)
+        base = _resolve(target, opts.tree, progress, opts.build_config)
         patched = patched_build(base, texts, progress=progress)
     if patched.applied is not None:
         for pl in patched.applied.placements:

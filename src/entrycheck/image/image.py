@@ -23,7 +23,7 @@ from entrycheck.image.layout import Perm, Region
 from entrycheck.image.objfile import SHN_ABS, ObjectFile, load_object
 from entrycheck.image.symbols import PTI_USER_PERCPU, PERCPU_FIXED, Resolution, SymbolClass, resolve
 
-CODE_SECTIONS = (".text", ".entry.text")
+CODE_SECTIONS = (".text", ".entry.text", ".noinstr.text")   # .noinstr.text: entry_64_fred.o
 REPLACEMENT = ".altinstr_replacement"
 
 

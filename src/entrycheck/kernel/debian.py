@@ -14,12 +14,13 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InputError, InternalError
 from ..progress import Progress, silent
 from .cache import Cache, safe_name
+from .kconfig import ConfigRequest
 from .kbuild import (
     build_entry,
     ensure_build_packages,
@@ -51,14 +52,20 @@ class DebianPackage:
         """Directory name of its extracted source under the cache's src/."""
         return safe_name(f"{self.name}_{self.version}")
 
-    def entry_name(self, debug: bool) -> str:
-        """Directory name of its build under the cache's builds/."""
-        return safe_name(f"debian-{self.series}_{self.version}") + ("_debug" if debug else "")
+    def entry_name(self, debug: bool, request: ConfigRequest = ConfigRequest()) -> str:
+        """Directory name of its build under the cache's builds/ (one per configuration request)."""
+        return (safe_name(f"debian-{self.series}_{self.version}") + ("_debug" if debug else "")
+                + f"_{_base(request).key()}")
 
-    def label(self, debug: bool) -> str:
-        """Human-readable name, e.g. 'debian:6.1 (linux-source-6.1 6.1.192-2)'."""
+    def label(self, debug: bool, request: ConfigRequest = ConfigRequest()) -> str:
+        """Human-readable name, e.g. 'debian:6.1 (linux-source-6.1 6.1.192-2; defconfig)'."""
         suffix = "+debug" if debug else ""
-        return f"debian:{self.series}{suffix} ({self.name} {self.version})"
+        return f"debian:{self.series}{suffix} ({self.name} {self.version}; {_base(request).describe()})"
+
+
+def _base(request: ConfigRequest) -> ConfigRequest:
+    """A Debian package has no config of its own: the default is defconfig."""
+    return request if request.base is not None else replace(request, base="defconfig")
 
 
 @dataclass(frozen=True)
@@ -245,26 +252,31 @@ def ensure_source(cache: Cache, package: DebianPackage, progress: Progress = sil
 # --------------------------------------------------------------------------- builds
 
 
-def _build(cache: Cache, package: DebianPackage, source: Path, debug: bool, progress: Progress) -> Path:
-    name = package.entry_name(debug)
+def _build(cache: Cache, package: DebianPackage, source: Path, debug: bool, request: ConfigRequest,
+           progress: Progress) -> Path:
+    request = _base(request)
+    name = package.entry_name(debug, request)
     kept_log = cache.log_path(name)
 
     def create(work: Path, staged: Path) -> None:
         log = work / "build.log"
         meta = {
             "kind": "debian",
-            "label": package.label(debug),
+            "label": package.label(debug, request),
             "series": package.series,
             "package": package.name,
             "package_version": package.version,
             "source_tree": str(source),
-            "config": "defconfig",
+            "config": request.describe(),
+            "request": request.key(),
             "debug": debug,
         }
+        base = distro_config(cache, package.series, package.version, progress) if request.base == "distro" else None
         try:
             build_entry(
                 source, work=work, staged=staged, log=log, log_shown=kept_log,
-                what=f"{package.name} {package.version}", meta=meta, debug=debug, progress=progress,
+                what=f"{package.name} {package.version}", meta=meta, config=base, debug=debug,
+                options=request.options, progress=progress,
             )
         finally:
             if log.exists():
@@ -273,15 +285,16 @@ def _build(cache: Cache, package: DebianPackage, source: Path, debug: bool, prog
     return cache.ensure("build", cache.builds / name, create, progress)
 
 
-def _cached_build(cache: Cache, series: str, debug: bool) -> DebianBuild | None:
-    """The newest published build of ``series`` (with the same debug flag)."""
+def _cached_build(cache: Cache, series: str, debug: bool, request: ConfigRequest) -> DebianBuild | None:
+    """The newest published build of ``series`` (with the same debug flag and configuration)."""
     found: list[tuple[str, Path]] = []
     for entry in cache.builds.glob(f"{safe_name(f'debian-{series}')}_*"):
         try:
             meta = read_meta(entry)
         except (OSError, ValueError):
             continue
-        if meta.get("series") == series and meta.get("debug") == debug:
+        if meta.get("series") == series and meta.get("debug") == debug and meta.get("request") == _base(
+                request).key():
             found.append((str(meta["package_version"]), entry))
     newest = _newest(found)
     if newest is None:
@@ -302,21 +315,23 @@ def _cached_source(cache: Cache, series: str) -> DebianPackage | None:
     return DebianPackage(series, newest[0]) if newest else None
 
 
-def _offline(cache: Cache, series: str, debug: bool, reason: str, progress: Progress) -> DebianBuild | None:
+def _offline(cache: Cache, series: str, debug: bool, request: ConfigRequest, reason: str,
+             progress: Progress) -> DebianBuild | None:
     """What can be used from the cache when the archive cannot be reached."""
-    cached = _cached_build(cache, series, debug)
+    cached = _cached_build(cache, series, debug, request)
     if cached is not None:
-        progress(f"Debian archive unreachable ({reason}); using cached {cached.package.label(debug)}")
+        progress(f"Debian archive unreachable ({reason}); using cached {cached.package.label(debug, request)}")
         return cached
     package = _cached_source(cache, series)
     if package is not None:
         progress(f"Debian archive unreachable ({reason}); building cached source {package.name} {package.version}")
         source = cache.src / package.source_name
-        return DebianBuild(package, _build(cache, package, source, debug, progress), source, debug)
+        return DebianBuild(package, _build(cache, package, source, debug, request, progress), source, debug)
     return None
 
 
-def resolve_debian(cache: Cache, series: str, *, debug: bool = False, progress: Progress = silent) -> DebianBuild:
+def resolve_debian(cache: Cache, series: str, *, debug: bool = False, request: ConfigRequest = ConfigRequest(),
+                   progress: Progress = silent) -> DebianBuild:
     """The build of linux-source-``series`` (apt's candidate version), made if not cached.
 
     As root, an unknown package (or a candidate the archive no longer has) makes
@@ -334,7 +349,7 @@ def resolve_debian(cache: Cache, series: str, *, debug: bool = False, progress: 
         version = candidate_version(name)
     if version is None:
         if update_failure is not None:
-            fallback = _offline(cache, series, debug, update_failure, progress)
+            fallback = _offline(cache, series, debug, request, update_failure, progress)
             if fallback is not None:
                 return fallback
         known = ", ".join(f"debian:{s}" for s in available_series())
@@ -345,7 +360,7 @@ def resolve_debian(cache: Cache, series: str, *, debug: bool = False, progress: 
 
     while True:
         package = DebianPackage(series, version)
-        entry = cache.builds / package.entry_name(debug)
+        entry = cache.builds / package.entry_name(debug, request)
         source = cache.src / package.source_name
         if entry.is_dir():
             if not source.is_dir():  # source removed from the cache: fetch it again if we can
@@ -366,11 +381,54 @@ def resolve_debian(cache: Cache, series: str, *, debug: bool = False, progress: 
                     if newer is not None and newer != version:
                         version = newer
                         continue
-            fallback = _offline(cache, series, debug, failure.reason, progress)
+            fallback = _offline(cache, series, debug, request, failure.reason, progress)
             if fallback is not None:
                 return fallback
             raise InputError(
                 f"cannot download {name} from the Debian archive: {failure.reason}; "
                 "check the network or pass a kernel tree"
             ) from None
-    return DebianBuild(package, _build(cache, package, source, debug, progress), source, debug)
+    return DebianBuild(package, _build(cache, package, source, debug, request, progress), source, debug)
+
+
+# --------------------------------------------------------------------------- distro configs
+
+
+def distro_config(cache: Cache, series: str, version: str | None, progress: Progress = silent) -> Path:
+    """Debian's amd64 config of ``series`` (package linux-config-X.Y; ``version`` when apt has it).
+
+    Cached under ``src/``; InputError when the package cannot be had.
+    """
+    _require_apt()
+    name = f"linux-config-{series}"
+    chosen = version if version and _has_version(name, version) else candidate_version(name)
+    if chosen is None:
+        cached = sorted(cache.src.glob(safe_name(f"{name}_") + "*"))
+        if cached:
+            return cached[-1] / "config.amd64"
+        raise InputError(f"Debian has no package {name}, so there is no distro config for {series}")
+
+    def create(work: Path, staged: Path) -> None:
+        progress(f"download {name} {chosen}")
+        result = _apt(["apt-get", "download", f"{name}={chosen}"], cwd=work)
+        debs = sorted(work.glob("*.deb"))
+        if result.returncode != 0 or not debs:
+            raise InputError(f"cannot download {name} {chosen}: {last_apt_error(result.stdout + result.stderr)}")
+        out = work / "x"
+        unpack = _apt(["dpkg-deb", "-x", str(debs[0]), str(out)])
+        packed = out / "usr" / "src" / name / "config.amd64_none_amd64.xz"
+        if unpack.returncode != 0 or not packed.is_file():
+            raise InputError(f"{name} {chosen} has no usr/src/{name}/config.amd64_none_amd64.xz")
+        staged.mkdir()
+        with (staged / "config.amd64").open("wb") as f:
+            done = subprocess.run(["xz", "-dc", str(packed)], stdout=f, stderr=subprocess.PIPE, check=False)
+        if done.returncode != 0:
+            raise InputError(f"cannot unpack {packed.name} of {name} {chosen}")
+
+    entry = cache.ensure("src", cache.src / safe_name(f"{name}_{chosen}"), create, progress)
+    return entry / "config.amd64"
+
+
+def _has_version(package: str, version: str) -> bool:
+    result = _apt(["apt-cache", "madison", package])
+    return any(line.split("|")[1].strip() == version for line in result.stdout.splitlines() if line.count("|") >= 2)

@@ -26,9 +26,11 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import InputError
 from ..progress import Progress, silent
+from .kconfig import entry_objects, script_arguments, unmet
 
 ENTRY_OBJECT = "arch/x86/entry/entry_64.o"
 ENTRY_SOURCE = "arch/x86/entry/entry_64.S"
+OTHER_ENTRY_SOURCES = ("arch/x86/entry/entry_64_compat.S", "arch/x86/entry/entry_64_fred.S")
 CALLING_H = "arch/x86/entry/calling.h"
 CPUFEATURES_H = "arch/x86/include/asm/cpufeatures.h"
 ASM_OFFSETS_H = "include/generated/asm-offsets.h"
@@ -36,12 +38,13 @@ ENTRY_CMD = "arch/x86/entry/.entry_64.o.cmd"
 ASM_OFFSETS_CMD = "arch/x86/kernel/.asm-offsets.s.cmd"
 
 META_JSON = "meta.json"
-STAGED_OBJECT = "entry_64.o"
+STAGED_OBJECT = "entry.o"          # every entry object of the build, linked with ld -r
+STAGED_PARTS = "objects"           # the entry objects themselves
 STAGED_CPUFEATURES = "cpufeatures.h"
 STAGED_ASM_OFFSETS = "asm-offsets.h"
 STAGED_CONFIG = "kernel.config"
 
-ALWAYS_FINGERPRINTED = (ENTRY_SOURCE, CALLING_H)
+ALWAYS_FINGERPRINTED = (ENTRY_SOURCE, CALLING_H, *OTHER_ENTRY_SOURCES)
 """Files whose mtime and size always take part in a tree's build fingerprint."""
 
 _GENERATED_PREFIXES = ("include/generated/", "include/config/", "arch/x86/include/generated/")
@@ -59,7 +62,7 @@ _MAKE_ENV_DROP = frozenset(
 )
 
 # Debian package -> how to tell it is installed.
-_TOOL_PACKAGES = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc"}
+_TOOL_PACKAGES = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc", "ld": "binutils"}
 _HEADER_PACKAGES = {"gelf.h": "libelf-dev", "openssl/opensslv.h": "libssl-dev"}
 _HEADER_DIRS = (Path("/usr/include"), Path("/usr/include/x86_64-linux-gnu"), Path("/usr/local/include"))
 
@@ -191,10 +194,10 @@ def parse_cmd_deps(cmd_file: Path) -> tuple[Dependency, ...]:
     return tuple(deps)
 
 
-def object_is_current(build: Path) -> bool:
-    """Whether ``build``'s entry_64.o is newer than .config and all it was made from."""
-    obj = build / ENTRY_OBJECT
-    cmd = build / ENTRY_CMD
+def object_is_current(build: Path, rel: str = ENTRY_OBJECT) -> bool:
+    """Whether ``build``'s object ``rel`` (default entry_64.o) is newer than .config and all it was made from."""
+    obj = build / rel
+    cmd = build / cmd_file(rel)
     config = build / ".config"
     try:
         built = obj.stat().st_mtime_ns
@@ -462,6 +465,8 @@ def build_entry(
     config: Path | None = None,
     copy_tree: bool = False,
     debug: bool = False,
+    options: tuple[tuple[str, str], ...] = (),
+    own_config: bool = True,
     progress: Progress = silent,
 ) -> BuildOutput:
     """Build entry_64.o from ``source`` inside ``work`` and stage the cache entry at ``staged``.
@@ -469,7 +474,10 @@ def build_entry(
     Out of tree (``O=work/build``) unless ``copy_tree``, in which case ``source`` is
     copied to ``work/tree`` and built there in-tree with its own .config.  The
     configuration is ``config`` if given, else the copy's own .config, else
-    defconfig; ``debug`` adds CONFIG_DEBUG_INFO_DWARF5.  ``meta`` is written to
+    defconfig (always defconfig when not ``own_config``); ``options`` (NAME, VALUE) are then set with scripts/config + olddefconfig
+    (InputError when olddefconfig does not keep one); ``debug`` adds CONFIG_DEBUG_INFO_DWARF5.
+    Every entry object the configuration has is built (see ``kconfig.entry_objects``) and
+    the objects are linked into one (``ld -r``), as the kernel's own link would.  ``meta`` is written to
     meta.json together with the versions, the dependency list and the debug flag.
     Raises InputError (naming the make target and the log) when make fails.
     """
@@ -491,7 +499,7 @@ def build_entry(
     if config is not None:
         shutil.copyfile(config, dot_config)
         make.run("olddefconfig")
-    elif dot_config.is_file():
+    elif dot_config.is_file() and own_config:
         make.run("olddefconfig")
     else:
         make.run("defconfig")
@@ -504,11 +512,21 @@ def build_entry(
         )
         make.run("olddefconfig")
 
-    progress(f"build {ENTRY_OBJECT}")
-    make.run(ENTRY_OBJECT, jobs=make_jobs())
+    if options:
+        make.command(["bash", str(tree / "scripts" / "config"), "--file", str(dot_config),
+                      *script_arguments(options)], "scripts/config")
+        make.run("olddefconfig")
+        missing = unmet(options, dot_config)
+        if missing:
+            raise InputError(f"cannot configure {what} as asked: olddefconfig did not keep {'; '.join(missing)}")
+
+    objects = entry_objects(dot_config)
+    progress(f"build {', '.join(Path(o).name for o in objects)}")
+    make.run(*objects, jobs=make_jobs())
+    for rel in objects:
+        if not (make.out / rel).is_file():
+            raise InputError(f"cannot build {what}: make {rel} produced no object (full log: {log_shown})")
     obj = make.out / ENTRY_OBJECT
-    if not obj.is_file():
-        raise InputError(f"cannot build {what}: make {ENTRY_OBJECT} produced no object (full log: {log_shown})")
     debug_info = has_debug_line(obj)
     if debug and not debug_info:
         raise InputError(
@@ -517,14 +535,17 @@ def build_entry(
         )
 
     deps: list[Dependency] = []
-    for cmd in (ENTRY_CMD, ASM_OFFSETS_CMD):
+    for cmd in (*(cmd_file(o) for o in objects), ASM_OFFSETS_CMD):
         if (make.out / cmd).is_file():
             deps += parse_cmd_deps(make.out / cmd)
     relative = source_relative_deps(deps, make.out, tree)
     version = kernel_version(tree)
 
     staged.mkdir()
-    shutil.copy2(obj, staged / STAGED_OBJECT)
+    (staged / STAGED_PARTS).mkdir()
+    for rel in objects:
+        shutil.copy2(make.out / rel, staged / STAGED_PARTS / Path(rel).name)
+    link_objects([staged / STAGED_PARTS / Path(rel).name for rel in objects], staged / STAGED_OBJECT, log)
     shutil.copyfile(tree / CPUFEATURES_H, staged / STAGED_CPUFEATURES)
     if (make.out / ASM_OFFSETS_H).is_file():
         shutil.copyfile(make.out / ASM_OFFSETS_H, staged / STAGED_ASM_OFFSETS)
@@ -534,11 +555,41 @@ def build_entry(
         "kernel_version": version,
         "debug_info": debug_info,
         "deps": list(relative),
+        "objects": [Path(rel).name for rel in objects],
+        "options": [f"{k}={v}" for k, v in options],
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "log": str(log_shown),
     }
     (staged / META_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return BuildOutput(relative, debug_info, version)
+
+
+def cmd_file(obj: str) -> str:
+    """kbuild's .cmd file of object ``obj`` (relative to the build directory)."""
+    path = Path(obj)
+    return str(path.parent / f".{path.name}.cmd")
+
+
+def link_objects(objects: Sequence[Path], out: Path, log: Path | None = None) -> None:
+    """``ld -r`` the entry objects into ``out`` (a copy when there is one), resolving their cross references.
+
+    The kernel's own link does the same to these objects (vmlinux.o); the order is kept, so
+    entry_64.o's sections come first.
+    """
+    if len(objects) == 1:
+        shutil.copyfile(objects[0], out)
+        return
+    if shutil.which("ld") is None:
+        raise InputError("linking the entry objects needs ld (binutils), which is missing; "
+                         "install it with: apt-get install binutils")
+    done = subprocess.run(["ld", "-m", "elf_x86_64", "-r", "-o", str(out), *map(str, objects)],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    if log is not None:
+        with log.open("a") as f:
+            f.write(done.stdout + done.stderr)
+    if done.returncode != 0 or not out.is_file():
+        lines = (done.stderr or done.stdout or "no output").strip().splitlines()
+        raise InputError(f"cannot link {', '.join(p.name for p in objects)} into one object: {lines[-1]}")
 
 
 def read_meta(entry: Path) -> dict[str, object]:

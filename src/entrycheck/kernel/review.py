@@ -71,7 +71,9 @@ def patched_build(base: KernelBuild, patches: Sequence[tuple[str, str]], *,
 
     cache.ensure("patched", final, create, progress)
     names = " + ".join(name for name, _ in patches)
-    build = build_tree_object(final, debug=base.debug_info, key_extra=f"patch-{key}", progress=progress)
+    # The patched tree is built with the configuration the base was built with.
+    build = build_tree_object(final, debug=base.debug_info, config=base.config_file, key_extra=f"patch-{key}",
+                              progress=progress)
     build = replace(build, label=f"{base.label} + {names}")
     return PatchedBuild(build, _read_applied(final), final)
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from ..errors import InputError
 from ..progress import Progress, silent
 from .cache import Cache, safe_name
-from .debian import SERIES, resolve_debian
+from .debian import SERIES, distro_config, resolve_debian
+from .kconfig import ConfigRequest, entry_objects
 from .kbuild import (
     ASM_OFFSETS_H,
     CPUFEATURES_H,
@@ -32,7 +33,9 @@ from .kbuild import (
     ENTRY_SOURCE,
     STAGED_ASM_OFFSETS,
     STAGED_CPUFEATURES,
+    STAGED_CONFIG,
     STAGED_OBJECT,
+    STAGED_PARTS,
     KernelTree,
     TreeKind,
     build_entry,
@@ -41,6 +44,7 @@ from .kbuild import (
     inspect_tree,
     is_clean_source,
     kernel_version,
+    link_objects,
     newest_mtime_ns,
     object_is_current,
     read_meta,
@@ -65,6 +69,8 @@ class KernelBuild:
     kernel_version: str | None  # VERSION.PATCHLEVEL.SUBLEVEL from the tree's Makefile
     package_version: str | None  # Debian package version, when from Debian
     debug_info: bool  # the object carries DWARF line info (.debug_line)
+    parts: tuple[Path, ...] = ()  # the entry objects linked into object_path (entry_64.o first)
+    config_file: Path | None = None  # the .config it was built with, when known
 
 
 def _existing(path: Path | None) -> Path | None:
@@ -77,6 +83,7 @@ def _from_entry(entry: Path, label: str, source: Path | None = None) -> KernelBu
     if source is None and meta.get("source_tree"):
         source = Path(str(meta["source_tree"]))
     version = meta.get("package_version")
+    names = meta.get("objects") or []
     return KernelBuild(
         label=label,
         object_path=entry / STAGED_OBJECT,
@@ -86,15 +93,19 @@ def _from_entry(entry: Path, label: str, source: Path | None = None) -> KernelBu
         kernel_version=str(meta["kernel_version"]) if meta.get("kernel_version") else None,
         package_version=str(version) if version else None,
         debug_info=bool(meta.get("debug_info")),
+        parts=tuple(entry / STAGED_PARTS / str(n) for n in names) if isinstance(names, list) else (),
+        config_file=_existing(entry / STAGED_CONFIG),
     )
 
 
-def _in_place(tree: KernelTree, label: str) -> KernelBuild:
-    """The tree's own, current object, used where it is."""
+def _in_place(tree: KernelTree, label: str, objects: tuple[Path, ...]) -> KernelBuild:
+    """The tree's own, current objects, used where they are (linked into one in the cache)."""
     assert tree.object is not None and tree.build is not None
     return KernelBuild(
         label=label,
-        object_path=tree.object,
+        object_path=linked(objects),
+        parts=objects,
+        config_file=tree.config,
         cpufeatures_h=_existing(tree.source / CPUFEATURES_H),
         asm_offsets_h=_existing(tree.build / ASM_OFFSETS_H),
         source_tree=tree.source,
@@ -106,6 +117,23 @@ def _in_place(tree: KernelTree, label: str) -> KernelBuild:
 
 def _digest(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
+
+
+def linked(objects: tuple[Path, ...]) -> Path:
+    """``objects`` linked into one (``ld -r``) in the cache, keyed by their contents; one object is itself."""
+    if len(objects) == 1:
+        return objects[0]
+    digest = hashlib.sha256()
+    for path in objects:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    cache = Cache.open()
+    final = cache.builds / f"linked-{digest.hexdigest()[:16]}"
+
+    def create(work: Path, staged: Path) -> None:
+        staged.mkdir()
+        link_objects(objects, staged / STAGED_OBJECT)
+
+    return cache.ensure("link", final, create) / STAGED_OBJECT
 
 
 def _find_current(cache: Cache, prefix: str, source: Path) -> Path | None:
@@ -128,11 +156,17 @@ def _build_tree(
     config: Path | None,
     key_extra: str,
     progress: Progress,
+    request: ConfigRequest = ConfigRequest(),
 ) -> KernelBuild:
-    """Build ``tree``'s entry_64.o into the cache (or find that build there)."""
+    """Build ``tree``'s entry objects into the cache (or find that build there)."""
     if config is not None and not config.is_file():
         raise InputError(f"kernel config {config}: no such file")
-    if config is None and tree.kind is TreeKind.BUILD_DIR:
+    if request.base == "distro":
+        series = ".".join((kernel_version(tree.source) or "").split(".")[:2])
+        if not series:
+            raise InputError(f"{label}: cannot tell the kernel version from its Makefile, so not which distro config")
+        config = distro_config(Cache.open(), series, None, progress)
+    if config is None and tree.kind is TreeKind.BUILD_DIR and request.base is None:
         config = tree.config
     # kbuild refuses O= builds of a source tree configured in-tree: build in a copy.
     copy = tree.kind is TreeKind.SOURCE_CONFIGURED or not is_clean_source(tree.source)
@@ -142,7 +176,11 @@ def _build_tree(
         config_id = "own:" + _digest(tree.config.read_bytes())
     else:
         config_id = "defconfig"
-    key = [str(tree.path), str(tree.source), tree.kind.name, config_id, debug, key_extra]
+    if request.base == "defconfig":
+        config_id = "defconfig"
+    key = [str(tree.path), str(tree.source), tree.kind.name, config_id, debug, key_extra, request.key(), STAGED_OBJECT]
+    if not request.default:
+        label = f"{label} ({request.describe()})"
     prefix = f"{safe_name('tree-' + tree.path.name)[:48]}-{_digest(json.dumps(key))}"
 
     cache = Cache.open()
@@ -162,7 +200,9 @@ def _build_tree(
                 "tree": str(tree.path),
                 "tree_kind": tree.kind.value,
                 "source_tree": str(tree.source),
-                "config": str(config) if config is not None else ("own .config" if copy else "defconfig"),
+                "config": str(config) if config is not None else (
+                    "own .config" if copy and request.base is None else "defconfig"),
+                "options": [f"{k}={v}" for k, v in request.options],
                 "debug": debug,
                 "key_extra": key_extra,
                 "package_version": None,
@@ -172,7 +212,7 @@ def _build_tree(
                 output = build_entry(
                     tree.source, work=work, staged=staged, log=log, log_shown=kept_log,
                     what=label, meta=meta, config=config, copy_tree=copy, debug=debug,
-                    progress=progress,
+                    options=request.options, own_config=request.base is None, progress=progress,
                 )
             finally:
                 if log.exists():
@@ -202,8 +242,9 @@ def build_tree_object(
     config: Path | None = None,
     key_extra: str = "",
     progress: Progress = silent,
+    request: ConfigRequest = ConfigRequest(),
 ) -> KernelBuild:
-    """Build entry_64.o of ``src_tree`` (source tree or O= build dir) into the cache.
+    """Build the entry objects of ``src_tree`` (source tree or O= build dir) into the cache.
 
     Never writes into ``src_tree``.  ``config`` replaces the tree's configuration
     (default: its own .config, else defconfig); ``debug`` adds DWARF line info;
@@ -214,24 +255,41 @@ def build_tree_object(
     is rebuilt.  A failed build raises InputError and publishes nothing.
     """
     tree = _inspect(src_tree.expanduser(), str(src_tree))
-    return _build_tree(tree, str(src_tree), debug=debug, config=config, key_extra=key_extra, progress=progress)
+    return _build_tree(tree, str(src_tree), debug=debug, config=config, key_extra=key_extra, progress=progress,
+                       request=request)
 
 
-def _tree_target(spec: str, path: Path, debug: bool, progress: Progress) -> KernelBuild:
+def _tree_target(spec: str, path: Path, debug: bool, progress: Progress, request: ConfigRequest) -> KernelBuild:
     tree = _inspect(path, spec)
     obj = tree.object
     if (
-        obj is not None
+        request.default
+        and obj is not None
         and tree.build is not None
-        and object_is_current(tree.build)
+        and tree.config is not None
+        and all(object_is_current(tree.build, rel) for rel in entry_objects(tree.config))
         and (not debug or has_debug_line(obj))
     ):
-        progress(f"using the current {ENTRY_OBJECT} of {spec}")
-        return _in_place(tree, spec)
-    return _build_tree(tree, spec, debug=debug, config=None, key_extra="", progress=progress)
+        objects = tuple(tree.build / rel for rel in entry_objects(tree.config))
+        progress(f"using the current {', '.join(o.name for o in objects)} of {spec}")
+        return _in_place(tree, spec, objects)
+    return _build_tree(tree, spec, debug=debug, config=None, key_extra="", progress=progress, request=request)
 
 
-def _object_target(spec: str, path: Path, tree: Path | None) -> KernelBuild:
+def _object_list(spec: str) -> tuple[Path, ...]:
+    """Several objects named together, ``entry_64.o,entry_64_compat.o``: each must exist."""
+    if "," not in spec or Path(spec).expanduser().exists():
+        return ()
+    paths = tuple(Path(p).expanduser() for p in spec.split(","))
+    for p in paths:
+        if not p.is_file():
+            raise InputError(f"{spec}: {p} is not a file (several objects are joined with commas: "
+                             "entry_64.o,entry_64_compat.o)")
+    return paths
+
+
+def _object_target(spec: str, paths: tuple[Path, ...], tree: Path | None) -> KernelBuild:
+    path = linked(tuple(p.absolute() for p in paths))
     kernel: KernelTree | None = None
     if tree is not None:
         try:
@@ -250,10 +308,12 @@ def _object_target(spec: str, path: Path, tree: Path | None) -> KernelBuild:
         kernel_version=kernel_version(kernel.source) if kernel else None,
         package_version=None,
         debug_info=has_debug_line(path),
+        parts=tuple(p.absolute() for p in paths),
     )
 
 
-def resolve_target(spec: str, *, tree: Path | None = None, progress: Progress = silent) -> KernelBuild:
+def resolve_target(spec: str, *, tree: Path | None = None, progress: Progress = silent,
+                   request: ConfigRequest = ConfigRequest()) -> KernelBuild:
     """Resolve TARGET ``spec`` to a KernelBuild, downloading and building as needed.
 
     ``tree`` (the --tree option) pairs a bare entry_64.o with the kernel tree it
@@ -266,20 +326,20 @@ def resolve_target(spec: str, *, tree: Path | None = None, progress: Progress = 
         series = series.removesuffix(DEBUG_SUFFIX)
         if not SERIES.fullmatch(series):
             raise InputError(f"bad target {spec!r}: expected debian:X.Y or debian:X.Y+debug, e.g. debian:6.1")
-        built = resolve_debian(Cache.open(), series, debug=debug, progress=progress)
-        return _from_entry(built.entry, built.package.label(debug), built.source)
+        built = resolve_debian(Cache.open(), series, debug=debug, request=request, progress=progress)
+        return _from_entry(built.entry, built.package.label(debug, request), built.source)
     if not spec.strip():
         raise InputError(f"empty target: expected {TARGET_FORMS}")
     if "\0" in spec:
         raise InputError("the target contains a NUL byte")
     try:
-        return _path_target(spec, tree, progress)
+        return _path_target(spec, tree, progress, request)
     except OSError as exc:                       # a name too long, a file that cannot be read, ...
         shown = spec if len(spec) <= 120 else spec[:117] + "..."
         raise InputError(f"cannot use {shown}: {exc.strerror or exc}") from exc
 
 
-def _path_target(spec: str, tree: Path | None, progress: Progress) -> KernelBuild:
+def _path_target(spec: str, tree: Path | None, progress: Progress, request: ConfigRequest) -> KernelBuild:
     try:
         path = Path(spec).expanduser()
     except RuntimeError as exc:                  # ~user that does not exist
@@ -290,9 +350,13 @@ def _path_target(spec: str, tree: Path | None, progress: Progress) -> KernelBuil
         if plain.is_dir():
             path, debug = plain, True
     if path.is_dir():
-        return _tree_target(spec, path, debug, progress)
-    if path.is_file():
-        return _object_target(spec, path, tree)
+        return _tree_target(spec, path, debug, progress, request)
+    objects = _object_list(spec)
+    if path.is_file() or objects:
+        if not request.default:
+            raise InputError(f"{spec}: --config and --kconfig apply to what entrycheck builds (debian:X.Y or a "
+                             "kernel tree); a built object already has its configuration")
+        return _object_target(spec, objects or (path,), tree)
     if path.exists():
         raise InputError(f"{spec} is not a regular file or directory; expected {TARGET_FORMS}")
     if os.sep in spec or spec.startswith(("~", ".")) or spec.endswith((".o", DEBUG_SUFFIX)):
