@@ -219,15 +219,18 @@ class ExploreOptions:
         names = _scenarios(self.scenarios)
 
         def missing(name: str) -> str | None:
-            v = scenario(name).vector
-            return IDT_SYMBOLS[v] if v is not None and IDT_SYMBOLS[v] not in loaded.symbols else None
+            sc = scenario(name)
+            sym = sc.entry_symbol or IDT_SYMBOLS[sc.vector]
+            return sym if sym not in loaded.symbols else None
 
         if self.scenarios and self.scenarios != "all":
             for name in names:
                 sc = scenario(name)
                 if missing(name):
-                    raise InputError(f"scenario {name}: this kernel has no entry point for {sc.vector.label} "
-                                     f"({missing(name)} is missing)")
+                    what = sc.vector.label if sc.vector is not None else sc.entry
+                    raise InputError(f"scenario {name}: this kernel has no entry point for {what} "
+                                     f"({missing(name)} is missing; a 32-bit entry needs IA32_EMULATION and "
+                                     "entry_64_compat.o)")
                 if sc.needs and not any(sc.needs in fs for fs in sets):
                     raise InputError(f"scenario {name} needs the {sc.needs} feature: add it to --features "
                                      f"(e.g. --features {sc.needs})")

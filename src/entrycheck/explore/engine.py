@@ -145,6 +145,9 @@ class Node:
         self.row = row
         self.events = record.events
         self.steps = [e.step for e in self.events]
+        # Boundaries a single-step #DB trap was delivered just before (a breakpoint's trap on the
+        # same instruction is that same #DB: DR6 reports both).
+        self.single_steps = frozenset(e.step for e in self.events if type(e) is Delivered and e.single_step)
         first = self.log.start
         end = record.resumed_step if record.resumed_step is not None else record.final.steps
         self.window = (first, end)
@@ -532,7 +535,10 @@ class Explorer:
         return phys
 
     def _watchable_before(self, node: Node, k: int) -> bool:
-        """#DB as a trap: the instruction before boundary k touched data a breakpoint may watch."""
+        """#DB as a trap: the instruction before boundary k touched data a breakpoint may watch
+        (unless TF raised a #DB there already: one #DB reports both)."""
+        if k in node.single_steps:
+            return False
         return self._watchable_access(node, k) is not None or self._mov_ss(node, k)
 
     def _mov_ss(self, node: Node, k: int) -> bool:

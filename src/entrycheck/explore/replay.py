@@ -127,7 +127,7 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
     delivered = [e for e in rec.events if type(e) is Delivered]
     j = 0
     for c, e in enumerate(delivered):
-        if e.from_latch or e.vector is Vector.GP or (c == 0 and sc.vector is not None):
+        if e.from_latch or e.single_step or e.vector is Vector.GP or (c == 0 and sc.vector is not None):
             continue
         injection_of[c] = j
         j += 1
@@ -138,7 +138,8 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
     for e in rec.events:
         if type(e) is Delivered:
             c += 1
-        if type(e) is Delivered and e.vector.ist and (not e.from_latch or type(prev) is Resumed):
+        if (type(e) is Delivered and e.vector.ist and not e.single_step
+                and (not e.from_latch or type(prev) is Resumed)):
             if e.from_latch:
                 at, j = prev.injection.step, injection_of.get(prev.injection.chain_index)
             else:

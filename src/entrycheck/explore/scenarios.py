@@ -26,6 +26,15 @@ USER_RFLAGS = 0x246
 KERNEL_RIP = layout.KERNEL_TEXT_BASE + 0x123
 KERNEL_RFLAGS = 0x246
 SYSCALL_NR = 39                      # getpid
+# A 32-bit task: its int $0x80 / SYSCALL site and stack below 4 GiB, and the vDSO's landing pad
+# (__kernel_vsyscall's int80_landing_pad) where do_fast_syscall_32 sends every fast system call back.
+USER32_RIP = 0x0804_9A2C
+USER32_RSP = 0xFFFF_CF80
+VDSO32_LANDING_PAD = layout.VDSO32_LANDING_PAD
+SYSCALL32_NR = 20                    # getpid in the 32-bit table
+# Where each kind of system-call instruction enters (a scenario with no vector).
+ENTRY_SYMBOLS = {"syscall": "entry_SYSCALL_64", "syscall32": "entry_SYSCALL_compat",
+                 "sysenter": "entry_SYSENTER_compat"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,13 @@ class Scenario:
     sysret: bool = True              # syscall: do_syscall_64 allows SYSRET
     needs: str | None = None         # a feature the scenario needs (vc: sev_es)
     user: UserState = UserState()    # hostile user values (the name then carries them: syscall[rsp=0x...])
+    entry: str = "syscall"           # no vector: the instruction that enters (syscall, syscall32, sysenter)
+    compat: bool = False             # the user task is 32-bit (CS __USER32_CS, values below 4 GiB)
+
+    @property
+    def entry_symbol(self) -> str | None:
+        """Where a system-call scenario enters (None: through the IDT, ``IDT_SYMBOLS[vector]``)."""
+        return ENTRY_SYMBOLS[self.entry] if self.vector is None else None
 
     @property
     def base(self) -> str:
@@ -102,6 +118,12 @@ _ALL = (
     Scenario("db-from-user", "debug exception while user code runs", Vector.DB, True),
     Scenario("db-from-kernel", "debug exception in kernel code (paranoid entry/exit)", Vector.DB, False),
     Scenario("vc-from-kernel", "SEV-ES #VC in kernel code", Vector.VC, False, needs="sev_es"),
+    Scenario("sysenter", "SYSENTER from a 32-bit task (the vDSO's fast path), returning with SYSRETL", None,
+             True, entry="sysenter", compat=True),
+    Scenario("syscall32", "SYSCALL from a 32-bit task (AMD's fast path), returning with SYSRETL", None, True,
+             entry="syscall32", compat=True),
+    Scenario("int80", "int $0x80 from a 32-bit task (asm_int80_emulation), returning with IRET", Vector.INT80,
+             True, compat=True),
 )
 SCENARIOS: Mapping[str, Scenario] = MappingProxyType({s.name: s for s in _ALL})
 DEFAULT_SCENARIOS: tuple[str, ...] = tuple(s.name for s in _ALL if s.needs is None)
@@ -144,8 +166,10 @@ def check_user(sc: Scenario, user: UserState) -> None:
     where = f"scenario {sc.base}{user.suffix()}"
     if not sc.from_user and user.items():
         raise InputError(f"{where}: a scenario from kernel mode has no user values")
+    if sc.compat and user.rsp is not None and user.rsp >> 32:
+        raise InputError(f"{where}: rsp {user.rsp:#x} does not fit a 32-bit task's ESP")
     for name in RETURN_FIELDS:
-        if getattr(user, name) is not None and sc.vector is not None:
+        if getattr(user, name) is not None and (sc.vector is not None or sc.compat):
             raise InputError(f"{where}: {name} is part of the context a system call returns to; only SYSCALL "
                              "scenarios have one")
     for name in ("ret_cs", "ret_ss"):
@@ -183,9 +207,14 @@ def start_state(world: World, sc: Scenario, memory: bytes) -> Snapshot:
         raise InputError(f"this kernel has no entry point for {sc.vector.label} (scenario {sc.name})")
     user = sc.user
     flags = USER_RFLAGS if user.rflags is None else user.rflags | model.RFLAGS_IF | model.RFLAGS_FIXED
-    if sc.from_user:
+    if sc.compat:
+        regs = Regs(*(v & 0xFFFF_FFFF for v in user_gprs()), USER32_RSP if user.rsp is None else user.rsp,
+                    USER32_RIP, flags)
+        cpu, home = world.user_cpu().but(compat=True), None
+    elif sc.from_user:
         regs = Regs(*user_gprs(), USER_RSP if user.rsp is None else user.rsp, USER_RIP, flags)
         cpu, home = world.user_cpu(), None
+    if sc.from_user:
         if user.gsbase is not None:
             if user.gsbase >> 63 and not world.fsgsbase:
                 raise InputError(f"scenario {sc.name}: a negative GSBASE needs the fsgsbase feature (without "
@@ -196,9 +225,19 @@ def start_state(world: World, sc: Scenario, memory: bytes) -> Snapshot:
         regs = Regs(*kernel_gprs(), rsp, KERNEL_RIP, KERNEL_RFLAGS)
         cpu, home = world.kernel_cpu(), (KERNEL_RIP, rsp)
     if sc.vector is None:
-        # SYSCALL: RCX = return RIP, R11 = RFLAGS, RFLAGS &= ~SFMASK, CPL 0; RSP and GS untouched.
-        regs = regs.with_(rax=SYSCALL_NR, rcx=USER_RIP, r11=flags,
-                          rflags=(flags & ~model.SYSCALL_MASK) | model.RFLAGS_FIXED,
-                          rip=world.image.address_of("entry_SYSCALL_64"))
-        cpu = model.syscall(cpu)
+        entry = world.image.address_of(sc.entry_symbol)
+        if sc.entry == "sysenter":
+            # SYSENTER: RSP from SYSENTER_ESP (the entry stack's top), RIP from SYSENTER_EIP; only
+            # VM, IF and RF cleared; nothing of the user's RIP or RSP is saved (the vDSO keeps them).
+            regs = regs.with_(rax=SYSCALL32_NR, rsp=world.entry_stack_top, rip=entry,
+                              rflags=(flags & ~model.SYSENTER_CLEARS) | model.RFLAGS_FIXED)
+            cpu = model.sysenter(cpu)
+        else:
+            # SYSCALL (from compat mode too): RCX = return RIP, R11 = RFLAGS, RFLAGS &= ~SFMASK,
+            # CPL 0; RSP and GS untouched.
+            regs = regs.with_(rax=SYSCALL32_NR if sc.compat else SYSCALL_NR, rcx=regs.rip, r11=flags,
+                              rflags=(flags & ~model.SYSCALL_MASK) | model.RFLAGS_FIXED, rip=entry)
+            cpu = model.syscall(cpu)
+    elif sc.vector is Vector.INT80:
+        regs = regs.with_(rax=SYSCALL32_NR)
     return Snapshot(regs, memory, cpu, 0, (), 0, home)

@@ -34,7 +34,7 @@ def candidates(world, sc: Scenario) -> list[UserState]:
     out: list[UserState] = []
     if not sc.from_user:
         return out
-    if sc.vector is None and sc.sysret:
+    if sc.vector is None and sc.sysret and not sc.compat:
         # The user RSP stays in RSP across the SYSCALL gap and the SYSRET window: inside each
         # kernel stack the entry code may compare it with (below all of them is the default),
         # a kernel address, non-canonical.  (syscall-iret has the same entry gap, and its

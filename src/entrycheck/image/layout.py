@@ -48,6 +48,9 @@ SIGNAL_STACK = 0x00007FFD_C0DE_0000
 # TASK_SIZE_MAX with 4-level paging: the last user page is never mapped (a SYSCALL at its end
 # would leave a non-canonical RCX).
 TASK_SIZE_MAX = (1 << 47) - PAGE
+# A 32-bit task's vDSO landing pad (int80_landing_pad of __kernel_vsyscall): do_fast_syscall_32
+# returns every SYSENTER and compat SYSCALL there.
+VDSO32_LANDING_PAD = 0xF7FC_1549
 
 # ---- x86-64 Linux facts the model lays memory out by (the one table of them) ------------
 # Segment selectors (arch/x86/include/asm/segment.h).

@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from entrycheck.image.layout import (ENTRY_STACK_SIZE, IST_STACK_SIZE, SIGNAL_HANDLER_RIP, SIGNAL_STACK,
-                                     TASK_SIZE_MAX, TASK_STACK_SIZE, USER_CS, USER_DS)
+                                     TASK_SIZE_MAX, TASK_STACK_SIZE, USER_CS, USER_DS, VDSO32_LANDING_PAD)
 from entrycheck.machine import model
 from entrycheck.machine.events import Cr3Written, FaultKind, MsrWritten, StubCall
 from entrycheck.machine.api import Context
@@ -42,6 +42,8 @@ class Kind(enum.Enum):
     HANDLER = "exception handler"        # C, returns; effects apply
     C_FUNCTION = "C function"            # C, returns
     SYSCALL = "do_syscall_64"
+    SYSCALL32 = "do_fast_syscall_32"     # and do_SYSENTER_32: returns whether SYSRETL may return
+    INT80 = "do_int80_emulation"         # the int $0x80 system call (returns through IRET)
     SYNC_REGS = "sync_regs"
     FIXUP_BAD_IRET = "fixup_bad_iret"
     THUNK = "thunk"                      # asm helper that returns (return thunks, untraining)
@@ -86,14 +88,25 @@ CONTRACTS: Mapping[str, Kind] = MappingProxyType({
     "syscall_exit_to_user_mode": Kind.C_FUNCTION,
     "handle_interrupted_saferet": Kind.C_FUNCTION,
     "int80_emulation": Kind.C_FUNCTION,
+    "do_fast_syscall_32": Kind.SYSCALL32,
+    "do_SYSENTER_32": Kind.SYSCALL32,
+    "do_int80_emulation": Kind.INT80,
+    "do_int80_syscall_32": Kind.INT80,
 })
 IRQ_HANDLERS = ("common_interrupt", "sysvec_")      # the C handlers of maskable interrupts
 HANDLER_PREFIXES = ("exc_", "noist_exc_", "sysvec_", "common_interrupt", "spurious_interrupt", "kernel_exc_",
                     "user_exc_")
 
 
+# RFLAGS bits that must be clear whenever C code runs: DF (the ABI) and NT (an IRET with NT set
+# would try a task return: #GP in 64-bit mode). SYSCALL masks both; exception delivery clears NT
+# (the entry code's CLD does DF); SYSENTER keeps both as user space set them, and its entry
+# clears them with POPF.  (AC is not checked: CLAC/STAC are not modelled.)
+C_ENTRY_CLEAR = model.RFLAGS_DF | model.RFLAGS_NT
+
 # C functions whose first argument is the pt_regs the entry code built.
-PT_REGS_ARG = frozenset({Kind.SYSCALL, Kind.SYNC_REGS, Kind.FIXUP_BAD_IRET, Kind.HANDLER})
+PT_REGS_ARG = frozenset({Kind.SYSCALL, Kind.SYSCALL32, Kind.INT80, Kind.SYNC_REGS, Kind.FIXUP_BAD_IRET,
+                         Kind.HANDLER})
 
 
 def contract(name: str) -> Kind | None:
@@ -115,6 +128,13 @@ class StubOptions:
     # The user context the system call returns to, as rt_sigreturn or ptrace can set it:
     # (pt_regs field, value) pairs do_syscall_64 writes.
     user_return: tuple[tuple[str, int], ...] = ()
+
+
+def sysretl_allowed(regs: dict[str, int]) -> bool:
+    """do_fast_syscall_32's verdict (6.1 and 6.12, arch/x86/entry/common.c): SYSRETL only to the vDSO
+    landing pad, with the STAR selectors, and without RF, TF or VM (SYSRETL cannot restore them)."""
+    return (regs["ip"] == VDSO32_LANDING_PAD and regs["cs"] == model.USER32_CS and regs["ss"] == USER_DS
+            and not regs["flags"] & (model.RFLAGS_RF | model.RFLAGS_TF | model.RFLAGS_VM))
 
 
 def sysret_allowed(regs: dict[str, int]) -> bool:
@@ -159,12 +179,18 @@ class Stubs:
             return
         if kind is Kind.SYSCALL:
             self._do_syscall_64(emu)
+        elif kind is Kind.SYSCALL32:
+            self._do_fast_syscall_32(emu, sysenter=name == "do_SYSENTER_32")
+        elif kind is Kind.INT80:
+            emu.write_u64(emu.reg("rdi") + PTREGS["rax"], 0)
         elif kind is Kind.SYNC_REGS:
             self._sync_regs(emu)
         elif kind is Kind.FIXUP_BAD_IRET:
             self._fixup_bad_iret(emu)
         elif kind is Kind.HANDLER:
             if name == "exc_general_protection" and not self._general_protection(emu):
+                return
+            if name in ("exc_debug", "noist_exc_debug") and not self._single_step(emu):
                 return
             if name in ("exc_machine_check", "noist_exc_machine_check"):
                 cpu, write = model.wrmsr(emu.cpu, model.MSR_MCG_STATUS, 0)
@@ -185,6 +211,12 @@ class Stubs:
             kind = FaultKind.USER_GS if cpu.gs_base in w.config.user_gs_values else FaultKind.CHECKPOINT
             emu.fault(kind, f"C function {name} called with GSBASE {cpu.gs_base:#x}, not this CPU's per-cpu "
                             f"base {w.percpu_base:#x}")
+            return False
+        flags = emu.reg("rflags") & C_ENTRY_CLEAR
+        if flags:
+            names = ", ".join(n for bit, n in ((model.RFLAGS_DF, "DF"), (model.RFLAGS_NT, "NT")) if flags & bit)
+            emu.fault(FaultKind.CHECKPOINT, f"C function {name} called with RFLAGS.{names} set (C code needs "
+                                            "DF clear by the ABI, NT clear for its IRETs)")
             return False
         on_task = w.task_stack_top - TASK_STACK_SIZE <= rsp < w.task_stack_top
         on_ist = any(top - IST_STACK_SIZE <= rsp < top for top in w.ist_tops.values())
@@ -235,6 +267,37 @@ class Stubs:
         if self.world.syscall_returns_bool:
             fields = {k: emu.read_u64(regs + PTREGS[k]) for k in ("rcx", "ip", "r11", "flags", "cs", "ss")}
             emu.set_reg("rax", 1 if sysret_allowed(fields) else 0)
+
+    def _do_fast_syscall_32(self, emu: Context, sysenter: bool) -> None:
+        """do_fast_syscall_32 / do_SYSENTER_32: SYSENTER saves no user RSP (the vDSO passes it in
+        EBP) and cleared IF; every fast system call returns to the vDSO's landing pad; the verdict
+        in EAX says whether SYSRETL may return."""
+        regs = emu.reg("rdi")
+        emu.write_u64(regs + PTREGS["rax"], 0)
+        if sysenter:
+            emu.write_u64(regs + PTREGS["sp"], emu.read_u64(regs + PTREGS["rbp"]) & 0xFFFF_FFFF)
+            emu.write_u64(regs + PTREGS["flags"], emu.read_u64(regs + PTREGS["flags"]) | model.RFLAGS_IF)
+        emu.write_u64(regs + PTREGS["ip"], VDSO32_LANDING_PAD + (0 if emu.options.sysret else 0x100))
+        fields = {k: emu.read_u64(regs + PTREGS[k]) for k in ("ip", "flags", "cs", "ss")}
+        emu.set_reg("rax", 1 if sysretl_allowed(fields) else 0)
+
+    def _single_step(self, emu: Context) -> bool:
+        """exc_debug with DR6.BS (the interrupted context had TF set): from kernel mode it is
+        expected only inside entry_SYSENTER_compat (is_sysenter_singlestep(): user space entered
+        with TF set and the code single-steps until it clears TF); anywhere else in the kernel,
+        exc_debug_kernel WARNs (ac8b270b61d4: CLEAR_BRANCH_HISTORY called before the SYSENTER
+        code cleared TF)."""
+        regs = emu.reg("rdi")
+        ip, cs, flags = (emu.read_u64(regs + PTREGS[k]) for k in ("ip", "cs", "flags"))
+        if cs & 3 or not flags & model.RFLAGS_TF:
+            return True
+        start, end = self.world.sysenter_range
+        if start <= ip < end:
+            return True
+        emu.fault(FaultKind.CHECKPOINT, f"single-step #DB in kernel code at {emu.symbolize(ip)}, outside "
+                                        "entry_SYSENTER_compat: exc_debug_kernel WARNs (TF from user space "
+                                        "was still set)")
+        return False
 
     def _general_protection(self, emu: Context) -> bool:
         """exc_general_protection: from user mode (a bad IRET's frame, moved by fixup_bad_iret,

@@ -31,6 +31,7 @@ IDT_SYMBOLS: Mapping[Vector, str] = MappingProxyType({
     Vector.MC: "asm_exc_machine_check",
     Vector.VC: "asm_exc_vmm_communication",
     Vector.IRQ: "irq_entries_start",        # the stub for vector 0x20: pushes it, jumps to common code
+    Vector.INT80: "asm_int80_emulation",    # IA32_SYSCALL_VECTOR, a DPL 3 gate (IA32_EMULATION)
 })
 
 # cpu_entry_area, per CPU: GDT, entry stack, then IST stacks each behind a guard page.
@@ -69,6 +70,14 @@ class World:
     syscall_returns_bool: bool         # 6.12's do_syscall_64 says whether SYSRET may be used
 
     # ---- CR3 values ------------------------------------------------------------------
+    @property
+    def sysenter_range(self) -> tuple[int, int]:
+        """[entry_SYSENTER_compat, __end_entry_SYSENTER_compat): where exc_debug expects single-steps."""
+        sym = self.image.loaded.symbols
+        if "entry_SYSENTER_compat" not in sym or "__end_entry_SYSENTER_compat" not in sym:
+            return (0, 0)
+        return sym["entry_SYSENTER_compat"], sym["__end_entry_SYSENTER_compat"]
+
     def kernel_cr3(self, asid: int | None = None, pgd: int | None = None) -> int:
         asid = self.params.asid if asid is None else asid
         pcid = asid + 1 if self.pcid else 0

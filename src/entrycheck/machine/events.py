@@ -93,6 +93,7 @@ class Delivered(Event):
     frame: Frame
     stack: int                # RSP after the frame was pushed
     from_latch: bool
+    single_step: bool = False # a #DB trap the CPU raised because TF was set (not an injection)
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,8 @@ class _Run:
     seen_states: dict = field(default_factory=dict)
     seen_light: set = field(default_factory=set)
     head_visits: dict = field(default_factory=dict)
+    restart: bool = False         # stopped to go on at a new RIP (a single-step #DB was delivered)
+    tf_watch: bool = False        # TF may be set in kernel mode (started with it, or an IRET restored it)
 
 
 class _Core:
@@ -146,6 +148,7 @@ class _Core:
         run = self.run_ = _Run(req, start.steps, start.outstanding, start.chain, start.home, limit)
         self.options = req.options
         run.points = {p.index: p for p in req.converge}
+        run.tf_watch = bool(start.regs.rflags & model.RFLAGS_TF)
         if req.injections:
             run.inject = [(self.image.parse_location(i.at), i.vector, i.hit) for i in req.injections]
         if req.level >= Level.FLOW:
@@ -185,6 +188,9 @@ class _Core:
             if status != U.OK:
                 self._unicorn_error(status)
                 break
+            if run.restart:
+                run.restart = False
+                continue
             if run.outcome is None:
                 if not self.steps_mode:
                     self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
@@ -316,7 +322,8 @@ class _Core:
         self.u.emu_stop()
 
     # ---- exceptions -------------------------------------------------------------------
-    def deliver(self, vector: Vector, error_code: int | None = None, *, from_latch: bool = False) -> bool:
+    def deliver(self, vector: Vector, error_code: int | None = None, *, from_latch: bool = False,
+                single_step: bool = False) -> bool:
         """Deliver ``vector`` at the current instruction boundary; an NMI while blocked is latched."""
         cpu = self.cpu
         run = self.run_
@@ -356,7 +363,8 @@ class _Core:
         run.chain += 1
         if flow is not None:
             flow.append((Op.DELIVER, self.space.phys(new_rsp), len(words), len(run.outstanding) - 1))
-        self.emit(Delivered, pc=rip, vector=vector, frame=frame, stack=new_rsp, from_latch=from_latch)
+        self.emit(Delivered, pc=rip, vector=vector, frame=frame, stack=new_rsp, from_latch=from_latch,
+                  single_step=single_step)
         return True
 
     # ---- hooks --------------------------------------------------------------------------
@@ -403,8 +411,24 @@ class _Core:
         return True
 
     def _intr(self, intno: int) -> None:
+        if intno == Vector.DB:
+            # Only TF raises it here (the model has no hardware breakpoints; the trap after a
+            # POPF that cleared TF is raised too, as TF was set when the POPF began).
+            self._single_step()
+            return
         self.fault(FaultKind.TRAP,
                    f"exception {intno} raised by the code at {self.image.symbolize(self.u.read(_RIP))}")
+
+    def _single_step(self) -> None:
+        """TF was set when an instruction began: the CPU delivers a #DB trap (DR6.BS) at the next
+        boundary.  Only SYSENTER enters the kernel with TF set (user space set it); the code it
+        enters single-steps until it clears TF."""
+        run = self.run_
+        if run.outcome is not None or self.cpu.cpl != 0 or Vector.DB not in self.config.idt:
+            return
+        if self.deliver(Vector.DB, 0, single_step=True) and run.outcome is None:
+            run.restart = True
+        self.u.emu_stop()
 
     def _mem(self, access: int, addr: int, size: int, value: int) -> None:
         run = self.run_
@@ -454,7 +478,7 @@ class _Core:
         run.steps += 1
         action = self._actions.get(addr)
         if action is not None:
-            action(addr, size)
+            self._act(action, addr, size)
 
     def _site(self, addr: int, size: int) -> None:
         run = self.run_
@@ -462,7 +486,18 @@ class _Core:
             self.u.emu_stop()
             return
         run.steps += 1
-        self._actions[addr](addr, size)
+        self._act(self._actions[addr], addr, size)
+
+    def _act(self, action, addr: int, size: int) -> None:
+        """Run a privileged instruction's action; with TF set, its single-step trap follows (the
+        model executed it, so Unicorn cannot raise that trap)."""
+        if not self.run_.tf_watch:
+            action(addr, size)
+            return
+        tf = self.cpu.cpl == 0 and self.u.read(_RFLAGS) & model.RFLAGS_TF
+        action(addr, size)
+        if tf and self.run_.outcome is None and self.u.read(_RIP) == addr + size:
+            self._single_step()
 
     def _skip(self, addr: int, size: int) -> None:
         if self.run_.flow is not None:
@@ -624,6 +659,8 @@ class _Core:
             u.write(_RIP, frame.rip)
             u.write(_RSP, frame.rsp)
             u.write(_RFLAGS, frame.rflags | model.RFLAGS_FIXED)
+            if frame.rflags & model.RFLAGS_TF:
+                run.tf_watch = True
             self.set_cpu(cpu)
             self._landed(frame.rip, frame.rsp)
             if run.outcome is not None:
@@ -767,6 +804,20 @@ class _Core:
             self.set_cpu(cpu)
             self.emit(Sysret, pc=addr, rip=rcx)
             self._end(Outcome.RETURNED, "SYSRET to user mode")
+        return act
+
+    def _act_sysretl(self):
+        def act(addr: int, size: int) -> None:
+            u = self.u
+            self._flow(Op.USE, REG_INDEX["rcx"])
+            self._flow(Op.USE, REG_INDEX["r11"])
+            ecx = u.read(_RCX) & 0xFFFFFFFF
+            r11 = u.read(_UC_REG["r11"])
+            u.write(_RIP, ecx)
+            u.write(_RFLAGS, (r11 & 0x3C7FD7) | model.RFLAGS_FIXED)
+            self.set_cpu(model.sysretl(self.cpu))
+            self.emit(Sysret, pc=addr, rip=ecx)
+            self._end(Outcome.RETURNED, "SYSRETL to compat mode")
         return act
 
     def _act_stub(self, name: str):

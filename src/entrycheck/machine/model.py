@@ -45,6 +45,7 @@ RFLAGS_OF = 1 << 11
 RFLAGS_IOPL = 3 << 12
 RFLAGS_NT = 1 << 14
 RFLAGS_RF = 1 << 16
+RFLAGS_VM = 1 << 17
 RFLAGS_AC = 1 << 18
 RFLAGS_ID = 1 << 21
 RFLAGS_FIXED = 1 << 1
@@ -70,6 +71,7 @@ class Vector(enum.IntEnum):
     MC = 18
     VC = 29
     IRQ = 32          # a device interrupt, vector 0x20 (its stub in irq_entries_start pushes it)
+    INT80 = 0x80      # int $0x80 from a 32-bit task (a software interrupt: a scenario start, never injected)
 
     @property
     def label(self) -> str:
@@ -94,7 +96,7 @@ class Vector(enum.IntEnum):
 _IST_SLOTS = {Vector.DF: 1, Vector.NMI: 2, Vector.DB: 3, Vector.MC: 4, Vector.VC: 5}
 _ERROR_CODE = frozenset({Vector.DF, Vector.GP, Vector.PF, Vector.VC})
 VECTOR_NAMES = {Vector.DB: "db", Vector.NMI: "nmi", Vector.DF: "df", Vector.GP: "gp",
-                Vector.PF: "pf", Vector.MC: "mc", Vector.VC: "vc", Vector.IRQ: "irq"}
+                Vector.PF: "pf", Vector.MC: "mc", Vector.VC: "vc", Vector.IRQ: "irq", Vector.INT80: "int80"}
 VECTOR_BY_NAME = {v: k for k, v in VECTOR_NAMES.items()}
 
 
@@ -112,13 +114,15 @@ class CpuState:
     nmi_blocked: bool
     nmi_pending: bool
     stale: frozenset[int]     # PCIDs whose TLB entries are stale (need a flushing write)
+    compat: bool = False      # the user task runs in compat mode (CS __USER32_CS): what its frames say
 
     def __hash__(self) -> int:
         # Model states are dictionary keys of the explorer's memo: hash them once.
         h = self.__dict__.get("_hash")
         if h is None:
             h = hash((self.cr3, self.pcide, self.fsgsbase, self.cpl, self.ss, self.gs_base, self.kernel_gs_base,
-                      self.spec_ctrl, self.mcg_status, self.nmi_blocked, self.nmi_pending, self.stale))
+                      self.spec_ctrl, self.mcg_status, self.nmi_blocked, self.nmi_pending, self.stale,
+                      self.compat))
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -280,7 +284,8 @@ def deliver(s: CpuState, vector: Vector, *, rip: int, rsp: int, rflags: int, err
     the current RSP.  The CPU aligns it to 16 bytes before pushing.
     """
     user = s.cpl == 3
-    frame = Frame(error_code if vector.error_code else None, rip, USER_CS if user else KERNEL_CS,
+    frame = Frame(error_code if vector.error_code else None, rip,
+                  (USER32_CS if s.compat else USER_CS) if user else KERNEL_CS,
                   rflags, rsp, s.ss if not user else USER_DS)
     new_rsp = (stack_top & ~0xF) - 8 * len(frame.words())
     new_flags = (rflags & ~(RFLAGS_IF | RFLAGS_TF | RFLAGS_NT | RFLAGS_RF)) | RFLAGS_FIXED
@@ -328,14 +333,34 @@ def iret(s: CpuState, frame: Frame) -> CpuState:
             raise IretFault(s, Vector.GP, frame.ss & ~3, f"IRET to user mode with an invalid SS {frame.ss:#x}")
     if not canonical(frame.rip):
         raise IretFault(s, Vector.GP, 0, f"IRET to a non-canonical RIP {frame.rip:#x}")
+    if rpl == 3:
+        return s.but(cpl=3, ss=frame.ss, compat=frame.cs == USER32_CS)
     return s.but(cpl=rpl, ss=frame.ss)
 
 
 def syscall(s: CpuState) -> CpuState:
+    """SYSCALL, from 64-bit or compat mode (CS and SS from MSR_STAR either way)."""
     return s.but(cpl=0, ss=KERNEL_DS)
+
+
+def sysenter(s: CpuState) -> CpuState:
+    """SYSENTER: CS/SS from MSR_IA32_SYSENTER_CS, RSP from SYSENTER_ESP, RIP from SYSENTER_EIP;
+    only VM, IF and RF are cleared in RFLAGS (``SYSENTER_CLEARS``): TF, NT, AC, DF stay as user
+    space set them."""
+    return s.but(cpl=0, ss=KERNEL_DS)
+
+
+# What SYSENTER clears in RFLAGS (SDM Vol. 2B, SYSENTER: "RFLAGS.VM, IF, RF <- 0").
+SYSENTER_CLEARS = RFLAGS_VM | RFLAGS_IF | RFLAGS_RF
 
 
 def sysret(s: CpuState, rip: int) -> CpuState:
     if not canonical(rip):
         raise FrameError(f"SYSRET to a non-canonical RIP {rip:#x} (#GP in ring 0)")
-    return s.but(cpl=3, ss=USER_DS)
+    return s.but(cpl=3, ss=USER_DS, compat=False)
+
+
+def sysretl(s: CpuState) -> CpuState:
+    """SYSRET with 32-bit operand size: to compat mode, CS __USER32_CS, SS __USER_DS, RIP = ECX
+    (32 bits: no canonical check)."""
+    return s.but(cpl=3, ss=USER_DS, compat=True)

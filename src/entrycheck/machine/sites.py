@@ -89,8 +89,10 @@ def _classify(ins) -> tuple | None:
         if src.type != CX.X86_OP_REG:
             return ("unsupported", "lsl with a memory operand")
         return ("lsl", PARENT[ins.reg_name(dst.reg)], ins.reg_name(src.reg))
-    if m in ("sysretq", "sysret"):
+    if m == "sysretq":
         return ("sysretq",)
+    if m in ("sysret", "sysretl"):      # 0f 07 without REX.W: back to compat mode
+        return ("sysretl",)
     if m in ("verw", "lfence", "mfence", "clac", "stac"):
         return ("fence", m)
     return None

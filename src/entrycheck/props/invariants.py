@@ -129,7 +129,7 @@ def local_context_not_restored(world: World, e: Event) -> list:
     if after.spec_ctrl != before.spec_ctrl:
         diffs.append(f"SPEC_CTRL {after.spec_ctrl:#x} instead of {before.spec_ctrl:#x}")
     for label, a, b in zip(CONTEXT_LABELS, e.regs, inj.regs):
-        if a != b:
+        if a != b and not (inj.vector is Vector.INT80 and label == "rax"):   # int $0x80 returns a value
             diffs.append(f"{label} {a:#x} instead of {b:#x}")
     if not diffs:
         return []

@@ -102,7 +102,7 @@ def describe_event(e: ev.Event, image) -> str | None:
         name = MSR_NAMES.get(e.write.msr, f"MSR {e.write.msr:#x}")
         return f"{name} := {e.write.new:#x}" + (" (redundant)" if e.write.redundant else "")
     if isinstance(e, ev.Delivered):
-        how = " (latched, now delivered)" if e.from_latch else ""
+        how = " (latched, now delivered)" if e.from_latch else (" (single-step trap: TF)" if e.single_step else "")
         return (f"{e.vector.label.upper()} delivered at {image.symbolize(e.pc)}{how}: CPL 0, "
                 f"frame rip={image.symbolize(e.frame.rip)} cs={e.frame.cs:#x}, rsp={e.stack:#x}")
     if isinstance(e, ev.Latched):

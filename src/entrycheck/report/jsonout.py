@@ -81,6 +81,7 @@ def _event_json(e: ev.Event, image: Image) -> dict:
         out.update(how=e.how, gs_base=f"{e.gs_base:#x}", kernel_gs_base=f"{e.kernel_gs_base:#x}")
     elif isinstance(e, ev.Delivered):
         out.update(vector=e.vector.label, stack=f"{e.stack:#x}", latched=e.from_latch,
+                   **({"single_step": True} if e.single_step else {}),
                    frame={"rip": f"{e.frame.rip:#x}", "cs": f"{e.frame.cs:#x}", "rsp": f"{e.frame.rsp:#x}"})
     elif isinstance(e, ev.Latched):
         out.update(vector=e.vector.label)

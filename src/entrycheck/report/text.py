@@ -181,7 +181,7 @@ def _event_lines(e: ev.Event, image: Image) -> list[str]:
         name = names.get(e.write.msr, f"MSR {e.write.msr:#x}")
         return [f"{pre}{name} := {e.write.new:#x}" + (" (redundant)" if e.write.redundant else "")]
     if isinstance(e, ev.Delivered):
-        how = " (latched, now delivered)" if e.from_latch else ""
+        how = " (latched, now delivered)" if e.from_latch else (" (single-step trap: TF)" if e.single_step else "")
         return [f"{pre}{e.vector.label.upper()} delivered at {image.symbolize(e.pc)}{how}, CPL 0, "
                 f"rsp={e.stack:#x}"]
     if isinstance(e, ev.Latched):
