@@ -31,6 +31,7 @@ from entrycheck.kernelabi.stubs import Effect
 from entrycheck.machine.model import VECTOR_BY_NAME
 
 ENTRY_S = "arch/x86/entry/entry_64.S"
+COMPAT_S = "arch/x86/entry/entry_64_compat.S"
 CALLING_H = "arch/x86/entry/calling.h"
 
 
@@ -312,7 +313,33 @@ USER_MUTANTS: tuple[Mutant, ...] = (
         "irq-in-user-context", ("syscall",), ("pti",), vectors=("irq",), depth=1),
 )
 
-MUTANTS = MUTANTS + USER_MUTANTS
+# Mutants of the 32-bit entry code (entry_64_compat.S), which runs linked with entry_64.o.
+COMPAT_MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "sysenter-keeps-nt", "6.1", COMPAT_S,
+        Edit("\ttestl\t$X86_EFLAGS_NT|X86_EFLAGS_AC|X86_EFLAGS_TF, EFLAGS(%rsp)\n\tjnz\t.Lsysenter_fix_flags\n", ""),
+        "entry_SYSENTER_compat no longer clears the flags SYSENTER keeps: with NT set by user space, C code "
+        "runs with NT set (8c7aa698baca, 'x86_64, entry: Filter RFLAGS.NT on entry from userspace'); with "
+        "TF set, the kernel single-steps on past the SYSENTER code",
+        "emulation-fault", ("sysenter",), ("none",), vectors=("nmi",), depth=0),
+    Mutant(
+        "sysenter-mitigations-before-tf-fix", "6.12", COMPAT_S,
+        Edit(r"(\tcld\n)([\s\S]*?\.Lsysenter_flags_fixed:\n)([\s\S]*?)\tIBRS_ENTER\n\tUNTRAIN_RET\n"
+             r"\tCLEAR_BRANCH_HISTORY\n",
+             "\\1\tIBRS_ENTER\n\tUNTRAIN_RET\n\tCLEAR_BRANCH_HISTORY\n\\2\\3", regex=True),
+        "entry_SYSENTER_compat calls its mitigations (clear_bhb_loop) before it clears TF, as before "
+        "ac8b270b61d4: with TF set by user space, the single-step #DB traps inside clear_bhb_loop, outside "
+        "the SYSENTER code, and exc_debug_kernel WARNs",
+        "emulation-fault", ("sysenter",), ("clear_bhb_loop",), vectors=("nmi",), depth=0),
+    Mutant(
+        "sysretl-keeps-kernel-gs", "6.12", COMPAT_S,
+        Edit("\tswapgs\n\tCLEAR_CPU_BUFFERS\n\tsysretl\n", "\tCLEAR_CPU_BUFFERS\n\tsysretl\n"),
+        "the compat SYSCALL/SYSENTER exit loses its SWAPGS before SYSRETL: a 32-bit task runs with the "
+        "kernel's GSBASE (and the next entry's SWAPGS hands the kernel the user's)",
+        "user-mode-kernel-gs", ("syscall32",), ("none",), vectors=("nmi",), depth=0),
+)
+
+MUTANTS = MUTANTS + USER_MUTANTS + COMPAT_MUTANTS
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from mutants import MUTANTS, USER_MUTANTS, Edit, Mutant, MutantDoesNotApply, build_mutant, object_ref
+from mutants import COMPAT_MUTANTS, MUTANTS, USER_MUTANTS, Edit, Mutant, MutantDoesNotApply, build_mutant, object_ref
 
 from entrycheck.explore.check import STOPPED_DONE, CheckConfig, CheckResult, run_check
 from entrycheck.explore.paths import Finding
@@ -184,6 +184,25 @@ def test_a_user_controlled_bug_is_found_by_diff(suite: Suite, mutant: Mutant, tm
     user_value = "[" in first["scenario"]
     irq = any(j["vector"] == "irq" for j in first["injections"])
     assert user_value or irq, first
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("mutant", COMPAT_MUTANTS, ids=[m.name for m in COMPAT_MUTANTS])
+def test_a_compat_entry_bug_is_found_by_diff(suite: Suite, mutant: Mutant, tmp_path: Path) -> None:
+    """`entrycheck diff PRISTINE MUTANT` over the 32-bit entry scenarios (all of them, default
+    vectors, user values derived) reports the mutant's new violations in entry_64_compat.S's
+    code, which runs linked with entry_64.o; the pristine kernel has none of that invariant there."""
+    out = tmp_path / "diff.json"
+    args = ["--depth", "1", "--scenarios", "sysenter,syscall32,int80", "--features", ",".join(mutant.features),
+            "--json", str(out)]
+    cli = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
+    p = subprocess.run(cli + ["diff", str(suite.kernels[mutant.kernel].object_path),
+                              str(suite.build(mutant).object_path), *args], capture_output=True, text=True)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr
+    doc = json.loads(out.read_text())
+    new = [v for v in doc["new_violations"] if v["invariant"] == mutant.invariant]
+    assert new, f"{mutant.name}: no new {mutant.invariant} in {p.stdout[-2000:]}"
+    assert {v["scenario"].split("[")[0] for v in new} <= set(mutant.scenarios) | {"sysenter", "syscall32"}
 
 
 @pytest.mark.kernel
