@@ -299,6 +299,15 @@ def _explore_options(f):
     return wrapper
 
 
+def _coverage(build, loaded, result):
+    """Per entry object, the instructions the check's recorded paths executed (any feature set)."""
+    from entrycheck.explore.coverage import coverage
+    from entrycheck.image.features import FeatureSet
+
+    executed = frozenset().union(*result.covered.values()) if result.covered else frozenset()
+    return coverage(loaded.image(FeatureSet.of(())), build.parts, executed)
+
+
 def _echo_mail(findings, redundant, build, loaded, target: str, mail_class: str | None) -> None:
     from entrycheck.report import mail
     from entrycheck.report.srclines import SourceLines
@@ -404,6 +413,7 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
     from entrycheck.kernelabi.world import build_world
 
     redundant = redundant_writes(result, lambda fs: build_world(loaded.image(fs)))
+    cover = _coverage(build, loaded, result)
     keys_of = known_findings.keys_by_features(loaded)
     matches = [known_findings.finding_key(keys_of(f), f) for f in result.findings]
     new = result.findings
@@ -413,10 +423,11 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
         out.stage("--json", _json_text(check_json(result, target=build.label, kernel_version=build.kernel_version,
                                                   feature_numbers=loaded.features.source, matches=matches,
                                                   baseline=(baseline, new) if known is not None else None,
-                                                  redundant=redundant)))
+                                                  redundant=redundant, coverage=cover)))
     if html_out:
         from entrycheck.report.html import check_html, command_line
-        out.stage("--html", check_html(result, build=build, loaded=loaded, target=target, command=command_line()))
+        out.stage("--html", check_html(result, build=build, loaded=loaded, target=target, command=command_line(),
+                                       coverage=cover))
     _commit(out)
     if out_format == "mail":
         _echo_mail(new, redundant, build, loaded, target, mail_class)
@@ -429,12 +440,13 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
 
             shown = copy.copy(result)
             shown.findings = new
-            text = check_summary(shown, target=target, kernel_version=build.kernel_version, redundant=redundant)
+            text = check_summary(shown, target=target, kernel_version=build.kernel_version, redundant=redundant,
+                                 coverage=cover)
             click.echo(f"{len(old)} known findings (in the baseline {baseline}) not listed; "
                        f"{len(new)} new.\n" + text)
         else:
             click.echo(check_summary(result, target=target, kernel_version=build.kernel_version,
-                                     redundant=redundant))
+                                     redundant=redundant, coverage=cover))
     sys.exit(1 if new else (EXIT_INTERNAL if result.errors else 0))
 
 

@@ -172,6 +172,7 @@ class CheckResult:
     stopped_because: str = STOPPED_DONE
     errors: list[str] = field(default_factory=list)
     user_values: dict[str, list[str]] = field(default_factory=dict)   # variant -> feature sets it ran on
+    covered: dict[FeatureSet, frozenset[int]] = field(default_factory=dict)   # executed instructions, per set
 
     @property
     def paths(self) -> PathView:
@@ -460,6 +461,8 @@ def merge(units: list[Unit], per_unit: list[UnitResult], cfg: CheckConfig) -> Ch
         result.skipped += ur.skipped
         result.executed += ur.executed
         result.shared += ur.shared
+        if ur.covered:
+            result.covered[unit.features] = result.covered.get(unit.features, frozenset()) | ur.covered
         if ur.stopped == STOPPED_ERROR:
             result.errors.append(ur.error)
         if ur.stopped == STOPPED_BUDGET:

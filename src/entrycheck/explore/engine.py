@@ -108,6 +108,7 @@ class UnitResult:
     shared: int = 0                  # leaves attributed to a shared run
     stopped: str = "done"
     error: str = ""
+    covered: frozenset[int] = frozenset()    # instructions the recorded runs executed
 
     @property
     def runs(self) -> int:
@@ -373,7 +374,9 @@ class Explorer:
             self.result.groups.append(group)
         else:
             base.row = -1
+        self._covered: set[int] = set(rec.steps.pcs)
         self._explore_level(base, self.config.depth if depth is None else depth, top=(part, parts))
+        self.result.covered = frozenset(self._covered)
         return self.result
 
     def _run(self, request: Request) -> Record:
@@ -572,6 +575,7 @@ class Explorer:
         rec = self._run(Request(state, deliver=vector, level=Level.STEPS, options=self.options,
                                 budget=self.config.budget, cut_loops=self.config.prune))
         child = Node(self, rec, node, k, node.chain + (link,), -1)
+        self._covered.update(rec.steps.pcs)
         child.pre = node.pre + (pre,)
         r = self._latched_reentry(node, k, rec.events, child.position, child.chain)
         if r is not None and self._new_root(r):

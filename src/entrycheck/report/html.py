@@ -488,7 +488,7 @@ def _site_rows(cost: Cost, side: _Side, features: str) -> list[dict]:
     return out
 
 
-def check_html(result: CheckResult, *, build, loaded, target: str, command: str | None = None) -> str:
+def check_html(result: CheckResult, *, build, loaded, target: str, command: str | None = None, coverage=()) -> str:
     """The HTML report of a check of ``build`` (``target`` as given on the command line)."""
     side = _Side(build, loaded, target)
     # Root causes first, then the easiest to reach (the order is stable otherwise).

@@ -14,7 +14,7 @@ from entrycheck.machine.model import decode_cr3
 
 
 def check_json(result: CheckResult, *, target: str, kernel_version: str | None, feature_numbers: str,
-               matches: list | None = None, baseline: tuple | None = None, redundant=()) -> dict:
+               matches: list | None = None, baseline: tuple | None = None, redundant=(), coverage=()) -> dict:
     """``matches``: per finding its address-free identity (explore/baseline.py); ``baseline``:
     (the file, the findings not in it)."""
     cfg = result.config
@@ -28,6 +28,11 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
         for v, f in zip(violations, result.findings):
             v["known"] = id(f) not in new
         extra["baseline"] = {"file": baseline[0], "known": len(result.findings) - len(new), "new": len(new)}
+    if coverage:
+        extra["coverage"] = [{"object": c.name, "instructions": c.total, "covered": c.covered,
+                              "percent": round(c.percent, 2), "runnable_percent": round(c.runnable_percent, 2),
+                              "uncovered": [{"first": s.first, "last": s.last, "count": s.count, "why": s.why}
+                                            for s in c.spans]} for c in coverage]
     base = result.cost()
     every = result.total_cost()
     by_invariant = Counter(f.invariant for f in result.findings)

@@ -6,6 +6,7 @@ import textwrap
 from collections import Counter, defaultdict
 
 from entrycheck.explore.check import CheckResult
+from entrycheck.explore.coverage import COPY
 from entrycheck.explore.paths import Cost, Finding
 from entrycheck.explore.replay import Trace
 from entrycheck.image.image import Image
@@ -63,7 +64,33 @@ def redundant_lines(writes) -> list[str]:
     return out
 
 
-def check_summary(result: CheckResult, *, target: str, kernel_version: str | None, redundant=()) -> str:
+def coverage_lines(coverage, shown: int = 10) -> list[str]:
+    """Per object: the share of its instructions the recorded paths executed, and what was not."""
+    if not coverage:
+        return []
+    lines = ["", "Coverage (instructions the recorded paths executed, any feature set):"]
+    for c in coverage:
+        lines += _wrap(f"{c.name}: {c.percent:.1f}% ({c.covered} of {c.total}); {c.runnable_percent:.1f}% of the "
+                       f"{c.total - c.explained} that can run here; {c.copied_percent:.1f}% counting {c.copies} "
+                       "copies of code that ran", "    ", "  ")
+        missing = [s for s in c.spans if not s.why]
+        for s in missing[:shown]:
+            lines += _wrap(f"not reached: {s.first}" + (f" .. {s.last}" if s.count > 1 else "")
+                           + f" ({s.count})", "      ", "    - ")
+        if len(missing) > shown:
+            lines.append(f"    - ... {len(missing) - shown} more spans ({sum(s.count for s in missing[shown:])} "
+                         "instructions; --json lists them)")
+        why: dict[str, int] = {}
+        for s in c.spans:
+            if s.why and s.why != COPY:
+                why[s.why] = why.get(s.why, 0) + s.count
+        for reason, n in sorted(why.items(), key=lambda kv: -kv[1]):
+            lines += _wrap(f"cannot run here ({n}): {reason}", "      ", "    - ")
+    return lines
+
+
+def check_summary(result: CheckResult, *, target: str, kernel_version: str | None, redundant=(),
+                  coverage=()) -> str:
     cfg = result.config
     lines = _wrap(f"entrycheck check {target}" + (f" (kernel {kernel_version})" if kernel_version else ""), "    ",
                   "")
@@ -114,6 +141,7 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
     lines.append("")
     lines += cost_lines(result.cost(), "CR3 writes on the entry paths (no injection)")
     lines += redundant_lines(redundant)
+    lines += coverage_lines(coverage)
     lines.append("")
     if result.findings:
         verdict = "VIOLATIONS FOUND"
