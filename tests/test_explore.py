@@ -58,8 +58,10 @@ def test_pruned_and_brute_force_exploration_find_the_same(built_kernels, series:
 
 def _db_breakpoint_on_spec_ctrl(loaded, finding) -> bool:
     """The genuine pristine finding: a #DB trap right after a read of x86_spec_ctrl_current
-    while the #DB handler itself still runs on its IST stack (db-from-user, kernel_ibrs)."""
-    if finding.scenario != "db-from-user" or "kernel_ibrs" not in finding.features:
+    while the #DB handler itself still runs on its IST stack (kernel_ibrs): a #DB from user mode,
+    or the single-step #DB of a SYSENTER with TF set (the user value rflags=...TF)."""
+    sysenter_tf = finding.scenario.startswith("sysenter[") and "rflags=" in finding.scenario
+    if finding.scenario != "db-from-user" and not sysenter_tf or "kernel_ibrs" not in finding.features:
         return False
     if [i.vector.label for i in finding.injections] != ["db"]:
         return False

@@ -131,6 +131,14 @@ class Budget:
         return True
 
 
+# Instructions an SEV-ES guest takes a #VC on (when the hypervisor intercepts them; assumed).
+VC_MNEMONICS = frozenset({"cpuid", "rdtsc", "rdtscp", "rdpmc", "wbinvd", "vmmcall", "monitor", "mwait", "monitorx",
+                          "mwaitx", "in", "inb", "inw", "inl", "insb", "insw", "insl", "out", "outb", "outw", "outl",
+                          "outsb", "outsw", "outsl"})
+# MSRs an SEV-ES guest accesses without a #VC: the VMSA holds them (swapped on VMRUN).
+VMSA_MSRS = frozenset({0xC0000100, 0xC0000101, 0xC0000102})
+
+
 class Node:
     """A recorded run and what exploring inside it and evaluating paths through it need."""
 
@@ -275,6 +283,7 @@ class Explorer:
         self.memo_enabled = config.prune
         self._watch_excluded = self._db_excluded_ranges()
         self._footprints = self._c_footprints()
+        self._vc_sites: dict[int, bool] = {}
         self.names = DataNames(world, self.machine.space)
         self._reentries: list[_Reentry] = []     # the ist-reentered deliveries on the current path
         self._pre: tuple[Precondition, ...] = ()  # preconditions of the path being evaluated
@@ -477,7 +486,40 @@ class Explorer:
             return False
         if vector is Vector.DB and not self.config.db_anywhere:
             return self._watchable_before(node, k)
+        if vector is Vector.VC:
+            return vector in self.world.config.idt and self._raises_vc(node.log.pcs[k - node.log.start])
         return vector in self.world.config.idt
+
+    def _raises_vc(self, pc: int) -> bool:
+        """#VC is a fault of the instruction at ``pc``: one an SEV-ES hypervisor can intercept (CPUID,
+        RDTSC(P), RDPMC, I/O, MOV DR7, WBINVD, VMMCALL, MONITOR/MWAIT, and RDMSR/WRMSR of MSRs the
+        VMSA does not hold: all but FS/GS/KERNEL_GS_BASE).  MMIO is not in the entry code."""
+        got = self._vc_sites.get(pc)
+        if got is None and (pc in self.world.config.stubs or self.image.code_section(pc) is None):
+            got = self._vc_sites[pc] = False         # a C function's stub: its #VCs are its own
+        if got is None:
+            from entrycheck.image.decode import decode_one
+
+            ins = decode_one(self.image.read(pc, 16), pc)
+            m = ins.mnemonic if ins else ""
+            got = m in VC_MNEMONICS
+            if not got and ins is not None and m == "mov" and "dr7" in ins.op_str:
+                got = True
+            if not got and m in ("rdmsr", "wrmsr"):
+                got = self._msr_at(pc) not in VMSA_MSRS
+            self._vc_sites[pc] = got
+        return got
+
+    def _msr_at(self, pc: int) -> int | None:
+        """The MSR an RDMSR/WRMSR at ``pc`` accesses, from the MOV to ECX just before it (None: unknown)."""
+        from entrycheck.image.decode import sweep
+
+        start, _ = self.image.symbol_range(self.image.symbolize(pc).split("+")[0])
+        last = None
+        for ins in sweep(self.image.read(start, pc - start), start):
+            if ins.mnemonic.startswith("mov") and ins.op_str.endswith(("%ecx", "%rcx")) and ins.op_str.startswith("$"):
+                last = int(ins.op_str.split(",")[0][1:], 0)
+        return last
 
     def _irq_window(self, log: StepLog, i: int) -> bool:
         """A maskable interrupt arrives at a boundary where IF=1, unless the instruction before

@@ -118,6 +118,8 @@ _ALL = (
     Scenario("db-from-user", "debug exception while user code runs", Vector.DB, True),
     Scenario("db-from-kernel", "debug exception in kernel code (paranoid entry/exit)", Vector.DB, False),
     Scenario("vc-from-kernel", "SEV-ES #VC in kernel code", Vector.VC, False, needs="sev_es"),
+    Scenario("vc-from-user", "SEV-ES #VC in user code (a CPUID, an MSR or I/O access the hypervisor intercepts)",
+             Vector.VC, True, needs="sev_es"),
     Scenario("sysenter", "SYSENTER from a 32-bit task (the vDSO's fast path), returning with SYSRETL", None,
              True, entry="sysenter", compat=True),
     Scenario("syscall32", "SYSCALL from a 32-bit task (AMD's fast path), returning with SYSRETL", None, True,

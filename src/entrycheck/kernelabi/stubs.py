@@ -44,6 +44,7 @@ class Kind(enum.Enum):
     SYSCALL = "do_syscall_64"
     SYSCALL32 = "do_fast_syscall_32"     # and do_SYSENTER_32: returns whether SYSRETL may return
     INT80 = "do_int80_emulation"         # the int $0x80 system call (returns through IRET)
+    VC_SWITCH = "vc_switch_off_ist"      # copies #VC's pt_regs off its IST stack
     SYNC_REGS = "sync_regs"
     FIXUP_BAD_IRET = "fixup_bad_iret"
     THUNK = "thunk"                      # asm helper that returns (return thunks, untraining)
@@ -92,6 +93,7 @@ CONTRACTS: Mapping[str, Kind] = MappingProxyType({
     "do_SYSENTER_32": Kind.SYSCALL32,
     "do_int80_emulation": Kind.INT80,
     "do_int80_syscall_32": Kind.INT80,
+    "vc_switch_off_ist": Kind.VC_SWITCH,
 })
 IRQ_HANDLERS = ("common_interrupt", "sysvec_")      # the C handlers of maskable interrupts
 HANDLER_PREFIXES = ("exc_", "noist_exc_", "sysvec_", "common_interrupt", "spurious_interrupt", "kernel_exc_",
@@ -106,7 +108,7 @@ C_ENTRY_CLEAR = model.RFLAGS_DF | model.RFLAGS_NT
 
 # C functions whose first argument is the pt_regs the entry code built.
 PT_REGS_ARG = frozenset({Kind.SYSCALL, Kind.SYSCALL32, Kind.INT80, Kind.SYNC_REGS, Kind.FIXUP_BAD_IRET,
-                         Kind.HANDLER})
+                         Kind.HANDLER, Kind.VC_SWITCH})
 
 
 def contract(name: str) -> Kind | None:
@@ -183,6 +185,8 @@ class Stubs:
             self._do_fast_syscall_32(emu, sysenter=name == "do_SYSENTER_32")
         elif kind is Kind.INT80:
             emu.write_u64(emu.reg("rdi") + PTREGS["rax"], 0)
+        elif kind is Kind.VC_SWITCH:
+            self._vc_switch_off_ist(emu)
         elif kind is Kind.SYNC_REGS:
             self._sync_regs(emu)
         elif kind is Kind.FIXUP_BAD_IRET:
@@ -219,7 +223,7 @@ class Stubs:
                                             "DF clear by the ABI, NT clear for its IRETs)")
             return False
         on_task = w.task_stack_top - TASK_STACK_SIZE <= rsp < w.task_stack_top
-        on_ist = any(top - IST_STACK_SIZE <= rsp < top for top in w.ist_tops.values())
+        on_ist = any(top - IST_STACK_SIZE <= rsp < top for top in (*w.ist_tops.values(), w.vc2_top))
         # sync_regs and fixup_bad_iret run on the entry stack by design (they move pt_regs off it).
         entry = w.entry_stack_top - ENTRY_STACK_SIZE <= rsp < w.entry_stack_top
         if not (on_task or on_ist or (entry_stack_ok and entry)):
@@ -233,7 +237,7 @@ class Stubs:
         w = self.world
         stacks = [(w.task_stack_top - TASK_STACK_SIZE, w.task_stack_top),
                   (w.entry_stack_top - ENTRY_STACK_SIZE, w.entry_stack_top)]
-        stacks += [(top - IST_STACK_SIZE, top) for top in w.ist_tops.values()]
+        stacks += [(top - IST_STACK_SIZE, top) for top in (*w.ist_tops.values(), w.vc2_top)]
         return next(((lo, hi) for lo, hi in stacks if lo <= rsp < hi), None)
 
     def _pt_regs_arg(self, emu: Context, name: str, rsp: int, kind: Kind) -> bool:
@@ -280,6 +284,26 @@ class Stubs:
         emu.write_u64(regs + PTREGS["ip"], VDSO32_LANDING_PAD + (0 if emu.options.sysret else 0x100))
         fields = {k: emu.read_u64(regs + PTREGS[k]) for k in ("ip", "flags", "cs", "ss")}
         emu.set_reg("rax", 1 if sysretl_allowed(fields) else 0)
+
+    def _vc_switch_off_ist(self, emu: Context) -> None:
+        """vc_switch_off_ist (arch/x86/kernel/traps.c): in the SYSCALL gap, the task stack (RSP is
+        the user's there, 545ac14c16b5's class); else the interrupted RSP when it is on the task
+        stack or an exception stack, the VC2 stack when not (the entry stack, anything else). It
+        copies pt_regs below that and returns the copy, which the entry code switches to."""
+        w = self.world
+        regs = emu.reg("rdi")
+        ip = emu.read_u64(regs + PTREGS["ip"])
+        if any(a <= ip < b for a, b in w.syscall_gaps):
+            sp = emu.read_u64(w.top_of_stack_slot())
+        else:
+            sp = emu.read_u64(regs + PTREGS["sp"])
+            safe = [(w.task_stack_top - TASK_STACK_SIZE, w.task_stack_top), (w.vc2_top - IST_STACK_SIZE, w.vc2_top)]
+            safe += [(top - IST_STACK_SIZE, top) for top in w.ist_tops.values()]
+            if not any(lo <= sp - 1 < hi for lo, hi in safe):
+                sp = w.vc2_top
+        new = (sp & ~7) - PTREGS_SIZE
+        emu.copy(new, regs, PTREGS_SIZE)
+        emu.set_reg("rax", new)
 
     def _single_step(self, emu: Context) -> bool:
         """exc_debug with DR6.BS (the interrupted context had TF set): from kernel mode it is

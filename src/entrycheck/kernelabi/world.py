@@ -68,6 +68,16 @@ class World:
     entry_stack_top: int
     ist_tops: Mapping[Vector, int]
     syscall_returns_bool: bool         # 6.12's do_syscall_64 says whether SYSRET may be used
+    vc2_top: int = 0                   # the VC2 stack: vc_switch_off_ist's fall-back (no IDT slot)
+
+    @property
+    def syscall_gaps(self) -> tuple[tuple[int, int], ...]:
+        """ip_within_syscall_gap()'s ranges: where RSP is still the user's (64-bit and compat)."""
+        sym = self.image.loaded.symbols
+        pairs = (("entry_SYSCALL_64", "entry_SYSCALL_64_safe_stack"), ("entry_SYSRETQ_unsafe_stack", "entry_SYSRETQ_end"),
+                 ("entry_SYSCALL_compat", "entry_SYSCALL_compat_safe_stack"),
+                 ("entry_SYSRETL_compat_unsafe_stack", "entry_SYSRETL_compat_end"))
+        return tuple((sym[a], sym[b]) for a, b in pairs if a in sym and b in sym)
 
     # ---- CR3 values ------------------------------------------------------------------
     @property
@@ -166,6 +176,8 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
         regions.append(Region(f"cpu_entry_area {vec.label} stack", cursor, EXCEPTION_STKSZ, Perm.R | Perm.W, True))
         ist_tops[vec] = cursor + EXCEPTION_STKSZ
         cursor += EXCEPTION_STKSZ + PAGE          # guard page
+    regions.append(Region("cpu_entry_area vc2 stack", cursor, EXCEPTION_STKSZ, Perm.R | Perm.W, True))
+    vc2_top = cursor + EXCEPTION_STKSZ
 
     # Model memory for data symbols.
     percpu_offsets = dict(res.percpu)
@@ -243,7 +255,7 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
                            stubs=MappingProxyType(stubs))
     return World(image, config, params, pti, pcid, fsgsbase, ibrs, percpu_base, MappingProxyType(percpu_offsets),
                  MappingProxyType(offsets), task_top, entry_top, MappingProxyType(ist_tops),
-                 _syscall_returns_bool(image))
+                 _syscall_returns_bool(image), vc2_top)
 
 
 def _syscall_returns_bool(image: Image) -> bool:
