@@ -305,7 +305,9 @@ def _coverage(build, loaded, result):
     from entrycheck.image.features import FeatureSet
 
     executed = frozenset().union(*result.covered.values()) if result.covered else frozenset()
-    return coverage(loaded.image(FeatureSet.of(())), build.parts, executed)
+    fred = (any("fred" in fs.names for fs in result.feature_sets), any("fred" not in fs.names
+                                                                        for fs in result.feature_sets))
+    return coverage(loaded.image(FeatureSet.of(())), build.parts, executed, fred)
 
 
 def _echo_mail(findings, redundant, build, loaded, target: str, mail_class: str | None) -> None:

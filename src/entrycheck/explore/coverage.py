@@ -33,7 +33,6 @@ EXPLAINED: tuple[tuple[str, str], ...] = (
     ("__end_entry_SYSENTER_compat", "SYSENTER's end marker (int3 guard)"),
     ("asm_exc_vmm_communication", "SEV-ES #VC: only in an SEV-ES guest (the sev_es feature)"),
     ("vc_", "SEV-ES #VC: only in an SEV-ES guest (the sev_es feature)"),
-    ("asm_fred_", "FRED event delivery: only with the fred feature"),
     ("entry_SYSRETL_compat_end", "the int3 after SYSRETL (speculation guard)"),
     ("native_irq_return_ldt", "espfix64: an IRET to a 16-bit stack segment of an LDT (modify_ldt); the "
                               "modelled machine has no LDT"),
@@ -93,7 +92,7 @@ class ObjectCoverage:
 
 def _ranges(image: Image, part: Path) -> list[tuple[int, int]]:
     """The [start, end) of each code section of ``part`` inside the linked ``image``."""
-    obj = load_object(part)
+    obj = load_object(part, entry_text=False)
     symbols = image.loaded.symbols
     out = []
     for sec in obj.sections:
@@ -110,7 +109,16 @@ def _ranges(image: Image, part: Path) -> list[tuple[int, int]]:
     return out
 
 
-def _why(name: str) -> str | None:
+IDT_UNUSED = "IDT and SYSCALL entry code: every feature set had fred, which delivers all events itself"
+
+
+def _why(name: str, fred: tuple[bool, bool] = (False, True)) -> str | None:
+    """Why code in symbol ``name`` cannot run; ``fred``: (a feature set with fred ran, one without ran)."""
+    with_fred, without = fred
+    if name.startswith("asm_fred_"):
+        return None if with_fred else "FRED event delivery: only with the fred feature"
+    if not without:
+        return IDT_UNUSED
     for prefix, why in EXPLAINED:
         if name.startswith(prefix):
             return why
@@ -118,7 +126,7 @@ def _why(name: str) -> str | None:
 
 
 def object_coverage(image: Image, name: str, ranges: Iterable[tuple[int, int]],
-                    executed: frozenset[int]) -> ObjectCoverage:
+                    executed: frozenset[int], fred: tuple[bool, bool] = (False, True)) -> ObjectCoverage:
     total = covered = 0
     spans: list[Span] = []
     run: list[tuple[int, str]] = []          # the current uncovered span: (address, sym+off)
@@ -148,7 +156,7 @@ def object_coverage(image: Image, name: str, ranges: Iterable[tuple[int, int]],
                 close()
                 continue
             where = image.symbolize(ins.address)
-            why = _why(where.split("+")[0]) or (COPY if ins.address in copies else None)
+            why = _why(where.split("+")[0], fred) or (COPY if ins.address in copies else None)
             if run and why != why_of_run:
                 close()
             why_of_run = why
@@ -201,9 +209,11 @@ def _stubs(body: list) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
     return [(shapes, tuple(i.address for i in body))]
 
 
-def coverage(image: Image, parts: tuple[Path, ...], executed: frozenset[int]) -> tuple[ObjectCoverage, ...]:
+def coverage(image: Image, parts: tuple[Path, ...], executed: frozenset[int],
+             fred: tuple[bool, bool] = (False, True)) -> tuple[ObjectCoverage, ...]:
     """Coverage of each object of ``parts`` (the objects linked into ``image``; one part when the
-    target was a single object), by the instructions ``executed`` (any feature set)."""
+    target was a single object), by the instructions ``executed`` (any feature set); ``fred``: whether
+    a feature set with fred ran, and one without."""
     if not parts:
         parts = (image.loaded.path,)
-    return tuple(object_coverage(image, p.name, _ranges(image, p), executed) for p in parts)
+    return tuple(object_coverage(image, p.name, _ranges(image, p), executed, fred) for p in parts)

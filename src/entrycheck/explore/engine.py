@@ -42,7 +42,7 @@ from entrycheck.explore.paths import (NO_COST, Cost, Finding, PathTable, cr3_ent
 from entrycheck.explore.replay import live_ist_frame
 from entrycheck.explore.preconditions import (DataNames, Precondition, Reach, for_effect, for_entry, for_user,
                                               for_injection)
-from entrycheck.explore.scenarios import Scenario, start_state, stub_options
+from entrycheck.explore.scenarios import Scenario, delivery, start_state, stub_options
 from entrycheck.image import layout
 from entrycheck.kernel.guards import BUILTIN_REFUSALS
 from entrycheck.kernelabi.stubs import Effect, Stubs, c_footprint
@@ -373,7 +373,7 @@ class Explorer:
             self.result.stopped = "budget"
             return self.result
         start = start_state(self.world, sc, self.pristine)
-        rec = self._run(Request(start, deliver=sc.vector, level=Level.STEPS, options=self.options,
+        rec = self._run(Request(start, deliver=delivery(self.world, sc), level=Level.STEPS, options=self.options,
                                 budget=self.config.budget, cut_loops=self.config.prune))
         base = Node(self, rec, None, 0, (), -1)
         if part == 0:
@@ -447,7 +447,8 @@ class Explorer:
                     memory = cursor.advance(k)
                 pre = self._link_pre(node, k, vector)
                 self._pre = self.entry_pre + node.pre + (pre,)
-                reentry = self._ist_reentry(node, k, i, vector, memory, link) if vector.ist else None
+                reentry = (self._ist_reentry(node, k, i, vector, memory, link)
+                           if vector.ist and self.world.config.fred is None else None)
                 if reentry is not None:
                     if self._new_root(reentry):
                         self._reentries.append(reentry)
@@ -954,7 +955,8 @@ class Explorer:
         equal, so it overwrote no live frame: only runs made are looked at.)"""
         prev = None
         for j, e in enumerate(events):
-            if type(e) is Delivered and e.from_latch and e.vector.ist and type(prev) is Resumed:
+            if (type(e) is Delivered and e.from_latch and e.vector.ist and type(prev) is Resumed
+                    and self.world.config.fred is None):
                 resumed = prev.injection
                 for ref, ref_k in ((node, k),) + node.point_nodes:
                     # The recorded run it resumed: where that exception was delivered.

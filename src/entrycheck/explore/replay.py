@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from entrycheck.errors import InputError
 from entrycheck.explore.paths import Cost, cost_of
-from entrycheck.explore.scenarios import Scenario, start_state, stub_options
+from entrycheck.explore.scenarios import Scenario, delivery, start_state, stub_options
 from entrycheck.image.decode import sweep
 from entrycheck.image.image import Image
 from entrycheck.kernelabi.stubs import Effect, Stubs
@@ -88,7 +88,7 @@ def trace(world: World, sc: Scenario, injections: tuple[Injection, ...],
     stubs = Stubs(world)
     machine = Machine(world.image, world.config, stubs)
     start = start_state(world, sc, machine.pristine_memory())
-    rec = machine.run(Request(start, deliver=sc.vector, injections=injections, level=Level.STEPS,
+    rec = machine.run(Request(start, deliver=delivery(world, sc), injections=injections, level=Level.STEPS,
                               options=stub_options(sc, effects), budget=budget))
     log = rec.steps
     steps = tuple(Step(log.start + k, pc, regs[15]) for k, (pc, regs) in enumerate(zip(log.pcs, log.regs)))
@@ -119,6 +119,8 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
     delivery through an IST slot whose frame covers words that the same path without
     that exception (recorded once more) still reads later.  A latched NMI let in by an
     IRET is judged against the path without the exception that IRET returned from."""
+    if world.config.fred is not None:
+        return []                   # FRED has no IST: a nested event goes below the outer frame
     options = stub_options(sc, effects)
     space = machine.space
     wbase = space.writable_base
@@ -147,7 +149,7 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
             if j is not None:
                 ref = refs.get(j)
                 if ref is None:
-                    ref = refs[j] = machine.run(Request(start, deliver=sc.vector, injections=injections[:j],
+                    ref = refs[j] = machine.run(Request(start, deliver=delivery(world, sc), injections=injections[:j],
                                                         level=Level.STEPS, options=options, budget=budget))
                 log = ref.steps
                 i = at - log.start

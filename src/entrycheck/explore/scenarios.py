@@ -201,6 +201,13 @@ def stub_options(sc: Scenario, effects: frozenset[Effect] = frozenset(), pt_regs
     return StubOptions(effects=effects, sysret=sc.sysret, pt_regs=pt_regs, user_return=sc.user.user_return())
 
 
+def delivery(world: World, sc: Scenario) -> Vector | None:
+    """What the machine delivers to start ``sc``: its vector; with FRED a system call is an event too."""
+    if sc.vector is None and world.config.fred is not None:
+        return Vector.SYSENTER if sc.entry == "sysenter" else Vector.SYSCALL
+    return sc.vector
+
+
 def start_state(world: World, sc: Scenario, memory: bytes) -> Snapshot:
     """Where ``sc``'s path begins, as data: the machine then delivers ``sc.vector`` (if any)."""
     if sc.needs and sc.needs not in world.image.features:
@@ -226,7 +233,10 @@ def start_state(world: World, sc: Scenario, memory: bytes) -> Snapshot:
         rsp = world.task_stack_top - 0x800
         regs = Regs(*kernel_gprs(), rsp, KERNEL_RIP, KERNEL_RFLAGS)
         cpu, home = world.kernel_cpu(), (KERNEL_RIP, rsp)
-    if sc.vector is None:
+    if sc.vector is None and world.config.fred is not None:
+        # FRED delivers SYSCALL and SYSENTER as events (``delivery``): the path starts in user mode.
+        regs = regs.with_(rax=SYSCALL32_NR if sc.compat else SYSCALL_NR)
+    elif sc.vector is None:
         entry = world.image.address_of(sc.entry_symbol)
         if sc.entry == "sysenter":
             # SYSENTER: RSP from SYSENTER_ESP (the entry stack's top), RIP from SYSENTER_EIP; only

@@ -17,7 +17,7 @@ values that fall on the same side of all of them are one.
 
 from __future__ import annotations
 
-from entrycheck.explore.scenarios import (RETURN_FIELDS, USER_RFLAGS, Scenario, UserState, start_state,
+from entrycheck.explore.scenarios import (RETURN_FIELDS, USER_RFLAGS, Scenario, UserState, delivery, start_state,
                                           stub_options)
 from entrycheck.image import layout
 from entrycheck.machine import model
@@ -84,7 +84,7 @@ def _signature(explorer, sc: Scenario, vectors: tuple[Vector, ...], live: set[in
     options = stub_options(sc, frozenset(), explorer.config.pt_regs_contract)
     budget = explorer.config.budget
     start = start_state(world, sc, explorer.pristine)
-    rec = explorer.machine.run(Request(start, deliver=sc.vector, level=Level.STEPS, options=options,
+    rec = explorer.machine.run(Request(start, deliver=delivery(explorer.world, sc), level=Level.STEPS, options=options,
                                        budget=budget, cut_loops=True))
     log = rec.steps
     sig: list = [(rec.outcome, tuple(log.pcs))]

@@ -56,7 +56,10 @@ def _convert(ins: capstone.CsInsn) -> Insn:
             target = op.imm & ((1 << 64) - 1)
         elif op.type == X.X86_OP_MEM and op.mem.base == X.X86_REG_RIP:
             rip_target = (ins.address + ins.size + op.mem.disp) & ((1 << 64) - 1)
-    return Insn(ins.address, ins.size, ins.mnemonic, ins.op_str, bytes(ins.bytes), gs,
+    mnemonic = ins.mnemonic
+    if mnemonic == "clac" and ins.size == 4:           # capstone reads FRED's ERETU/ERETS as a prefixed CLAC
+        mnemonic = {0xF3: "eretu", 0xF2: "erets"}.get(ins.bytes[0], mnemonic)
+    return Insn(ins.address, ins.size, mnemonic, ins.op_str, bytes(ins.bytes), gs,
                 target, is_call, is_jump, rip_target)
 
 

@@ -106,8 +106,9 @@ MAX_SECTION = 64 << 20      # memory a section may ask for (its pages are mapped
 SHF_ALLOC = 0x2
 
 
-def load_object(path: Path) -> ObjectFile:
-    """Parse ``path`` as an x86-64 relocatable object; InputError if it is not one."""
+def load_object(path: Path, *, entry_text: bool = True) -> ObjectFile:
+    """Parse ``path`` as an x86-64 relocatable object; InputError if it is not one (or, with
+    ``entry_text``, if it has no .entry.text: entry_64_fred.o keeps its code in .noinstr.text)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -123,7 +124,7 @@ def load_object(path: Path) -> ObjectFile:
     if raw[:4] != b"\x7fELF":
         raise InputError(f"{path}: not an ELF object (expected an entry_64.o built for x86-64)")
     try:
-        return _parse(path, raw)
+        return _parse(path, raw, entry_text)
     except InputError:
         raise
     except (ELFError, ValueError, KeyError, IndexError, AssertionError, OSError, EOFError, OverflowError,
@@ -140,7 +141,7 @@ def _reason(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:120]
 
 
-def _parse(path: Path, raw: bytes) -> ObjectFile:
+def _parse(path: Path, raw: bytes, entry_text: bool = True) -> ObjectFile:
     import io
 
     elf = ELFFile(io.BytesIO(raw))
@@ -211,6 +212,6 @@ def _parse(path: Path, raw: bytes) -> ObjectFile:
 
     obj = ObjectFile(path, tuple(sections), tuple(symbols), MappingProxyType(relocations))
     entry = obj.section(".entry.text")
-    if entry is None or entry.size == 0:
+    if entry_text and (entry is None or entry.size == 0):
         raise InputError(f"{path}: has no .entry.text section; it is not the kernel's entry_64.o")
     return obj

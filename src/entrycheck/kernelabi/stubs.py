@@ -45,6 +45,7 @@ class Kind(enum.Enum):
     SYSCALL32 = "do_fast_syscall_32"     # and do_SYSENTER_32: returns whether SYSRETL may return
     INT80 = "do_int80_emulation"         # the int $0x80 system call (returns through IRET)
     VC_SWITCH = "vc_switch_off_ist"      # copies #VC's pt_regs off its IST stack
+    FRED = "fred_entry_from_user/kernel" # FRED's C dispatcher: the event's handler, by type and vector
     SYNC_REGS = "sync_regs"
     FIXUP_BAD_IRET = "fixup_bad_iret"
     THUNK = "thunk"                      # asm helper that returns (return thunks, untraining)
@@ -94,6 +95,8 @@ CONTRACTS: Mapping[str, Kind] = MappingProxyType({
     "do_int80_emulation": Kind.INT80,
     "do_int80_syscall_32": Kind.INT80,
     "vc_switch_off_ist": Kind.VC_SWITCH,
+    "fred_entry_from_user": Kind.FRED,
+    "fred_entry_from_kernel": Kind.FRED,
 })
 IRQ_HANDLERS = ("common_interrupt", "sysvec_")      # the C handlers of maskable interrupts
 HANDLER_PREFIXES = ("exc_", "noist_exc_", "sysvec_", "common_interrupt", "spurious_interrupt", "kernel_exc_",
@@ -108,7 +111,7 @@ C_ENTRY_CLEAR = model.RFLAGS_DF | model.RFLAGS_NT
 
 # C functions whose first argument is the pt_regs the entry code built.
 PT_REGS_ARG = frozenset({Kind.SYSCALL, Kind.SYSCALL32, Kind.INT80, Kind.SYNC_REGS, Kind.FIXUP_BAD_IRET,
-                         Kind.HANDLER, Kind.VC_SWITCH})
+                         Kind.HANDLER, Kind.VC_SWITCH, Kind.FRED})
 
 
 def contract(name: str) -> Kind | None:
@@ -187,6 +190,8 @@ class Stubs:
             emu.write_u64(emu.reg("rdi") + PTREGS["rax"], 0)
         elif kind is Kind.VC_SWITCH:
             self._vc_switch_off_ist(emu)
+        elif kind is Kind.FRED:
+            self._fred_dispatch(emu)
         elif kind is Kind.SYNC_REGS:
             self._sync_regs(emu)
         elif kind is Kind.FIXUP_BAD_IRET:
@@ -284,6 +289,60 @@ class Stubs:
         emu.write_u64(regs + PTREGS["ip"], VDSO32_LANDING_PAD + (0 if emu.options.sysret else 0x100))
         fields = {k: emu.read_u64(regs + PTREGS[k]) for k in ("ip", "flags", "cs", "ss")}
         emu.set_reg("rax", 1 if sysretl_allowed(fields) else 0)
+
+    def _fred_dispatch(self, emu: Context) -> None:
+        """fred_entry_from_user/kernel (arch/x86/entry/entry_fred.c): the handler of the event the
+        frame's SS names (type in bits 48-51, vector in 32-39), with that handler's contract: a system
+        call returns a value (and the user context sigreturn may have set), NMI/#MC/#DB handlers carry
+        the handler effects, an external interrupt may be a TLB-flush IPI, #MC clears MCIP."""
+        regs = emu.reg("rdi")
+        ss = emu.read_u64(regs + PTREGS["ss"])
+        etype, vector = (ss >> 48) & 0xF, (ss >> 32) & 0xFF
+        if etype in (model.FRED_OTHER, model.FRED_SOFT_INT):
+            emu.write_u64(regs + PTREGS["rax"], 0)
+            if etype == model.FRED_OTHER and vector == 1 and not emu.read_u64(regs + PTREGS["cs"]) & 0xFFFF \
+                    == model.USER32_CS:
+                if not emu.options.sysret:
+                    ip = emu.read_u64(regs + PTREGS["ip"])
+                    emu.write_u64(regs + PTREGS["ip"], ip + 0x100)
+                for name, value in emu.options.user_return:
+                    emu.write_u64(regs + PTREGS[name], value)
+            return
+        if etype == model.FRED_HW_EXCEPTION and vector == int(model.Vector.GP):
+            self._fred_general_protection(emu, regs)
+            return
+        if etype == model.FRED_EXTERNAL:
+            if Effect.TLB_SHOOTDOWN in emu.options.effects:
+                self._invalidate_user_asid(emu)
+            return
+        if etype == model.FRED_HW_EXCEPTION and vector == int(model.Vector.MC):
+            cpu, write = model.wrmsr(emu.cpu, model.MSR_MCG_STATUS, 0)
+            emu.set_cpu(cpu)
+            emu.emit(MsrWritten, write=write)
+        if etype == model.FRED_NMI:
+            # fred_exc_nmi(): what exc_nmi does, called from the dispatcher (the NMI is processed here).
+            emu.emit(StubCall, name="exc_nmi", return_address=0, rsp=emu.reg("rsp"), note="called by FRED's dispatcher")
+        if etype == model.FRED_NMI or vector in (int(model.Vector.MC), int(model.Vector.DB)):
+            self._effects(emu)
+
+    def _fred_general_protection(self, emu: Context, regs: int) -> None:
+        """A #GP under FRED: at a refused ERETU (kernel mode), ex_handler_eretu makes the ERETU's own
+        frame a #GP event from user mode and returns to asm_fred_entrypoint_user on it; from user
+        mode, exc_general_protection signals the task (the return goes to its handler)."""
+        ip, cs = emu.read_u64(regs + PTREGS["ip"]), emu.read_u64(regs + PTREGS["cs"])
+        if cs & 3:
+            self._general_protection(emu)
+            return
+        if emu.read(ip, 4) != b"\xf3\x0f\x01\xca":
+            emu.fault(FaultKind.CHECKPOINT, f"general protection fault in kernel mode at {emu.symbolize(ip)}: "
+                                            "no exception-table fixup, the kernel oopses")
+            return
+        uregs = emu.read_u64(regs + PTREGS["sp"]) - PTREGS["orig_ax"]
+        gp_ss = emu.read_u64(regs + PTREGS["ss"])
+        user_ss = emu.read_u64(uregs + PTREGS["ss"])
+        emu.write_u64(uregs + PTREGS["ss"], (gp_ss & ~0xFFFF & ~model.FRED_SS_NMI) | (user_ss & 0xFFFF))
+        emu.write_u64(uregs + PTREGS["orig_ax"], emu.read_u64(regs + PTREGS["orig_ax"]))
+        emu.write_u64(regs + PTREGS["ip"], self.world.config.fred.entry)
 
     def _vc_switch_off_ist(self, emu: Context) -> None:
         """vc_switch_off_ist (arch/x86/kernel/traps.c): in the SYSCALL gap, the task stack (RSP is

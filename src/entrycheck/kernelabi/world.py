@@ -17,6 +17,7 @@ from entrycheck.errors import InputError
 from entrycheck.image import layout
 from entrycheck.image.image import Image
 from entrycheck.image.layout import PAGE, Perm, Region
+from entrycheck.machine import model
 from entrycheck.machine.api import MachineConfig
 from entrycheck.machine.model import (MCG_STATUS_MCIP, PTI_USER_PCID, PTI_USER_PGTABLE, SPEC_CTRL_IBRS, CpuState,
                                       Vector)
@@ -247,12 +248,19 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
         if vec not in idt:
             raise InputError(f"{loaded.path}: no {IDT_SYMBOLS[vec]}; is this the x86-64 entry_64.o?")
     tss_base = percpu_base + tss
+    fred = None
+    if "fred" in image.features.names and "asm_fred_entrypoint_user" in loaded.symbols:
+        # cpu_init_fred_exceptions()/cpu_init_fred_rsps(): RSP0 the task stack, RSP1..3 the #DB,
+        # NMI and #DF stacks; #DB at level 1, NMI and #MC at 2, #DF at 3.
+        fred = model.FredConfig(loaded.symbols["asm_fred_entrypoint_user"],
+                                (task_top, ist_tops[Vector.DB], ist_tops[Vector.NMI], ist_tops[Vector.DF]),
+                                ((int(Vector.DB), 1), (2, 2), (int(Vector.MC), 2), (int(Vector.DF), 3)))
     config = MachineConfig(regions=tuple(regions), idt=MappingProxyType(idt),
                            ist_slots=MappingProxyType({v: tss_base + offsets["TSS_ist"] + 8 * (v.ist - 1)
                                                        for v in Vector if v.ist}),
                            sp0_slot=tss_base + offsets["TSS_sp0"],
                            cpunode_selector=CPUNODE_SELECTOR, cpunode_limit=params.cpu | (params.node << 12),
-                           stubs=MappingProxyType(stubs))
+                           stubs=MappingProxyType(stubs), fred=fred)
     return World(image, config, params, pti, pcid, fsgsbase, ibrs, percpu_base, MappingProxyType(percpu_offsets),
                  MappingProxyType(offsets), task_top, entry_top, MappingProxyType(ist_tops),
                  _syscall_returns_bool(image), vc2_top)

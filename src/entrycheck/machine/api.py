@@ -14,7 +14,7 @@ from typing import Callable, Hashable, Mapping, Protocol, Sequence
 
 from entrycheck.image.layout import USER_GSBASE_POISON, USER_GSBASE_VALUES, Region
 from entrycheck.machine.events import Event, FaultKind, Injection, Outcome
-from entrycheck.machine.model import CpuState, Vector
+from entrycheck.machine.model import CpuState, FredConfig, Vector
 from entrycheck.machine.state import Interrupted, Regs, Snapshot
 
 DEFAULT_BUDGET = 20000
@@ -67,6 +67,7 @@ class MachineConfig:
     user_gs_poison: int = USER_GSBASE_POISON    # the GSBASE user space runs with by default
     user_gs_values: frozenset[int] = USER_GSBASE_VALUES   # every GSBASE the model gives user space
     iret_faults: bool = True             # a refused IRET delivers #GP (off: the run ends with a fault)
+    fred: FredConfig | None = None       # events are delivered by FRED, not through the IDT
 
 
 class LiveIndex:

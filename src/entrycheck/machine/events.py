@@ -153,6 +153,7 @@ class StubCall(Event):
 class Iret(Event):
     frame: Frame
     to_user: bool
+    eret: str = ""            # "ERETU"/"ERETS" under FRED (NMIs unblocked only if its frame says NMI)
 
 
 @dataclass(frozen=True)

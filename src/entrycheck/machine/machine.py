@@ -335,6 +335,8 @@ class _Core:
             return False
         if not model.can_deliver(cpu, vector):
             raise InternalError(f"{vector.label} cannot be delivered now (MCIP set)")
+        if self.config.fred is not None:
+            return self._deliver_fred(vector, error_code or 0, from_latch, single_step)
         u = self.u
         rip, rsp, rflags = u.read(_RIP), u.read(_RSP), u.read(_RFLAGS)
         if vector.ist:
@@ -363,6 +365,36 @@ class _Core:
         run.chain += 1
         if flow is not None:
             flow.append((Op.DELIVER, self.space.phys(new_rsp), len(words), len(run.outstanding) - 1))
+        self.emit(Delivered, pc=rip, vector=vector, frame=frame, stack=new_rsp, from_latch=from_latch,
+                  single_step=single_step)
+        return True
+
+    def _deliver_fred(self, vector: Vector, error_code: int, from_latch: bool, single_step: bool) -> bool:
+        """FRED event delivery (model.fred_deliver): an 8-word frame on the stack of the new stack
+        level, or below the interrupted RSP; RIP at the ring-3 or ring-0 entry point."""
+        cpu, run, u = self.cpu, self.run_, self.u
+        rip, rsp, rflags = u.read(_RIP), u.read(_RSP), u.read(_RFLAGS)
+        if run.flow is not None and cpu.cpl == 0:
+            run.flow.append((Op.USE, REG_INDEX["rsp"]))
+        cs = ((model.USER32_CS if cpu.compat else model.USER_CS) if cpu.cpl == 3 else model.KERNEL_CS)
+        ss = model.USER_DS if cpu.cpl == 3 else cpu.ss
+        regs = u.read_all()
+        injection = Interrupted(vector, run.steps, rip, rsp, regs[:15] + (regs[17],), cpu, run.chain)
+        new_cpu, words, new_rsp, entry = model.fred_deliver(cpu, vector, self.config.fred, rip=rip, rsp=rsp,
+                                                            rflags=rflags, cs=cs, ss=ss, error_code=error_code)
+        if not self.mapped(new_rsp) or not self.mapped(new_rsp + 8 * len(words) - 1):
+            self.fault(FaultKind.UNMAPPED, f"{vector.label} FRED frame at unmapped stack {new_rsp:#x}", new_rsp)
+            return False
+        self._write(new_rsp, b"".join((w & MASK64).to_bytes(8, "little") for w in words), None)
+        u.write(_RSP, new_rsp)
+        u.write(_RFLAGS, model.RFLAGS_FIXED)
+        u.write(_RIP, entry)
+        self.set_cpu(new_cpu)
+        run.outstanding = run.outstanding + (injection,)
+        run.chain += 1
+        if run.flow is not None:
+            run.flow.append((Op.DELIVER, self.space.phys(new_rsp), len(words), len(run.outstanding) - 1))
+        frame = Frame(words[0], words[1], words[2], words[3], words[4], words[5])
         self.emit(Delivered, pc=rip, vector=vector, frame=frame, stack=new_rsp, from_latch=from_latch,
                   single_step=single_step)
         return True
@@ -571,6 +603,9 @@ class _Core:
 
     def _act_swapgs(self):
         def act(addr: int, size: int) -> None:
+            if self.config.fred is not None:
+                self.fault(FaultKind.UD, f"SWAPGS at {self.image.symbolize(addr)}: it #UDs with FRED enabled")
+                return
             self._skip(addr, size)
             cpu = model.swapgs(self.cpu)
             self.set_cpu(cpu)
@@ -804,6 +839,60 @@ class _Core:
             self.set_cpu(cpu)
             self.emit(Sysret, pc=addr, rip=rcx)
             self._end(Outcome.RETURNED, "SYSRET to user mode")
+        return act
+
+    def _act_eret(self, to_user: bool):
+        name = "ERETU" if to_user else "ERETS"
+
+        def act(addr: int, size: int) -> None:
+            u, run = self.u, self.run_
+            if self.config.fred is None:
+                self.fault(FaultKind.UD, f"{name} at {self.image.symbolize(addr)} without FRED")
+                return
+            rsp = u.read(_RSP)
+            if not (self.mapped(rsp) and self.mapped(rsp + 47)):
+                self.fault(FaultKind.UNMAPPED, f"{name} frame at unmapped {rsp:#x}", rsp)
+                return
+            flow, run.flow = run.flow, None
+            try:
+                raw = self.read(rsp, 48)
+            finally:
+                run.flow = flow
+            words = [int.from_bytes(raw[8 * k:8 * k + 8], "little") for k in range(6)]
+            try:
+                cpu = model.eret(self.cpu, words, to_user)
+            except model.EretFault as exc:
+                if not to_user or not self.config.iret_faults:
+                    self.fault(FaultKind.GP, f"{exc} at {self.image.symbolize(addr)}")
+                    return
+                # A refused ERETU raises #GP(0) in ring 0, at the ERETU (the kernel's extable entry
+                # EX_TYPE_ERETU turns it into a #GP of the user mode it was returning to).
+                frame = Frame(None, words[1], words[2] & 0xFFFF, words[3], words[4], words[5] & 0xFFFF)
+                self.emit(IretFaulted, pc=addr, frame=frame, vector=Vector.GP, error_code=0, reason=str(exc))
+                self.deliver(Vector.GP, 0)
+                return
+            if flow is not None:
+                flow.append((Op.SKIP,))
+                flow.append((Op.IRET, self.space.phys(rsp + 8)))
+            frame = Frame(None, words[1], words[2] & 0xFFFF, words[3], words[4], words[5] & 0xFFFF)
+            self.emit(Iret, pc=addr, cpu=cpu, frame=frame, to_user=to_user, eret=name)
+            rip = words[1] & 0xFFFF_FFFF if cpu.compat and to_user else words[1]
+            u.write(_RIP, rip)
+            u.write(_RSP, words[4])
+            u.write(_RFLAGS, words[3] | model.RFLAGS_FIXED)
+            self.set_cpu(cpu)
+            self._landed(words[1], words[4])
+            if run.outcome is not None:
+                return
+            if self.cpu.nmi_pending and not self.cpu.nmi_blocked:
+                self.set_cpu(self.cpu.but(nmi_pending=False))
+                self.deliver(Vector.NMI, from_latch=True)
+                return
+            if to_user:
+                self._end(Outcome.RETURNED, "ERETU to user mode")
+                return
+            if run.home is not None and (words[1], words[4]) == run.home and not run.outstanding:
+                self._end(Outcome.RETURNED, "ERETS to the interrupted kernel context")
         return act
 
     def _act_sysretl(self):

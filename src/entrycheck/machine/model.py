@@ -72,6 +72,8 @@ class Vector(enum.IntEnum):
     VC = 29
     IRQ = 32          # a device interrupt, vector 0x20 (its stub in irq_entries_start pushes it)
     INT80 = 0x80      # int $0x80 from a 32-bit task (a software interrupt: a scenario start, never injected)
+    SYSCALL = 0x101   # under FRED, SYSCALL is an event too (type "other", vector 1): a scenario start
+    SYSENTER = 0x102  # under FRED, SYSENTER likewise (type "other", vector 2)
 
     @property
     def label(self) -> str:
@@ -96,7 +98,8 @@ class Vector(enum.IntEnum):
 _IST_SLOTS = {Vector.DF: 1, Vector.NMI: 2, Vector.DB: 3, Vector.MC: 4, Vector.VC: 5}
 _ERROR_CODE = frozenset({Vector.DF, Vector.GP, Vector.PF, Vector.VC})
 VECTOR_NAMES = {Vector.DB: "db", Vector.NMI: "nmi", Vector.DF: "df", Vector.GP: "gp",
-                Vector.PF: "pf", Vector.MC: "mc", Vector.VC: "vc", Vector.IRQ: "irq", Vector.INT80: "int80"}
+                Vector.PF: "pf", Vector.MC: "mc", Vector.VC: "vc", Vector.IRQ: "irq", Vector.INT80: "int80",
+                Vector.SYSCALL: "syscall", Vector.SYSENTER: "sysenter"}
 VECTOR_BY_NAME = {v: k for k, v in VECTOR_NAMES.items()}
 
 
@@ -115,6 +118,7 @@ class CpuState:
     nmi_pending: bool
     stale: frozenset[int]     # PCIDs whose TLB entries are stale (need a flushing write)
     compat: bool = False      # the user task runs in compat mode (CS __USER32_CS): what its frames say
+    csl: int = 0              # FRED's current stack level (0-3)
 
     def __hash__(self) -> int:
         # Model states are dictionary keys of the explorer's memo: hash them once.
@@ -122,7 +126,7 @@ class CpuState:
         if h is None:
             h = hash((self.cr3, self.pcide, self.fsgsbase, self.cpl, self.ss, self.gs_base, self.kernel_gs_base,
                       self.spec_ctrl, self.mcg_status, self.nmi_blocked, self.nmi_pending, self.stale,
-                      self.compat))
+                      self.compat, self.csl))
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -364,3 +368,103 @@ def sysretl(s: CpuState) -> CpuState:
     """SYSRET with 32-bit operand size: to compat mode, CS __USER32_CS, SS __USER_DS, RIP = ECX
     (32 bits: no canonical check)."""
     return s.but(cpl=3, ss=USER_DS, compat=True)
+
+
+# --- FRED (SDM Vol. 3 ch. "Flexible Return and Event Delivery"; Bochs cpu/fred.cc) ---------------
+FRED_EXTERNAL, FRED_NMI, FRED_HW_EXCEPTION, FRED_SOFT_INT, FRED_OTHER = 0, 2, 3, 4, 7
+FRED_SS_STI, FRED_SS_SYSCALL, FRED_SS_NMI = 1 << 16, 1 << 17, 1 << 18
+
+
+@dataclass(frozen=True)
+class FredConfig:
+    """What Linux programs for FRED (arch/x86/kernel/fred.c): the ring-3 entry (the ring-0 one is
+    256 bytes on), the stack of each level (RSP0: the task stack; RSP1..3: the #DB, NMI and #DF
+    stacks), each exception's level (#DB 1, NMI 2, #MC 2, #DF 3), external interrupts' level (0) and
+    the red zone below the interrupted RSP (FRED_CONFIG_REDZONE: one 64-byte line)."""
+
+    entry: int
+    rsp: tuple[int, int, int, int]
+    levels: tuple[tuple[int, int], ...]         # (vector, level)
+    redzone: int = 64
+    int_level: int = 0
+
+    def level_of(self, vector: int) -> int:
+        return dict(self.levels).get(vector, 0)
+
+
+def fred_event(vector: Vector) -> tuple[int, int]:
+    """(FRED event type, vector number) of what entrycheck delivers."""
+    if vector is Vector.SYSCALL:
+        return FRED_OTHER, 1
+    if vector is Vector.SYSENTER:
+        return FRED_OTHER, 2
+    if vector is Vector.INT80:
+        return FRED_SOFT_INT, 0x80
+    if vector is Vector.IRQ:
+        return FRED_EXTERNAL, int(vector)
+    if vector is Vector.NMI:
+        return FRED_NMI, 2
+    return FRED_HW_EXCEPTION, int(vector)
+
+
+def fred_deliver(s: CpuState, vector: Vector, cfg: FredConfig, *, rip: int, rsp: int, rflags: int, cs: int,
+                 ss: int, error_code: int) -> tuple[CpuState, list[int], int, int]:
+    """FRED event delivery: (state, the 8 words pushed lowest first, new RSP, new RIP).
+
+    From ring 3 the stack level is 0 (RSP0) unless the event is #DF; from ring 0 it is the larger of
+    the current level and the event's, and the stack changes only when the level rises; otherwise
+    the frame goes below the interrupted RSP less the red zone, aligned to 64 bytes, so it never
+    overwrites the outer frame.  CS carries the old level, SS the event (bits 16-18, and the type and
+    vector in 32-63); RFLAGS is cleared; from ring 3 GS is swapped; an NMI blocks NMIs."""
+    etype, number = fred_event(vector)
+    user = s.cpl == 3
+    old_csl = 0 if user else s.csl
+    if user and vector is not Vector.DF:
+        level = 0
+    elif etype == FRED_EXTERNAL:
+        level = cfg.int_level
+    elif etype in (FRED_NMI, FRED_HW_EXCEPTION):
+        level = cfg.level_of(number)
+    else:
+        level = 0
+    new_csl = max(level, old_csl)
+    if user or new_csl > old_csl:
+        top = cfg.rsp[new_csl]
+    else:
+        top = (rsp - cfg.redzone) & ~0x3F
+    aug_ss = ss | (number << 32) | (etype << 48)
+    if etype in (FRED_SOFT_INT, FRED_OTHER):
+        aug_ss |= FRED_SS_SYSCALL
+    if etype == FRED_NMI:
+        aug_ss |= FRED_SS_NMI
+    words = [error_code, rip, cs | (old_csl << 16), rflags, rsp, aug_ss, 0, 0]
+    new = s.but(cpl=0, ss=0 if user else s.ss, csl=new_csl,
+                nmi_blocked=s.nmi_blocked or etype == FRED_NMI,
+                mcg_status=s.mcg_status | (MCG_STATUS_MCIP if vector is Vector.MC else 0))
+    if user:
+        new = swapgs(new).but(ss=KERNEL_DS)
+    return new, words, top - 64, cfg.entry + (0 if user else 256)
+
+
+class EretFault(Exception):
+    """ERETS/ERETU the CPU refuses (#GP(0))."""
+
+
+def eret(s: CpuState, words: list[int], to_user: bool) -> CpuState:
+    """ERETS (``to_user`` False) or ERETU from the frame ``words`` (error code first).  Only an
+    ERET whose frame says it returns from an NMI (SS bit 18) unblocks NMIs."""
+    _, rip, cs, rflags, rsp, ss = words[:6]
+    if not canonical(rip) and (not to_user or (cs & 0xFFFF) != USER32_CS):
+        raise EretFault(f"ERET to a non-canonical RIP {rip:#x}")
+    unblock = bool(ss & FRED_SS_NMI)
+    if to_user:
+        if s.csl != 0:
+            raise EretFault(f"ERETU at stack level {s.csl} (only level 0 may return to ring 3)")
+        if cs & 3 != 3 or ss & 3 != 3:
+            raise EretFault(f"ERETU to CS {cs & 0xFFFF:#x} / SS {ss & 0xFFFF:#x}, not ring 3")
+        new = swapgs(s).but(cpl=3, ss=ss & 0xFFFF, compat=(cs & 0xFFFF) == USER32_CS)
+    else:
+        if cs & 3:
+            raise EretFault(f"ERETS to CS {cs & 0xFFFF:#x}, not ring 0")
+        new = s.but(csl=min(s.csl, (cs >> 16) & 3))
+    return new.but(nmi_blocked=s.nmi_blocked and not unblock)

@@ -93,6 +93,11 @@ def _classify(ins) -> tuple | None:
         return ("sysretq",)
     if m in ("sysret", "sysretl"):      # 0f 07 without REX.W: back to compat mode
         return ("sysretl",)
+    raw = bytes(ins.bytes)
+    if raw == b"\xf3\x0f\x01\xca":         # capstone reads ERETU as a prefixed CLAC
+        return ("eret", True)
+    if raw == b"\xf2\x0f\x01\xca":         # ERETS
+        return ("eret", False)
     if m in ("verw", "lfence", "mfence", "clac", "stac"):
         return ("fence", m)
     return None

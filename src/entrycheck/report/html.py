@@ -108,9 +108,12 @@ def describe_event(e: ev.Event, image) -> str | None:
     if isinstance(e, ev.Latched):
         return f"{e.vector.label.upper()} latched (NMIs blocked)"
     if isinstance(e, ev.Iret):
-        return f"IRET to {image.symbolize(e.frame.rip)} (CPL {e.frame.cs & 3}); NMIs unblocked"
+        return (f"{e.eret or 'IRET'} to {image.symbolize(e.frame.rip)} (CPL {e.frame.cs & 3}); NMIs "
+                f"{'unblocked' if not e.eret or not e.cpu.nmi_blocked else 'still blocked'}")
     if isinstance(e, ev.IretFaulted):
-        return f"IRET faults: {e.reason}; {e.vector.label.upper()}({e.error_code:#x}), NMIs unblocked"
+        return (f"{'ERETU' if e.reason.startswith('ERET') else 'IRET'} faults: {e.reason}; "
+                f"{e.vector.label.upper()}({e.error_code:#x})"
+                + ("" if e.reason.startswith("ERET") else ", NMIs unblocked"))
     if isinstance(e, ev.Sysret):
         return f"SYSRET to {e.rip:#x} (CPL 3)"
     if isinstance(e, ev.Resumed):

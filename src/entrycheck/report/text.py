@@ -215,9 +215,12 @@ def _event_lines(e: ev.Event, image: Image) -> list[str]:
     if isinstance(e, ev.Latched):
         return [f"{pre}{e.vector.label.upper()} latched (NMIs blocked)"]
     if isinstance(e, ev.Iret):
-        return [f"{pre}IRET to {image.symbolize(e.frame.rip)} (CPL {e.frame.cs & 3}); NMIs unblocked"]
+        return [f"{pre}{e.eret or 'IRET'} to {image.symbolize(e.frame.rip)} (CPL {e.frame.cs & 3}); NMIs "
+                f"{'unblocked' if not e.eret or not e.cpu.nmi_blocked else 'still blocked'}"]
     if isinstance(e, ev.IretFaulted):
-        return [f"{pre}IRET faults: {e.reason}; {e.vector.label.upper()}({e.error_code:#x}), NMIs unblocked"]
+        return [f"{pre}{'ERETU' if e.reason.startswith('ERET') else 'IRET'} faults: {e.reason}; "
+                f"{e.vector.label.upper()}({e.error_code:#x})"
+                + ("" if e.reason.startswith("ERET") else ", NMIs unblocked")]
     if isinstance(e, ev.Sysret):
         return [f"{pre}SYSRET to {e.rip:#x} (CPL 3)"]
     if isinstance(e, ev.Resumed):
