@@ -26,12 +26,14 @@ from pathlib import Path
 from entrycheck.explore.check import CheckConfig, ObjectRef
 from entrycheck.image.features import FeatureSet
 from entrycheck.kernel.cache import Cache, remove_tree
+from entrycheck.kernel.kconfig import parse_request
 from entrycheck.kernel.targets import KernelBuild, build_tree_object
 from entrycheck.kernelabi.stubs import Effect
 from entrycheck.machine.model import VECTOR_BY_NAME
 
 ENTRY_S = "arch/x86/entry/entry_64.S"
 COMPAT_S = "arch/x86/entry/entry_64_compat.S"
+FRED_S = "arch/x86/entry/entry_64_fred.S"
 CALLING_H = "arch/x86/entry/calling.h"
 
 
@@ -73,6 +75,7 @@ class Mutant:
     vectors: tuple[str, ...] = ("nmi", "mc", "db")
     depth: int = 0
     effects: tuple[str, ...] = ()
+    kconfig: tuple[str, ...] = ()     # options the kernel is built with (its pristine build too)
 
     def config(self) -> CheckConfig:
         return CheckConfig(
@@ -339,7 +342,23 @@ COMPAT_MUTANTS: tuple[Mutant, ...] = (
         "user-mode-kernel-gs", ("syscall32",), ("none",), vectors=("nmi",), depth=0),
 )
 
-MUTANTS = MUTANTS + USER_MUTANTS + COMPAT_MUTANTS
+# Mutants of FRED's entry (entry_64_fred.S), built with X86_FRED=y and checked with the fred feature.
+FRED_MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "fred-entry-swapgs", "6.12", FRED_S,
+        Edit("\tcall\tfred_entry_from_user\n", "\tswapgs\n\tcall\tfred_entry_from_user\n"),
+        "the FRED user entry keeps the IDT habit of a SWAPGS: FRED already swapped GS on delivery, and "
+        "SWAPGS #UDs with FRED enabled",
+        "emulation-fault", ("syscall",), ("fred",), vectors=("nmi",), depth=0, kconfig=("X86_FRED=y",)),
+    Mutant(
+        "fred-kernel-exit-eretu", "6.12", FRED_S,
+        Edit("\tFRED_EXIT\n\tERETS\n", "\tFRED_EXIT\n\tERETU\n"),
+        "the FRED kernel entry returns with ERETU: an event in kernel mode 'returns' to ring 3 with a "
+        "ring-0 frame, which the CPU refuses (#GP in the kernel, no fixup)",
+        "emulation-fault", ("nmi-from-kernel",), ("fred",), vectors=("nmi",), depth=0, kconfig=("X86_FRED=y",)),
+)
+
+MUTANTS = MUTANTS + USER_MUTANTS + COMPAT_MUTANTS + FRED_MUTANTS
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 
 
@@ -382,7 +401,7 @@ def build_mutant(mutant: Mutant, pristine: KernelBuild, copy: Callable[[Path, Pa
     if pristine.source_tree is None:
         raise MutantDoesNotApply(f"mutant {mutant.name}: {pristine.label} has no source tree")
     tree = prepare_tree(mutant, pristine.source_tree, copy)
-    return build_tree_object(tree, key_extra=mutant.build_key())
+    return build_tree_object(tree, key_extra=mutant.build_key(), request=parse_request(None, mutant.kconfig))
 
 
 def object_ref(build: KernelBuild) -> ObjectRef:

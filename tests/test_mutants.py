@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from mutants import COMPAT_MUTANTS, MUTANTS, USER_MUTANTS, Edit, Mutant, MutantDoesNotApply, build_mutant, object_ref
+from entrycheck.kernel.kconfig import parse_request
+from entrycheck.kernel.targets import resolve_target
+from mutants import COMPAT_MUTANTS, FRED_MUTANTS, MUTANTS, USER_MUTANTS, Edit, Mutant, MutantDoesNotApply, build_mutant, object_ref
 
 from entrycheck.explore.check import STOPPED_DONE, CheckConfig, CheckResult, run_check
 from entrycheck.explore.paths import Finding
@@ -38,12 +40,21 @@ class Suite:
         self.results: dict[str, CheckResult] = {}
         self.pristine: dict[tuple[str, CheckConfig], CheckResult] = {}
 
+    def kernel(self, mutant: Mutant) -> KernelBuild:
+        """The pristine build a mutant is an edit of: the Debian kernel, in the mutant's configuration."""
+        if not mutant.kconfig:
+            return self.kernels[mutant.kernel]
+        key = f"{mutant.kernel}:{','.join(mutant.kconfig)}"
+        if key not in self.builds:
+            self.builds[key] = resolve_target(f"debian:{mutant.kernel}", request=parse_request(None, mutant.kconfig))
+        return self.builds[key]
+
     def build(self, mutant: Mutant) -> KernelBuild:
         if mutant.name not in self.builds:
             try:
-                self.builds[mutant.name] = build_mutant(mutant, self.kernels[mutant.kernel], self.copy)
+                self.builds[mutant.name] = build_mutant(mutant, self.kernel(mutant), self.copy)
             except MutantDoesNotApply as exc:
-                pytest.fail(f"mutant {mutant.name} no longer applies to {self.kernels[mutant.kernel].label}: {exc}",
+                pytest.fail(f"mutant {mutant.name} no longer applies to {self.kernel(mutant).label}: {exc}",
                             pytrace=False)
         return self.builds[mutant.name]
 
@@ -53,9 +64,9 @@ class Suite:
         return self.results[mutant.name]
 
     def pristine_result(self, mutant: Mutant) -> CheckResult:
-        key = (mutant.kernel, mutant.config())
+        key = (mutant.kernel, mutant.kconfig, mutant.config())
         if key not in self.pristine:
-            self.pristine[key] = run_check(object_ref(self.kernels[mutant.kernel]), mutant.config(), workers=1)
+            self.pristine[key] = run_check(object_ref(self.kernel(mutant)), mutant.config(), workers=1)
         return self.pristine[key]
 
 
@@ -82,10 +93,13 @@ def reproducer(f: Finding) -> str:
 
 
 def entry_text(obj: Path) -> bytes:
+    """The entry code of a (linked) object: .entry.text, and entry_64_fred.o's .noinstr.text."""
     with obj.open("rb") as f:
-        section = ELFFile(f).get_section_by_name(".entry.text")
+        elf = ELFFile(f)
+        section = elf.get_section_by_name(".entry.text")
         assert section is not None, f"{obj} has no .entry.text"
-        return section.data()
+        fred = elf.get_section_by_name(".noinstr.text")
+        return section.data() + (fred.data() if fred is not None else b"")
 
 
 def assert_complete(result: CheckResult, what: str) -> None:
@@ -143,13 +157,13 @@ def test_a_mutant_that_no_longer_applies_fails_loudly(kernel61: KernelBuild,
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
 def test_mutant_is_caught(suite: Suite, mutant: Mutant) -> None:
     build = suite.build(mutant)
-    pristine_build = suite.kernels[mutant.kernel]
+    pristine_build = suite.kernel(mutant)
     assert build.source_tree is not None and pristine_build.source_tree is not None
     edited, original = build.source_tree / mutant.file, pristine_build.source_tree / mutant.file
     assert edited.stat().st_ino != original.stat().st_ino, "the edited file is a hard link into the pristine tree"
     assert edited.read_text() != original.read_text()
     assert entry_text(build.object_path) != entry_text(pristine_build.object_path), \
-        f"the edit of {mutant.name} did not change the code in .entry.text"
+        f"the edit of {mutant.name} did not change the entry code"
 
     result = suite.result(mutant)
     assert_complete(result, f"the check of mutant {mutant.name}")
@@ -175,7 +189,7 @@ def test_a_user_controlled_bug_is_found_by_diff(suite: Suite, mutant: Mutant, tm
     args = ["--depth", "1", "--scenarios", ",".join(mutant.scenarios), "--features", ",".join(mutant.features),
             "--vectors", ",".join(mutant.vectors), "--json", str(out)]
     cli = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
-    p = subprocess.run(cli + ["diff", str(suite.kernels[mutant.kernel].object_path),
+    p = subprocess.run(cli + ["diff", str(suite.kernel(mutant).object_path),
                               str(suite.build(mutant).object_path), *args], capture_output=True, text=True)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr
     new = [v for v in json.loads(out.read_text())["new_violations"] if v["invariant"] == mutant.invariant]
@@ -187,22 +201,23 @@ def test_a_user_controlled_bug_is_found_by_diff(suite: Suite, mutant: Mutant, tm
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("mutant", COMPAT_MUTANTS, ids=[m.name for m in COMPAT_MUTANTS])
-def test_a_compat_entry_bug_is_found_by_diff(suite: Suite, mutant: Mutant, tmp_path: Path) -> None:
-    """`entrycheck diff PRISTINE MUTANT` over the 32-bit entry scenarios (all of them, default
-    vectors, user values derived) reports the mutant's new violations in entry_64_compat.S's
-    code, which runs linked with entry_64.o; the pristine kernel has none of that invariant there."""
+@pytest.mark.parametrize("mutant", COMPAT_MUTANTS + FRED_MUTANTS, ids=[m.name for m in COMPAT_MUTANTS + FRED_MUTANTS])
+def test_a_compat_or_fred_entry_bug_is_found_by_diff(suite: Suite, mutant: Mutant, tmp_path: Path) -> None:
+    """`entrycheck diff PRISTINE MUTANT` over the mutant's object's scenarios (default vectors,
+    user values derived) reports the mutant's new violations in entry_64_compat.S's or
+    entry_64_fred.S's code, which runs linked with entry_64.o."""
     out = tmp_path / "diff.json"
-    args = ["--depth", "1", "--scenarios", "sysenter,syscall32,int80", "--features", ",".join(mutant.features),
-            "--json", str(out)]
+    scenarios = "sysenter,syscall32,int80" if mutant in COMPAT_MUTANTS else "all"
+    args = ["--depth", "1", "--scenarios", scenarios, "--features", ",".join(mutant.features), "--json", str(out)]
     cli = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
-    p = subprocess.run(cli + ["diff", str(suite.kernels[mutant.kernel].object_path),
+    p = subprocess.run(cli + ["diff", str(suite.kernel(mutant).object_path),
                               str(suite.build(mutant).object_path), *args], capture_output=True, text=True)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr
     doc = json.loads(out.read_text())
     new = [v for v in doc["new_violations"] if v["invariant"] == mutant.invariant]
     assert new, f"{mutant.name}: no new {mutant.invariant} in {p.stdout[-2000:]}"
-    assert {v["scenario"].split("[")[0] for v in new} <= set(mutant.scenarios) | {"sysenter", "syscall32"}
+    if mutant in COMPAT_MUTANTS:
+        assert {v["scenario"].split("[")[0] for v in new} <= set(mutant.scenarios) | {"sysenter", "syscall32"}
 
 
 @pytest.mark.kernel
@@ -212,7 +227,7 @@ def test_stale_tlb_is_checked_by_default_through_interrupts(suite: Suite, tmp_pa
     mutant = next(m for m in MUTANTS if m.name == "user-cr3-ignores-flush-mask")
     out = tmp_path / "diff.json"
     cli = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
-    p = subprocess.run(cli + ["diff", str(suite.kernels[mutant.kernel].object_path), str(suite.build(mutant).object_path),
+    p = subprocess.run(cli + ["diff", str(suite.kernel(mutant).object_path), str(suite.build(mutant).object_path),
                               "--depth", "0", "--scenarios", "irq-from-user", "--features", "pti,pcid",
                               "--json", str(out)], capture_output=True, text=True)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr
@@ -265,7 +280,7 @@ def test_a_baseline_passes_known_findings_and_fails_new_ones(suite: Suite, tmp_p
     args = ["--features", "kernel_ibrs", "--depth", "1", "--scenarios", "db-from-user,db-from-kernel",
             "--vectors", "db,nmi"]
     base = tmp_path / "pristine.json"
-    pristine = suite.kernels[mutant.kernel].object_path
+    pristine = suite.kernel(mutant).object_path
     first = subprocess.run(cli + ["check", str(pristine), *args, "--json", str(base)], capture_output=True, text=True)
     assert first.returncode == 1, first.stderr
     known = json.loads(base.read_text())["violations"]

@@ -333,7 +333,8 @@ class Stubs:
         if cs & 3:
             self._general_protection(emu)
             return
-        if emu.read(ip, 4) != b"\xf3\x0f\x01\xca":
+        entry = self.world.config.fred.entry
+        if not entry <= ip < entry + 256 or emu.read(ip, 4) != b"\xf3\x0f\x01\xca":
             emu.fault(FaultKind.CHECKPOINT, f"general protection fault in kernel mode at {emu.symbolize(ip)}: "
                                             "no exception-table fixup, the kernel oopses")
             return
