@@ -14,7 +14,7 @@ no scenario reaches.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -59,6 +59,8 @@ class ObjectCoverage:
     total: int          # instructions (padding left out)
     covered: int
     spans: tuple[Span, ...]
+    # The annotated listing: (sym+off, instruction, "ran" | "copy" | "cannot" | "missed"), padding left out.
+    rows: tuple[tuple[str, str, str], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def explained(self) -> int:
@@ -129,6 +131,7 @@ def object_coverage(image: Image, name: str, ranges: Iterable[tuple[int, int]],
                     executed: frozenset[int], fred: tuple[bool, bool] = (False, True)) -> ObjectCoverage:
     total = covered = 0
     spans: list[Span] = []
+    rows: list[tuple[str, str, str]] = []
     run: list[tuple[int, str]] = []          # the current uncovered span: (address, sym+off)
     why_of_run: str | None = None
 
@@ -151,18 +154,21 @@ def object_coverage(image: Image, name: str, ranges: Iterable[tuple[int, int]],
             if padding:
                 continue
             total += 1
+            where = image.symbolize(ins.address)
+            text = f"{ins.mnemonic} {ins.op_str}".strip()
             if hit:
                 covered += 1
+                rows.append((where, text, "ran"))
                 close()
                 continue
-            where = image.symbolize(ins.address)
             why = _why(where.split("+")[0], fred) or (COPY if ins.address in copies else None)
+            rows.append((where, text, "missed" if why is None else "copy" if why == COPY else "cannot"))
             if run and why != why_of_run:
                 close()
             why_of_run = why
             run.append((ins.address, where))
         close()
-    return ObjectCoverage(name, total, covered, tuple(spans))
+    return ObjectCoverage(name, total, covered, tuple(spans), tuple(rows))
 
 
 def _shape(ins) -> str:

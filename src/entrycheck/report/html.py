@@ -513,7 +513,20 @@ def check_html(result: CheckResult, *, build, loaded, target: str, command: str 
         vectors=",".join(v.label for v in cfg.vectors), effects=",".join(e.value for e in cfg.effects),
         matrix=check_matrix(result, views), plots=check_plots(result), groups=list(by_inv.items()),
         invariants=INVARIANTS, views=views, replayed=sum(1 for v in views if v.trace is not None),
-        cost=cost, sites=_site_rows(cost, side, fs0), has_lines=bool(side.lines), window=TRACE_WINDOW)
+        cost=cost, sites=_site_rows(cost, side, fs0), has_lines=bool(side.lines), window=TRACE_WINDOW,
+        coverage=[(c, _by_symbol(c.rows)) for c in coverage])
+
+
+def _by_symbol(rows) -> list[tuple[str, str, list]]:
+    """The listing's rows grouped by symbol: (symbol, its overall status, rows)."""
+    out: list[tuple[str, str, list]] = []
+    for where, text, status in rows:
+        sym = where.split("+")[0]
+        if not out or out[-1][0] != sym:
+            out.append((sym, status, []))
+        out[-1][2].append((where, text, status))
+    order = ("missed", "copy", "cannot", "ran")
+    return [(sym, min((r[2] for r in rs), key=order.index), rs) for sym, _, rs in out]
 
 
 def diff_html(result: DiffResult, *, old_build, old_loaded, new_build, new_loaded, old_target: str,
