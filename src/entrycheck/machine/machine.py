@@ -697,26 +697,32 @@ class _Core:
             if frame.rflags & model.RFLAGS_TF:
                 run.tf_watch = True
             self.set_cpu(cpu)
-            self._landed(frame.rip, frame.rsp)
-            if run.outcome is not None:
-                return
-            if run.request.cut_loops:
-                run.irets += 1
-                if run.irets >= LOOP_WATCH and self._repeats():
-                    self._end(Outcome.NO_RETURN, self._loop_reason(addr))
-                    return
-            if self.cpu.nmi_pending and not self.cpu.nmi_blocked:
-                # A latched NMI arrives at the first boundary after the unblocking IRET (in user
-                # mode too: the path then goes on through the NMI-from-user entry).
-                self.set_cpu(self.cpu.but(nmi_pending=False))
-                self.deliver(Vector.NMI, from_latch=True)
-                return
-            if to_user:
-                self._end(Outcome.RETURNED, "IRET to user mode")
-                return
-            if run.home is not None and (frame.rip, frame.rsp) == run.home and not run.outstanding:
-                self._end(Outcome.RETURNED, "IRET to the interrupted kernel context")
+            self._returned(addr, frame.rip, frame.rsp, to_user, "IRET")
         return act
+
+    def _returned(self, addr: int, rip: int, rsp: int, to_user: bool, how: str) -> None:
+        """After an IRET or ERET at ``addr`` landed at (rip, rsp): the exceptions it resumed, the
+        no-return watch, a latched NMI it let in, and the end of the path when it is back."""
+        run = self.run_
+        self._landed(rip, rsp)
+        if run.outcome is not None:
+            return
+        if run.request.cut_loops:
+            run.irets += 1
+            if run.irets >= LOOP_WATCH and self._repeats():
+                self._end(Outcome.NO_RETURN, self._loop_reason(addr))
+                return
+        if self.cpu.nmi_pending and not self.cpu.nmi_blocked:
+            # A latched NMI arrives at the first boundary after the unblocking return (in user
+            # mode too: the path then goes on through the NMI-from-user entry).
+            self.set_cpu(self.cpu.but(nmi_pending=False))
+            self.deliver(Vector.NMI, from_latch=True)
+            return
+        if to_user:
+            self._end(Outcome.RETURNED, f"{how} to user mode")
+            return
+        if run.home is not None and (rip, rsp) == run.home and not run.outstanding:
+            self._end(Outcome.RETURNED, f"{how} to the interrupted kernel context")
 
     def _iret_faults(self, addr: int, rsp: int, frame: Frame, exc: model.IretFault) -> None:
         """The IRET at ``addr`` faults: NMIs are unblocked, and the fault is delivered at the
@@ -881,18 +887,7 @@ class _Core:
             u.write(_RSP, words[4])
             u.write(_RFLAGS, words[3] | model.RFLAGS_FIXED)
             self.set_cpu(cpu)
-            self._landed(words[1], words[4])
-            if run.outcome is not None:
-                return
-            if self.cpu.nmi_pending and not self.cpu.nmi_blocked:
-                self.set_cpu(self.cpu.but(nmi_pending=False))
-                self.deliver(Vector.NMI, from_latch=True)
-                return
-            if to_user:
-                self._end(Outcome.RETURNED, "ERETU to user mode")
-                return
-            if run.home is not None and (words[1], words[4]) == run.home and not run.outstanding:
-                self._end(Outcome.RETURNED, "ERETS to the interrupted kernel context")
+            self._returned(addr, words[1], words[4], to_user, name)
         return act
 
     def _act_sysretl(self):
