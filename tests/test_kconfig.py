@@ -113,3 +113,30 @@ def test_distro_config_is_debians(kernel612: KernelBuild) -> None:
     assert (have.get("DEBUG_ENTRY", "n"), have["XEN_PV"], have["AMD_MEM_ENCRYPT"]) == ("n", "y", "y")
     assert read_config(kernel612.config_file).get("DEBUG_ENTRY") == "y"
     assert distro.label.endswith("; distro config)")
+
+
+def _assemble(tmp_path: Path, name: str, text: str) -> Path:
+    src, obj = tmp_path / f"{name}.S", tmp_path / f"{name}.o"
+    src.write_text(text)
+    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
+    return obj
+
+
+def test_objects_named_together_are_linked_into_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TARGET a.o,b.o: the objects are linked as the kernel links them, b's reference to a's
+    exit resolved; the build lists both parts."""
+    monkeypatch.setenv("ENTRYCHECK_CACHE", str(tmp_path / "cache"))
+    a = _assemble(tmp_path, "entry_64", ".section .entry.text,\"ax\"\n.globl common_exit\n"
+                                        "entry_a: nop\ncommon_exit: iretq\n")
+    b = _assemble(tmp_path, "entry_64_compat", ".section .entry.text,\"ax\"\n.globl entry_b\n"
+                                               "entry_b: nop\n jmp common_exit\n")
+    kb = resolve_target(f"{a},{b}")
+    assert kb.parts == (a, b) and kb.object_path not in (a, b)
+    from entrycheck.image.objfile import load_object
+
+    obj = load_object(kb.object_path)
+    defined = {s.name for s in obj.symbols if not s.undefined and s.name}
+    assert {"common_exit", "entry_b"} <= defined
+    assert not [s.name for s in obj.symbols if s.undefined and s.name == "common_exit"]
+    with pytest.raises(InputError, match="several objects are joined with commas"):
+        resolve_target(f"{a},{tmp_path / 'missing.o'}")

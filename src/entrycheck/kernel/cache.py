@@ -2,9 +2,11 @@
 
 Layout under the root ($ENTRYCHECK_CACHE, else ~/.cache/entrycheck)::
 
-    src/<package>_<version>/     pristine Debian source trees (read-only use)
-    builds/<entry>/              one built object: entry_64.o, cpufeatures.h,
-                                 asm-offsets.h, meta.json
+    src/<package>_<version>/     pristine Debian source trees (read-only use), Debian's
+                                 configs (linux-config-X.Y_<version>/config.amd64)
+    builds/<entry>/              one build: entry.o (its entry objects linked), objects/,
+                                 cpufeatures.h, asm-offsets.h, kernel.config, meta.json
+    builds/linked-<digest>/      entry.o of objects given as a TARGET, linked
     logs/<entry>.log             the full make output of the latest build of <entry>
     locks/<kind>-<entry>.lock    one flock(2) lock file per entry
     tmp/<kind>-<entry>@XXXX/     work in progress (downloads, extraction, builds)
