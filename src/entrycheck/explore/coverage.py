@@ -23,9 +23,11 @@ from entrycheck.image.image import CODE_SECTIONS, Image
 from entrycheck.image.objfile import SHN_ABS, load_object
 
 # Symbol prefixes (of the code an uncovered span is in) and why that code cannot run here.
+XEN = "Xen PV only (X86_FEATURE_XENPV: a paravirtualised guest, not bare metal)"
 EXPLAINED: tuple[tuple[str, str], ...] = (
-    ("xen_", "Xen PV only (X86_FEATURE_XENPV: a paravirtualised guest, not bare metal)"),
-    ("asm_xen", "Xen PV only"),
+    ("xen_", XEN),
+    ("asm_xen", XEN),
+    ("exc_xen", XEN),
     ("__switch_to_asm", "the context switch, not an entry path"),
     ("ret_from_fork", "a new task's first return, not an entry path"),
     ("rewind_stack_and_make_dead", "a task dying after an oops, not an entry path"),
