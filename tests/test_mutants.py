@@ -208,7 +208,8 @@ def test_a_compat_or_fred_entry_bug_is_found_by_diff(suite: Suite, mutant: Mutan
     entry_64_fred.S's code, which runs linked with entry_64.o."""
     out = tmp_path / "diff.json"
     scenarios = "sysenter,syscall32,int80" if mutant in COMPAT_MUTANTS else "all"
-    args = ["--depth", "1", "--scenarios", scenarios, "--features", ",".join(mutant.features), "--json", str(out)]
+    args = ["--depth", "1", "--scenarios", scenarios, "--features", ",".join(mutant.features), "--json", str(out),
+            "--tree", str(suite.kernel(mutant).source_tree)]       # its cpufeatures.h numbers fred (6.9+)
     cli = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
     p = subprocess.run(cli + ["diff", str(suite.kernel(mutant).object_path),
                               str(suite.build(mutant).object_path), *args], capture_output=True, text=True)

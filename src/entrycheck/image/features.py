@@ -41,7 +41,6 @@ _BUILTIN: dict[str, int] = {
     "srso": 11 * 32 + 24,
     "sev_es": 19 * 32 + 3,
     "clear_bhb_loop": 21 * 32 + 1,
-    "fred": 12 * 32 + 17,            # 6.9+ (6.1 has no FRED, and nothing at that bit)
 }
 
 _DEFINE = re.compile(r"^\s*#\s*define\s+(X86_FEATURE_|X86_BUG_)(\w+)\s+(.+?)\s*(?:/\*.*)?$")
