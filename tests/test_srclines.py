@@ -67,6 +67,23 @@ def test_objects_without_line_info_have_no_lines(kernel61) -> None:
     assert lines.line(entry.address) is None and lines.text(entry.address) is None
 
 
+def _owner(build, section: str, offset: int) -> str | None:
+    """Which object's part of the linked ``section`` holds ``offset`` (None: fill ld put between
+    parts); ld -r places each object's section at the next multiple of its alignment, in link order."""
+    from entrycheck.image.objfile import load_object
+
+    cursor = 0
+    for part in build.parts:
+        sec = load_object(part, entry_text=False).section(section)
+        if sec is None:
+            continue
+        cursor = -(-cursor // sec.align) * sec.align
+        if cursor <= offset < cursor + sec.size:
+            return part.name
+        cursor += sec.size
+    return None
+
+
 @pytest.mark.parametrize("which", ["6.1", "6.12"])
 def test_every_instruction_maps_to_the_line_objdump_gives(which, kernel61_debug, kernel612_debug) -> None:
     """Independent oracle: binutils applies .rela.debug_line itself; our addresses are the section's
@@ -83,7 +100,12 @@ def test_every_instruction_maps_to_the_line_objdump_gives(which, kernel61_debug,
     assert {".entry.text", ".text", ".altinstr_replacement"} <= sections
     wrong = []
     for section, offset, path, number in rows:
-        got = lines.line(loaded.section(section).address + offset)
+        address = loaded.section(section).address + offset
+        got = lines.line(address)
+        if got is None and _owner(build, section, offset) != Path(path).name.replace(".S", ".o"):
+            # objdump gives the last line of a sequence to the bytes after it: the linker's fill, or
+            # the next object's part when that object has no line rows there.
+            continue
         if got is None or not path.endswith("/" + got[0]) or got[1] != number:
             wrong.append((section, hex(offset), path, number, got))
     assert not wrong, wrong[:10]
