@@ -228,9 +228,9 @@ class ExploreOptions:
                 sc = scenario(name)
                 if missing(name):
                     what = sc.vector.label if sc.vector is not None else sc.entry
+                    why = "; a 32-bit entry needs IA32_EMULATION and entry_64_compat.o" if sc.compat else ""
                     raise InputError(f"scenario {name}: this kernel has no entry point for {what} "
-                                     f"({missing(name)} is missing; a 32-bit entry needs IA32_EMULATION and "
-                                     "entry_64_compat.o)")
+                                     f"({missing(name)} is missing{why})")
                 if sc.needs and not any(sc.needs in fs for fs in sets):
                     raise InputError(f"scenario {name} needs the {sc.needs} feature: add it to --features "
                                      f"(e.g. --features {sc.needs})")
