@@ -266,16 +266,21 @@ class Stubs:
     # ---- contracts ---------------------------------------------------------------------
     def _do_syscall_64(self, emu: Context) -> None:
         regs = emu.reg("rdi")
-        emu.write_u64(regs + PTREGS["rax"], 0)                  # the system call's return value
+        self._system_call_return(emu, regs)
+        if self.world.syscall_returns_bool:
+            fields = {k: emu.read_u64(regs + PTREGS[k]) for k in ("rcx", "ip", "r11", "flags", "cs", "ss")}
+            emu.set_reg("rax", 1 if sysret_allowed(fields) else 0)
+
+    def _system_call_return(self, emu: Context, regs: int) -> None:
+        """What a 64-bit system call leaves in pt_regs: its return value, and the user context it
+        returns to when it changed it (sigreturn, a signal: then an IRET is needed) or when user
+        space set it (``user_return``)."""
+        emu.write_u64(regs + PTREGS["rax"], 0)
         if not emu.options.sysret:
-            # The system call changed the user context (as sigreturn or a signal would): IRET needed.
             ip = emu.read_u64(regs + PTREGS["ip"])
             emu.write_u64(regs + PTREGS["ip"], ip + 0x100)
         for name, value in emu.options.user_return:
             emu.write_u64(regs + PTREGS[name], value)
-        if self.world.syscall_returns_bool:
-            fields = {k: emu.read_u64(regs + PTREGS[k]) for k in ("rcx", "ip", "r11", "flags", "cs", "ss")}
-            emu.set_reg("rax", 1 if sysret_allowed(fields) else 0)
 
     def _do_fast_syscall_32(self, emu: Context, sysenter: bool) -> None:
         """do_fast_syscall_32 / do_SYSENTER_32: SYSENTER saves no user RSP (the vDSO passes it in
@@ -299,14 +304,11 @@ class Stubs:
         ss = emu.read_u64(regs + PTREGS["ss"])
         etype, vector = (ss >> 48) & 0xF, (ss >> 32) & 0xFF
         if etype in (model.FRED_OTHER, model.FRED_SOFT_INT):
-            emu.write_u64(regs + PTREGS["rax"], 0)
-            if etype == model.FRED_OTHER and vector == 1 and not emu.read_u64(regs + PTREGS["cs"]) & 0xFFFF \
-                    == model.USER32_CS:
-                if not emu.options.sysret:
-                    ip = emu.read_u64(regs + PTREGS["ip"])
-                    emu.write_u64(regs + PTREGS["ip"], ip + 0x100)
-                for name, value in emu.options.user_return:
-                    emu.write_u64(regs + PTREGS[name], value)
+            if etype == model.FRED_OTHER and vector == 1 and emu.read_u64(regs + PTREGS["cs"]) & 0xFFFF \
+                    != model.USER32_CS:
+                self._system_call_return(emu, regs)          # do_syscall_64's, as the IDT path has it
+            else:
+                emu.write_u64(regs + PTREGS["rax"], 0)
             return
         if etype == model.FRED_HW_EXCEPTION and vector == int(model.Vector.GP):
             self._fred_general_protection(emu, regs)

@@ -352,20 +352,28 @@ class _Core:
         new_cpu, frame, new_rsp, new_flags = model.deliver(
             cpu, vector, rip=rip, rsp=rsp, rflags=rflags,
             error_code=error_code if error_code is not None else 0, stack_top=top)
-        words = frame.words()
+        return self._push_frame(vector, injection, new_cpu, frame, frame.words(), new_rsp, new_flags,
+                                self.config.idt[vector], "frame", from_latch, single_step)
+
+    def _push_frame(self, vector: Vector, injection: Interrupted, new_cpu: CpuState, frame: Frame,
+                    words: list[int], new_rsp: int, new_flags: int, entry: int, what: str, from_latch: bool,
+                    single_step: bool) -> bool:
+        """The common end of IDT and FRED delivery: ``words`` pushed at ``new_rsp``, the CPU at
+        ``entry`` with ``new_flags`` and ``new_cpu``, the interrupted context outstanding."""
+        run, u = self.run_, self.u
         if not self.mapped(new_rsp) or not self.mapped(new_rsp + 8 * len(words) - 1):
-            self.fault(FaultKind.UNMAPPED, f"{vector.label} frame at unmapped stack {new_rsp:#x}", new_rsp)
+            self.fault(FaultKind.UNMAPPED, f"{vector.label} {what} at unmapped stack {new_rsp:#x}", new_rsp)
             return False
         self._write(new_rsp, b"".join((w & MASK64).to_bytes(8, "little") for w in words), None)
         u.write(_RSP, new_rsp)
         u.write(_RFLAGS, new_flags)
-        u.write(_RIP, self.config.idt[vector])
+        u.write(_RIP, entry)
         self.set_cpu(new_cpu)
         run.outstanding = run.outstanding + (injection,)
         run.chain += 1
-        if flow is not None:
-            flow.append((Op.DELIVER, self.space.phys(new_rsp), len(words), len(run.outstanding) - 1))
-        self.emit(Delivered, pc=rip, vector=vector, frame=frame, stack=new_rsp, from_latch=from_latch,
+        if run.flow is not None:
+            run.flow.append((Op.DELIVER, self.space.phys(new_rsp), len(words), len(run.outstanding) - 1))
+        self.emit(Delivered, pc=injection.rip, vector=vector, frame=frame, stack=new_rsp, from_latch=from_latch,
                   single_step=single_step)
         return True
 
@@ -382,22 +390,9 @@ class _Core:
         injection = Interrupted(vector, run.steps, rip, rsp, regs[:15] + (regs[17],), cpu, run.chain)
         new_cpu, words, new_rsp, entry = model.fred_deliver(cpu, vector, self.config.fred, rip=rip, rsp=rsp,
                                                             rflags=rflags, cs=cs, ss=ss, error_code=error_code)
-        if not self.mapped(new_rsp) or not self.mapped(new_rsp + 8 * len(words) - 1):
-            self.fault(FaultKind.UNMAPPED, f"{vector.label} FRED frame at unmapped stack {new_rsp:#x}", new_rsp)
-            return False
-        self._write(new_rsp, b"".join((w & MASK64).to_bytes(8, "little") for w in words), None)
-        u.write(_RSP, new_rsp)
-        u.write(_RFLAGS, model.RFLAGS_FIXED)
-        u.write(_RIP, entry)
-        self.set_cpu(new_cpu)
-        run.outstanding = run.outstanding + (injection,)
-        run.chain += 1
-        if run.flow is not None:
-            run.flow.append((Op.DELIVER, self.space.phys(new_rsp), len(words), len(run.outstanding) - 1))
         frame = Frame(words[0], words[1], words[2], words[3], words[4], words[5])
-        self.emit(Delivered, pc=rip, vector=vector, frame=frame, stack=new_rsp, from_latch=from_latch,
-                  single_step=single_step)
-        return True
+        return self._push_frame(vector, injection, new_cpu, frame, words, new_rsp, model.RFLAGS_FIXED, entry,
+                                "FRED frame", from_latch, single_step)
 
     # ---- hooks --------------------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -827,24 +822,31 @@ class _Core:
                 return False
         return True
 
-    def _act_sysretq(self):
+    def _act_sysret(self, compat: bool):
+        """SYSRETQ (to 64-bit mode: RIP = RCX, which must be canonical) or SYSRETL (to compat mode:
+        RIP = ECX); RFLAGS from R11 either way."""
+        how = "SYSRETL to compat mode" if compat else "SYSRET to user mode"
+
         def act(addr: int, size: int) -> None:
             u = self.u
             self._flow(Op.USE, REG_INDEX["rcx"])
             self._flow(Op.USE, REG_INDEX["r11"])
-            rcx = u.read(_RCX)
+            rip = u.read(_RCX) & (0xFFFFFFFF if compat else MASK64)
             r11 = u.read(_UC_REG["r11"])
-            try:
-                cpu = model.sysret(self.cpu, rcx)
-            except model.FrameError as exc:
-                self.fault(FaultKind.GP, f"{exc}: the #GP is delivered on the user's RSP "
-                                         f"({u.read(_RSP):#x}) with GSBASE {self.cpu.gs_base:#x}")
-                return
-            u.write(_RIP, rcx)
+            if compat:
+                cpu = model.sysretl(self.cpu)
+            else:
+                try:
+                    cpu = model.sysret(self.cpu, rip)
+                except model.FrameError as exc:
+                    self.fault(FaultKind.GP, f"{exc}: the #GP is delivered on the user's RSP "
+                                             f"({u.read(_RSP):#x}) with GSBASE {self.cpu.gs_base:#x}")
+                    return
+            u.write(_RIP, rip)
             u.write(_RFLAGS, (r11 & 0x3C7FD7) | model.RFLAGS_FIXED)
             self.set_cpu(cpu)
-            self.emit(Sysret, pc=addr, rip=rcx)
-            self._end(Outcome.RETURNED, "SYSRET to user mode")
+            self.emit(Sysret, pc=addr, rip=rip)
+            self._end(Outcome.RETURNED, how)
         return act
 
     def _act_eret(self, to_user: bool):
@@ -865,6 +867,7 @@ class _Core:
             finally:
                 run.flow = flow
             words = [int.from_bytes(raw[8 * k:8 * k + 8], "little") for k in range(6)]
+            frame = Frame(None, words[1], words[2] & 0xFFFF, words[3], words[4], words[5] & 0xFFFF)
             try:
                 cpu = model.eret(self.cpu, words, to_user)
             except model.EretFault as exc:
@@ -873,14 +876,12 @@ class _Core:
                     return
                 # A refused ERETU raises #GP(0) in ring 0, at the ERETU (the kernel's extable entry
                 # EX_TYPE_ERETU turns it into a #GP of the user mode it was returning to).
-                frame = Frame(None, words[1], words[2] & 0xFFFF, words[3], words[4], words[5] & 0xFFFF)
                 self.emit(IretFaulted, pc=addr, frame=frame, vector=Vector.GP, error_code=0, reason=str(exc))
                 self.deliver(Vector.GP, 0)
                 return
             if flow is not None:
                 flow.append((Op.SKIP,))
                 flow.append((Op.IRET, self.space.phys(rsp + 8)))
-            frame = Frame(None, words[1], words[2] & 0xFFFF, words[3], words[4], words[5] & 0xFFFF)
             self.emit(Iret, pc=addr, cpu=cpu, frame=frame, to_user=to_user, eret=name)
             rip = words[1] & 0xFFFF_FFFF if cpu.compat and to_user else words[1]
             u.write(_RIP, rip)
@@ -888,20 +889,6 @@ class _Core:
             u.write(_RFLAGS, words[3] | model.RFLAGS_FIXED)
             self.set_cpu(cpu)
             self._returned(addr, words[1], words[4], to_user, name)
-        return act
-
-    def _act_sysretl(self):
-        def act(addr: int, size: int) -> None:
-            u = self.u
-            self._flow(Op.USE, REG_INDEX["rcx"])
-            self._flow(Op.USE, REG_INDEX["r11"])
-            ecx = u.read(_RCX) & 0xFFFFFFFF
-            r11 = u.read(_UC_REG["r11"])
-            u.write(_RIP, ecx)
-            u.write(_RFLAGS, (r11 & 0x3C7FD7) | model.RFLAGS_FIXED)
-            self.set_cpu(model.sysretl(self.cpu))
-            self.emit(Sysret, pc=addr, rip=ecx)
-            self._end(Outcome.RETURNED, "SYSRETL to compat mode")
         return act
 
     def _act_stub(self, name: str):

@@ -90,9 +90,9 @@ def _classify(ins) -> tuple | None:
             return ("unsupported", "lsl with a memory operand")
         return ("lsl", PARENT[ins.reg_name(dst.reg)], ins.reg_name(src.reg))
     if m == "sysretq":
-        return ("sysretq",)
+        return ("sysret", False)
     if m in ("sysret", "sysretl"):      # 0f 07 without REX.W: back to compat mode
-        return ("sysretl",)
+        return ("sysret", True)
     raw = bytes(ins.bytes)
     if raw == b"\xf3\x0f\x01\xca":         # capstone reads ERETU as a prefixed CLAC
         return ("eret", True)
