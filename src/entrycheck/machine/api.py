@@ -14,7 +14,7 @@ from typing import Callable, Hashable, Mapping, Protocol, Sequence
 
 from entrycheck.image.layout import USER_GSBASE_POISON, USER_GSBASE_VALUES, Region
 from entrycheck.machine.events import Event, FaultKind, Injection, Outcome
-from entrycheck.machine.model import CpuState, FredConfig, Vector
+from entrycheck.machine.model import CpuState, FredConfig, SpecConfig, Vector
 from entrycheck.machine.state import Interrupted, Regs, Snapshot
 
 DEFAULT_BUDGET = 20000
@@ -68,6 +68,8 @@ class MachineConfig:
     user_gs_values: frozenset[int] = USER_GSBASE_VALUES   # every GSBASE the model gives user space
     iret_faults: bool = True             # a refused IRET delivers #GP (off: the run ends with a fault)
     fred: FredConfig | None = None       # events are delivered by FRED, not through the IDT
+    spec: SpecConfig | None = None       # speculation-hygiene checks the feature set asks for
+    asm_stubs: frozenset[int] = frozenset()     # stubs of asm helpers that return (speculation runs through)
 
 
 class LiveIndex:
@@ -125,6 +127,8 @@ class Request:
     budget: int = DEFAULT_BUDGET
     budget_from: int = 0                         # the path step the budget counts from
     cut_loops: bool = False                      # end as no-return once the state repeats (see machine)
+    speculate: bool = False                      # a mispredicted path: ends at a serialising instruction,
+    #                                              an LFENCE, a C function or the budget, its faults squashed
 
 
 @dataclass(frozen=True)

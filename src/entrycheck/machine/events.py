@@ -142,6 +142,15 @@ class Fence(Event):
 
 
 @dataclass(frozen=True)
+class Branch(Event):
+    """A RET or indirect branch of the entry code that ran before a mitigation its feature set
+    says must come first (recorded only then)."""
+
+    kind: str                 # "ret" or "indirect"
+    missing: tuple[str, ...]  # IBRS_ENTER, UNTRAIN_RET, CLEAR_BRANCH_HISTORY
+
+
+@dataclass(frozen=True)
 class StubCall(Event):
     name: str
     return_address: int

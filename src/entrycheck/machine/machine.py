@@ -31,7 +31,7 @@ from entrycheck.machine import model, uc as U
 from entrycheck.machine.api import (DEFAULT_BUDGET, FLAG_GROUPS, GROUP_MASKS, MASK64, ConvergePoint, Context,
                                     Level, LiveIndex, MachineConfig, MemoryCursor, Op, Record, Request, StepLog,
                                     StubHandler)
-from entrycheck.machine.events import (Cr3Read, Cr3Written, Delivered, Ended, Event, Fault, FaultKind, Fence,
+from entrycheck.machine.events import (Branch, Cr3Read, Cr3Written, Delivered, Ended, Event, Fault, FaultKind, Fence,
                                        GsChange, Iret, IretFaulted, Latched, MsrRead, MsrWritten, Outcome, Resumed, Sysret)
 from entrycheck.machine.memory import AddressSpace, Unmapped, build_address_space, diff_words
 from entrycheck.machine.model import CpuState, Frame, Vector
@@ -39,6 +39,7 @@ from entrycheck.machine.sites import PARENT, find_sites
 from entrycheck.machine.state import REG_INDEX, Interrupted, Regs, Snapshot
 
 RFLAGS_ZF = 1 << 6
+SYSTEM_CALL_VECTORS = frozenset({Vector.INT80, Vector.SYSCALL, Vector.SYSENTER})
 LOOP_WATCH = 32          # IRETs a run makes before it is watched for a repeating state
 LOOP_HEAD_VISITS = 8     # visits of one loop head before the run is watched there for a repeating state
 _UC_REG = U.UC_REG
@@ -112,6 +113,7 @@ class _Run:
     head_visits: dict = field(default_factory=dict)
     restart: bool = False         # stopped to go on at a new RIP (a single-step #DB was delivered)
     tf_watch: bool = False        # TF may be set in kernel mode (started with it, or an IRET restored it)
+    speculative: bool = False     # a mispredicted path (Request.speculate)
 
 
 class _Core:
@@ -134,7 +136,11 @@ class _Core:
         self._gs: int | None = None
         self.run_: _Run | None = None
         self.options: Hashable = None
+        self._spec = self.config.spec
+        self._tracks = self._spec is not None and self._spec.tracks
         self._actions = {addr: self._make_action(*spec) for addr, spec in machine._sites.items()}
+        self._spec_stops = {addr: stop for addr, spec in machine._sites.items()
+                            if (stop := self._speculation_stop(addr, spec)) is not None}
         self._install_hooks()
 
     # ---- the request --------------------------------------------------------------------
@@ -148,7 +154,8 @@ class _Core:
         run = self.run_ = _Run(req, start.steps, start.outstanding, start.chain, start.home, limit)
         self.options = req.options
         run.points = {p.index: p for p in req.converge}
-        run.tf_watch = bool(start.regs.rflags & model.RFLAGS_TF)
+        run.tf_watch = bool(start.regs.rflags & model.RFLAGS_TF) and not req.speculate
+        run.speculative = req.speculate
         if req.injections:
             run.inject = [(self.image.parse_location(i.at), i.vector, i.hit) for i in req.injections]
         if req.level >= Level.FLOW:
@@ -361,6 +368,8 @@ class _Core:
         """The common end of IDT and FRED delivery: ``words`` pushed at ``new_rsp``, the CPU at
         ``entry`` with ``new_flags`` and ``new_cpu``, the interrupted context outstanding."""
         run, u = self.run_, self.u
+        if self._tracks:
+            new_cpu = model.entered(new_cpu, injection.cpu.cpl == 3, vector in SYSTEM_CALL_VECTORS)
         if not self.mapped(new_rsp) or not self.mapped(new_rsp + 8 * len(words) - 1):
             self.fault(FaultKind.UNMAPPED, f"{vector.label} {what} at unmapped stack {new_rsp:#x}", new_rsp)
             return False
@@ -451,7 +460,7 @@ class _Core:
         boundary.  Only SYSENTER enters the kernel with TF set (user space set it); the code it
         enters single-steps until it clears TF."""
         run = self.run_
-        if run.outcome is not None or self.cpu.cpl != 0 or Vector.DB not in self.config.idt:
+        if run.outcome is not None or self.cpu.cpl != 0 or Vector.DB not in self.config.idt or run.speculative:
             return
         if self.deliver(Vector.DB, 0, single_step=True) and run.outcome is None:
             run.restart = True
@@ -518,6 +527,11 @@ class _Core:
     def _act(self, action, addr: int, size: int) -> None:
         """Run a privileged instruction's action; with TF set, its single-step trap follows (the
         model executed it, so Unicorn cannot raise that trap)."""
+        if self.run_.speculative:
+            stop = self._spec_stops.get(addr)
+            if stop is not None:
+                self._speculation_ends(addr, stop)
+                return
         if not self.run_.tf_watch:
             action(addr, size)
             return
@@ -652,10 +666,63 @@ class _Core:
         return act
 
     def _act_fence(self, kind: str):
+        verw = kind == "verw" and self._tracks
+
         def act(addr: int, size: int) -> None:
             self._skip(addr, size)
+            if verw:
+                self.set_cpu(self.cpu.but(spec=(self.cpu.spec | model.SPEC_VERW) & ~model.SPEC_VERW_UNDONE))
             self.emit(Fence, pc=addr, kind=kind)
         return act
+
+    def _act_branch(self, kind: str):
+        """A RET or indirect branch (watched only when a feature set orders mitigations before
+        them): recorded when one is still missing; the instruction itself runs in Unicorn."""
+        spec = self._spec
+
+        def act(addr: int, size: int) -> None:
+            cpu = self.cpu
+            missing = model.unmitigated(cpu, spec, kind, bool(cpu.spec_ctrl & model.SPEC_CTRL_IBRS))
+            if missing:
+                self.emit(Branch, pc=addr, kind=kind, missing=missing)
+        return act
+
+    def _act_bhb(self):
+        """The first instruction of clear_bhb_loop: the branch history is being overwritten."""
+        def act(addr: int, size: int) -> None:
+            if self._tracks:
+                self.set_cpu(self.cpu.but(spec=self.cpu.spec | model.SPEC_BHB))
+        return act
+
+    # ---- mispredicted paths -------------------------------------------------------------------
+    def _speculation_stop(self, addr: int, spec: tuple) -> str | None:
+        """What ends a mispredicted path at this site: a serialising instruction, an LFENCE, a
+        C function (modelled as a stub, so not followed), or a SWAPGS the CPU does not speculate."""
+        kind = spec[0]
+        if kind in ("cr3_write", "wrmsr", "iretq", "sysret", "eret"):
+            return {"cr3_write": "MOV to CR3", "wrmsr": "WRMSR", "iretq": "IRET", "sysret": "SYSRET",
+                    "eret": "ERET"}[kind] + " (serialising)"
+        if kind == "unsupported":
+            return f"{spec[1]} (not followed)"
+        if kind == "fence" and spec[1] == "lfence":
+            return "LFENCE"
+        if kind == "swapgs" and not (self._spec is not None and self._spec.swapgs_speculates):
+            return "SWAPGS (this CPU does not execute it speculatively)"
+        if kind == "stub" and addr not in self.config.asm_stubs:
+            return "C:" + spec[1]
+        return None
+
+    def _speculation_ends(self, addr: int, stop: str) -> None:
+        if stop.startswith("C:"):
+            name = stop[2:]
+            if self.cpu.cpl == 0 and self.cpu.gs_base in self.config.user_gs_values:
+                # Its first per-cpu access (current, the preempt count) uses the user's GSBASE.
+                self.fault(FaultKind.USER_GS, f"C function {name} entered with the user GSBASE "
+                                              f"({self.cpu.gs_base:#x})", self.cpu.gs_base)
+            else:
+                self._end(Outcome.STOPPED, f"speculation ends at C function {name}")
+            return
+        self._end(Outcome.STOPPED, f"speculation ends at {self.image.symbolize(addr)}: {stop}")
 
     def _act_unsupported(self, what: str):
         def act(addr: int, size: int) -> None:

@@ -74,6 +74,7 @@ class Vector(enum.IntEnum):
     INT80 = 0x80      # int $0x80 from a 32-bit task (a software interrupt: a scenario start, never injected)
     SYSCALL = 0x101   # under FRED, SYSCALL is an event too (type "other", vector 1): a scenario start
     SYSENTER = 0x102  # under FRED, SYSENTER likewise (type "other", vector 2)
+    MISPREDICT = 0x103  # not an exception: the explorer runs the other side of a conditional branch
 
     @property
     def label(self) -> str:
@@ -99,7 +100,7 @@ _IST_SLOTS = {Vector.DF: 1, Vector.NMI: 2, Vector.DB: 3, Vector.MC: 4, Vector.VC
 _ERROR_CODE = frozenset({Vector.DF, Vector.GP, Vector.PF, Vector.VC})
 VECTOR_NAMES = {Vector.DB: "db", Vector.NMI: "nmi", Vector.DF: "df", Vector.GP: "gp",
                 Vector.PF: "pf", Vector.MC: "mc", Vector.VC: "vc", Vector.IRQ: "irq", Vector.INT80: "int80",
-                Vector.SYSCALL: "syscall", Vector.SYSENTER: "sysenter"}
+                Vector.SYSCALL: "syscall", Vector.SYSENTER: "sysenter", Vector.MISPREDICT: "mispredict"}
 VECTOR_BY_NAME = {v: k for k, v in VECTOR_NAMES.items()}
 
 
@@ -119,6 +120,7 @@ class CpuState:
     stale: frozenset[int]     # PCIDs whose TLB entries are stale (need a flushing write)
     compat: bool = False      # the user task runs in compat mode (CS __USER32_CS): what its frames say
     csl: int = 0              # FRED's current stack level (0-3)
+    spec: int = 0             # speculation hygiene since the last entry (SPEC_*; tracked only when checked)
 
     def __hash__(self) -> int:
         # Model states are dictionary keys of the explorer's memo: hash them once.
@@ -126,7 +128,7 @@ class CpuState:
         if h is None:
             h = hash((self.cr3, self.pcide, self.fsgsbase, self.cpl, self.ss, self.gs_base, self.kernel_gs_base,
                       self.spec_ctrl, self.mcg_status, self.nmi_blocked, self.nmi_pending, self.stale,
-                      self.compat, self.csl))
+                      self.compat, self.csl, self.spec))
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -468,3 +470,78 @@ def eret(s: CpuState, words: list[int], to_user: bool) -> CpuState:
             raise EretFault(f"ERETS to CS {cs & 0xFFFF:#x}, not ring 0")
         new = s.but(csl=min(s.csl, (cs >> 16) & 3))
     return new.but(nmi_blocked=s.nmi_blocked and not unblock)
+
+
+# ---- speculation hygiene ---------------------------------------------------------------------
+# What the entry code did since the CPU last entered the kernel, as ``CpuState.spec`` bits.  They
+# are kept only when a feature set asks for a check that reads them (``SpecConfig``), so that
+# every other run's model states compare as before.
+SPEC_VERW = 1          # VERW (CLEAR_CPU_BUFFERS) ran since the last entry into the kernel
+SPEC_UNTRAINED = 2     # UNTRAIN_RET's call (entry_untrain_ret, srso_*, entry_ibpb) ran since the entry from user mode
+SPEC_BHB = 4           # clear_bhb_loop (CLEAR_BRANCH_HISTORY) ran since the entry from user mode
+SPEC_SYSCALL = 8       # that entry from user mode was a system call (BHI's clearing is for those)
+SPEC_VERW_UNDONE = 16  # a VERW had run, then an entry from kernel mode (NMI, #MC, #DB) returned without one
+SPEC_KERNEL = SPEC_UNTRAINED | SPEC_BHB     # ordinary kernel code: its entry did all of it long ago
+UNTRAIN_FUNCTIONS = frozenset({"entry_untrain_ret", "srso_untrain_ret", "srso_alias_untrain_ret",
+                               "retbleed_untrain_ret", "zen_untrain_ret", "entry_ibpb"})
+SPEC_WINDOW = 512      # instructions a mispredicted branch may run ahead (see ExploreConfig.spec_window)
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Which speculation-hygiene checks a feature set asks for (``spec_config``)."""
+
+    swapgs: bool = False        # follow mispredicted branches: swapgs-unfenced
+    swapgs_speculates: bool = False   # SWAPGS itself runs speculatively (X86_BUG_SWAPGS)
+    verw: bool = False          # verw-missing
+    untrain: bool = False       # ret-before-untrain: UNTRAIN_RET before the first RET/indirect branch
+    ibrs: bool = False          # ret-before-untrain: IBRS before the first RET/indirect branch of the entry code
+    bhb: bool = False           # ret-before-untrain: clear_bhb_loop before a system call's first indirect branch
+
+    @property
+    def tracks(self) -> bool:
+        """Whether the ``spec`` bits are kept at all."""
+        return self.verw or self.untrain or self.bhb
+
+    @property
+    def branches(self) -> bool:
+        """Whether RETs and indirect branches of the entry code are watched."""
+        return self.untrain or self.ibrs or self.bhb
+
+
+def spec_config(features) -> SpecConfig | None:
+    """The checks a feature set (names as the kernel's alternatives use them) asks for: each one
+    when the mitigation whose ordering it checks is on.  None: no speculation check."""
+    f = set(features)
+    cfg = SpecConfig(
+        swapgs=bool(f & {"fence_swapgs_kernel", "fence_swapgs_user"}),
+        swapgs_speculates=bool(f & {"bug_swapgs", "fence_swapgs_user"}),
+        verw="clear_cpu_buf" in f,
+        untrain=bool(f & {"unret", "entry_ibpb"}),
+        ibrs="kernel_ibrs" in f and bool(f & {"unret", "entry_ibpb", "clear_cpu_buf", "clear_bhb_loop",
+                                               "fence_swapgs_kernel", "fence_swapgs_user"}),
+        bhb="clear_bhb_loop" in f)
+    return cfg if (cfg.swapgs or cfg.tracks or cfg.branches) else None
+
+
+def entered(s: CpuState, from_user: bool, system_call: bool) -> CpuState:
+    """The spec bits after an entry into the kernel: any entry may leave kernel data in the CPU's
+    buffers (VERW is due again); one from user mode also brings user-trained predictors."""
+    if from_user:
+        return s.but(spec=SPEC_SYSCALL if system_call else 0)
+    return s.but(spec=(s.spec & ~SPEC_VERW) | SPEC_VERW_UNDONE) if s.spec & SPEC_VERW else s
+
+
+def unmitigated(s: CpuState, cfg: SpecConfig, what: str, ibrs_on: bool) -> tuple[str, ...]:
+    """The mitigations a RET ("ret"), an indirect branch ("indirect") or a C call ("c") still
+    waits for under ``cfg`` (ibrs_on: SPEC_CTRL has IBRS)."""
+    if s.cpl != 0:
+        return ()
+    out = []
+    if cfg.ibrs and what != "c" and not ibrs_on:
+        out.append("IBRS_ENTER")
+    if cfg.untrain and not s.spec & SPEC_UNTRAINED:
+        out.append("UNTRAIN_RET")
+    if cfg.bhb and what != "ret" and s.spec & SPEC_SYSCALL and not s.spec & SPEC_BHB:
+        out.append("CLEAR_BRANCH_HISTORY")
+    return tuple(out)

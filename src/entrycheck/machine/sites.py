@@ -20,6 +20,8 @@ def find_sites(image: Image, config: MachineConfig) -> tuple[dict[int, tuple], f
     md.detail = True
     sites: dict[int, tuple] = {}
     heads: set[int] = set()
+    spec = config.spec
+    branches = spec is not None and spec.branches
     for sec in image.loaded.sections:
         if sec.name not in CODE_SECTIONS:
             continue
@@ -28,6 +30,8 @@ def find_sites(image: Image, config: MachineConfig) -> tuple[dict[int, tuple], f
         while offset < len(code):
             for ins in md.disasm(code[offset:], sec.address + offset):
                 got = _classify(ins)
+                if got is None and branches:
+                    got = _branch(ins)
                 if got is not None:
                     sites[ins.address] = got
                 mnemonic, op_str = ins.mnemonic, ins.op_str
@@ -36,9 +40,21 @@ def find_sites(image: Image, config: MachineConfig) -> tuple[dict[int, tuple], f
                     heads.add(int(op_str, 16))
                 offset += ins.size
             offset += 1          # past a byte capstone cannot decode (or the end)
+    if spec is not None and spec.bhb and "clear_bhb_loop" in image.loaded.symbols:
+        sites[image.loaded.symbols["clear_bhb_loop"]] = ("bhb",)
     for addr, name in config.stubs.items():
         sites[addr] = ("stub", name)
     return sites, frozenset(heads)
+
+
+def _branch(ins) -> tuple | None:
+    """A RET, or a JMP/CALL through a register or memory: what retbleed and BHI predict."""
+    m = ins.mnemonic
+    if m in ("ret", "retq"):
+        return ("branch", "ret")
+    if m in ("jmp", "call", "jmpq", "callq") and ins.operands and ins.operands[0].type != CX.X86_OP_IMM:
+        return ("branch", "indirect")
+    return None
 
 
 def _parents() -> dict[str, str]:
