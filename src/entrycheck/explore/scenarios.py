@@ -252,4 +252,8 @@ def start_state(world: World, sc: Scenario, memory: bytes) -> Snapshot:
             cpu = model.syscall(cpu)
     elif sc.vector is Vector.INT80:
         regs = regs.with_(rax=SYSCALL32_NR)
+    spec = world.config.spec
+    if spec is not None and spec.tracks and cpu.cpl == 0:
+        # Kernel code ran its entry's mitigations long ago; a SYSCALL/SYSENTER has just entered.
+        cpu = cpu.but(spec=model.SPEC_SYSCALL if sc.from_user else model.SPEC_KERNEL)
     return Snapshot(regs, memory, cpu, 0, (), 0, home)

@@ -31,6 +31,8 @@ _BUILTIN: dict[str, int] = {
     "rsb_vmexit": 7 * 32 + 13,
     "rsb_ctxsw": 7 * 32 + 19,
     "use_ibpb": 7 * 32 + 21,
+    "fence_swapgs_user": 11 * 32 + 4,
+    "fence_swapgs_kernel": 11 * 32 + 5,
     "xenpv": 8 * 32 + 16,
     "fsgsbase": 9 * 32 + 0,
     "smap": 9 * 32 + 20,
@@ -39,8 +41,10 @@ _BUILTIN: dict[str, int] = {
     "rethunk": 11 * 32 + 14,
     "unret": 11 * 32 + 15,
     "srso": 11 * 32 + 24,
+    "srso_alias": 11 * 32 + 25,
     "sev_es": 19 * 32 + 3,
     "clear_bhb_loop": 21 * 32 + 1,
+    "bug_swapgs": 725,                 # X86_BUG(21): NCAPINTS * 32 + 21, the same in both
 }
 
 _DEFINE = re.compile(r"^\s*#\s*define\s+(X86_FEATURE_|X86_BUG_)(\w+)\s+(.+?)\s*(?:/\*.*)?$")

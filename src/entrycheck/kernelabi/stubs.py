@@ -77,6 +77,8 @@ CONTRACTS: Mapping[str, Kind] = MappingProxyType({
     "__x86_return_thunk": Kind.THUNK,
     "entry_untrain_ret": Kind.THUNK,
     "srso_alias_untrain_ret": Kind.THUNK,
+    "retbleed_untrain_ret": Kind.THUNK,
+    "zen_untrain_ret": Kind.THUNK,
     "srso_untrain_ret": Kind.THUNK,
     "srso_safe_ret": Kind.THUNK,
     "srso_alias_safe_ret": Kind.THUNK,
@@ -169,6 +171,13 @@ class Stubs:
         if kind is Kind.UNMODELLED:
             emu.fault(FaultKind.CHECKPOINT, f"{name} is not modelled (called from {emu.symbolize(ret)})")
             return
+        spec = self.world.config.spec
+        if spec is not None and spec.tracks:
+            # UNTRAIN_RET's call and CLEAR_BRANCH_HISTORY's (when clear_bhb_loop is not in the image).
+            done = model.SPEC_UNTRAINED if name in model.UNTRAIN_FUNCTIONS else \
+                model.SPEC_BHB if name == "clear_bhb_loop" else 0
+            if done and emu.cpu.spec & done != done:
+                emu.set_cpu(emu.cpu.but(spec=emu.cpu.spec | done))
         if kind is Kind.THUNK:
             return
         if kind is Kind.IBPB:

@@ -260,10 +260,16 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
                                                        for v in Vector if v.ist}),
                            sp0_slot=tss_base + offsets["TSS_sp0"],
                            cpunode_selector=CPUNODE_SELECTOR, cpunode_limit=params.cpu | (params.node << 12),
-                           stubs=MappingProxyType(stubs), fred=fred)
+                           stubs=MappingProxyType(stubs), fred=fred, spec=model.spec_config(image.features.names),
+                           asm_stubs=frozenset(a for a, n in stubs.items() if n in ASM_HELPERS))
     return World(image, config, params, pti, pcid, fsgsbase, ibrs, percpu_base, MappingProxyType(percpu_offsets),
                  MappingProxyType(offsets), task_top, entry_top, MappingProxyType(ist_tops),
                  _syscall_returns_bool(image), vc2_top)
+
+
+# Stubs of asm helpers that only return (return thunks, untraining): a mispredicted path runs through them.
+ASM_HELPERS = frozenset({"__x86_return_thunk", "srso_safe_ret", "srso_alias_safe_ret", "clear_bhb_loop",
+                         "__handle_intr_saferet", "__handle_intr_saferet_alias"}) | model.UNTRAIN_FUNCTIONS - {"entry_ibpb"}
 
 
 def _syscall_returns_bool(image: Image) -> bool:
