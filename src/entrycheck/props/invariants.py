@@ -19,8 +19,8 @@ from entrycheck.errors import InputError
 from entrycheck.kernelabi.stubs import Kind, contract, ibrs_ok
 from entrycheck.kernelabi.world import World
 from entrycheck.machine import model
-from entrycheck.machine.events import (Cr3Written, Delivered, Event, Fault, FaultKind, Iret, Latched, Outcome,
-                                       Resumed, StubCall, Sysret)
+from entrycheck.machine.events import (Branch, Cr3Written, Delivered, Event, Fault, FaultKind, Iret, Latched,
+                                       Outcome, Resumed, StubCall, Sysret)
 from entrycheck.machine.model import CpuState, Vector
 from entrycheck.machine.state import CONTEXT_LABELS, Interrupted
 
@@ -89,6 +89,8 @@ class Invariant:
     rationale: str
     local: Local | None
     end: EndCheck | None
+    history: tuple[tuple[str, str], ...] = ()     # (commit, what it did): the kernel history behind it
+    needs: str = ""                               # the features that switch the check on ("" = always)
 
 
 def _returns_to_user(e: Event) -> bool:
@@ -206,6 +208,60 @@ def local_spec_ctrl(world: World, e: Event) -> list:
                               f"user mode entered with SPEC_CTRL {e.cpu.spec_ctrl:#x} (the user value is "
                               f"{world.user_spec_ctrl():#x})"))]
     return []
+
+
+def local_verw_missing(world: World, e: Event) -> list:
+    spec = world.config.spec
+    if spec is None or not spec.verw or not _returns_to_user(e) or e.cpu.spec & model.SPEC_VERW:
+        return []
+    how = "SYSRET" if isinstance(e, Sysret) else (e.eret or "IRET")
+    if e.cpu.spec & model.SPEC_VERW_UNDONE:
+        return [(0, Violation("verw-missing", e.pc, e.step,
+                              f"{how} to user mode after an exception that entered the kernel after the exit's VERW "
+                              "and returned to it without one: " + VERW_AFTER_NMI))]
+    return [(0, Violation("verw-missing", e.pc, e.step,
+                          f"{how} to user mode without VERW since the CPU last entered the kernel: the CPU "
+                          "buffers may still hold kernel data (CLEAR_CPU_BUFFERS)"))]
+
+
+# Why the kernel leaves the class above alone (entry_64.S at nmi_restore, 6.1 and 6.12).
+VERW_AFTER_NMI = ("the NMI return to kernel mode skips CLEAR_CPU_BUFFERS on purpose ('it only helps in rare cases "
+                  "like NMI in kernel after user state is restored. For an unprivileged user these conditions are "
+                  "hard to meet', entry_64.S; mds.rst: 'Corner case not handled')")
+
+
+# C functions and asm helpers, as a retbleed/BHI mitigation sees them: "c" runs RETs and, for a
+# system call's dispatcher, the indirect call through the system call table.
+_RETURN_THUNKS = frozenset({"__x86_return_thunk", "srso_safe_ret", "srso_alias_safe_ret", "srso_return_thunk",
+                            "srso_alias_return_thunk", "retbleed_return_thunk", "zen_return_thunk"})
+_NOT_C = frozenset({Kind.THUNK, Kind.IBPB, Kind.UNMODELLED, Kind.NORETURN})
+
+
+def local_ret_before_untrain(world: World, e: Event) -> list:
+    spec = world.config.spec
+    if spec is None or not spec.branches:
+        return []
+    if isinstance(e, Branch):
+        return [(0, Violation("ret-before-untrain", e.pc, e.step,
+                              f"{'RET' if e.kind == 'ret' else 'indirect branch'} before "
+                              f"{' and '.join(e.missing)}"))]
+    if not isinstance(e, StubCall):
+        return []
+    if e.name in _RETURN_THUNKS:
+        what, label = "ret", f"RET (through {e.name})"
+    elif e.name.startswith("__x86_indirect_thunk_"):
+        what, label = "indirect", f"indirect branch (through {e.name})"
+    elif contract(e.name) not in _NOT_C and e.name not in model.UNTRAIN_FUNCTIONS:
+        what, label = "c", f"C function {e.name}"
+    else:
+        return []
+    missing = model.unmitigated(e.cpu, spec, what, bool(e.cpu.spec_ctrl & model.SPEC_CTRL_IBRS))
+    if what == "c" and "CLEAR_BRANCH_HISTORY" in missing and contract(e.name) not in (
+            Kind.SYSCALL, Kind.SYSCALL32, Kind.INT80, Kind.FRED):
+        missing = tuple(m for m in missing if m != "CLEAR_BRANCH_HISTORY")   # only the dispatcher branches
+    if not missing:
+        return []
+    return [(0, Violation("ret-before-untrain", e.pc, e.step, f"{label} runs before {' and '.join(missing)}"))]
 
 
 def end_nmi(world: World, end: End) -> list:
@@ -335,6 +391,45 @@ _TABLE = (
               "there (hw_breakpoint.c refuses breakpoints on the data the entry code touches).  Found by the "
               "explorer at the second delivery; what goes wrong after it is folded under this finding.",
               None, None),
+    Invariant("swapgs-unfenced", "a %gs: access reachable speculatively with the user GSBASE",
+              "A conditional SWAPGS (entry from user mode or not, decided by CS or by the sign of GSBASE) is "
+              "a branch the CPU predicts.  Mispredicted, it speculatively skips the SWAPGS of an entry from "
+              "user mode, or runs one on an entry from kernel mode (CPUs with X86_BUG_SWAPGS), and the "
+              "%gs: loads that follow use the user's GSBASE: CVE-2019-1125.  Each side must reach an LFENCE "
+              "(FENCE_SWAPGS_KERNEL_ENTRY / FENCE_SWAPGS_USER_ENTRY) or a serialising instruction (the PTI "
+              "CR3 write) before its first %gs: access or C call.  The explorer follows the mispredicted "
+              "side of every conditional branch for --spec-window instructions, without committing it, "
+              "when the feature set has fence_swapgs_kernel or fence_swapgs_user.", None, None,
+              (("18ec54fdd6d1", "x86/speculation: Prepare entry code for Spectre v1 swapgs mitigations (v5.3)"),
+               ("c07e45553da1", "x86/entry: Add a fence for kernel entry SWAPGS in paranoid_entry() (v5.16-rc4): "
+                                "moving the CR3 switch before SWAPGS (96b2371413e8) had left a branch unfenced"),
+               ("1367afaa2ee9", "x86/entry: Use the correct fence macro after swapgs in kernel CR3 (v5.16-rc4): "
+                                "a FENCE_SWAPGS_USER_ENTRY relied on a CR3 write that c75890700455 removed")),
+              "fence_swapgs_kernel or fence_swapgs_user"),
+    Invariant("verw-missing", "a return to user mode without VERW since the last kernel entry",
+              "On CPUs with MDS, TAA or RFDS, the CPU's fill buffers, load ports and register files may hold "
+              "data the kernel touched; VERW (CLEAR_CPU_BUFFERS) clears them and must be the last thing "
+              "before every SYSRET, IRET or ERETU to user mode, after the last kernel memory access.  Any "
+              "entry into the kernel (an NMI or #MC in the exit path too) touches kernel data again, so the "
+              "check is against the last entry, not the last system call.", local_verw_missing, None,
+              (("04dcbdb80578", "x86/speculation/mds: Clear CPU buffers on exit to user (v5.2)"),
+               ("3c7501722e6b", "x86/entry_64: Add VERW just before userspace transition (v6.8, in 6.1.y): "
+                                "moved from C to the last instructions before SYSRET/IRET")),
+              "clear_cpu_buf"),
+    Invariant("ret-before-untrain", "a RET or indirect branch before the mitigation that must precede it",
+              "After an entry from user mode the return and branch predictors hold what user space trained. "
+              "Retbleed: IBRS_ENTER (kernel_ibrs) and UNTRAIN_RET (unret, entry_ibpb) 'must be called before "
+              "the first RET' (calling.h): no RET of the entry code, no return thunk and no C function may "
+              "run before them.  BHI: CLEAR_BRANCH_HISTORY (clear_bhb_loop) must run before a system call's "
+              "first indirect branch (the dispatch through the system call table in its C function).  "
+              "Checked for the mitigations the feature set turns on; IBRS before C code alone stays "
+              "spec-ctrl's.", local_ret_before_untrain, None,
+              (("2dbb887e875b", "x86/entry: Add kernel IBRS implementation (v5.19)"),
+               ("a149180fbcf3", "x86: Add magic AMD return-thunk (v5.19): UNTRAIN_RET"),
+               ("7c81c0c9210c", "x86/entry: Avoid very early RET (v5.19): a CALL/RET pair had come before "
+                                "the CR3 switch and the untraining"),
+               ("7390db8aea0d", "x86/bhi: Add support for clearing branch history at syscall entry (v6.9)")),
+              "kernel_ibrs with another mitigation, unret, entry_ibpb or clear_bhb_loop"),
     Invariant("no-return", "the path did not return within the step budget",
               "Every entry path must end where it started: back in user mode, or back in the interrupted "
               "kernel code.  A path that loops (an NMI that keeps repeating, a handler that never IRETs) "
