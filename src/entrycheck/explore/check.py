@@ -95,12 +95,14 @@ class CheckConfig:
     irq_flush: bool = True                # interrupt scenarios also run with tlb-shootdown
     iret_faults: bool = True              # a refused IRET delivers #GP (off: the run ends, as before)
     mov_ss_db: bool = True                # a #DB held by MOV SS arrives at the SYSCALL entry
+    spec_window: int = 512                # instructions a mispredicted branch runs ahead (0: none)
 
     def explore_config(self) -> ExploreConfig:
         return ExploreConfig(vectors=self.vectors, depth=self.depth, db_anywhere=self.db_anywhere,
                              mc_nesting=self.mc_nesting, prune=self.prune, budget=self.budget, fold=self.fold,
                              c_footprints=self.c_footprints, pt_regs_contract=self.pt_regs_contract,
-                             iret_faults=self.iret_faults, mov_ss_db=self.mov_ss_db)
+                             iret_faults=self.iret_faults, mov_ss_db=self.mov_ss_db,
+                             spec_window=self.spec_window)
 
     def branches(self, sc=None) -> tuple[frozenset[Effect], ...]:
         """The handler-effect branches of a scenario: none, and each asked for.  An interrupt may
@@ -169,6 +171,7 @@ class CheckResult:
     skipped: int = 0
     executed: int = 0          # runs the machine really made (depends on how the work was split)
     shared: int = 0            # paths a shared handler run stood for (likewise)
+    speculated: int = 0        # mispredicted branches followed (swapgs-unfenced), not counted as runs
     stopped_because: str = STOPPED_DONE
     errors: list[str] = field(default_factory=list)
     user_values: dict[str, list[str]] = field(default_factory=dict)   # variant -> feature sets it ran on
@@ -461,6 +464,7 @@ def merge(units: list[Unit], per_unit: list[UnitResult], cfg: CheckConfig) -> Ch
         result.skipped += ur.skipped
         result.executed += ur.executed
         result.shared += ur.shared
+        result.speculated += ur.speculated
         if ur.covered:
             result.covered[unit.features] = result.covered.get(unit.features, frozenset()) | ur.covered
         if ur.stopped == STOPPED_ERROR:

@@ -47,11 +47,11 @@ from entrycheck.image import layout
 from entrycheck.kernel.guards import BUILTIN_REFUSALS
 from entrycheck.kernelabi.stubs import Effect, Stubs, c_footprint
 from entrycheck.kernelabi.world import World
-from entrycheck.machine.events import Delivered, Event, Injection, Iret, Outcome, Resumed
+from entrycheck.machine.events import Delivered, Event, Fault, FaultKind, Injection, Iret, Outcome, Resumed
 from entrycheck.machine.flow import Analyser
 from entrycheck.machine.api import DEFAULT_BUDGET, ConvergePoint, Level, LiveIndex, Record, Request, StepLog
 from entrycheck.machine.machine import Machine
-from entrycheck.machine.model import RFLAGS_IF, CpuState, Vector, can_deliver
+from entrycheck.machine.model import RFLAGS_IF, SPEC_WINDOW, CpuState, Vector, can_deliver
 from entrycheck.machine.state import RFLAGS, Snapshot
 from entrycheck.props.invariants import (NO_NMI, End, NmiSummary, Violation, ist_reentered_message,
                                          local_violations, nmi_of, verdict)
@@ -60,6 +60,8 @@ MOV_SS_DB = Precondition(Reach.UNPRIVILEGED, "db", "a data breakpoint of the use
                          "MOV SS or POP SS right before SYSCALL: the MOV SS shadow holds the #DB until the first "
                          "instruction of the SYSCALL entry (CVE-2018-8897)")
 DEFAULT_VECTORS = (Vector.NMI, Vector.MC, Vector.DB, Vector.IRQ)
+ESPFIX_SWAPGS = (" (the espfix64 exit: its SWAPGS depends on the IRET frame's SS, and neither an LFENCE nor, "
+                 "without PTI, a CR3 write comes before its per-cpu load; 18ec54fdd6d1 fenced the entries' SWAPGS)")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class ExploreConfig:
     pt_regs_contract: bool = True  # C functions taking pt_regs check it (off: as engines before it did)
     iret_faults: bool = True       # a refused IRET delivers #GP (off: it ends the run, as engines before did)
     mov_ss_db: bool = True         # a #DB held by a MOV SS shadow arrives at the SYSCALL entry
+    spec_window: int = SPEC_WINDOW  # instructions a mispredicted branch runs ahead (0: never follow one)
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class UnitResult:
     shared: int = 0                  # leaves attributed to a shared run
     stopped: str = "done"
     error: str = ""
+    speculated: int = 0              # mispredicted branches followed (runs not counted as paths)
     covered: frozenset[int] = frozenset()    # instructions the recorded runs executed
 
     @property
@@ -284,6 +288,9 @@ class Explorer:
         self._watch_excluded = self._db_excluded_ranges()
         self._footprints = self._c_footprints()
         self._vc_sites: dict[int, bool] = {}
+        spec = world.config.spec
+        self._speculating = spec is not None and spec.swapgs and config.spec_window > 0
+        self._jcc: dict[int, tuple[int, int, str] | None] = {}
         self.names = DataNames(world, self.machine.space)
         self._reentries: list[_Reentry] = []     # the ist-reentered deliveries on the current path
         self._pre: tuple[Precondition, ...] = ()  # preconditions of the path being evaluated
@@ -467,9 +474,57 @@ class Explorer:
                     self._reentries.pop()
                     self._pre = self.entry_pre + node.pre + (pre,)
                     self._report_reentry(reentry)
+            if self._speculating and cpu.cpl == 0 and i + 1 < len(log.pcs):
+                jcc = self._conditional(pc)
+                if jcc is not None and log.pcs[i + 1] in jcc[:2]:
+                    wrong = jcc[1] if log.pcs[i + 1] == jcc[0] else jcc[0]
+                    if memory is None:
+                        memory = cursor.advance(k)
+                    self._speculate(node, k, cursor, wrong, jcc[2], self._link(Vector.MISPREDICT, pc, hits[pc]))
             self._close(group)
             if self.result.stopped == "budget":
                 return
+
+    # ---- mispredicted branches ---------------------------------------------------------------
+    def _conditional(self, pc: int) -> tuple[int, int, str] | None:
+        """(fall-through, target, text) of the conditional branch at ``pc``, None for anything else."""
+        got = self._jcc.get(pc, False)
+        if got is False:
+            got = None
+            if pc not in self.world.config.stubs and self.image.code_section(pc) is not None:
+                from entrycheck.image.decode import decode_one
+
+                ins = decode_one(self.image.read(pc, 16), pc)
+                if ins is not None and ins.mnemonic.startswith("j") and ins.mnemonic not in ("jmp", "jmpq") \
+                        and ins.op_str.startswith("0x"):
+                    got = (pc + ins.size, int(ins.op_str, 16), f"{ins.mnemonic} {ins.op_str}")
+            self._jcc[pc] = got
+        return got
+
+    def _speculate(self, node: Node, k: int, cursor, wrong: int, text: str, link: Injection) -> None:
+        """Run the side of the conditional branch at boundary k that the path did not take, as the
+        CPU would when it mispredicts it: up to ``spec_window`` instructions, ending at an LFENCE,
+        a serialising instruction or a C function, nothing of it committed (a run of its own from
+        the boundary's state).  A %gs: access (or a C function's) with the user GSBASE on it is
+        swapgs-unfenced."""
+        state = node.log.state(k, cursor.frozen())
+        state = replace(state, regs=state.regs.with_(rip=wrong))
+        request = Request(state, level=Level.EVENTS, options=self.options, budget=self.config.spec_window,
+                          budget_from=k, speculate=True)
+        rec = self._run(request)
+        self.result.speculated += 1
+        fault = next((e for e in rec.events if type(e) is Fault and e.kind is FaultKind.USER_GS), None)
+        if fault is None:
+            return
+        traced = self._run(replace(request, level=Level.PCS))
+        fault = next((e for e in traced.events if type(e) is Fault and e.kind is FaultKind.USER_GS), fault)
+        where = self.image.symbolize(node.log.pcs[k - node.log.start])
+        v = Violation("swapgs-unfenced", fault.pc, fault.step,
+                      f"the {text.split()[0]} at {where} mispredicted, its other side reaches a %gs: access with "
+                      f"the user GSBASE before any LFENCE or serialising instruction: {fault.message}"
+                      + (ESPFIX_SWAPGS if self.image.symbolize(fault.pc).startswith("native_irq_return_ldt") else ""))
+        self._pre = self.entry_pre + node.pre + (for_injection(Vector.MISPREDICT),)
+        self._findings([v], node.chain + (link,), traced.steps.pcs, k, {id(v): fault.step}, self.group, ())
 
     def _close(self, group: Group | None) -> None:
         if group is not None and group.rows[1] == 0:

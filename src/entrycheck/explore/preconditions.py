@@ -78,7 +78,14 @@ def for_injection(vector: Vector, watched: str | None = None) -> Precondition:
     if vector is Vector.IRQ:
         return Precondition(Reach.UNPRIVILEGED, "irq", "a device interrupt or IPI at that instruction, where "
                             "IF=1 lets it in (a user can cause one: network traffic, a TLB shootdown)")
+    if vector is Vector.MISPREDICT:
+        return _MISPREDICT
     return Precondition(Reach.ROOT, vector.label, f"a {vector.label} exception at that instruction")
+
+
+_MISPREDICT = Precondition(Reach.UNPRIVILEGED, "mispredict", "user space trains the branch predictor so that this "
+                           "conditional branch is mispredicted (Spectre v1): the other side runs speculatively "
+                           "until an LFENCE or a serialising instruction")
 
 
 _USER_TEXT = {
