@@ -143,10 +143,15 @@ FEATURES_HELP = ("CPU features, comma-separated (pti,pcid,fsgsbase,kernel_ibrs o
                  "and kernel_ibrs (the default); 'none' = no features.")
 
 
-def _feature_sets(values: tuple[str, ...]):
+def _feature_sets(values: tuple[str, ...], cpus: tuple[str, ...] = ()):
+    """--features sets, then the --cpu presets' (the 16 model sets when neither is given)."""
+    from entrycheck.image.cpus import preset_sets
     from entrycheck.image.features import all_model_feature_sets, parse_feature_sets
 
-    return parse_feature_sets(values) if values else all_model_feature_sets()
+    presets = preset_sets(cpus)
+    if not values:
+        return presets or all_model_feature_sets()
+    return tuple(dict.fromkeys(parse_feature_sets(values) + presets))
 
 
 DEFAULT_VECTORS = "nmi,mc,db,irq"
@@ -168,6 +173,8 @@ class ExploreOptions:
     """What every exploring command (check, diff, review) takes, gathered from its options."""
 
     features: tuple[str, ...] = ()
+    cpu: tuple[str, ...] = ()
+    spec_window: int = 512
     scenarios: str | None = None
     vectors: str = DEFAULT_VECTORS
     depth: int = 2
@@ -194,7 +201,7 @@ class ExploreOptions:
         from entrycheck.explore.check import CheckConfig, parse_effects, parse_vectors
         from entrycheck.kernelabi.world import IDT_SYMBOLS
 
-        sets = _feature_sets(self.features)
+        sets = _feature_sets(self.features, self.cpu)
         for fs in sets:
             fs.validate(loaded.features)
         vecs = parse_vectors(self.vectors)
@@ -208,7 +215,7 @@ class ExploreOptions:
                            db_anywhere=self.db_mode == "anywhere", mc_nesting=self.mc_nesting,
                            effects=parse_effects(self.handler_effects), prune=not self.no_prune,
                            max_runs=self.max_runs, fold=not self.unfold, user_values=self.user_values,
-                           user_depth=self.user_depth)
+                           user_depth=self.user_depth, spec_window=self.spec_window)
 
     def _runnable(self, loaded, sets) -> tuple[str, ...]:
         """The scenarios to explore: the default ones this object has an entry for (a fixture
@@ -249,7 +256,7 @@ class ExploreOptions:
         parse_vectors(self.vectors)
         parse_effects(self.handler_effects)
         _scenarios(self.scenarios)
-        _feature_sets(self.features)
+        _feature_sets(self.features, self.cpu)
 
 
 _EXPLORE_FIELDS = tuple(f.name for f in fields(ExploreOptions))
@@ -264,6 +271,13 @@ def _explore_options(f):
 
     for opt in reversed([
         click.option("--features", "features", multiple=True, metavar="LIST", help=FEATURES_HELP),
+        click.option("--cpu", "cpu", multiple=True, metavar="NAME",
+                     help="A feature set as Linux 6.12 sets it for a CPU at its default boot: skylake, "
+                     "cascadelake, alderlake, zen2, zen3, zen4 (see 'entrycheck cpus')."),
+        click.option("--spec-window", default=512, show_default=True, type=click.IntRange(0, 4096),
+                     help="Instructions a mispredicted conditional branch runs ahead when a feature set asks "
+                     "for swapgs-unfenced (the largest published reorder buffers hold 512 micro-ops; 0: "
+                     "never follow one)."),
         click.option("--scenarios", default=None, metavar="LIST",
                      help="Scenarios to explore, comma-separated (default: all; see 'entrycheck scenarios')."),
         click.option("--vectors", default=DEFAULT_VECTORS, show_default=True, metavar="LIST",
@@ -388,6 +402,12 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
 
         click.echo(textwrap.fill(f"{inv.name}: {inv.summary}", 80) + "\n")
         click.echo(textwrap.fill(inv.rationale, 80))
+        if inv.needs:
+            click.echo("\n" + textwrap.fill(f"Checked when the feature set has {inv.needs}.", 80))
+        if inv.history:
+            click.echo("\nHistory:")
+            for commit, what in inv.history:
+                click.echo(textwrap.fill(f"{commit} {what}", 80, initial_indent="  ", subsequent_indent="    "))
         return
     if not target:
         raise click.UsageError("missing TARGET (or use --explain INVARIANT; invariants: "
@@ -705,6 +725,18 @@ def scenarios() -> None:
     click.echo("Invariants:")
     for inv in INVARIANTS.values():
         click.echo(f"  {inv.name:<30s}{inv.summary}")
+
+
+@cli.command()
+def cpus() -> None:
+    """List the CPU presets of --cpu: the features Linux 6.12 sets for each, and where they come from."""
+    from entrycheck.image.cpus import PRESETS
+    import textwrap
+
+    for p in PRESETS.values():
+        click.echo(f"{p.name}: {p.cpu}")
+        click.echo(f"  --features {p.features}")
+        click.echo(textwrap.fill(p.source, 80, initial_indent="  ", subsequent_indent="  "))
 
 
 def _children() -> list[int]:

@@ -104,6 +104,9 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
                        + ", ".join(shown), "    ", "")
     lines += _wrap(f"{result.runs} runs ({result.converged} rejoined a checked run early, "
                    f"{result.skipped} latched-NMI points shared); stopped: {result.stopped_because}")
+    if result.speculated:
+        lines += _wrap(f"{result.speculated} mispredicted branches followed (up to {cfg.spec_window} "
+                       "instructions each)")
     for err in result.errors:
         lines += _wrap(f"exploration error (reported, the rest went on): {err}", "    ", "  ")
     lines.append("")
