@@ -76,6 +76,7 @@ class Mutant:
     depth: int = 0
     effects: tuple[str, ...] = ()
     kconfig: tuple[str, ...] = ()     # options the kernel is built with (its pristine build too)
+    off: tuple[str, ...] = ()         # feature sets without the mitigation: there the edit must go unseen
 
     def config(self) -> CheckConfig:
         return CheckConfig(
@@ -358,7 +359,67 @@ FRED_MUTANTS: tuple[Mutant, ...] = (
         "emulation-fault", ("nmi-from-kernel",), ("fred",), vectors=("nmi",), depth=0, kconfig=("X86_FRED=y",)),
 )
 
-MUTANTS = MUTANTS + USER_MUTANTS + COMPAT_MUTANTS + FRED_MUTANTS
+# Speculation hygiene: each mutant deletes or moves one mitigation, and must be found under a feature
+# set that turns that mitigation on (``features``) and not under one that leaves it off (``off``).
+SPEC_MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "error-entry-kernel-gs-unfenced", "6.12", ENTRY_S,
+        Edit(".Lerror_entry_done_lfence:\n\tFENCE_SWAPGS_KERNEL_ENTRY\n", ".Lerror_entry_done_lfence:\n"),
+        "error_entry's kernel-mode side loses FENCE_SWAPGS_KERNEL_ENTRY: an entry from user mode whose "
+        "'testb $3, CS' is mispredicted skips the SWAPGS and reaches C code with the user GSBASE "
+        "(CVE-2019-1125; 1367afaa2ee9 fixed a wrong fence on this very path)",
+        "swapgs-unfenced", ("exception-from-user",), ("fence_swapgs_kernel",), vectors=("nmi",), depth=1,
+        off=("none",)),
+    Mutant(
+        "paranoid-entry-kernel-gs-unfenced", "6.1", ENTRY_S,
+        Edit("\tswapgs\n.Lparanoid_kernel_gsbase:\n\tFENCE_SWAPGS_KERNEL_ENTRY\n",
+             "\tswapgs\n\tFENCE_SWAPGS_KERNEL_ENTRY\n.Lparanoid_kernel_gsbase:\n"),
+        "paranoid_entry's kernel-GSBASE branch skips FENCE_SWAPGS_KERNEL_ENTRY, as after 96b2371413e8 moved "
+        "the CR3 switch before the SWAPGS (fixed by c07e45553da1): an NMI in the SYSCALL gap, with the user "
+        "GSBASE, whose 'js' is mispredicted runs its %gs: accesses with the user's GSBASE",
+        "swapgs-unfenced", ("syscall",), ("fence_swapgs_kernel",), vectors=("nmi",), depth=2, off=("none",)),
+    Mutant(
+        "error-entry-user-gs-unfenced", "6.12", ENTRY_S,
+        Edit("\tswapgs\n\tFENCE_SWAPGS_USER_ENTRY\n\t/* We have user CR3.  Change to kernel CR3. */\n",
+             "\tswapgs\n\t/* We have user CR3.  Change to kernel CR3. */\n"),
+        "error_entry's user-mode side loses FENCE_SWAPGS_USER_ENTRY: on a CPU that speculates SWAPGS and runs "
+        "without PTI, an entry from kernel mode mispredicted as one from user mode swaps in the user GSBASE and "
+        "reaches sync_regs with it (18ec54fdd6d1's second fence)",
+        "swapgs-unfenced", ("exception-from-kernel",), ("fence_swapgs_kernel,fence_swapgs_user,bug_swapgs",),
+        vectors=("nmi",), depth=1, off=("pti,fence_swapgs_kernel,bug_swapgs",)),
+    Mutant(
+        "sysret-without-verw", "6.12", ENTRY_S,
+        Edit("\tswapgs\n\tCLEAR_CPU_BUFFERS\n\tsysretq\n", "\tswapgs\n\tsysretq\n"),
+        "the SYSRET exit loses CLEAR_CPU_BUFFERS: user mode runs with whatever the kernel left in the CPU "
+        "buffers (MDS; 3c7501722e6b put the VERW right before SYSRET)",
+        "verw-missing", ("syscall",), ("clear_cpu_buf",), vectors=("nmi",), depth=0, off=("none",)),
+    Mutant(
+        "iret-to-user-without-verw", "6.1", ENTRY_S,
+        Edit("\tpopq\t%rdi\n\tswapgs\n\tCLEAR_CPU_BUFFERS\n\tjmp\t.Lnative_iret\n",
+             "\tpopq\t%rdi\n\tswapgs\n\tjmp\t.Lnative_iret\n"),
+        "common_interrupt_return's IRET to user mode loses CLEAR_CPU_BUFFERS (the 6.1.y backport of "
+        "3c7501722e6b): every interrupt and exception from user mode returns without VERW",
+        "verw-missing", ("irq-from-user",), ("clear_cpu_buf",), vectors=("nmi",), depth=0, off=("none",)),
+    Mutant(
+        "syscall-without-bhb-clearing", "6.12", ENTRY_S,
+        Edit("\tUNTRAIN_RET\n\tCLEAR_BRANCH_HISTORY\n\n\tcall\tdo_syscall_64", "\tUNTRAIN_RET\n\n\tcall\tdo_syscall_64"),
+        "entry_SYSCALL_64 loses CLEAR_BRANCH_HISTORY: do_syscall_64's indirect call through the system call "
+        "table runs with the branch history user space left (BHI; 7390db8aea0d)",
+        "ret-before-untrain", ("syscall",), ("clear_bhb_loop",), vectors=("nmi",), depth=0, off=("none",)),
+    Mutant(
+        "error-entry-untrain-after-ret", "6.12", ENTRY_S,
+        Edit(r"(ALTERNATIVE \"call error_entry; movq %rax, %rsp\", \\\n\t\t    \"call xen_error_entry\", "
+             r"X86_FEATURE_XENPV\n)([\s\S]*?\tSWITCH_TO_KERNEL_CR3 scratch_reg=%rax\n\tIBRS_ENTER\n)"
+             r"\tUNTRAIN_RET_FROM_CALL\n",
+             "\\1\tUNTRAIN_RET\n\\2", regex=True),
+        "error_entry's UNTRAIN_RET moves out to its caller, after the call returns: sync_regs and error_entry's "
+        "own RET run before the return predictor is untrained (the class of 7c81c0c9210c, 'x86/entry: Avoid "
+        "very early RET')",
+        "ret-before-untrain", ("exception-from-user",), ("unret",), vectors=("nmi",), depth=0,
+        off=("kernel_ibrs",)),
+)
+
+MUTANTS = MUTANTS + USER_MUTANTS + COMPAT_MUTANTS + FRED_MUTANTS + SPEC_MUTANTS
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 
 
