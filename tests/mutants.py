@@ -423,6 +423,12 @@ MUTANTS = MUTANTS + USER_MUTANTS + COMPAT_MUTANTS + FRED_MUTANTS + SPEC_MUTANTS
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 
 
+def explained_on_stock(f) -> bool:
+    """A finding the pristine kernels have and entrycheck explains (test_speculation.explained):
+    the espfix64 exit's conditional SWAPGS, unfenced before its per-cpu load without PTI."""
+    return f.invariant == "swapgs-unfenced" and f.site.startswith("native_irq_return_ldt")
+
+
 def mutant_tree_root() -> Path:
     """Where the edited copies live: next to the cached sources (same file system, so hard links work)."""
     return Cache.open().root / "test-data" / "mutant-trees"
