@@ -15,6 +15,9 @@
         the cost of what user space controls (derived user values, injected IRQs, the
         tlb-shootdown branch of interrupt scenarios): the same check without and with them
         (default: every feature set, depth 1 and 2, 2 workers).
+    python benchmarks/bench.py speculation [--target T] [--depth D ...] [--workers N]
+        the cost of following mispredicted branches (swapgs-unfenced): every --cpu preset with
+        --spec-window 0 and with the default window (default: depth 1 and 2, 2 workers).
     python benchmarks/bench.py throughput [--target T]
 
 Speed is never asserted by a test: these figures are read by people.
@@ -110,6 +113,21 @@ def dims(args) -> None:
         _emit({"measure": "user-dims", "workload": work, "without": without, "with": with_,
                "new_findings": new_findings,
                "runs_ratio": round(with_["runs"] / without["runs"], 2) if without["runs"] else None,
+               "wall_ratio": round(with_["wall_s"] / without["wall_s"], 2) if without["wall_s"] else None})
+
+
+def speculation(args) -> None:
+    """Mispredicted branches followed: the same preset check without (--spec-window 0) and with them."""
+    env = _this_tree_env()
+    for depth in args.depth or [1, 2]:
+        work = [args.target, "cpus", str(depth), "all", str(args.workers)]
+        without = _workload(sys.executable, work + ["--spec-window", "0"], env)
+        with_ = _workload(sys.executable, work, env)
+        before = {tuple(map(str, k)) for k in without.pop("findings_keys")}
+        new_findings = sorted({tuple(map(str, k)) for k in with_.pop("findings_keys")} - before)
+        without.pop("raw_findings_keys"), with_.pop("raw_findings_keys")
+        _emit({"measure": "speculation", "workload": work, "without": without, "with": with_,
+               "new_findings": new_findings,
                "wall_ratio": round(with_["wall_s"] / without["wall_s"], 2) if without["wall_s"] else None})
 
 
@@ -228,6 +246,10 @@ def main() -> None:
     d.add_argument("--features", default="all")
     d.add_argument("--depth", type=int, action="append")
     d.add_argument("--workers", type=int, default=2)
+    s = sub.add_parser("speculation")
+    s.add_argument("--target", default="debian:6.12")
+    s.add_argument("--depth", type=int, action="append")
+    s.add_argument("--workers", type=int, default=2)
     t = sub.add_parser("throughput")
     t.add_argument("--target", default="debian:6.1")
     args = ap.parse_args()
@@ -237,6 +259,8 @@ def main() -> None:
         goals(args)
     elif args.what == "dims":
         dims(args)
+    elif args.what == "speculation":
+        speculation(args)
     else:
         _emit(throughput(args.target))
 

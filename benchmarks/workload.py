@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--no-user-dims", action="store_true",
                     help="leave out the dimensions of what user space controls (derived user values, "
                          "injected IRQs, the tlb-shootdown branch of interrupt scenarios): their cost")
+    ap.add_argument("--spec-window", type=int, default=None,
+                    help="instructions a mispredicted branch runs ahead (0: follow none)")
     args = ap.parse_args()
 
     from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
@@ -44,10 +46,19 @@ def main() -> None:
 
     build = resolve_target(args.target)
     ref = ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h)
-    sets = all_model_feature_sets() if args.features == "all" else \
-        tuple(FeatureSet.parse(f) for f in args.features.split(";"))
+    if args.features == "cpus":         # every --cpu preset
+        from entrycheck.image.cpus import PRESETS
+
+        sets = tuple(p.features for p in PRESETS.values())
+    else:
+        sets = all_model_feature_sets() if args.features == "all" else \
+            tuple(FeatureSet.parse(f) for f in args.features.split(";"))
     scenarios = DEFAULT_SCENARIOS if args.scenarios == "all" else tuple(args.scenarios.split(","))
     cfg = CheckConfig(scenarios=scenarios, feature_sets=sets, depth=args.depth, prune=not args.no_prune)
+    if args.spec_window is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, spec_window=args.spec_window)
     if args.as_before and "fold" in CheckConfig.__dataclass_fields__:
         import dataclasses
 
@@ -103,6 +114,7 @@ def main() -> None:
     print(json.dumps({
         "target": build.label, "feature_sets": len(sets), "scenarios": len(scenarios), "depth": args.depth,
         "workers": args.workers, "runs": result.runs, "executed": getattr(result, "executed", None),
+        "mispredicted": getattr(result, "speculated", 0),
         "findings": len(findings), "findings_keys": findings, "raw_findings_keys": raw, "wall_s": round(wall, 2),
         "cpu_s": round(cpu, 2), "runs_per_s": round(result.runs / wall, 1) if wall else None,
         "peak_rss_mib": round(rss / 1024, 1),
