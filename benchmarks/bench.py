@@ -99,36 +99,33 @@ def compare(args) -> None:
            "runs_equal": old["runs"] == new["runs"], "findings_equal": equal, "raw_findings_equal": raw_equal})
 
 
+def _with_and_without(measure: str, work: list[str], without_args: list[str]) -> None:
+    """The same workload with this tree, without (``without_args``) and with a dimension; the
+    findings only the second has."""
+    env = _this_tree_env()
+    without = _workload(sys.executable, work + without_args, env)
+    with_ = _workload(sys.executable, work, env)
+    before = {tuple(map(str, k)) for k in without.pop("findings_keys")}
+    new_findings = sorted({tuple(map(str, k)) for k in with_.pop("findings_keys")} - before)
+    without.pop("raw_findings_keys"), with_.pop("raw_findings_keys")
+    _emit({"measure": measure, "workload": work, "without": without, "with": with_, "new_findings": new_findings,
+           "runs_ratio": round(with_["runs"] / without["runs"], 2) if without["runs"] else None,
+           "wall_ratio": round(with_["wall_s"] / without["wall_s"], 2) if without["wall_s"] else None})
+
+
 def dims(args) -> None:
     """The cost of what user space controls (derived user values, injected IRQs, the
     tlb-shootdown branch): the same check with and without those dimensions, this tree."""
-    env = _this_tree_env()
     for depth in args.depth or [1, 2]:
-        work = [args.target, args.features, str(depth), "all", str(args.workers)]
-        without = _workload(sys.executable, work + ["--no-user-dims"], env)
-        with_ = _workload(sys.executable, work, env)
-        before = {tuple(map(str, k)) for k in without.pop("findings_keys")}
-        new_findings = sorted({tuple(map(str, k)) for k in with_.pop("findings_keys")} - before)
-        without.pop("raw_findings_keys"), with_.pop("raw_findings_keys")
-        _emit({"measure": "user-dims", "workload": work, "without": without, "with": with_,
-               "new_findings": new_findings,
-               "runs_ratio": round(with_["runs"] / without["runs"], 2) if without["runs"] else None,
-               "wall_ratio": round(with_["wall_s"] / without["wall_s"], 2) if without["wall_s"] else None})
+        _with_and_without("user-dims", [args.target, args.features, str(depth), "all", str(args.workers)],
+                          ["--no-user-dims"])
 
 
 def speculation(args) -> None:
     """Mispredicted branches followed: the same preset check without (--spec-window 0) and with them."""
-    env = _this_tree_env()
     for depth in args.depth or [1, 2]:
-        work = [args.target, "cpus", str(depth), "all", str(args.workers)]
-        without = _workload(sys.executable, work + ["--spec-window", "0"], env)
-        with_ = _workload(sys.executable, work, env)
-        before = {tuple(map(str, k)) for k in without.pop("findings_keys")}
-        new_findings = sorted({tuple(map(str, k)) for k in with_.pop("findings_keys")} - before)
-        without.pop("raw_findings_keys"), with_.pop("raw_findings_keys")
-        _emit({"measure": "speculation", "workload": work, "without": without, "with": with_,
-               "new_findings": new_findings,
-               "wall_ratio": round(with_["wall_s"] / without["wall_s"], 2) if without["wall_s"] else None})
+        _with_and_without("speculation", [args.target, "cpus", str(depth), "all", str(args.workers)],
+                          ["--spec-window", "0"])
 
 
 def goals(args) -> None:
