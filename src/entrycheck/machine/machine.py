@@ -131,6 +131,12 @@ class _Core:
             self.u.uc.mem_map(chunk.phys, len(chunk.data), U.PROT_ALL)
             self.u.uc.mem_write(chunk.phys, chunk.data)
         self.wbase, self.wsize = self.space.writable_base, self.space.writable_size
+        for addr, spec in machine._sites.items():
+            if spec in (("fence", "clac"), ("fence", "stac")):
+                # Unicorn's CPU model raises #UD at CLAC/STAC (smap's alternatives) before a code hook
+                # can skip them; AC is not modelled, so they run as a NOP of their length (the site
+                # still records them).
+                self.u.uc.mem_write(self.space.phys(addr), b"\x0f\x1f\x00")
         self.cpu: CpuState | None = None
         self._user_view: bool | None = None
         self._gs: int | None = None
