@@ -177,3 +177,31 @@ def test_speculation_costs_nothing_without_its_features(built_kernels: dict[str,
                      workers=1)
     assert plain.speculated == 0 and spec.speculated > 0
     assert plain.runs == spec.runs                         # the same paths: mispredicted ones are not runs
+
+
+@pytest.mark.kernel
+def test_trace_replays_a_mispredicted_branch(suite, tmp_path: Path) -> None:
+    """A swapgs-unfenced finding replays with `trace --finding`: the branch runs, then its other
+    side speculatively up to the C call with the user GSBASE; on the pristine kernel the same
+    injection ends at FENCE_SWAPGS_KERNEL_ENTRY's LFENCE."""
+    mutant = next(m for m in SPEC_MUTANTS if m.name == "error-entry-kernel-gs-unfenced")
+    cli_ = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
+    out = tmp_path / "check.json"
+    mutated = str(suite.build(mutant).object_path)
+    p = subprocess.run(cli_ + ["check", mutated, "--features", mutant.features[0], "--scenarios", "exception-from-user",
+                               "--vectors", "nmi", "--depth", "1", "--json", str(out)], capture_output=True, text=True)
+    assert p.returncode == 1, p.stderr
+    doc = json.loads(out.read_text())
+    n, finding = next((n, v) for n, v in enumerate(doc["violations"]) if v["invariant"] == "swapgs-unfenced")
+    p = subprocess.run(cli_ + ["trace", mutated, "--finding", f"{out}:{n}"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr          # trace shows; only check and diff judge
+    assert "mispredicted: speculatively on at" in p.stdout and "swapgs-unfenced at " in p.stdout
+    site = next(i["at"] for i in finding["injections"] if i["vector"] == "mispredict")
+    pristine = str(suite.kernel(mutant).object_path)
+    p = subprocess.run(cli_ + ["trace", pristine, "--features", mutant.features[0], "--scenario", "exception-from-user",
+                               "--inject", f"mispredict@{site}"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-1500:] + p.stderr
+    assert ": LFENCE)" in p.stdout and "violations: none" in p.stdout
+    p = subprocess.run(cli_ + ["trace", pristine, "--scenario", "exception-from-user", "--inject",
+                               "mispredict@error_entry"], capture_output=True, text=True)
+    assert p.returncode == 2 and "not a conditional branch" in p.stderr

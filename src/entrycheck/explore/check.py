@@ -30,7 +30,7 @@ from entrycheck.image.features import FeatureSet
 from entrycheck.image.image import LoadedObject, load
 from entrycheck.kernelabi.stubs import Effect
 from entrycheck.kernelabi.world import build_world
-from entrycheck.machine.events import INJECTABLE
+from entrycheck.machine.events import DELIVERABLE as INJECTABLE
 from entrycheck.machine.model import VECTOR_BY_NAME, Vector
 
 STOPPED_DONE, STOPPED_BUDGET, STOPPED_ERROR = "done", "budget", "error"

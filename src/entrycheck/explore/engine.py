@@ -290,7 +290,6 @@ class Explorer:
         self._vc_sites: dict[int, bool] = {}
         spec = world.config.spec
         self._speculating = spec is not None and spec.swapgs and config.spec_window > 0
-        self._jcc: dict[int, tuple[int, int, str] | None] = {}
         self.names = DataNames(world, self.machine.space)
         self._reentries: list[_Reentry] = []     # the ist-reentered deliveries on the current path
         self._pre: tuple[Precondition, ...] = ()  # preconditions of the path being evaluated
@@ -474,34 +473,19 @@ class Explorer:
                     self._reentries.pop()
                     self._pre = self.entry_pre + node.pre + (pre,)
                     self._report_reentry(reentry)
-            if self._speculating and cpu.cpl == 0 and i + 1 < len(log.pcs):
-                jcc = self._conditional(pc)
-                if jcc is not None and log.pcs[i + 1] in jcc[:2]:
+            if self._speculating and cpu.cpl == 0 and i + 1 < len(log.pcs) and pc not in self.world.config.stubs:
+                jcc = self.machine.conditional(pc)
+                if jcc is not None and log.pcs[i + 1] in jcc:
                     wrong = jcc[1] if log.pcs[i + 1] == jcc[0] else jcc[0]
                     if memory is None:
                         memory = cursor.advance(k)
-                    self._speculate(node, k, cursor, wrong, jcc[2], self._link(Vector.MISPREDICT, pc, hits[pc]))
+                    self._speculate(node, k, cursor, wrong, self._link(Vector.MISPREDICT, pc, hits[pc]))
             self._close(group)
             if self.result.stopped == "budget":
                 return
 
     # ---- mispredicted branches ---------------------------------------------------------------
-    def _conditional(self, pc: int) -> tuple[int, int, str] | None:
-        """(fall-through, target, text) of the conditional branch at ``pc``, None for anything else."""
-        got = self._jcc.get(pc, False)
-        if got is False:
-            got = None
-            if pc not in self.world.config.stubs and self.image.code_section(pc) is not None:
-                from entrycheck.image.decode import decode_one
-
-                ins = decode_one(self.image.read(pc, 16), pc)
-                if ins is not None and ins.mnemonic.startswith("j") and ins.mnemonic not in ("jmp", "jmpq") \
-                        and ins.op_str.startswith("0x"):
-                    got = (pc + ins.size, int(ins.op_str, 16), f"{ins.mnemonic} {ins.op_str}")
-            self._jcc[pc] = got
-        return got
-
-    def _speculate(self, node: Node, k: int, cursor, wrong: int, text: str, link: Injection) -> None:
+    def _speculate(self, node: Node, k: int, cursor, wrong: int, link: Injection) -> None:
         """Run the side of the conditional branch at boundary k that the path did not take, as the
         CPU would when it mispredicts it: up to ``spec_window`` instructions, ending at an LFENCE,
         a serialising instruction or a C function, nothing of it committed (a run of its own from
@@ -513,14 +497,15 @@ class Explorer:
                           budget_from=k, speculate=True)
         rec = self._run(request)
         self.result.speculated += 1
-        fault = next((e for e in rec.events if type(e) is Fault and e.kind is FaultKind.USER_GS), None)
+        fault = next((e for e in rec.events if type(e) is Fault and e.kind is FaultKind.SPECULATIVE_USER_GS), None)
         if fault is None:
             return
         traced = self._run(replace(request, level=Level.PCS))
-        fault = next((e for e in traced.events if type(e) is Fault and e.kind is FaultKind.USER_GS), fault)
-        where = self.image.symbolize(node.log.pcs[k - node.log.start])
+        fault = next((e for e in traced.events if type(e) is Fault and e.kind is FaultKind.SPECULATIVE_USER_GS), fault)
+        pc = node.log.pcs[k - node.log.start]
         v = Violation("swapgs-unfenced", fault.pc, fault.step,
-                      f"the {text.split()[0]} at {where} mispredicted, its other side reaches a %gs: access with "
+                      f"the {self.image.instruction_text(pc).split()[0]} at {self.image.symbolize(pc)} mispredicted, "
+                      "its other side reaches a %gs: access with "
                       f"the user GSBASE before any LFENCE or serialising instruction: {fault.message}"
                       + (ESPFIX_SWAPGS if self.image.symbolize(fault.pc).startswith("native_irq_return_ldt") else ""))
         self._pre = self.entry_pre + node.pre + (for_injection(Vector.MISPREDICT),)

@@ -59,7 +59,13 @@ def parse_injection(text: str, image: Image) -> Injection:
     if address not in starts:
         near = ", ".join(image.symbolize(a) for a in sorted(starts, key=lambda a: abs(a - address))[:3])
         raise InputError(f"{inj.at} is not an instruction boundary; nearby: {near}")
-    if inj.vector not in _idt_vectors(image):
+    if inj.vector is Vector.MISPREDICT:
+        from entrycheck.image.decode import decode_one
+
+        ins = decode_one(image.read(address, 16), address)
+        if ins is None or not ins.mnemonic.startswith("j") or ins.mnemonic in ("jmp", "jmpq"):
+            raise InputError(f"mispredict@{inj.at}: not a conditional branch")
+    elif inj.vector not in _idt_vectors(image):
         raise InputError(f"this kernel has no entry point for {inj.vector.label}")
     return Injection(inj.vector, image.symbolize(address), inj.hit)
 

@@ -14,7 +14,7 @@ from typing import Callable, Hashable, Mapping, Protocol, Sequence
 
 from entrycheck.image.layout import USER_GSBASE_POISON, USER_GSBASE_VALUES, Region
 from entrycheck.machine.events import Event, FaultKind, Injection, Outcome
-from entrycheck.machine.model import CpuState, FredConfig, SpecConfig, Vector
+from entrycheck.machine.model import SPEC_WINDOW, CpuState, FredConfig, SpecConfig, Vector
 from entrycheck.machine.state import Interrupted, Regs, Snapshot
 
 DEFAULT_BUDGET = 20000
@@ -129,6 +129,7 @@ class Request:
     cut_loops: bool = False                      # end as no-return once the state repeats (see machine)
     speculate: bool = False                      # a mispredicted path: ends at a serialising instruction,
     #                                              an LFENCE, a C function or the budget, its faults squashed
+    window: int = SPEC_WINDOW                    # instructions a mispredict injection runs ahead
 
 
 @dataclass(frozen=True)

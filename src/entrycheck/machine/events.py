@@ -30,9 +30,11 @@ class FaultKind(enum.Enum):
     GP = "general-protection"
     TRAP = "trap"                          # int3 and friends reached
     CHECKPOINT = "checkpoint"              # a stub found the state C code needs missing
+    SPECULATIVE_USER_GS = "swapgs-unfenced"   # on a mispredicted path: a %gs: access or C call, user GSBASE
 
 
-INJECTABLE = ("nmi", "mc", "db", "irq", "df", "vc")
+DELIVERABLE = ("nmi", "mc", "db", "irq", "df", "vc")     # --vectors
+INJECTABLE = DELIVERABLE + ("mispredict",)                # --inject (a mispredicted conditional branch too)
 _SPEC = re.compile(r"^(?P<vec>[a-z]+)@(?P<loc>[^#]+?)(?:#(?P<hit>\d+))?$")
 
 
@@ -139,6 +141,14 @@ class GsChange(Event):
 @dataclass(frozen=True)
 class Fence(Event):
     kind: str                 # "verw", "lfence", "mfence", "clac", "stac"
+
+
+@dataclass(frozen=True)
+class Mispredicted(Event):
+    """The conditional branch at ``pc`` ran; the path goes on speculatively at ``target``, its
+    other side (a mispredict injection)."""
+
+    target: int
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from entrycheck.machine.api import (DEFAULT_BUDGET, FLAG_GROUPS, GROUP_MASKS, MA
                                     Level, LiveIndex, MachineConfig, MemoryCursor, Op, Record, Request, StepLog,
                                     StubHandler)
 from entrycheck.machine.events import (Branch, Cr3Read, Cr3Written, Delivered, Ended, Event, Fault, FaultKind, Fence,
-                                       GsChange, Iret, IretFaulted, Latched, MsrRead, MsrWritten, Outcome, Resumed, Sysret)
+                                       GsChange, Iret, IretFaulted, Latched, Mispredicted, MsrRead, MsrWritten, Outcome,
+                                       Resumed, Sysret)
 from entrycheck.machine.memory import AddressSpace, Unmapped, build_address_space, diff_words
 from entrycheck.machine.model import CpuState, Frame, Vector
 from entrycheck.machine.sites import PARENT, find_sites
@@ -57,6 +58,7 @@ class Machine:
         self.space: AddressSpace = build_address_space(config.regions)
         self._sites, self._loop_heads = find_sites(image, config)
         self._cores: dict[bool, _Core] = {}
+        self._jcc: dict[int, tuple[int, int] | None] = {}
 
     def pristine_memory(self) -> bytes:
         """The writable span as the world initialised it."""
@@ -76,6 +78,21 @@ class Machine:
 
     def mapped(self, addr: int) -> bool:
         return (addr >> 12) in self.space.pages
+
+    def conditional(self, pc: int) -> tuple[int, int] | None:
+        """(fall-through, target) of the conditional branch at ``pc``; None for any other instruction."""
+        got = self._jcc.get(pc, False)
+        if got is False:
+            got = None
+            if self.image.code_section(pc) is not None:
+                from entrycheck.image.decode import decode_one
+
+                ins = decode_one(self.image.read(pc, 16), pc)
+                if ins is not None and ins.mnemonic.startswith("j") and ins.mnemonic not in ("jmp", "jmpq") \
+                        and ins.op_str.startswith("0x"):
+                    got = (pc + ins.size, int(ins.op_str, 16))
+            self._jcc[pc] = got
+        return got
 
 
 # ---- one run's bookkeeping ----------------------------------------------------------------
@@ -113,7 +130,9 @@ class _Run:
     head_visits: dict = field(default_factory=dict)
     restart: bool = False         # stopped to go on at a new RIP (a single-step #DB was delivered)
     tf_watch: bool = False        # TF may be set in kernel mode (started with it, or an IRET restored it)
-    speculative: bool = False     # a mispredicted path (Request.speculate)
+    speculative: bool = False     # a mispredicted path (Request.speculate, or a mispredict injection)
+    window_from: int = 0          # the step the speculation window counts from
+    mispredict: int | None = None  # the conditional branch at this address runs, then its other side
 
 
 class _Core:
@@ -162,6 +181,7 @@ class _Core:
         run.points = {p.index: p for p in req.converge}
         run.tf_watch = bool(start.regs.rflags & model.RFLAGS_TF) and not req.speculate
         run.speculative = req.speculate
+        run.window_from = start.steps
         if req.injections:
             run.inject = [(self.image.parse_location(i.at), i.vector, i.hit) for i in req.injections]
         if req.level >= Level.FLOW:
@@ -195,7 +215,7 @@ class _Core:
             pc = u.read(_RIP)
             remaining = run.limit - run.steps
             if remaining <= 0:
-                self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
+                self._out_of_budget()
                 break
             status = u.start(pc, 0 if self.steps_mode else remaining)
             if status != U.OK:
@@ -206,10 +226,17 @@ class _Core:
                 continue
             if run.outcome is None:
                 if not self.steps_mode:
-                    self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
+                    self._out_of_budget()
                 elif run.pending_fault is not None or run.steps >= run.limit:
                     if run.steps >= run.limit:
-                        self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
+                        self._out_of_budget()
+
+    def _out_of_budget(self) -> None:
+        run = self.run_
+        if run.speculative:
+            self._end(Outcome.STOPPED, f"the speculation window of {run.limit - run.window_from} instructions ends")
+        else:
+            self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
 
     def _unicorn_error(self, errno: int) -> None:
         pending = self.run_.pending_fault
@@ -320,7 +347,17 @@ class _Core:
         run.events.append(event_type(step=run.steps, **fields))
 
     def fault(self, kind: FaultKind, message: str, address: int | None = None) -> None:
-        """End the run with an emulation fault (callable from hooks and stubs)."""
+        """End the run with an emulation fault (callable from hooks and stubs).  On a mispredicted
+        path a fault is squashed (the path just ends), except the %gs: access with the user
+        GSBASE that swapgs-unfenced is about."""
+        run = self.run_
+        if run.speculative and run.outcome is None:
+            if kind is FaultKind.USER_GS:
+                self.emit(Fault, kind=FaultKind.SPECULATIVE_USER_GS, message=message, address=address)
+                self._end(Outcome.STOPPED, f"speculatively: {message}")
+            else:
+                self._end(Outcome.STOPPED, f"speculation ends at a fault ({kind.value}: {message})")
+            return
         if self.run_.outcome is None:
             self.emit(Fault, kind=kind, message=message, address=address)
             self._end(Outcome.EMULATION_FAULT, f"{kind.value}: {message}")
@@ -491,9 +528,11 @@ class _Core:
             self.u.emu_stop()
             return
         if run.steps >= run.limit:
-            self._end(Outcome.NO_RETURN, f"no return within {run.request.budget} instructions")
+            self._out_of_budget()
             return
         if addr in self.heads and run.request.cut_loops and self._loops_for_good(addr):
+            return
+        if run.mispredict is not None and self._mispredicted(addr):
             return
         while run.inject and run.inject[0][0] == addr:
             run.hits += 1
@@ -502,6 +541,9 @@ class _Core:
                 break
             run.inject.pop(0)
             run.hits = 0
+            if vector is Vector.MISPREDICT:
+                run.mispredict = addr      # the branch runs; the next boundary turns to its other side
+                break
             if self.deliver(vector, 0) and run.outcome is None:
                 self.u.emu_stop()       # restart at the handler (RIP was changed)
                 return
@@ -717,6 +759,24 @@ class _Core:
         if kind == "stub" and addr not in self.config.asm_stubs:
             return "C:" + spec[1]
         return None
+
+    def _mispredicted(self, addr: int) -> bool:
+        """The conditional branch at ``run.mispredict`` went to ``addr``: go on, speculatively, at
+        its other side (a mispredict injection: ``trace`` replays what the explorer followed)."""
+        run = self.run_
+        jcc, run.mispredict = run.mispredict, None
+        sides = self.m.conditional(jcc)
+        if sides is None or addr not in sides:
+            self.fault(FaultKind.UD, f"mispredict@{self.image.symbolize(jcc)}: not a conditional branch")
+            return True
+        wrong = sides[1] if addr == sides[0] else sides[0]
+        run.speculative, run.tf_watch = True, False
+        run.window_from, run.limit = run.steps, run.steps + run.request.window
+        self.emit(Mispredicted, pc=jcc, target=wrong)
+        self.u.write(_RIP, wrong)
+        run.restart = True
+        self.u.emu_stop()
+        return True
 
     def _speculation_ends(self, addr: int, stop: str) -> None:
         if stop.startswith("C:"):

@@ -309,8 +309,14 @@ def local_irq_in_user_context(world: World, e: Event) -> list:
                           + ": its entry takes the kernel's GSBASE and CR3 for granted when CS says kernel"))]
 
 
+def local_swapgs_unfenced(world: World, e: Event) -> list:
+    if isinstance(e, Fault) and e.kind is FaultKind.SPECULATIVE_USER_GS:
+        return [(0, Violation("swapgs-unfenced", e.pc, e.step, "speculatively, " + e.message))]
+    return []
+
+
 def local_emulation_fault(world: World, e: Event) -> list:
-    if isinstance(e, Fault) and e.kind not in (FaultKind.USER_CR3, FaultKind.USER_GS):
+    if isinstance(e, Fault) and e.kind not in (FaultKind.USER_CR3, FaultKind.USER_GS, FaultKind.SPECULATIVE_USER_GS):
         return [(0, Violation("emulation-fault", e.pc, e.step, e.message))]
     return []
 
@@ -399,7 +405,7 @@ _TABLE = (
               "(FENCE_SWAPGS_KERNEL_ENTRY / FENCE_SWAPGS_USER_ENTRY) or a serialising instruction (the PTI "
               "CR3 write) before its first %gs: access or C call.  The explorer follows the mispredicted "
               "side of every conditional branch for --spec-window instructions, without committing it, "
-              "when the feature set has fence_swapgs_kernel or fence_swapgs_user.", None, None,
+              "when the feature set has fence_swapgs_kernel or fence_swapgs_user.", local_swapgs_unfenced, None,
               (("18ec54fdd6d1", "x86/speculation: Prepare entry code for Spectre v1 swapgs mitigations (v5.3)"),
                ("c07e45553da1", "x86/entry: Add a fence for kernel entry SWAPGS in paranoid_entry() (v5.16-rc4): "
                                 "moving the CR3 switch before SWAPGS (96b2371413e8) had left a branch unfenced"),

@@ -107,6 +107,10 @@ def describe_event(e: ev.Event, image) -> str | None:
                 f"frame rip={image.symbolize(e.frame.rip)} cs={e.frame.cs:#x}, rsp={e.stack:#x}")
     if isinstance(e, ev.Latched):
         return f"{e.vector.label.upper()} latched (NMIs blocked)"
+    if isinstance(e, ev.Mispredicted):
+        return f"mispredicted: speculatively on at {image.symbolize(e.target)} (nothing of it commits)"
+    if isinstance(e, ev.Branch):
+        return f"{'RET' if e.kind == 'ret' else 'indirect branch'} before {' and '.join(e.missing)}"
     if isinstance(e, ev.Iret):
         return (f"{e.eret or 'IRET'} to {image.symbolize(e.frame.rip)} (CPL {e.frame.cs & 3}); NMIs "
                 f"{'unblocked' if not e.eret or not e.cpu.nmi_blocked else 'still blocked'}")

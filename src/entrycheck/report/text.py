@@ -217,6 +217,10 @@ def _event_lines(e: ev.Event, image: Image) -> list[str]:
                 f"rsp={e.stack:#x}"]
     if isinstance(e, ev.Latched):
         return [f"{pre}{e.vector.label.upper()} latched (NMIs blocked)"]
+    if isinstance(e, ev.Mispredicted):
+        return [f"{pre}mispredicted: speculatively on at {image.symbolize(e.target)} (nothing of it commits)"]
+    if isinstance(e, ev.Branch):
+        return [f"{pre}{'RET' if e.kind == 'ret' else 'indirect branch'} before {' and '.join(e.missing)}"]
     if isinstance(e, ev.Iret):
         return [f"{pre}{e.eret or 'IRET'} to {image.symbolize(e.frame.rip)} (CPL {e.frame.cs & 3}); NMIs "
                 f"{'unblocked' if not e.eret or not e.cpu.nmi_blocked else 'still blocked'}"]
