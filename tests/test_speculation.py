@@ -106,6 +106,36 @@ def test_unknown_cpu_preset_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def _fixture_findings(tmp_path: Path, features: str):
+    """The demo's hand-written entry fixture (GNU as at test time), whose paranoid_entry has the
+    conditional SWAPGS of Linux before 18ec54fdd6d1: no LFENCE on either side."""
+    from entrycheck.demo.run import VARIANTS, assemble, find_assembler
+    from entrycheck.explore.check import ObjectRef
+
+    obj = assemble(find_assembler(), VARIANTS[0], tmp_path)
+    result = run_check(ObjectRef(obj, None, None),
+                       CheckConfig(scenarios=("nmi-from-kernel", "syscall"), feature_sets=(FeatureSet.parse(features),),
+                                   depth=2, user_values=False))
+    return result, {(f.scenario, tuple(i.spec() for i in f.injections), f.site) for f in result.findings
+                    if f.invariant == "swapgs-unfenced"}
+
+
+def test_an_unfenced_conditional_swapgs_is_found_both_ways(tmp_path: Path) -> None:
+    """Skipped SWAPGS: an NMI/#MC/#DB in the SYSCALL gap (user GSBASE) whose 'js' in paranoid_entry is
+    mispredicted reaches its C handler with the user GSBASE, on any CPU with the kernel fence.
+    Speculated SWAPGS: an NMI from kernel mode whose kernel-GSBASE test is mispredicted swaps the user
+    GSBASE in, only on a CPU that speculates SWAPGS (bug_swapgs).  Without the features, nothing is
+    followed."""
+    plain, found = _fixture_findings(tmp_path, "none")
+    assert plain.speculated == 0 and not found
+    kernel, found = _fixture_findings(tmp_path, "fence_swapgs_kernel")
+    assert kernel.speculated > 0 and kernel.runs == plain.runs
+    assert ("syscall", ("nmi@entry_SYSCALL_64", "mispredict@paranoid_entry+0x46"), "exc_nmi") in found
+    assert all(s == "syscall" for s, _, _ in found), found
+    _, found = _fixture_findings(tmp_path, "fence_swapgs_kernel,bug_swapgs")
+    assert ("nmi-from-kernel", ("mispredict@paranoid_entry+0x46",), "exc_nmi") in found
+
+
 # ---- real kernels -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def suite(built_kernels: dict[str, KernelBuild], copy_tree) -> Suite:
