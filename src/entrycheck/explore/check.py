@@ -31,7 +31,7 @@ from entrycheck.image.image import LoadedObject, load
 from entrycheck.kernelabi.stubs import Effect
 from entrycheck.kernelabi.world import build_world
 from entrycheck.machine.events import DELIVERABLE as INJECTABLE
-from entrycheck.machine.model import VECTOR_BY_NAME, Vector
+from entrycheck.machine.model import SPEC_WINDOW, VECTOR_BY_NAME, Vector
 
 STOPPED_DONE, STOPPED_BUDGET, STOPPED_ERROR = "done", "budget", "error"
 
@@ -95,7 +95,7 @@ class CheckConfig:
     irq_flush: bool = True                # interrupt scenarios also run with tlb-shootdown
     iret_faults: bool = True              # a refused IRET delivers #GP (off: the run ends, as before)
     mov_ss_db: bool = True                # a #DB held by MOV SS arrives at the SYSCALL entry
-    spec_window: int = 512                # instructions a mispredicted branch runs ahead (0: none)
+    spec_window: int = SPEC_WINDOW        # instructions a mispredicted branch runs ahead (0: none)
 
     def explore_config(self) -> ExploreConfig:
         return ExploreConfig(vectors=self.vectors, depth=self.depth, db_anywhere=self.db_anywhere,
