@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 from dataclasses import dataclass, fields
@@ -53,6 +54,19 @@ def _resolve(target: str, tree: str | None, progress, config: tuple = (None, ())
         raise InputError("--tree needs a kernel source directory")
     return resolve_target(target, tree=Path(tree) if tree else None, progress=progress,
                           request=parse_request(*config))
+
+
+def _as_given(target: str, opts) -> str:
+    """TARGET with the options that chose its build (--tree, --config, --kconfig), quoted for a
+    shell: what a reproducer command needs to load the same image."""
+    args = [target]
+    if opts.tree:
+        args += ["--tree", opts.tree]
+    if opts.config:
+        args += ["--config", opts.config]
+    for option in opts.kconfig:
+        args += ["--kconfig", option]
+    return shlex.join(args)
 
 
 def _load(target: str, tree: str | None, config: tuple = (None, ())):
@@ -428,6 +442,7 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
         raise InputError("--format mail writes to standard output: give --json a file")
     known = known_findings.load(baseline) if baseline else None
     build, loaded = _load(target, opts.tree, opts.build_config)
+    target = _as_given(target, opts)
     cfg = opts.check_config(loaded)
     ref = _object_ref(build)
     result = _run_check(build, cfg, opts, ref)
@@ -678,7 +693,7 @@ def diff(old, new, opts: ExploreOptions, report: DiffOptions) -> None:
     old_build, old_loaded = _load(old, opts.tree, opts.build_config)
     new_build, new_loaded = _load(new, opts.tree, opts.build_config)
     _run_diff(old_build, old_loaded, new_build, new_loaded, opts, report, out,
-              {"old_target": old, "new_target": new})
+              {"old_target": _as_given(old, opts), "new_target": _as_given(new, opts)})
 
 
 @cli.command()
@@ -707,7 +722,8 @@ def review(target, patches, opts: ExploreOptions, report: DiffOptions) -> None:
                 click.echo(f"note: {pl.file} hunk {pl.hunk} applied at line {pl.placed_line} (header says "
                            f"{pl.header_line}; {pl.context_mismatches} context lines differ)", err=True)
     _run_diff(base, load_build(base), patched.build, load_build(patched.build), opts, report, out,
-              {"old_target": target, "new_target": str(patched.tree), "patches": texts})
+              {"old_target": _as_given(target, opts), "new_target": _as_given(str(patched.tree), opts),
+               "patches": texts})
 
 
 @cli.command()

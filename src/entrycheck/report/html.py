@@ -299,7 +299,8 @@ class _StackNames:
 
 def trace_command(target: str, scenario: str, features, effects: Iterable[str],
                   injections: Iterable[Injection]) -> str:
-    parts = ["entrycheck", "trace", target, "--scenario", scenario, "--features", str(features)]
+    """``target`` is a shell fragment: the target and the options that chose its build."""
+    parts = ["entrycheck", "trace", *shlex.split(target), "--scenario", scenario, "--features", str(features)]
     effects = list(effects)
     if effects:
         parts += ["--handler-effects", ",".join(effects)]
