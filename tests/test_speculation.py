@@ -10,6 +10,7 @@ stock kernels under every CPU preset have only the findings explained here.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,38 @@ def test_an_unfenced_conditional_swapgs_is_found_both_ways(tmp_path: Path) -> No
     _, found = _fixture_findings(tmp_path, "fence_swapgs_kernel,bug_swapgs")
     assert ("nmi-from-kernel", ("mispredict@paranoid_entry+0x46",), "exc_nmi") in found
 
+
+
+def test_a_reproducer_loads_the_image_the_check_ran(tmp_path: Path) -> None:
+    """A bare object numbered by --tree's cpufeatures.h: the reproduce line check prints carries
+    --tree, and running it replays the finding (without it the trace would use other numbers)."""
+    from entrycheck.demo.run import VARIANTS, assemble, find_assembler
+    from entrycheck.image.features import builtin_table
+
+    obj = assemble(find_assembler(), VARIANTS[0], tmp_path)
+    tree = tmp_path / "tree with space"
+    (tree / "arch/x86/entry").mkdir(parents=True)
+    (tree / "arch/x86/include/asm").mkdir(parents=True)
+    (tree / "Makefile").write_text("")
+    (tree / "arch/x86/entry/entry_64.S").write_text("")
+    defines = ["#define NCAPINTS\t\t\t21"] + [
+        f"#define X86_BUG_{name[4:].upper()}\tX86_BUG({number - 21 * 32})" if name.startswith("bug_")
+        else f"#define X86_FEATURE_{name.upper()}\t({number // 32}*32+{number % 32})"
+        for name, number in builtin_table().numbers.items()]
+    (tree / "arch/x86/include/asm/cpufeatures.h").write_text("\n".join(defines) + "\n")
+    r = CliRunner().invoke(cli, ["check", str(obj), "--tree", str(tree), "--features", "fence_swapgs_kernel",
+                                 "--scenarios", "syscall", "--vectors", "nmi", "--depth", "2", "--no-user-values"])
+    assert r.exit_code == 1, r.output
+    lines = r.output.splitlines()
+    at = lines.index("    reproduce:") + 1
+    command = [lines[at]]
+    while command[-1].endswith("\\"):             # pasted as printed: a shell joins the lines
+        at += 1
+        command.append(lines[at])
+    argv = shlex.split("\n".join(command).replace("\\\n", ""))
+    assert argv[:2] == ["entrycheck", "trace"] and argv[argv.index("--tree") + 1] == str(tree), command
+    t = CliRunner().invoke(cli, argv[1:])
+    assert t.exit_code == 0 and "swapgs-unfenced at " in t.output, t.output
 
 # ---- real kernels -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import textwrap
 from collections import Counter, defaultdict
 
@@ -33,6 +34,32 @@ def reproduce_command(target: str, f: Finding) -> str:
         parts.append(f"--handler-effects {','.join(f.effects)}")
     parts += [f"--inject {i.spec()}" for i in f.injections]
     return " ".join(parts)
+
+
+def shell_lines(command: str, indent: str, first: str) -> list[str]:
+    """A shell command in lines of at most 80 columns that can be pasted as printed: wrapped
+    between its words (each quoted for a shell), each line but the last ending in a backslash.  A
+    word longer than a line goes on at column 0 of the next (backslash-newline joins the two)."""
+    lines: list[str] = []
+    line, empty = first, True
+    for raw in shlex.split(command):
+        word = shlex.quote(raw)
+        if not empty and len(line) + 1 + len(word) > WIDTH - 2:
+            lines.append(line + " \\")
+            line = indent
+        elif not empty:
+            line += " "
+        empty = False
+        while len(line) + len(word) > WIDTH - 1:
+            room = WIDTH - 2 - len(line)                 # the backslash is the last column
+            cut = room
+            while cut > 1 and len(shlex.quote(raw[:cut])) > room:
+                cut -= 1
+            lines.append(line + shlex.quote(raw[:cut]) + "\\")
+            line, raw = "", raw[cut:]
+            word = shlex.quote(raw)
+        line += word
+    return lines + [line]
 
 
 def cost_lines(cost: Cost, title: str) -> list[str]:
@@ -133,7 +160,7 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
             if folded:
                 lines += _wrap("symptoms folded under it (--unfold lists them): " + ", ".join(folded), "    ", "    ")
             lines.append("    reproduce:")
-            lines += _wrap(reproduce_command(target, shortest), "        ", "      ")
+            lines += shell_lines(reproduce_command(target, shortest), "        ", "      ")
             others = Counter(f.site for f in fs if f is not shortest)
             if others:
                 lines += _wrap("also at: " + ", ".join(f"{s} (x{n})" if n > 1 else s
