@@ -417,6 +417,49 @@ SPEC_MUTANTS: tuple[Mutant, ...] = (
         "very early RET')",
         "ret-before-untrain", ("exception-from-user",), ("unret",), vectors=("nmi",), depth=0,
         off=("kernel_ibrs",)),
+    Mutant(
+        "nmi-from-user-gs-unfenced", "6.12", ENTRY_S,
+        Edit("\tswapgs\n\tFENCE_SWAPGS_USER_ENTRY\n\tSWITCH_TO_KERNEL_CR3 scratch_reg=%rdx\n\tmovq\t%rsp, %rdx\n",
+             "\tswapgs\n\tSWITCH_TO_KERNEL_CR3 scratch_reg=%rdx\n\tmovq\t%rsp, %rdx\n"),
+        "asm_exc_nmi's user-mode side loses FENCE_SWAPGS_USER_ENTRY: without PTI, on a CPU that speculates "
+        "SWAPGS, an NMI from kernel mode mispredicted as one from user mode swaps in the user GSBASE before "
+        "its per-cpu stack load (18ec54fdd6d1 fenced this SWAPGS too)",
+        "swapgs-unfenced", ("nmi-from-kernel",), ("fence_swapgs_kernel,fence_swapgs_user,bug_swapgs",),
+        vectors=("nmi",), depth=1, off=("pti,fence_swapgs_kernel,bug_swapgs",)),
+    Mutant(
+        "sysretl-without-verw", "6.12", COMPAT_S,
+        Edit("\tswapgs\n\tCLEAR_CPU_BUFFERS\n\tsysretl\n", "\tswapgs\n\tsysretl\n"),
+        "entry_SYSCALL_compat's SYSRETL exit loses CLEAR_CPU_BUFFERS: a 32-bit task's system calls return "
+        "without VERW (3c7501722e6b put it before every return to user mode, the compat ones included)",
+        "verw-missing", ("syscall32",), ("clear_cpu_buf",), vectors=("nmi",), depth=0, off=("none",)),
+    Mutant(
+        "sysenter-without-bhb-clearing", "6.12", COMPAT_S,
+        Edit("\tCLEAR_BRANCH_HISTORY\n\n\tmovq\t%rsp, %rdi\n\tcall\tdo_SYSENTER_32",
+             "\n\tmovq\t%rsp, %rdi\n\tcall\tdo_SYSENTER_32"),
+        "entry_SYSENTER_compat loses CLEAR_BRANCH_HISTORY: the 32-bit system call dispatch runs with the "
+        "branch history user space left (BHI; 7390db8aea0d cleared it at every system call entry)",
+        "ret-before-untrain", ("sysenter",), ("clear_bhb_loop",), vectors=("nmi",), depth=0, off=("none",)),
+    Mutant(
+        "int80-without-bhb-clearing", "6.12", COMPAT_S,
+        Edit("\tUNWIND_HINT_FUNC\n\tCLEAR_BRANCH_HISTORY\n\tjmp do_int80_emulation",
+             "\tUNWIND_HINT_FUNC\n\tjmp do_int80_emulation"),
+        "int80_emulation loses CLEAR_BRANCH_HISTORY, the one thing that asm stub is there for (its comment: "
+        "'that scrubbing needs to take place in assembly code prior to entering any C routines')",
+        "ret-before-untrain", ("int80",), ("clear_bhb_loop",), vectors=("nmi",), depth=0, off=("none",)),
+    Mutant(
+        "syscall-without-untrain", "6.12", ENTRY_S,
+        Edit("\tIBRS_ENTER\n\tUNTRAIN_RET\n\tCLEAR_BRANCH_HISTORY\n\n\tcall\tdo_syscall_64",
+             "\tIBRS_ENTER\n\tCLEAR_BRANCH_HISTORY\n\n\tcall\tdo_syscall_64"),
+        "entry_SYSCALL_64 loses UNTRAIN_RET: do_syscall_64 returns through the predictions user space "
+        "trained (retbleed; a149180fbcf3 added the untraining to every entry)",
+        "ret-before-untrain", ("syscall",), ("unret",), vectors=("nmi",), depth=0, off=("none",)),
+    Mutant(
+        "paranoid-entry-without-untrain", "6.12", ENTRY_S,
+        Edit("\tIBRS_ENTER save_reg=%r15\n\tUNTRAIN_RET_FROM_CALL\n", "\tIBRS_ENTER save_reg=%r15\n"),
+        "paranoid_entry loses UNTRAIN_RET_FROM_CALL: an NMI in the SYSCALL gap, before entry_SYSCALL_64's own "
+        "UNTRAIN_RET, runs paranoid_entry's RET and exc_nmi untrained (a149180fbcf3 untrains in "
+        "paranoid_entry for entries from kernel mode that come this early)",
+        "ret-before-untrain", ("syscall",), ("unret",), vectors=("nmi",), depth=1, off=("none",)),
 )
 
 MUTANTS = MUTANTS + USER_MUTANTS + COMPAT_MUTANTS + FRED_MUTANTS + SPEC_MUTANTS
