@@ -418,6 +418,19 @@ SPEC_MUTANTS: tuple[Mutant, ...] = (
         "ret-before-untrain", ("exception-from-user",), ("unret",), vectors=("nmi",), depth=0,
         off=("kernel_ibrs",)),
     Mutant(
+        "error-entry-gs-change-user-fence", "6.12", ENTRY_S,
+        Edit("\tswapgs\n\n\t/*\n\t * Issue an LFENCE to prevent GS speculation, regardless of whether it is a\n"
+             "\t * kernel or user gsbase.\n\t */\n.Lerror_entry_done_lfence:\n\tFENCE_SWAPGS_KERNEL_ENTRY\n"
+             "\tCALL_DEPTH_ACCOUNT\n",
+             "\tswapgs\n\tFENCE_SWAPGS_USER_ENTRY\n\tjmp .Lerror_entry_done\n\n.Lerror_entry_done_lfence:\n"
+             "\tFENCE_SWAPGS_KERNEL_ENTRY\n.Lerror_entry_done:\n\tCALL_DEPTH_ACCOUNT\n"),
+        "error_entry's .Lgs_change fixup as it was before 1367afaa2ee9: its SWAPGS is followed by "
+        "FENCE_SWAPGS_USER_ENTRY, which PTI kernels leave empty (the CR3 write it relied on had been removed "
+        "by c75890700455); an exception from kernel mode whose 'jne .Lerror_entry_done_lfence' is mispredicted "
+        "swaps in the user GSBASE and reaches C code unfenced",
+        "swapgs-unfenced", ("exception-from-kernel",), ("pti,fence_swapgs_kernel,bug_swapgs",), vectors=("nmi",),
+        depth=1, off=("fence_swapgs_kernel,fence_swapgs_user,bug_swapgs",)),
+    Mutant(
         "nmi-from-user-gs-unfenced", "6.12", ENTRY_S,
         Edit("\tswapgs\n\tFENCE_SWAPGS_USER_ENTRY\n\tSWITCH_TO_KERNEL_CR3 scratch_reg=%rdx\n\tmovq\t%rsp, %rdx\n",
              "\tswapgs\n\tSWITCH_TO_KERNEL_CR3 scratch_reg=%rdx\n\tmovq\t%rsp, %rdx\n"),
