@@ -361,6 +361,11 @@ FRED_MUTANTS: tuple[Mutant, ...] = (
 
 # Speculation hygiene: each mutant deletes or moves one mitigation, and must be found under a feature
 # set that turns that mitigation on (``features``) and not under one that leaves it off (``off``).
+# The two SWAPGS-fence configurations of a CPU that speculates SWAPGS: without PTI both fences are
+# LFENCEs; with PTI the user-side fence is left empty, the CR3 write after it serialising instead.
+BOTH_FENCES = "fence_swapgs_kernel,fence_swapgs_user,bug_swapgs"
+PTI_KERNEL_FENCE = "pti,fence_swapgs_kernel,bug_swapgs"
+
 SPEC_MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "error-entry-kernel-gs-unfenced", "6.12", ENTRY_S,
@@ -385,8 +390,8 @@ SPEC_MUTANTS: tuple[Mutant, ...] = (
         "error_entry's user-mode side loses FENCE_SWAPGS_USER_ENTRY: on a CPU that speculates SWAPGS and runs "
         "without PTI, an entry from kernel mode mispredicted as one from user mode swaps in the user GSBASE and "
         "reaches sync_regs with it (18ec54fdd6d1's second fence)",
-        "swapgs-unfenced", ("exception-from-kernel",), ("fence_swapgs_kernel,fence_swapgs_user,bug_swapgs",),
-        vectors=("nmi",), depth=1, off=("pti,fence_swapgs_kernel,bug_swapgs",)),
+        "swapgs-unfenced", ("exception-from-kernel",), (BOTH_FENCES,),
+        vectors=("nmi",), depth=1, off=(PTI_KERNEL_FENCE,)),
     Mutant(
         "sysret-without-verw", "6.12", ENTRY_S,
         Edit("\tswapgs\n\tCLEAR_CPU_BUFFERS\n\tsysretq\n", "\tswapgs\n\tsysretq\n"),
@@ -428,8 +433,8 @@ SPEC_MUTANTS: tuple[Mutant, ...] = (
         "FENCE_SWAPGS_USER_ENTRY, which PTI kernels leave empty (the CR3 write it relied on had been removed "
         "by c75890700455); an exception from kernel mode whose 'jne .Lerror_entry_done_lfence' is mispredicted "
         "swaps in the user GSBASE and reaches C code unfenced",
-        "swapgs-unfenced", ("exception-from-kernel",), ("pti,fence_swapgs_kernel,bug_swapgs",), vectors=("nmi",),
-        depth=1, off=("fence_swapgs_kernel,fence_swapgs_user,bug_swapgs",)),
+        "swapgs-unfenced", ("exception-from-kernel",), (PTI_KERNEL_FENCE,), vectors=("nmi",),
+        depth=1, off=(BOTH_FENCES,)),
     Mutant(
         "nmi-from-user-gs-unfenced", "6.12", ENTRY_S,
         Edit("\tswapgs\n\tFENCE_SWAPGS_USER_ENTRY\n\tSWITCH_TO_KERNEL_CR3 scratch_reg=%rdx\n\tmovq\t%rsp, %rdx\n",
@@ -437,8 +442,8 @@ SPEC_MUTANTS: tuple[Mutant, ...] = (
         "asm_exc_nmi's user-mode side loses FENCE_SWAPGS_USER_ENTRY: without PTI, on a CPU that speculates "
         "SWAPGS, an NMI from kernel mode mispredicted as one from user mode swaps in the user GSBASE before "
         "its per-cpu stack load (18ec54fdd6d1 fenced this SWAPGS too)",
-        "swapgs-unfenced", ("nmi-from-kernel",), ("fence_swapgs_kernel,fence_swapgs_user,bug_swapgs",),
-        vectors=("nmi",), depth=1, off=("pti,fence_swapgs_kernel,bug_swapgs",)),
+        "swapgs-unfenced", ("nmi-from-kernel",), (BOTH_FENCES,),
+        vectors=("nmi",), depth=1, off=(PTI_KERNEL_FENCE,)),
     Mutant(
         "sysretl-without-verw", "6.12", COMPAT_S,
         Edit("\tswapgs\n\tCLEAR_CPU_BUFFERS\n\tsysretl\n", "\tswapgs\n\tsysretl\n"),

@@ -137,7 +137,6 @@ def test_an_unfenced_conditional_swapgs_is_found_both_ways(tmp_path: Path) -> No
     assert ("nmi-from-kernel", ("mispredict@paranoid_entry+0x46",), "exc_nmi") in found
 
 
-
 def test_a_reproducer_loads_the_image_the_check_ran(tmp_path: Path) -> None:
     """A bare object numbered by --tree's cpufeatures.h: the reproduce line check prints carries
     --tree, and running it replays the finding (without it the trace would use other numbers)."""
@@ -168,6 +167,7 @@ def test_a_reproducer_loads_the_image_the_check_ran(tmp_path: Path) -> None:
     assert argv[:2] == ["entrycheck", "trace"] and argv[argv.index("--tree") + 1] == str(tree), command
     t = CliRunner().invoke(cli, argv[1:])
     assert t.exit_code == 0 and "swapgs-unfenced at " in t.output, t.output
+
 
 # ---- real kernels -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
