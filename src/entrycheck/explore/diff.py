@@ -276,15 +276,17 @@ def _match(old: CheckResult, new: CheckResult, sites: SiteMap, result: DiffResul
         tables = new_units.get(key, [])
         idx, ids = index.get(key, {}), link_ids.get(key, {})
         if id(ot) not in old_seen:
+            # Once per table, not per segment: a table has one segment per boundary group,
+            # and mapping all its links again for each made the match quadratic.
             old_seen.add(id(ot))
-            ot._match = (array("i", [-1]) * len(ot), array("i", [-1]) * len(ot))
-        mt, mr = ot._match
-        mapped = []
-        for link in ot.links:
-            if link not in map_cache:
-                map_cache[link] = sites.link(link)
-            m = map_cache[link]
-            mapped.append(ids.get(m, -1) if m is not None else -1)
+            mapped = []
+            for link in ot.links:
+                if link not in map_cache:
+                    map_cache[link] = sites.link(link)
+                m = map_cache[link]
+                mapped.append(ids.get(m, -1) if m is not None else -1)
+            ot._match = (array("i", [-1]) * len(ot), array("i", [-1]) * len(ot), mapped)
+        mt, mr, mapped = ot._match
         per_table: dict[int, tuple[array, array]] = {}
         for r in range(a, b):
             li, p = ot.link[r], ot.parent[r]
