@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKLOAD = HERE / "workload.py"
-SEED = ROOT.parent / "shared" / "seed" / "000_9de1626d2e0266c3.txt"
 CACHE = Path(os.environ.get("ENTRYCHECK_CACHE", Path.home() / ".cache" / "entrycheck"))
 
 
@@ -52,40 +52,51 @@ def _workload(python: str, args: list[str], env: dict | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _this_tree_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _install(ref: str) -> str:
-    """A scratch venv with entrycheck at ``ref`` installed (dependencies from this interpreter)."""
+def _checkout(ref: str) -> Path:
+    """The source of entrycheck at git ref ``ref``, extracted once into the cache (no install:
+    it runs from its ``src`` with this interpreter's libraries, in a virtualenv or not)."""
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{ref}^{{commit}}"],
                          capture_output=True, text=True)
     if sha.returncode:
         sys.exit(f"not a git ref here: {ref}")
     sha = sha.stdout.strip()
-    venv = CACHE / "bench" / sha[:12]
-    python = venv / "bin" / "python"
-    if (venv / ".installed").exists():
-        return str(python)
-    with tempfile.TemporaryDirectory() as tmp:
+    tree = CACHE / "bench" / f"tree-{sha[:12]}"
+    if (tree / ".extracted").exists():
+        return tree
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tree.parent) as tmp:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha], capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", tmp], check=True)
-    (venv / ".installed").write_text(sha + "\n")
-    return str(python)
+        (Path(tmp) / ".extracted").write_text(sha + "\n")
+        try:
+            os.rename(tmp, tree)
+        except OSError:              # another run extracted it meanwhile
+            pass
+    return tree
+
+
+def _env_of(tree: Path) -> dict:
+    """The environment that makes this interpreter import entrycheck from ``tree``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(tree / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _this_tree_env() -> dict:
+    return _env_of(ROOT)
 
 
 def both(ref: str, work: list[str]) -> tuple[dict, dict]:
     """The workload run by entrycheck at git ref ``ref``, then by this tree."""
-    old = _workload(_install(ref), work, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    old = _workload(sys.executable, work, env=_env_of(_checkout(ref)))
     new = _workload(sys.executable, work, env=_this_tree_env())
     return old, new
 
 
 def compare(args) -> None:
+    if args.workload == "review":
+        review_compare(args)
+        return
     work = [args.target, args.features, str(args.depth), args.scenarios, str(args.workers)]
     old, new = both(args.ref, work)
     ratio = {
@@ -97,6 +108,164 @@ def compare(args) -> None:
     raw_equal = old.pop("raw_findings_keys") == new.pop("raw_findings_keys")
     _emit({"measure": "compare", "ref": args.ref, "workload": work, "old": old, "new": new, "ratio": ratio,
            "runs_equal": old["runs"] == new["runs"], "findings_equal": equal, "raw_findings_equal": raw_equal})
+
+
+SEED_PATCH = ROOT / "tests" / "data" / "patches" / "x86-entry-paranoid-restore-cr3.archive.txt"
+CLI = ["-c", "from entrycheck.cli import main; main()"]
+
+
+def _command(args: list[str], env: dict, cwd: Path, timeout: float | None = None) -> dict:
+    """One entrycheck command line: its exit status, wall time and peak RSS (the largest of its
+    processes: os.wait4 reports the command's own and its waited-for workers')."""
+    t0 = time.perf_counter()
+    with open(cwd / "stdout.txt", "wb") as out, open(cwd / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen([sys.executable, *CLI, *args], stdout=out, stderr=err, env=env, cwd=cwd,
+                                start_new_session=True)
+    timed_out = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if timeout is not None and time.perf_counter() - t0 > timeout and not timed_out:
+            timed_out = True
+            os.killpg(proc.pid, 9)
+        time.sleep(0.05)
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    got = {"exit": code, "wall_s": round(time.perf_counter() - t0, 1),
+           "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    if timed_out:
+        got["timed_out"] = True
+    if code not in (0, 1):
+        got["stderr"] = (cwd / "stderr.txt").read_text(errors="replace").strip()[-300:]
+    return got
+
+
+def _scratch(name: str) -> Path:
+    """A fresh working directory for commands (their --json/--html files land there), in which
+    the repository's tests/ is at hand (the README's patch example names a file under it)."""
+    import shutil
+
+    d = CACHE / "bench" / "run" / name
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    (d / "tests").symlink_to(ROOT / "tests")
+    return d
+
+
+def readme_examples(readme: Path = ROOT / "README.md") -> list[list[str]]:
+    """The command lines of the README's Examples section, as a user pastes them (comments off)."""
+    import shlex
+
+    text = readme.read_text()
+    section = text.split("\n## Examples\n", 1)[1].split("\n## ", 1)[0]
+    out = []
+    for line in section.splitlines():
+        if line.startswith("    entrycheck "):
+            out.append(shlex.split(line.strip(), comments=True)[1:])
+    return out
+
+
+def _depth(args: list[str]) -> int | None:
+    """The nesting depth an exploring command runs at (None: it explores nothing)."""
+    if not args or args[0] not in ("check", "diff", "review") or "--explain" in args:
+        return None
+    return int(args[args.index("--depth") + 1]) if "--depth" in args else 2
+
+
+SLOW_S = 120         # an example at depth <= 1 slower than this is a bug
+
+
+def readme(args) -> None:
+    """Every README example at the flags it prints, one after another (this tree; with --ref,
+    the same with that git ref first), each one's wall time, peak RSS and exit status."""
+    trees = ([("ref", _checkout(args.ref))] if args.ref else []) + [("tree", ROOT)]
+    examples = readme_examples()
+    for side, tree in trees:
+        cwd = _scratch(f"readme-{side}")
+        env = _env_of(tree)
+        env["COLUMNS"] = "80"
+        for k, ex in enumerate(examples):
+            if args.only and not any(o in " ".join(ex) for o in args.only):
+                continue
+            got = _command(ex, env, cwd, timeout=args.timeout)
+            depth = _depth(ex)
+            _emit({"measure": "readme", "side": side, "ref": args.ref if side == "ref" else "this tree",
+                   "example": k, "command": "entrycheck " + " ".join(ex), "depth": depth, **got,
+                   "slow": depth is not None and depth <= 1 and got["wall_s"] > SLOW_S,
+                   "failed": got["exit"] not in (0, 1)})
+
+
+SAME_JSON = [
+    ("check-6.1", ["check", "debian:6.1", "--depth", "1"]),
+    ("check-6.12", ["check", "debian:6.12", "--depth", "1"]),
+    ("diff", ["diff", "debian:6.1", "debian:6.12", "--depth", "1"]),
+    ("review", ["review", "debian:6.1", "--patch", str(SEED_PATCH), "--depth", "1"]),
+]
+
+
+def same(args) -> None:
+    """check, diff and review at depth 1 over the 16 default feature sets, on both kernels, with
+    git ref REF and with this tree: whether each command's JSON is the same, byte for byte."""
+    for name, cmd in SAME_JSON:
+        if args.only and name not in args.only:
+            continue
+        docs, runs = {}, {}
+        ref_tree = _checkout(args.ref)
+        kept = ref_tree.parent / f"same-{ref_tree.name[5:]}-{name}.json"     # the ref's output, once
+        for side, tree in (("ref", ref_tree), ("tree", ROOT)):
+            if side == "ref" and kept.exists() and not args.fresh:
+                docs[side], runs[side] = kept.read_bytes(), {"kept": str(kept)}
+                continue
+            cwd = _scratch(f"same-{name}-{side}")
+            runs[side] = _command(cmd + ["--json", "out.json"], _env_of(tree), cwd)
+            path = cwd / "out.json"
+            docs[side] = path.read_bytes() if path.exists() else b""
+            if side == "ref" and docs[side] and runs[side]["exit"] in (0, 1):
+                kept.write_bytes(docs[side])
+        first = None
+        if docs["ref"] != docs["tree"]:
+            a, b = docs["ref"].splitlines(), docs["tree"].splitlines()
+            first = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        _emit({"measure": "same-json", "command": "entrycheck " + " ".join(cmd), "ref": args.ref,
+               "identical": docs["ref"] == docs["tree"] and bool(docs["tree"]), "bytes": len(docs["tree"]),
+               "first_different_line": first, "ref_run": runs["ref"], "tree_run": runs["tree"]})
+        if args.keep and first is not None:
+            print(f"  differs: see {CACHE / 'bench' / 'run'}/same-{name}-{{ref,tree}}/out.json", file=sys.stderr)
+
+
+def review_compare(args) -> None:
+    """The seed review on 6.1 (depth 1, then the defaults) with REF and with this tree."""
+    for depth in (["--depth", "1"], []):
+        cmd = ["review", "debian:6.1", "--patch", str(SEED_PATCH), *depth, "--json", "out.json"]
+        got = {}
+        for side, tree in (("old", _checkout(args.ref)), ("new", ROOT)):
+            cwd = _scratch(f"review-{side}")
+            got[side] = _command(cmd + (["--workers", str(args.workers)] if args.workers else []),
+                                 _env_of(tree), cwd)
+            path = cwd / "out.json"
+            got[side]["json_bytes"] = path.read_bytes() if path.exists() else b""
+        same_json = got["old"].pop("json_bytes") == got["new"].pop("json_bytes")
+        _emit({"measure": "compare-review", "ref": args.ref, "command": "entrycheck " + " ".join(cmd),
+               "old": got["old"], "new": got["new"], "json_identical": same_json,
+               "wall_speedup": round(got["old"]["wall_s"] / got["new"]["wall_s"], 2) if got["new"]["wall_s"] else None})
+
+
+PREVIOUS_ENGINE = "9261deb48206fdd85234655881f9dc2ecc1c343d"
+
+
+def previous(args) -> None:
+    """The explorer finds exactly what the previous engine (before shared handler runs, path
+    tables and the closed machine) found, at depth 2 on both kernels, as that engine could
+    report them (--as-before): every finding before deduplication, and the same runs."""
+    for series in ("6.1", "6.12"):
+        for features in ("pti,pcid", "pti,pcid,fsgsbase,kernel_ibrs"):
+            old, new = both(PREVIOUS_ENGINE, [f"debian:{series}", features, "2", "all", "2", "--as-before"])
+            _emit({"measure": "previous-engine", "target": f"debian:{series}", "features": features,
+                   "findings": old["findings"],
+                   "raw_findings_equal": new.pop("raw_findings_keys") == old.pop("raw_findings_keys"),
+                   "findings_equal": new.pop("findings_keys") == old.pop("findings_keys"),
+                   "runs_equal": new["runs"] == old["runs"], "old_wall_s": old["wall_s"],
+                   "new_wall_s": new["wall_s"]})
 
 
 def _with_and_without(measure: str, work: list[str], without_args: list[str]) -> None:
@@ -148,7 +317,7 @@ def goals(args) -> None:
             _emit({"measure": name, "goal": goal, **r})
     if want("review"):
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "entrycheck.cli", "review", "debian:6.1", "--patch", str(SEED)],
+        out = subprocess.run([sys.executable, "-m", "entrycheck.cli", "review", "debian:6.1", "--patch", str(SEED_PATCH)],
                              capture_output=True, text=True, env=env)
         _emit({"measure": "review-seed", "goal": "wall <= 480 s (warm cache)", "exit": out.returncode,
                "wall_s": round(time.perf_counter() - t, 1)})
@@ -235,6 +404,18 @@ def main() -> None:
     c.add_argument("--depth", type=int, default=2)
     c.add_argument("--scenarios", default="all")
     c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--workload", choices=["check", "review"], default="check",
+                   help="check: the workload above; review: the seed review on 6.1 at depth 1 and at defaults")
+    r = sub.add_parser("readme")
+    r.add_argument("--ref", default=None, help="also run the examples with this git ref, first")
+    r.add_argument("--only", action="append", help="only the examples whose command line contains this")
+    r.add_argument("--timeout", type=float, default=1800, help="seconds before an example is stopped")
+    m = sub.add_parser("same")
+    m.add_argument("ref")
+    m.add_argument("--only", action="append", choices=[n for n, _ in SAME_JSON])
+    m.add_argument("--keep", action="store_true", help="say where differing outputs are")
+    m.add_argument("--fresh", action="store_true", help="run the ref again (its outputs are kept per commit)")
+    sub.add_parser("previous")
     g = sub.add_parser("goals")
     g.add_argument("--only", action="append",
                    choices=["default-6.1", "default-6.12", "depth1", "depth3", "review", "dask", "throughput"])
@@ -258,6 +439,12 @@ def main() -> None:
         dims(args)
     elif args.what == "speculation":
         speculation(args)
+    elif args.what == "readme":
+        readme(args)
+    elif args.what == "same":
+        same(args)
+    elif args.what == "previous":
+        previous(args)
     else:
         _emit(throughput(args.target))
 
