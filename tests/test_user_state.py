@@ -12,6 +12,7 @@ import pytest
 
 from entrycheck.errors import InputError
 from entrycheck.explore.check import ObjectRef
+from entrycheck.explore.delivery import DeliveryPolicy
 from entrycheck.explore.engine import DEFAULT_VECTORS, Explorer, ExploreConfig
 from entrycheck.explore.replay import trace
 from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, SCENARIOS, scenario
@@ -85,7 +86,7 @@ def _log(pcs, flags):
 def test_an_irq_needs_if_and_waits_out_the_sti_shadow() -> None:
     code = {0x10: b"\xfb", 0x11: b"\x90", 0x12: b"\x90", 0x20: b"\x9d"}     # sti; nop; nop ... popf
     ex = SimpleNamespace(image=SimpleNamespace(read=lambda addr, n: code[addr][:n]))
-    window = Explorer._irq_window
+    window = DeliveryPolicy.irq_window
     log = _log([0x10, 0x11, 0x12], [0x2, 0x2 | RFLAGS_IF, 0x2 | RFLAGS_IF])
     assert not window(ex, log, 0)           # IF=0 before the STI
     assert not window(ex, log, 1)           # IF=1, but in the STI's shadow
@@ -208,17 +209,18 @@ def test_a_db_held_by_the_mov_ss_shadow_arrives_at_the_syscall_entry(kernel61: K
     chains = [result.table.chain(r) for r in range(len(result.table))]
     first = [c for c in chains if c and c[0].at == "entry_SYSCALL_64"]
     assert len(first) == 1 and first[0][0].vector is Vector.DB
-    assert ex._link_pre(ex_base_node(ex), 0, Vector.DB).text.endswith("(CVE-2018-8897)")
+    log = base_log(ex, scenario("syscall"))
+    assert ex.policy.precondition(log, log.start, Vector.DB, entry=True).text.endswith("(CVE-2018-8897)")
+    assert ex.policy.allowed(Vector.DB, log, log.start, frozenset(), entry=True)
+    assert not ex.policy.allowed(Vector.DB, log, log.start, frozenset(), entry=False)
     assert not [f for f in result.groups for f in f.findings]
 
 
-def ex_base_node(ex: Explorer):
-    """The scenario's own recorded path, as the explorer keeps it."""
-    from entrycheck.explore.engine import Node
+def base_log(ex: Explorer, sc):
+    """The step log of the scenario's own recorded path, as the explorer keeps it."""
     from entrycheck.machine.api import Level, Request
     from entrycheck.explore.scenarios import start_state, stub_options
 
-    sc = ex.sc
     rec = ex.machine.run(Request(start_state(ex.world, sc, ex.pristine), deliver=sc.vector, level=Level.STEPS,
                                  options=stub_options(sc)))
-    return Node(ex, rec, None, 0, (), -1)
+    return rec.steps

@@ -109,15 +109,6 @@ def event_cost(e: Event, image: Image) -> Cost | None:
     return None
 
 
-def cost_of(events, image: Image) -> Cost:
-    total = NO_COST
-    for e in events:
-        c = event_cost(e, image)
-        if c is not None:
-            total = total + c
-    return total
-
-
 def cr3_entry(e: Event, image: Image) -> tuple[str, int, bool] | None:
     if isinstance(e, Cr3Written):
         return (image.symbolize(e.pc), e.write.written, e.write.noflush)
@@ -242,5 +233,5 @@ class PathTable:
             yield self.row(r)
 
 
-__all__ = ["Cost", "NO_COST", "Finding", "PathResult", "PathTable", "cost_of", "event_cost", "cr3_trace_of",
+__all__ = ["Cost", "NO_COST", "Finding", "PathResult", "PathTable", "event_cost", "cr3_trace_of",
            "cr3_entry", "Injection"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from entrycheck.errors import InputError
-from entrycheck.explore.paths import Cost, cost_of
+from entrycheck.explore.paths import Cost
 from entrycheck.explore.scenarios import Scenario, delivery, start_state, stub_options
 from entrycheck.image.decode import sweep
 from entrycheck.image.image import Image
@@ -21,7 +21,9 @@ from entrycheck.machine.events import Delivered, Event, Injection, Outcome, Resu
 from entrycheck.machine.api import DEFAULT_BUDGET, Level, LiveIndex, Record, Request
 from entrycheck.machine.machine import Machine
 from entrycheck.machine.model import CpuState, Vector
-from entrycheck.props.invariants import Violation, check_run, ist_reentered_message
+from entrycheck.explore.summary import Summaries
+from entrycheck.props import reentry
+from entrycheck.props.invariants import End, Violation, local_violations, verdict
 
 
 @dataclass(frozen=True)
@@ -93,30 +95,18 @@ def trace(world: World, sc: Scenario, injections: tuple[Injection, ...],
           effects: frozenset[Effect] = frozenset(), budget: int = DEFAULT_BUDGET) -> Trace:
     stubs = Stubs(world)
     machine = Machine(world.image, world.config, stubs)
-    start = start_state(world, sc, machine.pristine_memory())
+    start = start_state(world, sc, machine.layout.pristine)
     rec = machine.run(Request(start, deliver=delivery(world, sc), injections=injections, level=Level.STEPS,
                               options=stub_options(sc, effects), budget=budget))
     log = rec.steps
     steps = tuple(Step(log.start + k, pc, regs[15]) for k, (pc, regs) in enumerate(zip(log.pcs, log.regs)))
-    violations = check_run(world, rec.events, rec.outcome, rec.reason, rec.final.cpu, rec.final.outstanding)
+    summary = Summaries(world.image).of(rec.events)
+    end = End(rec.outcome, rec.reason, rec.final.cpu, False, rec.final.outstanding, rec.events[-1], summary.nmi,
+              lambda: rec.events)
+    violations = verdict(world, local_violations(world, rec.events), end)
     violations = ist_reentries(machine, world, start, sc, injections, effects, budget, rec) + violations
     return Trace(sc, injections, steps, rec.events, rec.outcome, rec.reason, rec.final.cpu,
-                 cost_of(rec.events, world.image), tuple(violations), tuple(sorted(stubs.unknown)))
-
-
-def live_ist_frame(space, live: LiveIndex, outstanding, vector: Vector, top: int, boundary: int):
-    """(the outstanding exception, the words) when a ``vector`` frame written below ``top`` at
-    ``boundary`` goes onto the IST stack of an exception still outstanding there and covers
-    words the recorded run (``live``) reads later: the earlier handler has not moved off the
-    stack or copied its frame (an ist-reentered delivery); else None."""
-    outer = next((o for o in outstanding if o.vector.ist == vector.ist), None)
-    if outer is None:
-        return None
-    size = vector.frame_bytes
-    wbase = space.writable_base
-    words = tuple(a for a in range(top - size, top, 8)
-                  if space.pages.get(a >> 12) is not None and live.live(space.phys(a) - wbase, boundary))
-    return (outer, words) if words else None
+                 summary.cost, tuple(violations), tuple(sorted(stubs.unknown)))
 
 
 def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injections: tuple[Injection, ...],
@@ -128,7 +118,7 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
     if world.config.fred is not None:
         return []                   # FRED has no IST: a nested event goes below the outer frame
     options = stub_options(sc, effects)
-    space = machine.space
+    space = machine.layout
     wbase = space.writable_base
     # Deliveries are numbered in order (an Interrupted's chain_index); which injection each was.
     injection_of: dict[int, int] = {}
@@ -161,13 +151,12 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
                 i = at - log.start
                 if 0 <= i < len(log.pcs):
                     live = LiveIndex(log.accesses, wbase, space.writable_size)
-                    found = live_ist_frame(space, live, log.outstanding[i], e.vector,
-                                           e.stack + e.vector.frame_bytes, at)
+                    found = reentry.live_frame(space, live, log.outstanding[i], e.vector,
+                                               e.stack + e.vector.frame_bytes, at)
                     if found is not None:
                         outer, words = found
-                        how = (f" (latched, and delivered when the {prev.injection.vector.label} handler's IRET to "
-                               f"{world.image.symbolize(prev.pc)} unblocked NMIs)") if e.from_latch else ""
-                        out.append(Violation("ist-reentered", e.pc, e.step, ist_reentered_message(
+                        how = reentry.latched(prev.injection, prev.pc, world.image.symbolize) if e.from_latch else ""
+                        out.append(Violation("ist-reentered", e.pc, e.step, reentry.message(
                             e.vector, outer, len(words), how, world.image.symbolize)))
         prev = e
     return out

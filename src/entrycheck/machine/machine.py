@@ -56,18 +56,14 @@ class Machine:
         self.config = config
         self.stubs = stubs
         self.space: AddressSpace = build_address_space(config.regions)
+        self.layout = self.space       # what callers may read of memory: frozen
         self._sites, self._loop_heads = find_sites(image, config)
         self._cores: dict[bool, _Core] = {}
         self._jcc: dict[int, tuple[int, int] | None] = {}
 
     def pristine_memory(self) -> bytes:
         """The writable span as the world initialised it."""
-        out = bytearray(self.space.writable_size)
-        for chunk in self.space.chunks:
-            if chunk.phys >= self.space.writable_base and Perm.W in chunk.perm:
-                off = chunk.phys - self.space.writable_base
-                out[off:off + len(chunk.data)] = chunk.data
-        return bytes(out)
+        return self.layout.pristine
 
     def run(self, request: Request) -> Record:
         steps = request.level >= Level.PCS

@@ -9,6 +9,7 @@ packed into one physical span so that a snapshot is one read and a restore one w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
@@ -45,6 +46,10 @@ class PhysChunk:
 
 @dataclass(frozen=True)
 class AddressSpace:
+    """The model's memory: which virtual page is which physical page, what PTI's user tables
+    map, and the writable span every snapshot covers.  Frozen: the explorer reads it as the
+    machine's layout, and only the machine writes memory."""
+
     pages: Mapping[int, Page]               # virtual page number -> page
     chunks: tuple[PhysChunk, ...]           # physical memory to map, with initial contents
     writable_base: int                      # physical span of all writable memory
@@ -56,6 +61,19 @@ class AddressSpace:
         if page is None:
             raise Unmapped(addr)
         return page.phys + (addr & (PAGE - 1))
+
+    def mapped(self, addr: int) -> bool:
+        return (addr >> 12) in self.pages
+
+    @cached_property
+    def pristine(self) -> bytes:
+        """The writable span as the world initialised it (every run's memory starts from it)."""
+        out = bytearray(self.writable_size)
+        for chunk in self.chunks:
+            if chunk.phys >= self.writable_base and Perm.W in chunk.perm:
+                off = chunk.phys - self.writable_base
+                out[off:off + len(chunk.data)] = chunk.data
+        return bytes(out)
 
 
 def build_address_space(regions: Sequence[Region]) -> AddressSpace:

@@ -5,7 +5,7 @@ here raises for a violation.  Most checks look at one event at a time (``local``
 the rest look at how the path ended (``end``), with the NMI accounting summarised
 over the whole path.  Splitting them this way lets the explorer evaluate a path as
 prefix + its own run + the run it rejoined, each summarised once, in time that does
-not grow with the path's length; ``check_run`` evaluates a whole run at once.
+not grow with the path's length (the explorer's summaries: explore/summary.py).
 Violations come out in table order, then in event order, then the end checks.
 """
 
@@ -448,15 +448,6 @@ _ENDS = tuple((k, inv.end) for k, inv in enumerate(_TABLE) if inv.end is not Non
 LocalViolation = tuple       # (invariant index, order, position in the path, Violation)
 
 
-def ist_reentered_message(vector: Vector, outer: Interrupted, words: int, how: str,
-                          symbolize: Callable[[int], str]) -> str:
-    """What an ist-reentered finding says (the explorer and `trace` find it alike)."""
-    where = f"user mode ({outer.rip:#x})" if outer.cpu.cpl == 3 else symbolize(outer.rip)
-    return (f"{vector.label} delivered through IST {vector.ist}{how} while the frame of the "
-            f"{outer.vector.label} that interrupted {where} is still live on that stack (the handler reads it "
-            f"later; the new frame overwrites {words} of its words)")
-
-
 def invariant(name: str) -> Invariant:
     try:
         return INVARIANTS[name]
@@ -488,15 +479,3 @@ def verdict(world: World, local: Sequence[LocalViolation], end: End) -> list[Vio
             out.extend(inv.end(world, end))
     return out
 
-
-def check_run(world: World, events: Sequence[Event], outcome: Outcome, reason: str, final_cpu: CpuState,
-              outstanding: tuple[Interrupted, ...] = (), converged: bool = False,
-              suffix: Sequence[Event] = ()) -> list[Violation]:
-    """All violations of one run whose events are all at hand."""
-    nmi = NO_NMI
-    for e in tuple(events) + tuple(suffix):
-        s = nmi_of(e)
-        if s is not NO_NMI:
-            nmi = nmi + s
-    end = End(outcome, reason, final_cpu, converged, outstanding, events[-1], nmi, lambda: tuple(events))
-    return verdict(world, local_violations(world, events), end)

@@ -1,0 +1,138 @@
+"""A recorded run of the exploration tree, and what exploring inside it needs.
+
+Each node is a run recorded at STEPS level: the scenario's own path, or a run injected at a
+boundary of its parent.  It keeps, per event, the summary of the path up to it (so that a path
+injected at any boundary costs O(1) to put together) and the local violations so far; what it
+still reads (``live``) decides convergence and ist-reentered deliveries; ``targets`` says what a
+leaf injected into it may rejoin.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from entrycheck.explore.memo import Target
+from entrycheck.explore.summary import EMPTY, PathSummary, Summaries
+from entrycheck.machine.api import ConvergePoint, LiveIndex, Record, StepLog
+from entrycheck.machine.events import Delivered, Event, Injection
+from entrycheck.props.invariants import local_violations
+from entrycheck.props.reentry import Reentry
+
+
+class Node:
+    """A recorded run and what exploring inside it and evaluating paths through it need."""
+
+    def __init__(self, summaries: Summaries, world, wbase: int, record: Record, parent: "Node | None",
+                 parent_k: int, chain: tuple[Injection, ...], row: int) -> None:
+        self.record = record
+        self._summaries = summaries
+        self._wbase = wbase
+        self.log: StepLog = record.steps
+        self.parent, self.parent_k = parent, parent_k
+        self.chain = chain
+        self.pre: tuple = ()                         # one precondition per link of the chain
+        self.latched: Reentry | None = None          # an ist-reentered delivery inside its run
+        self.row = row
+        self.events = record.events
+        self.steps = [e.step for e in self.events]
+        # Boundaries a single-step #DB trap was delivered just before (a breakpoint's trap on the
+        # same instruction is that same #DB: DR6 reports both).
+        self.single_steps = frozenset(e.step for e in self.events if type(e) is Delivered and e.single_step)
+        first = self.log.start
+        end = record.resumed_step if record.resumed_step is not None else record.final.steps
+        self.window = (first, end)
+        if parent is None:
+            before, pre_local, self.position = EMPTY, (), 0
+        else:
+            i = parent.index(parent_k)
+            before, pre_local = parent.prefix[i], parent.local_pre[i]
+            self.position = parent.position + i
+        n = len(self.events)
+        self.prefix: list[PathSummary] = summaries.prefixes(self.events, before)
+        self.local_pre: list[tuple] = [pre_local] * (n + 1)
+        own_local = local_violations(world, self.events, self.position)
+        li = 0
+        for i in range(n):
+            start = li
+            while li < len(own_local) and own_local[li][2] == self.position + i:
+                li += 1
+            self.local_pre[i + 1] = self.local_pre[i] + own_local[start:li] if li > start else self.local_pre[i]
+        self.own_local = own_local
+        self._suffix: dict[int, PathSummary] = {}
+        self._live: LiveIndex | None = None
+        self._live_words: frozenset[int] | None = None
+        self.points: tuple[ConvergePoint, ...] = ()
+        self.point_nodes: tuple[tuple["Node", int], ...] = ()
+        self._anc: tuple | None = None
+        self.attributed: dict[tuple, tuple] = {}     # (index, memo entry) -> path summary
+
+    def index(self, k: int) -> int:
+        """How many of this run's events happened by boundary k."""
+        return bisect.bisect_right(self.steps, k)
+
+    def suffix(self, k: int) -> PathSummary:
+        """The summary of this run's events after boundary k."""
+        i = self.index(k)
+        got = self._suffix.get(i)
+        if got is None:
+            got = self._suffix[i] = self._summaries.of(self.events, i)
+        return got
+
+    @property
+    def live(self) -> LiveIndex:
+        if self._live is None:
+            space = self.record.final
+            self._live = LiveIndex(self.log.accesses, self._wbase, len(space.memory))
+            self._live_words = frozenset(w for w in self._live.words())
+        return self._live
+
+    @property
+    def live_words(self) -> frozenset[int]:
+        self.live
+        return self._live_words
+
+    def targets(self, k: int, memory) -> tuple[Target, Target | None]:
+        """What a leaf at boundary k may rejoin: this run there, or (through the outer
+        exception's return) the run this one was injected into."""
+        i = k - self.log.start
+        log = self.log
+        own = Target(len(log.outstanding[i]), log.regs[i], memory, log.cpus[i], log.outstanding[i], self.live,
+                     self.live_words, k)
+        if not self.points:
+            return own, None
+        p = self.points[0]
+        if self._anc is None:
+            node = self.point_nodes[0][0]
+            self._anc = (p.ref.regs, p.ref.memory, p.ref.cpu, p.ref.outstanding, p.live, node.live_words,
+                         p.boundary)
+            self._dirty_pos, self._dirty = 0, {}
+        writes = log.writes
+        n = self._dirty_pos
+        live_words = self._anc[5]
+        while n < len(writes) and writes[n][0] <= k:
+            _, off, data = writes[n]
+            for w in range(off & ~7, off + len(data), 8):
+                if w in live_words:
+                    self._dirty[w] = None
+            n += 1
+        self._dirty_pos = n
+        regs, mem, cpu, out, live, words, boundary = self._anc
+        return own, Target(p.index, regs, mem, cpu, out, live, words, boundary, tuple(self._dirty))
+
+    def path_events(self, i: int) -> tuple[Event, ...]:
+        before = self.parent.path_events(self.parent.index(self.parent_k)) if self.parent else ()
+        return before + self.events[:i]
+
+    def rejoinable(self, k: int) -> tuple[tuple["Node", int], ...]:
+        """The recorded runs a run injected at boundary k may return into: this one at k, then
+        each outer one at the boundary its exception interrupted (``Request.converge``'s order)."""
+        return ((self, k),) + self.point_nodes
+
+    def converge_points(self, k: int, state) -> tuple[ConvergePoint, ...]:
+        """The stop rule of a run injected at boundary k from ``state``: rejoin this run at k, or
+        any outer run where its exception returns."""
+        return (ConvergePoint(len(state.outstanding), state, self.live, k, 0),) + \
+            tuple(ConvergePoint(p.index, p.ref, p.live, p.boundary, t + 1) for t, p in enumerate(self.points))
+
+
+__all__ = ["Node"]

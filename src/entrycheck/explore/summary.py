@@ -1,0 +1,123 @@
+"""What a run contributes to the paths through it: its cost, its CR3 writes, its NMI accounting.
+
+One loop over a run's events (``Summaries.contributions``) serves every summary the explorer
+keeps: the whole run's (a leaf's own run), the prefix at each of its events (a recorded run,
+so that a path injected at any boundary costs O(1)), and the rest after a boundary (the part
+of a recorded run a converged leaf rejoins).  Sums and concatenations are interned per
+explorer: paths share them, and the path tables key them by identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from entrycheck.explore.paths import NO_COST, Cost, cr3_entry, event_cost
+from entrycheck.image.image import Image
+from entrycheck.machine.events import Event
+from entrycheck.props.invariants import NO_NMI, NmiSummary, nmi_of
+
+
+@dataclass(frozen=True)
+class PathSummary:
+    """A stretch of a path: the privileged operations it cost, its CR3 writes (site, value,
+    NOFLUSH) in order, and its NMI accounting (what the end checks need)."""
+
+    cost: Cost = NO_COST
+    cr3: tuple = ()
+    nmi: NmiSummary = NO_NMI
+
+
+EMPTY = PathSummary()
+
+
+class Summaries:
+    """The summaries of one image's runs, with interned arithmetic."""
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self._costs: dict[tuple[int, int], Cost] = {}
+        self._cost_intern: dict[Cost, Cost] = {NO_COST: NO_COST}
+        self._concats: dict[tuple[int, int], tuple] = {}
+        self._tuple_intern: dict[tuple, tuple] = {(): ()}
+
+    # ---- interned arithmetic ----------------------------------------------------------------
+    def add_cost(self, a: Cost, b: Cost) -> Cost:
+        """a + b, both interned (sums are cached by the identity of interned costs)."""
+        if b is NO_COST:
+            return a
+        intern = self._cost_intern
+        a, b = intern.setdefault(a, a), intern.setdefault(b, b)
+        if a is NO_COST:
+            return b
+        key = (id(a), id(b))
+        got = self._costs.get(key)
+        if got is None:
+            c = a + b
+            got = self._costs[key] = intern.setdefault(c, c)
+        return got
+
+    def concat(self, a: tuple, b: tuple) -> tuple:
+        """a + b for CR3 traces, interned likewise."""
+        intern = self._tuple_intern
+        if not b:
+            return intern.setdefault(a, a)
+        a, b = intern.setdefault(a, a), intern.setdefault(b, b)
+        if not a:
+            return b
+        key = (id(a), id(b))
+        got = self._concats.get(key)
+        if got is None:
+            c = a + b
+            got = self._concats[key] = intern.setdefault(c, c)
+        return got
+
+    def join(self, a: PathSummary, b: PathSummary) -> PathSummary:
+        """The summary of a stretch followed by another."""
+        if b is EMPTY:
+            return a
+        return PathSummary(self.add_cost(a.cost, b.cost), self.concat(a.cr3, b.cr3), a.nmi + b.nmi)
+
+    # ---- the one loop over a run's events ----------------------------------------------------
+    def contributions(self, events: Sequence[Event], start: int = 0) -> Iterator[tuple[int, Cost | None,
+                                                                                       tuple | None, NmiSummary]]:
+        """(index, cost, CR3 entry, NMI summary) of each event from ``start`` that adds to a summary."""
+        image = self.image
+        for i in range(start, len(events)):
+            e = events[i]
+            c, t, s = event_cost(e, image), cr3_entry(e, image), nmi_of(e)
+            if c is not None or t is not None or s is not NO_NMI:
+                yield i, c, t, s
+
+    def of(self, events: Sequence[Event], start: int = 0) -> PathSummary:
+        """The summary of ``events[start:]``."""
+        cost, cr3, nmi = NO_COST, (), NO_NMI
+        for _, c, t, s in self.contributions(events, start):
+            if c is not None:
+                cost = self.add_cost(cost, c)
+            if t is not None:
+                cr3 = self.concat(cr3, (t,))
+            if s is not NO_NMI:
+                nmi = nmi + s
+        return PathSummary(self._cost_intern.setdefault(cost, cost), self._tuple_intern.setdefault(cr3, cr3), nmi)
+
+    def prefixes(self, events: Sequence[Event], before: PathSummary) -> list[PathSummary]:
+        """The summary of the path up to each event: element i covers ``before`` and the first i
+        events (element 0 is ``before``; unchanged stretches share one object)."""
+        out = [before] * (len(events) + 1)
+        cur = before
+        last = 0
+        for i, c, t, s in self.contributions(events):
+            for j in range(last + 1, i + 1):
+                out[j] = cur
+            cur = PathSummary(self.add_cost(cur.cost, c) if c is not None else cur.cost,
+                              self.concat(cur.cr3, (t,)) if t is not None else cur.cr3,
+                              cur.nmi + s if s is not NO_NMI else cur.nmi)
+            last = i + 1
+            out[last] = cur
+        for j in range(last + 1, len(out)):
+            out[j] = cur
+        return out
+
+
+__all__ = ["PathSummary", "Summaries", "EMPTY"]
