@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, strategies as st
 
+from entrycheck.kernelabi.linux import SYSCALL_MASK, ist_index
 from entrycheck.machine import model
 from entrycheck.machine.model import (NOFLUSH, CpuState, Frame, FrameError, IretFault, MsrError, Vector, deliver, iret,
                                       rdmsr, swapgs, sysret, write_cr3, wrmsr)
@@ -90,7 +91,7 @@ def test_msrs() -> None:
 def test_delivery_from_user_uses_the_stack_top_and_blocks_nmis() -> None:
     user = state(cpl=3, ss=0x2B)
     s, frame, rsp, flags = deliver(user, Vector.NMI, rip=0x401000, rsp=0x7FFF0000, rflags=0x246 | model.RFLAGS_TF,
-                                   error_code=None, stack_top=0xFFFFFE0000006008)
+                                   error_code=None, stack_top=0xFFFFFE0000006008, ist=True)
     assert s.cpl == 0 and s.nmi_blocked
     assert frame == Frame(None, 0x401000, model.USER_CS, 0x246 | model.RFLAGS_TF, 0x7FFF0000, model.USER_DS)
     assert rsp == 0xFFFFFE0000006000 - 5 * 8       # aligned down to 16, then five words
@@ -98,9 +99,9 @@ def test_delivery_from_user_uses_the_stack_top_and_blocks_nmis() -> None:
 
 
 def test_error_code_vectors_push_six_words_and_mc_sets_mcip() -> None:
-    s, frame, rsp, _ = deliver(state(), Vector.DF, rip=1, rsp=2, rflags=2, error_code=0, stack_top=0x10000)
+    s, frame, rsp, _ = deliver(state(), Vector.DF, rip=1, rsp=2, rflags=2, error_code=0, stack_top=0x10000, ist=True)
     assert len(frame.words()) == 6 and rsp == 0x10000 - 48
-    s, _, _, _ = deliver(state(), Vector.MC, rip=1, rsp=2, rflags=2, error_code=None, stack_top=0x10000)
+    s, _, _, _ = deliver(state(), Vector.MC, rip=1, rsp=2, rflags=2, error_code=None, stack_top=0x10000, ist=True)
     assert s.mcip and not model.can_deliver(s, Vector.MC)
 
 
@@ -127,7 +128,7 @@ def test_a_faulting_iret_raises_gp_with_nmis_already_unblocked(frame: Frame, cod
         iret(state(nmi_blocked=True, nmi_pending=True), frame)
     assert got.value.vector is Vector.GP and got.value.error_code == code
     assert not got.value.cpu.nmi_blocked and got.value.cpu.nmi_pending and got.value.cpu.cpl == 0
-    assert Vector.GP.error_code and Vector.GP.ist == 0        # delivered on the current stack, with an error code
+    assert Vector.GP.error_code and ist_index(Vector.GP) == 0        # delivered on the current stack, with an error code
 
 
 def test_a_32_bit_user_code_segment_is_a_valid_iret_target() -> None:
@@ -138,8 +139,8 @@ def test_the_syscall_mask_is_what_linux_programs() -> None:
     """syscall_init(): CF PF AF ZF SF TF IF DF OF IOPL NT RF AC ID; a user RFLAGS with every
     bit user space can set, plus RF and IF, arrives in the kernel as just the fixed bit."""
     user = model.USER_SETTABLE_FLAGS | model.RFLAGS_IF | model.RFLAGS_RF | model.RFLAGS_FIXED
-    assert (user & ~model.SYSCALL_MASK) | model.RFLAGS_FIXED == model.RFLAGS_FIXED
-    assert model.SYSCALL_MASK == 0x257FD5
+    assert (user & ~SYSCALL_MASK) | model.RFLAGS_FIXED == model.RFLAGS_FIXED
+    assert SYSCALL_MASK == 0x257FD5
 
 
 def test_sysret_refuses_a_non_canonical_rip() -> None:

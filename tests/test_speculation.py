@@ -26,6 +26,7 @@ from entrycheck.explore.check import CheckConfig, run_check
 from entrycheck.image.cpus import PRESETS, preset_sets
 from entrycheck.image.features import FeatureSet, all_model_feature_sets
 from entrycheck.kernel.targets import KernelBuild
+from entrycheck.kernelabi.linux import spec_config
 from entrycheck.machine import model
 from entrycheck.props.invariants import INVARIANTS, VERW_AFTER_NMI
 
@@ -37,19 +38,19 @@ CPU = model.CpuState(cr3=0x1000, pcide=False, fsgsbase=True, cpl=0, ss=0x18, gs_
 def test_the_default_feature_sets_check_no_speculation() -> None:
     """The 16 model sets (pti, pcid, fsgsbase, kernel_ibrs) switch none of it on: no spec bits, no
     mispredicted branches, no RET watching, so a default check costs what it did."""
-    assert all(model.spec_config(fs.names) is None for fs in all_model_feature_sets())
+    assert all(spec_config(fs.names) is None for fs in all_model_feature_sets())
 
 
 def test_each_check_follows_its_mitigation() -> None:
-    cfg = model.spec_config(["fence_swapgs_kernel"])
+    cfg = spec_config(["fence_swapgs_kernel"])
     assert cfg.swapgs and not cfg.swapgs_speculates and not cfg.tracks and not cfg.branches
-    assert model.spec_config(["fence_swapgs_kernel", "bug_swapgs"]).swapgs_speculates
-    assert model.spec_config(["fence_swapgs_user"]).swapgs_speculates
-    assert model.spec_config(["clear_cpu_buf"]).verw and not model.spec_config(["clear_cpu_buf"]).branches
-    assert model.spec_config(["unret"]).untrain and model.spec_config(["entry_ibpb"]).untrain
-    assert model.spec_config(["clear_bhb_loop"]).bhb
-    assert not model.spec_config(["unret"]).ibrs
-    assert model.spec_config(["kernel_ibrs", "clear_cpu_buf"]).ibrs      # an Intel preset's IBRS
+    assert spec_config(["fence_swapgs_kernel", "bug_swapgs"]).swapgs_speculates
+    assert spec_config(["fence_swapgs_user"]).swapgs_speculates
+    assert spec_config(["clear_cpu_buf"]).verw and not spec_config(["clear_cpu_buf"]).branches
+    assert spec_config(["unret"]).untrain and spec_config(["entry_ibpb"]).untrain
+    assert spec_config(["clear_bhb_loop"]).bhb
+    assert not spec_config(["unret"]).ibrs
+    assert spec_config(["kernel_ibrs", "clear_cpu_buf"]).ibrs      # an Intel preset's IBRS
 
 
 def test_an_entry_resets_what_the_next_return_needs() -> None:
@@ -85,7 +86,7 @@ def test_cpu_presets() -> None:
     with pytest.raises(InputError, match="unknown CPU preset 'pentium'; choose from skylake"):
         preset_sets(("pentium",))
     for p in PRESETS.values():
-        assert model.spec_config(p.features.names) is not None, p.name
+        assert spec_config(p.features.names) is not None, p.name
 
 
 def test_explain_cites_the_commits() -> None:

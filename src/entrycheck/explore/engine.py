@@ -40,6 +40,7 @@ from entrycheck.explore.paths import Finding, PathTable
 from entrycheck.explore.preconditions import Precondition, for_effect, for_entry, for_injection, for_user
 from entrycheck.explore.scenarios import Scenario, delivery, start_state, stub_options
 from entrycheck.explore.summary import PathSummary, Summaries
+from entrycheck.kernelabi.linux import ist_index
 from entrycheck.kernelabi.stubs import Effect, Stubs
 from entrycheck.kernelabi.world import World
 from entrycheck.machine.api import DEFAULT_BUDGET, Level, Record, Request
@@ -295,7 +296,7 @@ class _Unit:
                     memory = cursor.advance(k)
                 pre = policy.precondition(log, k, vector, entry)
                 self.pre = self.entry_pre + node.pre + (pre,)
-                r = self._injected_reentry(node, k, vector, memory, link) if vector.ist and not fred else None
+                r = self._injected_reentry(node, k, vector, memory, link) if ist_index(vector) and not fred else None
                 if r is not None:
                     if roots.new_root(r):
                         roots.stack.append(r)
@@ -547,7 +548,7 @@ class _Unit:
         i = k - log.start
         if vector is Vector.NMI and log.cpus[i].nmi_blocked:
             return None              # latched, not delivered
-        if not any(o.vector.ist == vector.ist for o in log.outstanding[i]):
+        if not any(ist_index(o.vector) == ist_index(vector) for o in log.outstanding[i]):
             return None
         ex = self.ex
         top = reentry.stack_top(ex.layout, ex.world.config.ist_slots[vector], memory)

@@ -15,6 +15,7 @@ from entrycheck.explore.paths import Cost
 from entrycheck.explore.scenarios import Scenario, delivery, start_state, stub_options
 from entrycheck.image.decode import sweep
 from entrycheck.image.image import Image
+from entrycheck.kernelabi.linux import ist_index
 from entrycheck.kernelabi.stubs import Effect, Stubs
 from entrycheck.kernelabi.world import World
 from entrycheck.machine.events import Delivered, Event, Injection, Outcome, Resumed
@@ -136,7 +137,7 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
     for e in rec.events:
         if type(e) is Delivered:
             c += 1
-        if (type(e) is Delivered and e.vector.ist and not e.single_step
+        if (type(e) is Delivered and ist_index(e.vector) and not e.single_step
                 and (not e.from_latch or type(prev) is Resumed)):
             if e.from_latch:
                 at, j = prev.injection.step, injection_of.get(prev.injection.chain_index)

@@ -16,6 +16,7 @@ from entrycheck.errors import InputError
 from entrycheck.image import layout
 from entrycheck.kernelabi.stubs import Effect, StubOptions
 from entrycheck.kernelabi.world import World
+from entrycheck.kernelabi.linux import SYSCALL_MASK
 from entrycheck.machine import model
 from entrycheck.machine.model import Vector
 from entrycheck.machine.state import GPR_NAMES, Regs, Snapshot
@@ -248,7 +249,7 @@ def start_state(world: World, sc: Scenario, memory: bytes) -> Snapshot:
             # SYSCALL (from compat mode too): RCX = return RIP, R11 = RFLAGS, RFLAGS &= ~SFMASK,
             # CPL 0; RSP and GS untouched.
             regs = regs.with_(rax=SYSCALL32_NR if sc.compat else SYSCALL_NR, rcx=regs.rip, r11=flags,
-                              rflags=(flags & ~model.SYSCALL_MASK) | model.RFLAGS_FIXED, rip=entry)
+                              rflags=(flags & ~SYSCALL_MASK) | model.RFLAGS_FIXED, rip=entry)
             cpu = model.syscall(cpu)
     elif sc.vector is Vector.INT80:
         regs = regs.with_(rax=SYSCALL32_NR)

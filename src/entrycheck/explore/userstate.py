@@ -49,7 +49,7 @@ def candidates(world, sc: Scenario) -> list[UserState]:
                     UserState(ret_rip=0xFFFF_8000_0000_0000)]
             # The selectors it returns with: 32-bit code (a valid IRET target SYSRETQ cannot
             # reach), a data segment as CS, a null SS.
-            out += [UserState(ret_cs=model.USER32_CS), UserState(ret_cs=layout.USER_DS), UserState(ret_ss=3)]
+            out += [UserState(ret_cs=layout.USER32_CS), UserState(ret_cs=layout.USER_DS), UserState(ret_ss=3)]
     out += [UserState(rflags=USER_RFLAGS | bit) for bit in SETTABLE_FLAGS]
     out.append(UserState(gsbase=0))
     if world.fsgsbase:

@@ -58,6 +58,7 @@ KERNEL_CS = 0x10
 KERNEL_DS = 0x18
 USER_CS = 0x33
 USER_DS = 0x2B
+USER32_CS = 0x23                           # __USER32_CS: 32-bit user code, also a valid IRET target
 CPUNODE_SELECTOR = 15 * 8 + 3              # __CPUNODE_SEG: LSL of it yields cpu | node << 12
 
 # Offsets the entry code and the model share.  The build's asm-offsets.h overrides these

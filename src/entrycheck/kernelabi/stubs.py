@@ -16,7 +16,9 @@ from types import MappingProxyType
 from typing import Mapping
 
 from entrycheck.image.layout import (ENTRY_STACK_SIZE, IST_STACK_SIZE, SIGNAL_HANDLER_RIP, SIGNAL_STACK,
-                                     TASK_SIZE_MAX, TASK_STACK_SIZE, USER_CS, USER_DS, VDSO32_LANDING_PAD)
+                                     TASK_SIZE_MAX, TASK_STACK_SIZE, USER32_CS, USER_CS, USER_DS,
+                                     VDSO32_LANDING_PAD)
+from entrycheck.kernelabi.linux import ASM_HELPERS, UNTRAIN_FUNCTIONS, Helper
 from entrycheck.machine import model
 from entrycheck.machine.events import Cr3Written, FaultKind, MsrWritten, StubCall
 from entrycheck.machine.api import Context
@@ -73,18 +75,7 @@ CONTRACTS: Mapping[str, Kind] = MappingProxyType({
     "do_syscall_64": Kind.SYSCALL,
     "sync_regs": Kind.SYNC_REGS,
     "fixup_bad_iret": Kind.FIXUP_BAD_IRET,
-    "entry_ibpb": Kind.IBPB,
-    "__x86_return_thunk": Kind.THUNK,
-    "entry_untrain_ret": Kind.THUNK,
-    "srso_alias_untrain_ret": Kind.THUNK,
-    "retbleed_untrain_ret": Kind.THUNK,
-    "zen_untrain_ret": Kind.THUNK,
-    "srso_untrain_ret": Kind.THUNK,
-    "srso_safe_ret": Kind.THUNK,
-    "srso_alias_safe_ret": Kind.THUNK,
-    "clear_bhb_loop": Kind.THUNK,
-    "__handle_intr_saferet": Kind.THUNK,
-    "__handle_intr_saferet_alias": Kind.THUNK,
+    **{name: Kind.IBPB if helper is Helper.IBPB else Kind.THUNK for name, helper in ASM_HELPERS.items()},
     "make_task_dead": Kind.NORETURN,
     "__switch_to": Kind.UNMODELLED,
     "schedule_tail": Kind.UNMODELLED,
@@ -140,7 +131,7 @@ class StubOptions:
 def sysretl_allowed(regs: dict[str, int]) -> bool:
     """do_fast_syscall_32's verdict (6.1 and 6.12, arch/x86/entry/common.c): SYSRETL only to the vDSO
     landing pad, with the STAR selectors, and without RF, TF or VM (SYSRETL cannot restore them)."""
-    return (regs["ip"] == VDSO32_LANDING_PAD and regs["cs"] == model.USER32_CS and regs["ss"] == USER_DS
+    return (regs["ip"] == VDSO32_LANDING_PAD and regs["cs"] == USER32_CS and regs["ss"] == USER_DS
             and not regs["flags"] & (model.RFLAGS_RF | model.RFLAGS_TF | model.RFLAGS_VM))
 
 
@@ -174,7 +165,7 @@ class Stubs:
         spec = self.world.config.spec
         if spec is not None and spec.tracks:
             # UNTRAIN_RET's call and CLEAR_BRANCH_HISTORY's (when clear_bhb_loop is not in the image).
-            done = model.SPEC_UNTRAINED if name in model.UNTRAIN_FUNCTIONS else \
+            done = model.SPEC_UNTRAINED if name in UNTRAIN_FUNCTIONS else \
                 model.SPEC_BHB if name == "clear_bhb_loop" else 0
             if done and emu.cpu.spec & done != done:
                 emu.set_cpu(emu.cpu.but(spec=emu.cpu.spec | done))
@@ -314,7 +305,7 @@ class Stubs:
         etype, vector = (ss >> 48) & 0xF, (ss >> 32) & 0xFF
         if etype in (model.FRED_OTHER, model.FRED_SOFT_INT):
             if etype == model.FRED_OTHER and vector == 1 and emu.read_u64(regs + PTREGS["cs"]) & 0xFFFF \
-                    != model.USER32_CS:
+                    != USER32_CS:
                 self._system_call_return(emu, regs)          # do_syscall_64's, as the IDT path has it
             else:
                 emu.write_u64(regs + PTREGS["rax"], 0)

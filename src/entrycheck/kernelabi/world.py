@@ -16,7 +16,9 @@ from typing import Mapping
 from entrycheck.errors import InputError
 from entrycheck.image import layout
 from entrycheck.image.image import Image
-from entrycheck.image.layout import PAGE, Perm, Region
+from entrycheck.image.layout import KERNEL_DS, PAGE, USER_DS, Perm, Region
+from entrycheck.kernelabi import linux
+from entrycheck.kernelabi.linux import IST_ORDER
 from entrycheck.machine import model
 from entrycheck.machine.api import MachineConfig
 from entrycheck.machine.model import (MCG_STATUS_MCIP, PTI_USER_PCID, PTI_USER_PGTABLE, SPEC_CTRL_IBRS, CpuState,
@@ -35,8 +37,7 @@ IDT_SYMBOLS: Mapping[Vector, str] = MappingProxyType({
     Vector.INT80: "asm_int80_emulation",    # IA32_SYSCALL_VECTOR, a DPL 3 gate (IA32_EMULATION)
 })
 
-# cpu_entry_area, per CPU: GDT, entry stack, then IST stacks each behind a guard page.
-IST_ORDER: tuple[Vector, ...] = (Vector.DF, Vector.NMI, Vector.DB, Vector.MC, Vector.VC)
+# cpu_entry_area, per CPU: GDT, entry stack, then IST stacks (linux.IST_ORDER) each behind a guard page.
 EXCEPTION_STKSZ = layout.IST_STACK_SIZE
 CPUNODE_SELECTOR = layout.CPUNODE_SELECTOR
 ASM_OFFSET_DEFAULTS: Mapping[str, int] = MappingProxyType(dict(layout.ASM_OFFSET_DEFAULTS))
@@ -124,14 +125,14 @@ class World:
 
     def user_cpu(self) -> CpuState:
         """CPU state while user space runs."""
-        return CpuState(cr3=self.user_cr3(), pcide=self.pcid, fsgsbase=self.fsgsbase, cpl=3, ss=0x2B,
+        return CpuState(cr3=self.user_cr3(), pcide=self.pcid, fsgsbase=self.fsgsbase, cpl=3, ss=USER_DS,
                         gs_base=self.config.user_gs_poison, kernel_gs_base=self.percpu_base,
                         spec_ctrl=self.user_spec_ctrl(), mcg_status=0, nmi_blocked=False, nmi_pending=False,
                         stale=frozenset())
 
     def kernel_cpu(self) -> CpuState:
         """CPU state while ordinary kernel code runs (kernel CR3, GS and SPEC_CTRL)."""
-        return replace(self.user_cpu(), cr3=self.kernel_cr3(), cpl=0, ss=0x18, gs_base=self.percpu_base,
+        return replace(self.user_cpu(), cr3=self.kernel_cr3(), cpl=0, ss=KERNEL_DS, gs_base=self.percpu_base,
                        kernel_gs_base=self.config.user_gs_poison, spec_ctrl=self.kernel_spec_ctrl())
 
     def idt(self, vector: Vector) -> int:
@@ -202,7 +203,7 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
             value = percpu_base if cpu == params.cpu else 0xFFFF_8880_DEAD_0000 + cpu * 0x10000
             data_put(base + 8 * cpu, value)
     if "x86_verw_sel" in res.data:
-        data_put(res.data["x86_verw_sel"], 0x18, 2)     # __KERNEL_DS
+        data_put(res.data["x86_verw_sel"], KERNEL_DS, 2)
     user_ranges = image.pti_user_ranges()
 
     def pti_maps(addr: int) -> bool:
@@ -227,7 +228,7 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
     put("cpu_tss_rw", offsets["TSS_sp0"], entry_top)
     put("cpu_tss_rw", offsets["TSS_sp1"], task_top)
     for vec in IST_ORDER:
-        put("cpu_tss_rw", offsets["TSS_ist"] + 8 * vec.ist - 8, ist_tops[vec])
+        put("cpu_tss_rw", linux.tss_ist_slot(0, offsets, vec), ist_tops[vec])
     put("cpu_tlbstate", offsets["TLB_STATE_loaded_mm_asid"], params.asid, 2)
     put("cpu_tlbstate", offsets["TLB_STATE_user_pcid_flush_mask"], 0, 2)
     put("pcpu_hot", offsets["X86_top_of_stack"], task_top)
@@ -250,26 +251,19 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
     tss_base = percpu_base + tss
     fred = None
     if "fred" in image.features.names and "asm_fred_entrypoint_user" in loaded.symbols:
-        # cpu_init_fred_exceptions()/cpu_init_fred_rsps(): RSP0 the task stack, RSP1..3 the #DB,
-        # NMI and #DF stacks; #DB at level 1, NMI and #MC at 2, #DF at 3.
+        # cpu_init_fred_exceptions()/cpu_init_fred_rsps(): RSP0 the task stack, RSP1..3 as linux.py says.
         fred = model.FredConfig(loaded.symbols["asm_fred_entrypoint_user"],
-                                (task_top, ist_tops[Vector.DB], ist_tops[Vector.NMI], ist_tops[Vector.DF]),
-                                ((int(Vector.DB), 1), (2, 2), (int(Vector.MC), 2), (int(Vector.DF), 3)))
+                                (task_top,) + tuple(ist_tops[v] for v in linux.FRED_STACKS), linux.FRED_LEVELS)
     config = MachineConfig(regions=tuple(regions), idt=MappingProxyType(idt),
-                           ist_slots=MappingProxyType({v: tss_base + offsets["TSS_ist"] + 8 * (v.ist - 1)
-                                                       for v in Vector if v.ist}),
+                           ist_slots=MappingProxyType({v: linux.tss_ist_slot(tss_base, offsets, v)
+                                                       for v in IST_ORDER}),
                            sp0_slot=tss_base + offsets["TSS_sp0"],
                            cpunode_selector=CPUNODE_SELECTOR, cpunode_limit=params.cpu | (params.node << 12),
-                           stubs=MappingProxyType(stubs), fred=fred, spec=model.spec_config(image.features.names),
-                           asm_stubs=frozenset(a for a, n in stubs.items() if n in ASM_HELPERS))
+                           stubs=MappingProxyType(stubs), fred=fred, spec=linux.spec_config(image.features.names),
+                           asm_stubs=frozenset(a for a, n in stubs.items() if n in linux.RETURNING_HELPERS))
     return World(image, config, params, pti, pcid, fsgsbase, ibrs, percpu_base, MappingProxyType(percpu_offsets),
                  MappingProxyType(offsets), task_top, entry_top, MappingProxyType(ist_tops),
                  _syscall_returns_bool(image), vc2_top)
-
-
-# Stubs of asm helpers that only return (return thunks, untraining): a mispredicted path runs through them.
-ASM_HELPERS = frozenset({"__x86_return_thunk", "srso_safe_ret", "srso_alias_safe_ret", "clear_bhb_loop",
-                         "__handle_intr_saferet", "__handle_intr_saferet_alias"}) | model.UNTRAIN_FUNCTIONS - {"entry_ibpb"}
 
 
 def _syscall_returns_bool(image: Image) -> bool:

@@ -385,8 +385,9 @@ class _Core(Speculation):
             return self._deliver_fred(vector, error_code or 0, from_latch, single_step)
         u = self.u
         rip, rsp, rflags = u.read(_RIP), u.read(_RSP), u.read(_RFLAGS)
-        if vector.ist:
-            top = self.read_u64(self.config.ist_slots[vector])
+        ist = self.config.ist_slots.get(vector)
+        if ist is not None:
+            top = self.read_u64(ist)
         elif cpu.cpl == 3:
             top = self.read_u64(self.config.sp0_slot)
         else:
@@ -397,7 +398,7 @@ class _Core(Speculation):
         injection = Interrupted(vector, run.steps, rip, rsp, regs[:15] + (regs[17],), cpu, run.chain)
         new_cpu, frame, new_rsp, new_flags = model.deliver(
             cpu, vector, rip=rip, rsp=rsp, rflags=rflags,
-            error_code=error_code if error_code is not None else 0, stack_top=top)
+            error_code=error_code if error_code is not None else 0, stack_top=top, ist=ist is not None)
         return self._push_frame(vector, injection, new_cpu, frame, frame.words(), new_rsp, new_flags,
                                 self.config.idt[vector], "frame", from_latch, single_step)
 

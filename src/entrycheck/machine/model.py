@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from entrycheck.image.layout import KERNEL_CS, KERNEL_DS, USER_CS, USER_DS, canonical  # noqa: F401
+from entrycheck.image.layout import KERNEL_CS, KERNEL_DS, USER32_CS, USER_CS, USER_DS, canonical  # noqa: F401
 
 NOFLUSH = 1 << 63
 CR3_PCID_MASK = 0xFFF
@@ -49,14 +49,9 @@ RFLAGS_VM = 1 << 17
 RFLAGS_AC = 1 << 18
 RFLAGS_ID = 1 << 21
 RFLAGS_FIXED = 1 << 1
-# What Linux programs into MSR_SYSCALL_MASK (syscall_init(), arch/x86/kernel/cpu/common.c).
-SYSCALL_MASK = (RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_TF | RFLAGS_IF | RFLAGS_DF
-                | RFLAGS_OF | RFLAGS_IOPL | RFLAGS_NT | RFLAGS_RF | RFLAGS_AC | RFLAGS_ID)
 # The RFLAGS bits user space can change with POPF at CPL 3, IOPL 0 (IF and IOPL it cannot).
 USER_SETTABLE_FLAGS = (RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_TF | RFLAGS_DF
                        | RFLAGS_OF | RFLAGS_NT | RFLAGS_AC | RFLAGS_ID)
-# __USER32_CS: a 32-bit user code segment, also a valid IRET target.
-USER32_CS = 0x23
 
 
 
@@ -81,11 +76,6 @@ class Vector(enum.IntEnum):
         return VECTOR_NAMES[self]
 
     @property
-    def ist(self) -> int:
-        """TSS IST slot (1-based) the IDT gate names, 0 for none (Linux's IST_INDEX_* + 1)."""
-        return _IST_SLOTS.get(self, 0)
-
-    @property
     def error_code(self) -> bool:
         """Whether delivery pushes an error code."""
         return self in _ERROR_CODE
@@ -96,7 +86,6 @@ class Vector(enum.IntEnum):
         return 48 if self in _ERROR_CODE else 40
 
 
-_IST_SLOTS = {Vector.DF: 1, Vector.NMI: 2, Vector.DB: 3, Vector.MC: 4, Vector.VC: 5}
 _ERROR_CODE = frozenset({Vector.DF, Vector.GP, Vector.PF, Vector.VC})
 VECTOR_NAMES = {Vector.DB: "db", Vector.NMI: "nmi", Vector.DF: "df", Vector.GP: "gp",
                 Vector.PF: "pf", Vector.MC: "mc", Vector.VC: "vc", Vector.IRQ: "irq", Vector.INT80: "int80",
@@ -283,11 +272,11 @@ def can_deliver(s: CpuState, vector: Vector) -> bool:
 
 
 def deliver(s: CpuState, vector: Vector, *, rip: int, rsp: int, rflags: int, error_code: int | None,
-            stack_top: int) -> tuple[CpuState, Frame, int, int]:
+            stack_top: int, ist: bool) -> tuple[CpuState, Frame, int, int]:
     """Deliver through a 64-bit interrupt gate: (state, frame, new RSP, new RFLAGS).
 
-    ``stack_top`` is where the frame goes: the IST slot, TSS.sp0 for a CPL change, or
-    the current RSP.  The CPU aligns it to 16 bytes before pushing.
+    ``stack_top`` is where the frame goes: the IST slot (``ist``: the gate names one), TSS.sp0
+    for a CPL change, or the current RSP.  The CPU aligns it to 16 bytes before pushing.
     """
     user = s.cpl == 3
     frame = Frame(error_code if vector.error_code else None, rip,
@@ -295,7 +284,7 @@ def deliver(s: CpuState, vector: Vector, *, rip: int, rsp: int, rflags: int, err
                   rflags, rsp, s.ss if not user else USER_DS)
     new_rsp = (stack_top & ~0xF) - 8 * len(frame.words())
     new_flags = (rflags & ~(RFLAGS_IF | RFLAGS_TF | RFLAGS_NT | RFLAGS_RF)) | RFLAGS_FIXED
-    new = s.but(cpl=0, ss=0 if user or vector.ist else s.ss,
+    new = s.but(cpl=0, ss=0 if user or ist else s.ss,
                   nmi_blocked=s.nmi_blocked or vector is Vector.NMI,
                   mcg_status=s.mcg_status | (MCG_STATUS_MCIP if vector is Vector.MC else 0))
     return new, frame, new_rsp, new_flags
@@ -482,14 +471,12 @@ SPEC_BHB = 4           # clear_bhb_loop (CLEAR_BRANCH_HISTORY) ran since the ent
 SPEC_SYSCALL = 8       # that entry from user mode was a system call (BHI's clearing is for those)
 SPEC_VERW_UNDONE = 16  # a VERW had run, then an entry from kernel mode (NMI, #MC, #DB) returned without one
 SPEC_KERNEL = SPEC_UNTRAINED | SPEC_BHB     # ordinary kernel code: its entry did all of it long ago
-UNTRAIN_FUNCTIONS = frozenset({"entry_untrain_ret", "srso_untrain_ret", "srso_alias_untrain_ret",
-                               "retbleed_untrain_ret", "zen_untrain_ret", "entry_ibpb"})
 SPEC_WINDOW = 512      # instructions a mispredicted branch may run ahead (see ExploreConfig.spec_window)
 
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """Which speculation-hygiene checks a feature set asks for (``spec_config``)."""
+    """Which speculation-hygiene checks a feature set asks for (kernelabi's ``spec_config``)."""
 
     swapgs: bool = False        # follow mispredicted branches: swapgs-unfenced
     swapgs_speculates: bool = False   # SWAPGS itself runs speculatively (X86_BUG_SWAPGS)
@@ -507,21 +494,6 @@ class SpecConfig:
     def branches(self) -> bool:
         """Whether RETs and indirect branches of the entry code are watched."""
         return self.untrain or self.ibrs or self.bhb
-
-
-def spec_config(features) -> SpecConfig | None:
-    """The checks a feature set (names as the kernel's alternatives use them) asks for: each one
-    when the mitigation whose ordering it checks is on.  None: no speculation check."""
-    f = set(features)
-    cfg = SpecConfig(
-        swapgs=bool(f & {"fence_swapgs_kernel", "fence_swapgs_user"}),
-        swapgs_speculates=bool(f & {"bug_swapgs", "fence_swapgs_user"}),
-        verw="clear_cpu_buf" in f,
-        untrain=bool(f & {"unret", "entry_ibpb"}),
-        ibrs="kernel_ibrs" in f and bool(f & {"unret", "entry_ibpb", "clear_cpu_buf", "clear_bhb_loop",
-                                               "fence_swapgs_kernel", "fence_swapgs_user"}),
-        bhb="clear_bhb_loop" in f)
-    return cfg if (cfg.swapgs or cfg.tracks or cfg.branches) else None
 
 
 def entered(s: CpuState, from_user: bool, system_call: bool) -> CpuState:

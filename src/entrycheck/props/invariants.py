@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
 from entrycheck.errors import InputError
+from entrycheck.kernelabi.linux import RETURN_THUNKS, UNTRAIN_FUNCTIONS
 from entrycheck.kernelabi.stubs import Kind, contract, ibrs_ok
 from entrycheck.kernelabi.world import World
 from entrycheck.machine import model
@@ -232,8 +233,6 @@ VERW_AFTER_NMI = ("the NMI return to kernel mode skips CLEAR_CPU_BUFFERS on purp
 
 # C functions and asm helpers, as a retbleed/BHI mitigation sees them: "c" runs RETs and, for a
 # system call's dispatcher, the indirect call through the system call table.
-_RETURN_THUNKS = frozenset({"__x86_return_thunk", "srso_safe_ret", "srso_alias_safe_ret", "srso_return_thunk",
-                            "srso_alias_return_thunk", "retbleed_return_thunk", "zen_return_thunk"})
 _NOT_C = frozenset({Kind.THUNK, Kind.IBPB, Kind.UNMODELLED, Kind.NORETURN})
 
 
@@ -247,11 +246,11 @@ def local_ret_before_untrain(world: World, e: Event) -> list:
                               f"{' and '.join(e.missing)}"))]
     if not isinstance(e, StubCall):
         return []
-    if e.name in _RETURN_THUNKS:
+    if e.name in RETURN_THUNKS:
         what, label = "ret", f"RET (through {e.name})"
     elif e.name.startswith("__x86_indirect_thunk_"):
         what, label = "indirect", f"indirect branch (through {e.name})"
-    elif contract(e.name) not in _NOT_C and e.name not in model.UNTRAIN_FUNCTIONS:
+    elif contract(e.name) not in _NOT_C and e.name not in UNTRAIN_FUNCTIONS:
         what, label = "c", f"C function {e.name}"
     else:
         return []

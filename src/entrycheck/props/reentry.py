@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from entrycheck.kernelabi.linux import ist_index
 from entrycheck.machine.api import LiveIndex, StepLog
 from entrycheck.machine.events import Delivered, Event, Injection, Resumed
 from entrycheck.machine.model import Vector
@@ -26,7 +27,8 @@ def live_frame(layout, live: LiveIndex, outstanding: Sequence[Interrupted], vect
     ``boundary`` goes onto the IST stack of an exception still outstanding there and covers
     words the recorded run (``live``) reads later: the earlier handler has not moved off the
     stack or copied its frame (an ist-reentered delivery); else None."""
-    outer = next((o for o in outstanding if o.vector.ist == vector.ist), None)
+    slot = ist_index(vector)
+    outer = next((o for o in outstanding if ist_index(o.vector) == slot), None)
     if outer is None:
         return None
     size = vector.frame_bytes
@@ -39,7 +41,7 @@ def live_frame(layout, live: LiveIndex, outstanding: Sequence[Interrupted], vect
 def message(vector: Vector, outer: Interrupted, words: int, how: str, symbolize: Callable[[int], str]) -> str:
     """What an ist-reentered finding says."""
     where = f"user mode ({outer.rip:#x})" if outer.cpu.cpl == 3 else symbolize(outer.rip)
-    return (f"{vector.label} delivered through IST {vector.ist}{how} while the frame of the "
+    return (f"{vector.label} delivered through IST {ist_index(vector)}{how} while the frame of the "
             f"{outer.vector.label} that interrupted {where} is still live on that stack (the handler reads it "
             f"later; the new frame overwrites {words} of its words)")
 
@@ -74,7 +76,7 @@ def latched_delivery(layout, events: Sequence[Event], resumed_runs: Sequence[tup
     event), or None."""
     prev = None
     for j, e in enumerate(events):
-        if type(e) is Delivered and e.from_latch and e.vector.ist and type(prev) is Resumed:
+        if type(e) is Delivered and e.from_latch and ist_index(e.vector) and type(prev) is Resumed:
             resumed = prev.injection
             for ref, ref_k in resumed_runs:
                 # The recorded run it resumed: where that exception was delivered.
