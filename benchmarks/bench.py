@@ -82,8 +82,27 @@ def _env_of(tree: Path) -> dict:
     return env
 
 
+_SNAPSHOT: list[Path] = []
+
+
+def _this_tree() -> Path:
+    """This tree's entrycheck as it is when the measurement starts: its src/ copied aside, so
+    that edits made while a long measurement runs do not reach the commands it starts."""
+    if not _SNAPSHOT:
+        import shutil
+
+        snap = CACHE / "bench" / "run" / f"this-tree-{os.getpid()}"
+        shutil.rmtree(snap, ignore_errors=True)
+        shutil.copytree(ROOT / "src", snap / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        import atexit
+
+        atexit.register(shutil.rmtree, snap, True)
+        _SNAPSHOT.append(snap)
+    return _SNAPSHOT[0]
+
+
 def _this_tree_env() -> dict:
-    return _env_of(ROOT)
+    return _env_of(_this_tree())
 
 
 def both(ref: str, work: list[str]) -> tuple[dict, dict]:
@@ -178,7 +197,7 @@ SLOW_S = 120         # an example at depth <= 1 slower than this is a bug
 def readme(args) -> None:
     """Every README example at the flags it prints, one after another (this tree; with --ref,
     the same with that git ref first), each one's wall time, peak RSS and exit status."""
-    trees = ([("ref", _checkout(args.ref))] if args.ref else []) + [("tree", ROOT)]
+    trees = ([("ref", _checkout(args.ref))] if args.ref else []) + [("tree", _this_tree())]
     examples = readme_examples()
     for side, tree in trees:
         cwd = _scratch(f"readme-{side}")
@@ -212,7 +231,7 @@ def same(args) -> None:
         docs, runs = {}, {}
         ref_tree = _checkout(args.ref)
         kept = ref_tree.parent / f"same-{ref_tree.name[5:]}-{name}.json"     # the ref's output, once
-        for side, tree in (("ref", ref_tree), ("tree", ROOT)):
+        for side, tree in (("ref", ref_tree), ("tree", _this_tree())):
             if side == "ref" and kept.exists() and not args.fresh:
                 docs[side], runs[side] = kept.read_bytes(), {"kept": str(kept)}
                 continue
@@ -238,7 +257,7 @@ def review_compare(args) -> None:
     for depth in (["--depth", "1"], []):
         cmd = ["review", "debian:6.1", "--patch", str(SEED_PATCH), *depth, "--json", "out.json"]
         got = {}
-        for side, tree in (("old", _checkout(args.ref)), ("new", ROOT)):
+        for side, tree in (("old", _checkout(args.ref)), ("new", _this_tree())):
             cwd = _scratch(f"review-{side}")
             got[side] = _command(cmd + (["--workers", str(args.workers)] if args.workers else []),
                                  _env_of(tree), cwd)
