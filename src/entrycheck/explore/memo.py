@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from typing import Hashable
 
 from entrycheck.image.layout import canonical
-from entrycheck.machine.flow import GROUPS, N_LOCS, Flow, condition, operand, value_of
-from entrycheck.machine.api import GROUP_MASKS, LiveIndex
+from entrycheck.machine.flow import Flow, condition, operand, value_of
+from entrycheck.machine.api import FLAG_LOCS as GROUPS, GROUP_MASKS, N_LOCS, REG_LOCS, LiveIndex
 from entrycheck.machine.model import CpuState, Vector
-from entrycheck.machine.state import Interrupted
-
-RFLAGS = 17
+from entrycheck.machine.state import RFLAGS, Interrupted
 
 
 @dataclass(frozen=True)
@@ -65,12 +63,12 @@ class Target:
 
 def _reader(uses: tuple[int, ...], wbase: int):
     """A function (registers, memory) -> the values of ``uses``, as a hashable key."""
-    regs = tuple(u for u in uses if u < 17)
-    groups = tuple((u, GROUP_MASKS[u]) for u in uses if 17 <= u < N_LOCS)
+    regs = tuple(u for u in uses if u < REG_LOCS)
+    groups = tuple((u, GROUP_MASKS[u]) for u in uses if REG_LOCS <= u < N_LOCS)
     offsets = tuple(u - wbase for u in uses if u >= N_LOCS)
 
     def read(r, memory) -> tuple:
-        return (tuple([r[i] for i in regs]), tuple([r[17] & m for _, m in groups]),
+        return (tuple([r[i] for i in regs]), tuple([r[RFLAGS] & m for _, m in groups]),
                 b"".join([memory[o:o + 8] for o in offsets]))
     return read
 
@@ -108,7 +106,7 @@ class Memo:
             final_cpu: CpuState, result: object) -> None:
         wbase = self.wbase
         regs = []
-        for loc in range(17):
+        for loc in range(REG_LOCS):
             tag = flow.regs[loc]
             if tag == loc and rejoined == 0:
                 continue                               # restored: equal to the start, which is the target
@@ -201,4 +199,4 @@ class Memo:
         return True
 
 
-__all__ = ["Memo", "Entry", "Target", "N_LOCS"]
+__all__ = ["Memo", "Entry", "Target"]

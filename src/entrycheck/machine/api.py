@@ -15,7 +15,7 @@ from typing import Callable, Hashable, Mapping, Protocol, Sequence
 from entrycheck.image.layout import USER_GSBASE_POISON, USER_GSBASE_VALUES, Region
 from entrycheck.machine.events import Event, FaultKind, Injection, Outcome
 from entrycheck.machine.model import SPEC_WINDOW, CpuState, FredConfig, SpecConfig, Vector
-from entrycheck.machine.state import Interrupted, Regs, Snapshot
+from entrycheck.machine.state import RFLAGS, Interrupted, Regs, Snapshot
 
 DEFAULT_BUDGET = 20000
 MASK64 = (1 << 64) - 1
@@ -47,10 +47,15 @@ class Op(enum.IntEnum):
     STOP = 13       # (): the run converged
 
 
-# Locations of the FLOW log: REG_INDEX for registers (RFLAGS split in groups), physical
-# addresses (multiples of 8) for words of writable memory.
-FLAG_GROUPS = {"arith": 17, "df": 18, "ctrl": 19, "other": 20}
-GROUP_MASKS = {17: 0x8D5, 18: 0x400, 19: 0x14300, 20: MASK64 & ~(0x8D5 | 0x400 | 0x14300)}
+# Locations of the FLOW log: REG_INDEX for the whole registers (RAX..RIP, below REG_LOCS); RFLAGS
+# split in four groups of flags, which take the locations from RFLAGS's own index on; physical
+# addresses (multiples of 8, all at least N_LOCS) for words of writable memory.
+REG_LOCS = RFLAGS
+FLAG_GROUPS = {"arith": RFLAGS, "df": RFLAGS + 1, "ctrl": RFLAGS + 2, "other": RFLAGS + 3}
+FLAG_LOCS = tuple(FLAG_GROUPS.values())
+N_LOCS = RFLAGS + len(FLAG_GROUPS)
+_ARITH, _DF, _CTRL = 0x8D5, 0x400, 0x14300       # CF PF AF ZF SF OF; DF; TF IF NT RF
+GROUP_MASKS = dict(zip(FLAG_LOCS, (_ARITH, _DF, _CTRL, MASK64 & ~(_ARITH | _DF | _CTRL))))
 
 
 @dataclass(frozen=True)
@@ -223,5 +228,5 @@ class Context(Protocol):
 StubHandler = Callable[[Context, str], None]
 
 
-__all__ = ["Level", "Op", "FLAG_GROUPS", "GROUP_MASKS", "MachineConfig", "LiveIndex", "ConvergePoint", "Request",
+__all__ = ["Level", "Op", "REG_LOCS", "FLAG_GROUPS", "FLAG_LOCS", "N_LOCS", "GROUP_MASKS", "MachineConfig", "LiveIndex", "ConvergePoint", "Request",
            "StepLog", "MemoryCursor", "Record", "Context", "StubHandler", "DEFAULT_BUDGET"]

@@ -31,14 +31,13 @@ import capstone
 from capstone import x86_const as X
 
 from entrycheck.image.image import Image
-from entrycheck.machine.api import FLAG_GROUPS, GROUP_MASKS, Op, Record
+from entrycheck.machine.api import FLAG_GROUPS, FLAG_LOCS, GROUP_MASKS, N_LOCS, REG_LOCS, Op, Record
 from entrycheck.machine.sites import PARENT
-from entrycheck.machine.state import REG_INDEX
+from entrycheck.machine.state import REG_INDEX, RFLAGS
 
 RSP_LOC, RIP_LOC = REG_INDEX["rsp"], REG_INDEX["rip"]
-ARITH, DF, CTRL, OTHER = (FLAG_GROUPS[g] for g in ("arith", "df", "ctrl", "other"))
-GROUPS = (ARITH, DF, CTRL, OTHER)
-N_LOCS = 21
+ARITH, DF, CTRL, OTHER = FLAG_LOCS
+GROUPS = FLAG_LOCS
 
 
 def _flag_bits() -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
@@ -562,7 +561,7 @@ class _Walk:
                     if regs_now is None:
                         return False
                     descs.append(("k", regs_now[loc] & ((1 << (8 * width)) - 1)))
-                elif isinstance(tag, int) and not (17 <= tag < N_LOCS):
+                elif isinstance(tag, int) and not (REG_LOCS <= tag < N_LOCS):
                     descs.append(("t", tag, 0, width))
                 else:
                     return False
@@ -576,7 +575,7 @@ class _Walk:
                 if not (self.an.wbase <= phys < self.an.wend) or (phys - w) + width > 8:
                     return False
                 tag = self.tag(w)
-                if not isinstance(tag, int) or 17 <= tag < N_LOCS:
+                if not isinstance(tag, int) or REG_LOCS <= tag < N_LOCS:
                     return False
                 descs.append(("t", tag, phys - w, width))
         if not any(d[0] == "t" for d in descs):
@@ -626,12 +625,12 @@ def operand(desc: tuple, regs, memory, wbase: int) -> int:
 
 def value_of(loc: int, regs, memory, wbase: int) -> int:
     """The value of location ``loc`` in a state (registers in REG_NAMES order, writable memory)."""
-    if loc < 17:
+    if loc < REG_LOCS:
         return regs[loc]
     if loc < N_LOCS:
-        return regs[17] & GROUP_MASKS[loc]
+        return regs[RFLAGS] & GROUP_MASKS[loc]
     off = loc - wbase
     return int.from_bytes(memory[off:off + 8], "little")
 
 
-__all__ = ["Analyser", "Flow", "Insn", "decode", "value_of", "operand", "condition", "N_LOCS", "GROUPS"]
+__all__ = ["Analyser", "Flow", "Insn", "decode", "value_of", "operand", "condition"]

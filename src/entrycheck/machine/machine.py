@@ -37,7 +37,7 @@ from entrycheck.machine.memory import AddressSpace, Unmapped, build_address_spac
 from entrycheck.machine.model import CpuState, Frame, Vector
 from entrycheck.machine.sites import PARENT, find_sites
 from entrycheck.machine.speculation import Speculation
-from entrycheck.machine.state import REG_INDEX, Interrupted, Regs, Snapshot
+from entrycheck.machine.state import REG_INDEX, Interrupted, Regs, Snapshot, context_of
 
 RFLAGS_ZF = 1 << 6
 SYSTEM_CALL_VECTORS = frozenset({Vector.INT80, Vector.SYSCALL, Vector.SYSENTER})
@@ -395,7 +395,7 @@ class _Core(Speculation):
                 flow.append((Op.USE, REG_INDEX["rsp"]))
             top = rsp
         regs = u.read_all()
-        injection = Interrupted(vector, run.steps, rip, rsp, regs[:15] + (regs[17],), cpu, run.chain)
+        injection = Interrupted(vector, run.steps, rip, rsp, context_of(regs), cpu, run.chain)
         new_cpu, frame, new_rsp, new_flags = model.deliver(
             cpu, vector, rip=rip, rsp=rsp, rflags=rflags,
             error_code=error_code if error_code is not None else 0, stack_top=top, ist=ist is not None)
@@ -436,7 +436,7 @@ class _Core(Speculation):
         cs = ((model.USER32_CS if cpu.compat else model.USER_CS) if cpu.cpl == 3 else model.KERNEL_CS)
         ss = model.USER_DS if cpu.cpl == 3 else cpu.ss
         regs = u.read_all()
-        injection = Interrupted(vector, run.steps, rip, rsp, regs[:15] + (regs[17],), cpu, run.chain)
+        injection = Interrupted(vector, run.steps, rip, rsp, context_of(regs), cpu, run.chain)
         new_cpu, words, new_rsp, entry = model.fred_deliver(cpu, vector, self.config.fred, rip=rip, rsp=rsp,
                                                             rflags=rflags, cs=cs, ss=ss, error_code=error_code)
         frame = Frame(words[0], words[1], words[2], words[3], words[4], words[5])
@@ -856,7 +856,7 @@ class _Core(Speculation):
                     run.flow.append((Op.LANDED, tuple(scanned), k))
                 regs = self.u.read_all()
                 run.events.append(Resumed(step=run.steps, pc=rip, cpu=self.cpu, injection=inj,
-                                          regs=regs[:15] + (regs[17],)))
+                                          regs=context_of(regs)))
                 if inj is run.delivered and run.resumed_step is None:
                     run.resumed_step = run.steps
                 point = run.points.get(k)

@@ -20,6 +20,11 @@ CONTEXT_LABELS: tuple[str, ...] = GPR_NAMES + ("rflags",)
 """What an exception must give back besides RIP and RSP (which its frame carries)."""
 
 
+def context_of(regs: tuple[int, ...]) -> tuple[int, ...]:
+    """The general registers and RFLAGS of registers in REG_NAMES order (CONTEXT_LABELS order)."""
+    return regs[:RSP] + (regs[RFLAGS],)
+
+
 class Regs(NamedTuple):
     """The registers a snapshot carries, in REG_NAMES order."""
 
@@ -44,7 +49,7 @@ class Regs(NamedTuple):
 
     def context(self) -> tuple[int, ...]:
         """The general registers and RFLAGS (CONTEXT_LABELS order)."""
-        return self[:15] + (self[17],)
+        return context_of(self)
 
     def with_(self, **values: int) -> "Regs":
         return self._replace(**values)
