@@ -17,13 +17,13 @@ would run again what another has already run); otherwise every unit is its own b
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from collections import Counter
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from entrycheck.errors import InputError
-from entrycheck.explore.engine import DEFAULT_VECTORS, Budget, ExploreConfig, Explorer, Group, UnitResult
+from entrycheck.explore.engine import Budget, ExploreConfig, Explorer, Group, UnitResult
 from entrycheck.explore.paths import NO_COST, Cost, Finding, PathResult, PathTable
 from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, scenario
 from entrycheck.image.features import FeatureSet
@@ -31,7 +31,7 @@ from entrycheck.image.image import LoadedObject, load
 from entrycheck.kernelabi.stubs import Effect
 from entrycheck.kernelabi.world import build_world
 from entrycheck.machine.events import DELIVERABLE as INJECTABLE
-from entrycheck.machine.model import SPEC_WINDOW, VECTOR_BY_NAME, Vector
+from entrycheck.machine.model import VECTOR_BY_NAME, Vector
 
 STOPPED_DONE, STOPPED_BUDGET, STOPPED_ERROR = "done", "budget", "error"
 
@@ -76,33 +76,20 @@ def _load_cached(ref: ObjectRef) -> LoadedObject:
 
 
 @dataclass(frozen=True)
-class CheckConfig:
+class CheckConfig(ExploreConfig):
+    """A whole check: what to explore (the engine's settings, ExploreConfig, are declared there
+    once, defaults included) and the check's own settings."""
+
     scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
     feature_sets: tuple[FeatureSet, ...] = ()
-    vectors: tuple[Vector, ...] = DEFAULT_VECTORS
-    depth: int = 2
-    db_anywhere: bool = False
-    mc_nesting: bool = False
     effects: tuple[Effect, ...] = ()      # each an extra branch besides "no effect"
-    prune: bool = True
     max_runs: int | None = None
-    budget: int = 20000
-    fold: bool = True                     # symptoms of an ist-reentered delivery fold under it
-    c_footprints: bool = True             # #DB inside C functions reading unprotected data on an IST stack
-    pt_regs_contract: bool = True         # C functions taking pt_regs check it
     user_values: bool = True              # also explore the hostile user values the code tells apart
     user_depth: int = 1                   # nesting depth for those (at most --depth)
     irq_flush: bool = True                # interrupt scenarios also run with tlb-shootdown
-    iret_faults: bool = True              # a refused IRET delivers #GP (off: the run ends, as before)
-    mov_ss_db: bool = True                # a #DB held by MOV SS arrives at the SYSCALL entry
-    spec_window: int = SPEC_WINDOW        # instructions a mispredicted branch runs ahead (0: none)
 
     def explore_config(self) -> ExploreConfig:
-        return ExploreConfig(vectors=self.vectors, depth=self.depth, db_anywhere=self.db_anywhere,
-                             mc_nesting=self.mc_nesting, prune=self.prune, budget=self.budget, fold=self.fold,
-                             c_footprints=self.c_footprints, pt_regs_contract=self.pt_regs_contract,
-                             iret_faults=self.iret_faults, mov_ss_db=self.mov_ss_db,
-                             spec_window=self.spec_window)
+        return ExploreConfig(**{f.name: getattr(self, f.name) for f in fields(ExploreConfig)})
 
     def branches(self, sc=None) -> tuple[frozenset[Effect], ...]:
         """The handler-effect branches of a scenario: none, and each asked for.  An interrupt may
