@@ -70,7 +70,7 @@ def classed(tmp_path_factory) -> list[tuple[int, flow.Insn]]:
     code = (d / "c.bin").read_bytes()
     from entrycheck.image.decode import sweep
 
-    return [(ins.address, flow.decode(code[ins.address - 0x1000:], ins.address)) for ins in sweep(code, 0x1000)]
+    return [(ins.address, flow.describe(ins)) for ins in sweep(code, 0x1000)]
 
 
 def test_copies_are_told_from_uses(classed) -> None:

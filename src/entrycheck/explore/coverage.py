@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from entrycheck.image.decode import sweep
 from entrycheck.image.image import CODE_SECTIONS, Image
 from entrycheck.image.objfile import SHN_ABS, load_object
 
@@ -146,7 +145,7 @@ def object_coverage(image: Image, name: str, ranges: Iterable[tuple[int, int]],
     copies = _copies(image, ranges, executed)
     for start, end in sorted(ranges):
         after_stop = True           # function padding may open a section
-        for ins in sweep(image.read(start, end - start), start):
+        for ins in image.instructions.sweep(start, end):
             hit = ins.address in executed
             padding = not hit and (ins.mnemonic == "int3" or (after_stop and ins.mnemonic.startswith("nop")))
             if ins.mnemonic.startswith(_STOPS) and not ins.mnemonic.startswith("jmp") or ins.mnemonic == "jmp":
@@ -186,7 +185,7 @@ def _copies(image: Image, ranges: Iterable[tuple[int, int]], executed: frozenset
     symbol or stub that ran, and which did not run itself."""
     units: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
     for start, end in sorted(ranges):
-        insns = list(sweep(image.read(start, end - start), start))
+        insns = list(image.instructions.sweep(start, end))
         bounds = sorted({a for a in image.loaded.symbols.values() if start <= a < end} | {start, end})
         for lo, hi in zip(bounds, bounds[1:]):
             body = [i for i in insns if lo <= i.address < hi and i.mnemonic != "int3"]

@@ -28,12 +28,6 @@ from entrycheck.machine.state import RFLAGS
 MOV_SS_DB = Precondition(Reach.UNPRIVILEGED, "db", "a data breakpoint of the user's own on the operand of a "
                          "MOV SS or POP SS right before SYSCALL: the MOV SS shadow holds the #DB until the first "
                          "instruction of the SYSCALL entry (CVE-2018-8897)")
-# Instructions an SEV-ES guest takes a #VC on (when the hypervisor intercepts them; assumed).
-VC_MNEMONICS = frozenset({"cpuid", "rdtsc", "rdtscp", "rdpmc", "wbinvd", "vmmcall", "monitor", "mwait", "monitorx",
-                          "mwaitx", "in", "inb", "inw", "inl", "insb", "insw", "insl", "out", "outb", "outw", "outl",
-                          "outsb", "outsw", "outsl"})
-# MSRs an SEV-ES guest accesses without a #VC: the VMSA holds them (swapped on VMRUN).
-VMSA_MSRS = frozenset({0xC0000100, 0xC0000101, 0xC0000102})
 
 
 class DeliveryPolicy:
@@ -94,35 +88,13 @@ class DeliveryPolicy:
         return not (self.image.read(prev, 1) == b"\xfb" and not log.regs[i - 1][RFLAGS] & RFLAGS_IF)
 
     def raises_vc(self, pc: int) -> bool:
-        """#VC is a fault of the instruction at ``pc``: one an SEV-ES hypervisor can intercept (CPUID,
-        RDTSC(P), RDPMC, I/O, MOV DR7, WBINVD, VMMCALL, MONITOR/MWAIT, and RDMSR/WRMSR of MSRs the
-        VMSA does not hold: all but FS/GS/KERNEL_GS_BASE).  MMIO is not in the entry code."""
+        """#VC is a fault of the instruction at ``pc`` (image/insns.py says which an SEV-ES
+        hypervisor intercepts); a C function's stub raises none: its #VCs are its own."""
         got = self._vc_sites.get(pc)
-        if got is None and (pc in self.world.config.stubs or self.image.code_section(pc) is None):
-            got = self._vc_sites[pc] = False         # a C function's stub: its #VCs are its own
         if got is None:
-            from entrycheck.image.decode import decode_one
-
-            ins = decode_one(self.image.read(pc, 16), pc)
-            m = ins.mnemonic if ins else ""
-            got = m in VC_MNEMONICS
-            if not got and ins is not None and m == "mov" and "dr7" in ins.op_str:
-                got = True
-            if not got and m in ("rdmsr", "wrmsr"):
-                got = self.msr_at(pc) not in VMSA_MSRS
-            self._vc_sites[pc] = got
+            got = self._vc_sites[pc] = pc not in self.world.config.stubs and \
+                self.image.code_section(pc) is not None and self.image.instructions.raises_vc(pc)
         return got
-
-    def msr_at(self, pc: int) -> int | None:
-        """The MSR an RDMSR/WRMSR at ``pc`` accesses, from the MOV to ECX just before it (None: unknown)."""
-        from entrycheck.image.decode import sweep
-
-        start, _ = self.image.symbol_range(self.image.symbolize(pc).split("+")[0])
-        last = None
-        for ins in sweep(self.image.read(start, pc - start), start):
-            if ins.mnemonic.startswith("mov") and ins.op_str.endswith(("%ecx", "%rcx")) and ins.op_str.startswith("$"):
-                last = int(ins.op_str.split(",")[0][1:], 0)
-        return last
 
     def mov_ss(self, log: StepLog, k: int, entry: bool) -> bool:
         """The first boundary of the SYSCALL entry: a #DB that a user's own data breakpoint on the
@@ -223,4 +195,4 @@ class DeliveryPolicy:
         return pre
 
 
-__all__ = ["DeliveryPolicy", "MOV_SS_DB", "VC_MNEMONICS", "VMSA_MSRS"]
+__all__ = ["DeliveryPolicy", "MOV_SS_DB"]

@@ -22,7 +22,6 @@ from entrycheck.explore.check import CheckResult
 from entrycheck.explore.paths import Cost, Finding, PathResult, PathTable
 from entrycheck.explore.scenarios import base_name
 from entrycheck.machine.events import Injection
-from entrycheck.image.decode import sweep
 from entrycheck.image.image import CODE_SECTIONS, Image
 
 _HEXADDR = re.compile(r"0x[0-9a-f]{6,16}")
@@ -101,7 +100,7 @@ def _code_symbols(image: Image) -> dict[str, int]:
 def _listing(image: Image, name: str) -> list[tuple[int, str]]:
     start, end = image.symbol_range(name)
     out = []
-    for ins in sweep(image.read(start, end - start), start):
+    for ins in image.instructions.sweep(start, end):
         text = f"{ins.mnemonic} {ins.op_str}"
         if ins.branch_target is not None:
             text = _HEXADDR.sub(image.symbolize(ins.branch_target), text)

@@ -316,7 +316,7 @@ class _Unit:
                     self.pre = self.entry_pre + node.pre + (pre,)
                     self._report_reentry(r)
             if ex.speculating and cpu.cpl == 0 and i + 1 < len(log.pcs) and pc not in ex.world.config.stubs:
-                jcc = ex.machine.conditional(pc)
+                jcc = ex.image.instructions.conditional(pc)
                 if jcc is not None and log.pcs[i + 1] in jcc:
                     wrong = jcc[1] if log.pcs[i + 1] == jcc[0] else jcc[0]
                     if memory is None:

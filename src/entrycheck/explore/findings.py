@@ -45,8 +45,6 @@ class Findings:
     def set_guards(self, guards) -> None:
         """The tree's build-option guarded IRETs (kernel/guards.py): (label, CONFIG_X, n
         instructions of the block before the iretq)."""
-        from entrycheck.image.decode import sweep
-
         self.guards = {label: option for label, option, _ in guards}
         self._early.clear()
         self._guarded = {}
@@ -54,7 +52,7 @@ class Findings:
             if label not in self.image.loaded.symbols:
                 continue
             start, end = self.image.symbol_range(label)
-            insns = list(sweep(self.image.read(start, end - start), start))
+            insns = list(self.image.instructions.sweep(start, end))
             at = next((k for k, ins in enumerate(insns) if ins.mnemonic in ("iretq", "iret")), None)
             if at is None:
                 continue

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from entrycheck.errors import InputError
 from entrycheck.explore.paths import Cost
 from entrycheck.explore.scenarios import Scenario, delivery, start_state, stub_options
-from entrycheck.image.decode import sweep
 from entrycheck.image.image import Image
 from entrycheck.kernelabi.linux import ist_index
 from entrycheck.kernelabi.stubs import Effect, Stubs
@@ -63,10 +62,7 @@ def parse_injection(text: str, image: Image) -> Injection:
         near = ", ".join(image.symbolize(a) for a in sorted(starts, key=lambda a: abs(a - address))[:3])
         raise InputError(f"{inj.at} is not an instruction boundary; nearby: {near}")
     if inj.vector is Vector.MISPREDICT:
-        from entrycheck.image.decode import decode_one
-
-        ins = decode_one(image.read(address, 16), address)
-        if ins is None or not ins.mnemonic.startswith("j") or ins.mnemonic in ("jmp", "jmpq"):
+        if image.instructions.conditional(address) is None:
             raise InputError(f"mispredict@{inj.at}: not a conditional branch")
     elif inj.vector not in _idt_vectors(image):
         raise InputError(f"this kernel has no entry point for {inj.vector.label}")
@@ -89,7 +85,7 @@ def boundaries_around(image: Image, address: int) -> set[int]:
     end = addrs[k + 1] if k + 1 < len(addrs) else start + 0x1000
     sec = image.code_section(address)
     end = min(end, sec.address + sec.size)
-    return {ins.address for ins in sweep(image.read(start, end - start), start)}
+    return {ins.address for ins in image.instructions.sweep(start, end)}
 
 
 def trace(world: World, sc: Scenario, injections: tuple[Injection, ...],

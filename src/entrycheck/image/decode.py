@@ -7,7 +7,7 @@ to find the few instructions it must hook.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator
 
@@ -29,6 +29,9 @@ class Insn:
     is_call: bool
     is_jump: bool              # any jmp/jcc (direct or not)
     rip_target: int | None     # address of a RIP-relative memory operand
+    name: str = ""             # capstone's name of the instruction, the same in either syntax ("mov", "ret")
+    cs: object = field(default=None, compare=False, repr=False)    # capstone's instruction, with details
+    operands: tuple = field(default=(), compare=False, repr=False)  # its operands in Intel order
 
     @property
     def end(self) -> int:
@@ -45,7 +48,7 @@ def _engine(att: bool) -> capstone.Cs:
     return md
 
 
-def _convert(ins: capstone.CsInsn) -> Insn:
+def _convert(ins: capstone.CsInsn, att: bool) -> Insn:
     gs = ins.prefix[1] == GS_PREFIX
     is_call = ins.group(capstone.CS_GRP_CALL)
     is_jump = ins.group(capstone.CS_GRP_JUMP)
@@ -59,13 +62,15 @@ def _convert(ins: capstone.CsInsn) -> Insn:
     mnemonic = ins.mnemonic
     if mnemonic == "clac" and ins.size == 4:           # capstone reads FRED's ERETU/ERETS as a prefixed CLAC
         mnemonic = {0xF3: "eretu", 0xF2: "erets"}.get(ins.bytes[0], mnemonic)
+    # AT&T lists the operands the other way round: classification reads them in Intel order.
+    operands = tuple(reversed(ins.operands)) if att else tuple(ins.operands)
     return Insn(ins.address, ins.size, mnemonic, ins.op_str, bytes(ins.bytes), gs,
-                target, is_call, is_jump, rip_target)
+                target, is_call, is_jump, rip_target, ins.insn_name(), ins, operands)
 
 
 def decode_one(code: bytes, address: int, *, att: bool = True) -> Insn | None:
     for ins in _engine(att).disasm(code[:16], address, 1):
-        return _convert(ins)
+        return _convert(ins, att)
     return None
 
 
@@ -75,7 +80,7 @@ def sweep(code: bytes, address: int, *, att: bool = True) -> Iterator[Insn]:
     offset = 0
     while offset < len(code):
         for ins in md.disasm(code[offset:], address + offset):
-            yield _convert(ins)
+            yield _convert(ins, att)
             offset += ins.size
         if offset < len(code):
             byte = code[offset]

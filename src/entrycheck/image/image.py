@@ -204,18 +204,19 @@ class Image:
         delta = offset - best[1]
         return f"{best[0]}+{delta:#x} (per-cpu)" if delta else f"{best[0]} (per-cpu)"
 
+    @cached_property
+    def instructions(self):
+        """This image's instructions, decoded once (image/insns.py)."""
+        from entrycheck.image.insns import Instructions
+
+        return Instructions(self)
+
     def instruction_text(self, address: int) -> str:
         """One instruction's AT&T text, '(C) name' for a C function's stub, '?' elsewhere."""
         for name, addr in self.loaded.resolution.functions.items():
             if addr == address:
                 return f"(C) {name}"
-        from entrycheck.image.decode import decode_one
-
-        try:
-            ins = decode_one(self.read(address, 16), address)
-        except KeyError:
-            return "?"
-        return f"{ins.mnemonic} {ins.op_str}".strip() if ins else "?"
+        return self.instructions.text(address) or "?"
 
     def parse_location(self, text: str) -> int:
         """'sym+0x12' / 'sym' / '0xffff...' -> address."""

@@ -268,14 +268,12 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
 
 def _syscall_returns_bool(image: Image) -> bool:
     """6.12's do_syscall_64 returns whether SYSRET may be used: the caller tests %al next."""
-    from entrycheck.image.decode import decode_one
-
     stub = image.loaded.resolution.functions.get("do_syscall_64")
     if stub is None:
         return False
     for r in image.loaded.relocations:
         if r.section == ".entry.text" and r.symbol == "do_syscall_64":
-            nxt = decode_one(image.read(r.address + 4, 16), r.address + 4)
+            nxt = image.instructions.at(r.address + 4)
             return nxt is not None and nxt.mnemonic.startswith("test") and "%al" in nxt.op_str
     return False
 

@@ -25,14 +25,13 @@ memo (explore/memo.py) relies on this to stand one run for many.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
-import capstone
 from capstone import x86_const as X
 
+from entrycheck.image import decode as image_decode
 from entrycheck.image.image import Image
+from entrycheck.image.insns import PARENT
 from entrycheck.machine.api import FLAG_GROUPS, FLAG_LOCS, GROUP_MASKS, N_LOCS, REG_LOCS, Op, Record
-from entrycheck.machine.sites import PARENT
 from entrycheck.machine.state import REG_INDEX, RFLAGS
 
 RSP_LOC, RIP_LOC = REG_INDEX["rsp"], REG_INDEX["rip"]
@@ -96,23 +95,11 @@ def _loc_width(ins, reg_id: int) -> tuple[int, int] | None:
     return REG_INDEX[parent], width
 
 
-@lru_cache(maxsize=None)
-def _engine() -> capstone.Cs:
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
-    return md
-
-
-def decode(code: bytes, address: int) -> Insn | None:
-    ins = next(_engine().disasm(code, address, 1), None)
-    if ins is None:
-        return None
-    return _describe(ins)
-
-
-def _describe(ins) -> Insn:
-    m = ins.mnemonic
-    ops = ins.operands
+def describe(decoded: image_decode.Insn) -> Insn:
+    """The dataflow class of an instruction of the image's table (image/insns.py)."""
+    ins = decoded.cs
+    m = decoded.name
+    ops = decoded.operands
     addr_regs = []
     for op in ops:
         if op.type == X.X86_OP_MEM:
@@ -234,10 +221,10 @@ def _generic(ins, addr: tuple[int, ...]) -> Insn:
     for bit, g in _FLAG_WRITES.items():
         if flags & bit:
             fw[g] = fw.get(g, 0) | _ARITH_FLAG.get(bit, 0)
-    if ins.mnemonic in ("rep movsb", "rep movsq", "rep stosb", "rep stosq", "movsb", "movsq", "stosb", "stosq"):
+    if ins.insn_name() in ("movsb", "movsq", "stosb", "stosq"):     # with a REP prefix or without
         fr.add(DF)
     written = tuple((g, g != ARITH or (mask & _ALL_ARITH) == _ALL_ARITH) for g, mask in sorted(fw.items()))
-    if ins.mnemonic in ("cld", "std"):
+    if ins.insn_name() in ("cld", "std"):
         written = ((DF, True),)
     return Insn("generic", reads=tuple(sorted(reads)), writes=tuple(sorted(writes.items())),
                 flags_read=tuple(sorted(fr)), flags_written=written)
@@ -271,13 +258,13 @@ class Analyser:
         got = self._insns.get(pc)
         if got is None:
             try:
-                code = self.image.read(pc, 16)
+                self.image.read(pc, 1)
+                decoded = self.image.instructions.at(pc)
             except KeyError:
-                code = b"\xc3"           # a C function's stub: `ret`
-            got = decode(code, pc)
-            if got is None:
+                decoded = image_decode.decode_one(b"\xc3", pc)     # a C function's stub: `ret`
+            if decoded is None or decoded.cs is None:
                 raise Unfollowable(f"cannot decode {pc:#x}")
-            self._insns[pc] = got
+            got = self._insns[pc] = describe(decoded)
         return got
 
     def analyse(self, record: Record) -> Flow | None:
@@ -633,4 +620,4 @@ def value_of(loc: int, regs, memory, wbase: int) -> int:
     return int.from_bytes(memory[off:off + 8], "little")
 
 
-__all__ = ["Analyser", "Flow", "Insn", "decode", "value_of", "operand", "condition"]
+__all__ = ["Analyser", "Flow", "Insn", "describe", "value_of", "operand", "condition"]

@@ -59,7 +59,6 @@ class Machine:
         self.layout = self.space       # what callers may read of memory: frozen
         self._sites, self._loop_heads = find_sites(image, config)
         self._cores: dict[bool, _Core] = {}
-        self._jcc: dict[int, tuple[int, int] | None] = {}
 
     def pristine_memory(self) -> bytes:
         """The writable span as the world initialised it."""
@@ -75,20 +74,6 @@ class Machine:
     def mapped(self, addr: int) -> bool:
         return (addr >> 12) in self.space.pages
 
-    def conditional(self, pc: int) -> tuple[int, int] | None:
-        """(fall-through, target) of the conditional branch at ``pc``; None for any other instruction."""
-        got = self._jcc.get(pc, False)
-        if got is False:
-            got = None
-            if self.image.code_section(pc) is not None:
-                from entrycheck.image.decode import decode_one
-
-                ins = decode_one(self.image.read(pc, 16), pc)
-                if ins is not None and ins.mnemonic.startswith("j") and ins.mnemonic not in ("jmp", "jmpq") \
-                        and ins.op_str.startswith("0x"):
-                    got = (pc + ins.size, int(ins.op_str, 16))
-            self._jcc[pc] = got
-        return got
 
 
 # ---- one run's bookkeeping ----------------------------------------------------------------

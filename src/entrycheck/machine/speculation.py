@@ -57,7 +57,7 @@ class Speculation:
         its other side (a mispredict injection: ``trace`` replays what the explorer followed)."""
         run = self.run_
         jcc, run.mispredict = run.mispredict, None
-        sides = self.m.conditional(jcc)
+        sides = self.image.instructions.conditional(jcc)
         if sides is None or addr not in sides:
             self.fault(FaultKind.UD, f"mispredict@{self.image.symbolize(jcc)}: not a conditional branch")
             return True

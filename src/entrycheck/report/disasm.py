@@ -25,14 +25,15 @@ def disassemble(image: Image, symbol: str, *, att: bool = True) -> list[DisasmLi
     start, end = image.symbol_range(symbol)
     if image.code_section(start) is None:
         raise InputError(f"{symbol} is not in the object's code (a data or per-cpu symbol?): disasm shows code")
-    code = image.read(start, end - start)
     sites = {s.address: s for s in image.alt_sites}
     inside: dict[int, int] = {}
     for s in image.alt_sites:
         for a in range(s.address + 1, s.address + s.length):
             inside[a] = s.address
     lines = []
-    for ins in sweep(code, start, att=att):
+    # AT&T is the image's own decoding; Intel syntax is a listing of its own.
+    insns = image.instructions.sweep(start, end) if att else sweep(image.read(start, end - start), start, att=False)
+    for ins in insns:
         text = f"{ins.mnemonic:<6s} {ins.op_str}".rstrip()
         if ins.branch_target is not None:
             text = f"{text} <{image.symbolize(ins.branch_target)}>"
