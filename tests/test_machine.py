@@ -210,7 +210,7 @@ def test_a_fault_ends_the_run_as_an_emulation_fault(kernel612) -> None:
     from entrycheck.machine.machine import Machine
 
     machine = Machine(w.image, w.config, Stubs(w))
-    memory = machine.pristine_memory()
+    memory = machine.layout.pristine
     for level in (Level.EVENTS, Level.STEPS):
         rec = machine.run(Request(start_state(w, scenario("nmi-from-kernel"), memory), deliver=Vector.NMI,
                                   level=level, options=StubOptions(), budget=50))
