@@ -368,7 +368,8 @@ def throughput(target: str) -> dict:
     requests (no convergence checks, no step log, hooks only at the privileged sites)."""
     import dataclasses
 
-    from entrycheck.explore.check import CheckConfig, ObjectRef, make_units, run_unit
+    from entrycheck.explore.check import CheckConfig, make_units
+    from entrycheck.session import ObjectRef, run_unit
     from entrycheck.image.features import FeatureSet
     from entrycheck.kernel.targets import resolve_target
     from entrycheck.machine.api import Level

@@ -39,7 +39,11 @@ def main() -> None:
                     help="instructions a mispredicted branch runs ahead (0: follow none)")
     args = ap.parse_args()
 
-    from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
+    from entrycheck.explore.check import CheckConfig
+    try:
+        from entrycheck.session import ObjectRef, run_check
+    except ImportError:          # an entrycheck from before its application layer (bench.py compare)
+        from entrycheck.explore.check import ObjectRef, run_check
     from entrycheck.explore.scenarios import DEFAULT_SCENARIOS
     from entrycheck.image.features import FeatureSet, all_model_feature_sets
     from entrycheck.kernel.targets import resolve_target

@@ -204,23 +204,9 @@ def _alarm(timeout: float):
 def _reset_process_state() -> None:
     """Forget what an earlier case loaded: each case is a fresh command, as in a new process
     (the caches are keyed by path and stamp; clearing them also bounds the memory)."""
-    from entrycheck.explore import check as _check
-    from entrycheck.report import outputs as _outputs
+    from entrycheck import session
 
-    for mod, name in ((_check, "_LOADED"), (_check, "_EXPLORERS")):
-        table = getattr(mod, name, None)
-        if isinstance(table, dict):
-            table.clear()
-    active = getattr(_outputs, "_ACTIVE", None)
-    if isinstance(active, list):
-        active.clear()
-    try:
-        from entrycheck.report import srclines as _srclines
-
-        if isinstance(getattr(_srclines, "_CACHE", None), dict):
-            _srclines._CACHE.clear()
-    except ImportError:
-        pass
+    session.reset()
 
 
 def _listing(root: Path) -> set[str]:

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from entrycheck.explore.check import CheckConfig, ObjectRef
+from entrycheck.explore.check import CheckConfig
+from entrycheck.session import ObjectRef
 from entrycheck.image.features import FeatureSet
 from entrycheck.kernel.cache import Cache, remove_tree
 from entrycheck.kernel.kconfig import parse_request

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 from entrycheck.demo import VARIANTS, assemble, find_assembler
 from entrycheck.demo.run import demo_config
-from entrycheck.explore.check import ObjectRef, run_check
+from entrycheck.session import ObjectRef, run_check
 from entrycheck.image.features import FeatureSet
 from entrycheck.machine import flow
 from entrycheck.machine.state import REG_INDEX

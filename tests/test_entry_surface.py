@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
+from entrycheck.explore.check import CheckConfig
+from entrycheck.session import ObjectRef, run_check
 from entrycheck.explore.coverage import COPY, coverage
 from entrycheck.explore.replay import trace
 from entrycheck.explore.scenarios import scenario

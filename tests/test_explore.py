@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from entrycheck.explore.check import CheckConfig, ObjectRef, make_batches, make_units, run_check
+from entrycheck.explore.check import CheckConfig, make_batches, make_units
+from entrycheck.session import ObjectRef, run_check
 from entrycheck.image.decode import decode_one
 from entrycheck.image.features import FeatureSet, all_model_feature_sets
 from entrycheck.kernelabi.stubs import Effect

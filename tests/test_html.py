@@ -430,7 +430,7 @@ def test_cpu_state_along_a_trace_is_the_machines(kernel612, features) -> None:
     """states_along() rebuilds CR3, GS bases, SPEC_CTRL and CPL from the events alone: it agrees
     with the machine wherever the machine recorded its state (each C call, the end of the run),
     on plain and nested paths."""
-    from entrycheck.explore.check import ObjectRef, run_check
+    from entrycheck.session import ObjectRef, run_check
     from entrycheck.explore.replay import parse_injection, trace
     from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, scenario
     from entrycheck.image import load_build

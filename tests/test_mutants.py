@@ -21,7 +21,8 @@ from entrycheck.kernel.targets import resolve_target
 from mutants import (COMPAT_MUTANTS, FRED_MUTANTS, MUTANTS, USER_MUTANTS, Edit, Mutant, MutantDoesNotApply, build_mutant,
                      explained_on_stock, object_ref)
 
-from entrycheck.explore.check import STOPPED_DONE, CheckConfig, CheckResult, run_check
+from entrycheck.explore.check import STOPPED_DONE, CheckConfig, CheckResult
+from entrycheck.session import run_check
 from entrycheck.explore.paths import Finding
 from entrycheck.explore.scenarios import SCENARIOS
 from entrycheck.image.features import FeatureSet

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
+from entrycheck.explore.check import CheckConfig
+from entrycheck.session import ObjectRef, run_check
 from entrycheck.explore.preconditions import Reach
 from entrycheck.image.features import FeatureSet
 

@@ -22,7 +22,8 @@ from test_mutants import Suite
 
 from entrycheck.cli import cli
 from entrycheck.errors import InputError
-from entrycheck.explore.check import CheckConfig, run_check
+from entrycheck.explore.check import CheckConfig
+from entrycheck.session import run_check
 from entrycheck.image.cpus import PRESETS, preset_sets
 from entrycheck.image.features import FeatureSet, all_model_feature_sets
 from entrycheck.kernel.targets import KernelBuild
@@ -112,7 +113,7 @@ def _fixture_findings(tmp_path: Path, features: str):
     """The demo's hand-written entry fixture (GNU as at test time), whose paranoid_entry has the
     conditional SWAPGS of Linux before 18ec54fdd6d1: no LFENCE on either side."""
     from entrycheck.demo.run import VARIANTS, assemble, find_assembler
-    from entrycheck.explore.check import ObjectRef
+    from entrycheck.session import ObjectRef
 
     obj = assemble(find_assembler(), VARIANTS[0], tmp_path)
     result = run_check(ObjectRef(obj, None, None),

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from entrycheck.explore.check import CheckConfig, ObjectRef, run_check
+from entrycheck.explore.check import CheckConfig
+from entrycheck.session import ObjectRef, run_check
 from entrycheck.explore.replay import trace
 from entrycheck.explore.scenarios import scenario
 from entrycheck.image import load_build

@@ -11,7 +11,7 @@ import capstone
 import pytest
 
 from entrycheck.errors import InputError
-from entrycheck.explore.check import ObjectRef
+from entrycheck.session import ObjectRef
 from entrycheck.explore.delivery import DeliveryPolicy
 from entrycheck.explore.engine import DEFAULT_VECTORS, Explorer, ExploreConfig
 from entrycheck.explore.replay import trace

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from entrycheck.errors import InputError, InternalError
-from entrycheck.explore.check import CheckConfig, CheckResult, ObjectRef, run_check, worker_signals
+from entrycheck.explore.check import CheckConfig, CheckResult
+from entrycheck.session import ObjectRef, ordered_map, run_check
 from entrycheck.explore.paths import Finding
 from entrycheck.image.features import FeatureSet
 from entrycheck.machine.model import Vector
@@ -246,27 +247,16 @@ def _check_all(refs: list[ObjectRef], cfg: CheckConfig, workers: int,
                progress: Progress | None) -> list[CheckResult]:
     """One check per variant; variants run side by side in worker processes."""
     total = len(refs)
+    count = [0]
+
+    def done(k: int, _) -> None:
+        count[0] += 1
+        if progress:
+            progress("checking the variants", count[0], total)
+
     if progress:
         progress("checking the variants", 0, total)
-    if workers <= 1 or total <= 1:
-        out = []
-        for k, ref in enumerate(refs):
-            out.append(run_check(ref, cfg))
-            if progress:
-                progress("checking the variants", k + 1, total)
-        return out
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    results: list[CheckResult | None] = [None] * total
-    ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx, initializer=worker_signals) as pool:
-        futures = {pool.submit(run_check, ref, cfg): k for k, ref in enumerate(refs)}
-        for done, fut in enumerate(as_completed(futures), 1):
-            results[futures[fut]] = fut.result()
-            if progress:
-                progress("checking the variants", done, total)
-    return [r for r in results if r is not None]
+    return ordered_map(run_check, [(ref, cfg) for ref in refs], workers=min(workers, total), done=done)
 
 
 def _variant_result(variant: Variant, kept: Path | None, check: CheckResult) -> VariantResult:

@@ -1,4 +1,5 @@
-"""A whole check: scenarios x feature sets x handler-effect branches, serial or in parallel.
+"""A whole check: scenarios x feature sets x handler-effect branches, cut into units and merged
+(entrycheck/session.py spreads the units over processes or a Dask cluster).
 
 Work is cut into units: one feature set, one scenario, one effect branch, and — when
 several workers share the work — one part of the injection points of the scenario's
@@ -16,63 +17,20 @@ would run again what another has already run); otherwise every unit is its own b
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from collections import Counter
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from entrycheck.errors import InputError
-from entrycheck.explore.engine import Budget, ExploreConfig, Explorer, Group, UnitResult
+from entrycheck.explore.engine import ExploreConfig, Group, UnitResult
 from entrycheck.explore.paths import NO_COST, Cost, Finding, PathResult, PathTable
 from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, scenario
 from entrycheck.image.features import FeatureSet
-from entrycheck.image.image import LoadedObject, load
 from entrycheck.kernelabi.stubs import Effect
-from entrycheck.kernelabi.world import build_world
 from entrycheck.machine.events import DELIVERABLE as INJECTABLE
 from entrycheck.machine.model import VECTOR_BY_NAME, Vector
 
 STOPPED_DONE, STOPPED_BUDGET, STOPPED_ERROR = "done", "budget", "error"
-
-
-@dataclass(frozen=True)
-class ObjectRef:
-    """How a worker process finds the object again (a LoadedObject is not shipped).
-
-    ``stamp`` (size and mtime of the files) keeps a rebuilt object at the same path
-    from being mistaken for the one loaded before."""
-
-    path: Path
-    cpufeatures: Path | None
-    asm_offsets: Path | None
-    stamp: tuple = ()
-    guards: tuple = ()          # (label, CONFIG_X, n) of the iretqs a build option adds (kernel/guards.py)
-    refusals: tuple | None = None   # data hw_breakpoint.c refuses breakpoints on (None: the built-in list)
-
-    def __post_init__(self) -> None:
-        if not self.stamp:
-            stamp = []
-            for p in (self.path, self.cpufeatures, self.asm_offsets):
-                try:
-                    st = Path(p).stat() if p else None
-                except OSError:
-                    st = None
-                stamp.append((st.st_size, st.st_mtime_ns) if st else None)
-            object.__setattr__(self, "stamp", tuple(stamp))
-
-    def load(self) -> LoadedObject:
-        return _load_cached(self)
-
-
-_LOADED: dict[ObjectRef, LoadedObject] = {}
-
-
-def _load_cached(ref: ObjectRef) -> LoadedObject:
-    got = _LOADED.get(ref)
-    if got is None:
-        got = _LOADED[ref] = load(ref.path, cpufeatures=ref.cpufeatures, asm_offsets=ref.asm_offsets)
-    return got
 
 
 @dataclass(frozen=True)
@@ -236,27 +194,6 @@ def make_units(cfg: CheckConfig, parts: int = 1, variants: Variants | None = Non
     return units
 
 
-def derive_set(ref: ObjectRef, cfg: CheckConfig, fs: FeatureSet) -> tuple[tuple, tuple[str, ...]]:
-    """The user-value variants of each of the check's scenarios on ``fs`` (explore/userstate.py):
-    ((scenario, (variant, ...)), ...), and the errors of scenarios it could not run."""
-    from entrycheck.explore.userstate import derive
-
-    explorer = _explorer(ref, cfg, fs)
-    out, errors = [], []
-    for name in cfg.scenarios:
-        sc = scenario(name)
-        if (sc.needs and sc.needs not in fs) or (sc.vector is not None and sc.vector not in explorer.world.config.idt):
-            continue
-        try:
-            out.append((name, tuple(v.name for v in derive(explorer, sc, cfg.vectors))))
-        except InputError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a fault of the model: recorded, the check goes on
-            _EXPLORERS.pop((ref, fs, cfg.explore_config()), None)
-            errors.append(f"user values of {name} on {fs}: {type(exc).__name__}: {exc}")
-    return tuple(out), tuple(errors)
-
-
 def choose_parts(cfg: CheckConfig, workers: int) -> int:
     """How finely to split each scenario: enough pieces for every worker to stay busy at
     depth >= 2 (each worker shares handler runs only within its own pieces)."""
@@ -264,41 +201,6 @@ def choose_parts(cfg: CheckConfig, workers: int) -> int:
         return 1
     cells = max(1, len(make_units(cfg)))
     return max(1, min(8, -(-8 * workers // cells)))
-
-
-# Per process: one explorer (world, machine, memo) per feature set, reused across units.
-_EXPLORERS: dict[tuple, Explorer] = {}
-
-
-def _explorer(ref: ObjectRef, cfg: CheckConfig, fs: FeatureSet) -> Explorer:
-    key = (ref, fs, cfg.explore_config())
-    explorer = _EXPLORERS.get(key)
-    if explorer is None:
-        if len(_EXPLORERS) > 32:
-            _EXPLORERS.clear()
-        world = build_world(ref.load().image(fs))
-        explorer = _EXPLORERS[key] = Explorer(world, cfg.explore_config())
-        explorer.set_guards(ref.guards)
-        if ref.refusals is not None:
-            explorer.set_refusals(ref.refusals)
-    return explorer
-
-
-def run_unit(ref: ObjectRef, cfg: CheckConfig, unit: Unit, max_runs: int | None = None) -> UnitResult:
-    """Explore one unit in this process (also the entry point of worker processes)."""
-    key = (ref, unit.features, cfg.explore_config())
-    explorer = _explorer(ref, cfg, unit.features)
-    explorer.budget = Budget(max_runs)
-    try:
-        return explorer.explore(scenario(unit.scenario), unit.effects, unit.part, unit.parts, depth=unit.depth)
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a fault of the model: recorded, the check goes on
-        _EXPLORERS.pop(key, None)           # its machine may be in any state now
-        what = f"{unit.scenario} on {unit.features}" + (f" with {','.join(sorted(e.value for e in unit.effects))}"
-                                                        if unit.effects else "")
-        return UnitResult(PathTable(unit.scenario, unit.features, ()), stopped=STOPPED_ERROR,
-                          error=f"{what}: {type(exc).__name__}: {exc}")
 
 
 def make_batches(units: list[Unit], workers: int) -> list[tuple[int, ...]]:
@@ -313,134 +215,6 @@ def make_batches(units: list[Unit], workers: int) -> list[tuple[int, ...]]:
         return [(k,) for k in range(len(units))]
     order = sorted(by_set, key=lambda fs: -len(fs.names))
     return [tuple(by_set[fs]) for fs in order]
-
-
-def run_batch(ref: ObjectRef, cfg: CheckConfig, units: list[Unit], max_runs: int | None = None) -> list[UnitResult]:
-    """Explore a batch of units in this process, in order; a batch of one feature set's
-    units releases its explorer afterwards (no later batch needs it)."""
-    out = [run_unit(ref, cfg, u, max_runs) for u in units]
-    if len(units) > 1 and len({u.features for u in units}) == 1:
-        _EXPLORERS.pop((ref, units[0].features, cfg.explore_config()), None)
-    return out
-
-
-def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: str | None = None,
-              progress: Callable[[str, int | None, int | None], None] | None = None,
-              parts: int | None = None) -> CheckResult:
-    loaded = ref.load()
-    for fs in cfg.feature_sets:
-        fs.validate(loaded.features)
-    if not make_units(cfg):
-        raise InputError("nothing to check: no feature sets")
-    client = None
-    if scheduler:
-        client = _dask_client(scheduler)
-        workers = max(workers, sum(client.nthreads().values()) or 1)
-    try:
-        variants, derive_errors = _derive_all(ref, cfg, workers, client, progress)
-    except BaseException:
-        if client is not None:
-            client.close()
-        raise
-    units = make_units(cfg, parts if parts is not None else choose_parts(cfg, workers), variants)
-    total = len(units)
-    results: list[UnitResult | None] = [None] * total
-    done = 0
-
-    def report() -> None:
-        if progress:
-            progress("exploring", done, total)
-
-    report()
-    batches = make_batches(units, workers)
-    if client is not None:
-        try:
-            futures = client.map(run_batch, [ref] * len(batches), [cfg] * len(batches),
-                                 [[units[k] for k in b] for b in batches], [cfg.max_runs] * len(batches), pure=False)
-            for b, got in zip(batches, client.gather(futures)):
-                for k, r in zip(b, got):
-                    results[k] = r
-        finally:
-            client.close()
-        done = total
-        report()
-    elif workers > 1 and total > 1:
-        from concurrent.futures import as_completed
-
-        with _process_pool(workers) as pool:
-            futures = {pool.submit(run_batch, ref, cfg, [units[k] for k in b], cfg.max_runs): b for b in batches}
-            for fut in as_completed(futures):
-                for k, r in zip(futures[fut], fut.result()):
-                    results[k] = r
-                done += len(futures[fut])
-                report()
-    else:
-        for k, u in enumerate(units):
-            results[k] = run_unit(ref, cfg, u, cfg.max_runs)
-            done += 1
-            report()
-    result = merge(units, [r for r in results], cfg)
-    for fs in cfg.feature_sets:
-        for name in cfg.scenarios:
-            for v in variants.get((fs, name), ()):
-                result.user_values.setdefault(v, []).append(str(fs))
-    if derive_errors:
-        result.errors[:0] = derive_errors
-        result.stopped_because = STOPPED_ERROR
-    return result
-
-
-def _derive_all(ref: ObjectRef, cfg: CheckConfig, workers: int, client,
-                progress: Callable[[str, int | None, int | None], None] | None) -> tuple[dict, list[str]]:
-    """The user-value variants of every (feature set, scenario), one task per feature set."""
-    if not cfg.user_values:
-        return {}, []
-    sets = list(cfg.feature_sets)
-    if progress:
-        progress("finding user values", 0, len(sets))
-    if client is not None:
-        got = client.gather(client.map(derive_set, [ref] * len(sets), [cfg] * len(sets), sets, pure=False))
-    elif workers > 1 and len(sets) > 1:
-        with _process_pool(workers) as pool:
-            got = list(pool.map(derive_set, [ref] * len(sets), [cfg] * len(sets), sets))
-    else:
-        got = [derive_set(ref, cfg, fs) for fs in sets]
-    variants, errors = {}, []
-    for fs, (pairs, errs) in zip(sets, got):
-        variants.update({(fs, name): names for name, names in pairs})
-        errors.extend(errs)
-    if progress:
-        progress("finding user values", len(sets), len(sets))
-    return variants, errors
-
-
-def _process_pool(workers: int):
-    """The local worker pool of both passes (forked, so workers share the loaded object)."""
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing
-
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=worker_signals)
-
-
-def worker_signals() -> None:
-    """In a worker process: Ctrl-C is the parent's to handle (it kills its workers), and
-    SIGTERM ends the worker at once."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _dask_client(scheduler: str):
-    try:
-        from dask.distributed import Client
-    except ImportError as exc:  # pragma: no cover - dask is a dependency
-        raise InputError("--scheduler needs dask.distributed (pip install 'dask[distributed]')") from exc
-    try:
-        return Client(scheduler, timeout=10)
-    except (OSError, TimeoutError, ValueError, TypeError) as exc:
-        raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
 
 
 def merge(units: list[Unit], per_unit: list[UnitResult], cfg: CheckConfig) -> CheckResult:
@@ -524,7 +298,3 @@ def _trailing(f: Finding) -> int:
             break
         n += 1
     return n
-
-
-def default_workers() -> int:
-    return max(1, min(os.cpu_count() or 1, 8))

@@ -195,10 +195,12 @@ class Cell:
 class _Side:
     """One build: its loaded object, source lines and replays of findings on it."""
 
-    def __init__(self, build, loaded, target: str) -> None:
+    def __init__(self, build, loaded, target: str, lines: SourceLines | None = None) -> None:
         self.build, self.loaded, self.target = build, loaded, target
-        self.lines = SourceLines.from_build(build, loaded) if build is not None and loaded is not None \
-            else SourceLines.empty()
+        if lines is None:
+            lines = SourceLines.from_build(build, loaded) if build is not None and loaded is not None \
+                else SourceLines.empty()
+        self.lines = lines
         self._worlds: dict[str, object] = {}
 
     def world(self, features):
@@ -496,9 +498,11 @@ def _site_rows(cost: Cost, side: _Side, features: str) -> list[dict]:
     return out
 
 
-def check_html(result: CheckResult, *, build, loaded, target: str, command: str | None = None, coverage=()) -> str:
-    """The HTML report of a check of ``build`` (``target`` as given on the command line)."""
-    side = _Side(build, loaded, target)
+def check_html(result: CheckResult, *, build, loaded, target: str, command: str | None = None, coverage=(),
+               lines: SourceLines | None = None) -> str:
+    """The HTML report of a check of ``build`` (``target`` as given on the command line; ``lines``:
+    its source lines, when the caller has them)."""
+    side = _Side(build, loaded, target, lines)
     # Root causes first, then the easiest to reach (the order is stable otherwise).
     ordered = sorted(result.findings, key=lambda f: (f.invariant != "ist-reentered", f.reach))
     views = finding_views(ordered, side)
@@ -536,12 +540,13 @@ def _by_symbol(rows) -> list[tuple[str, str, list]]:
 
 def diff_html(result: DiffResult, *, old_build, old_loaded, new_build, new_loaded, old_target: str,
               new_target: str, model: CostModel, nmi_rate: float | None = None,
-              patches: Sequence[tuple[str, str]] = (), command: str | None = None) -> str:
+              patches: Sequence[tuple[str, str]] = (), command: str | None = None,
+              lines: tuple[SourceLines | None, SourceLines | None] = (None, None)) -> str:
     """The HTML report of a diff (or, with ``patches``, a review)."""
     from entrycheck.report.difftext import PARANOID_FROM_KERNEL
 
-    old = _Side(old_build, old_loaded, old_target)
-    new = _Side(new_build, new_loaded, new_target)
+    old = _Side(old_build, old_loaded, old_target, lines[0])
+    new = _Side(new_build, new_loaded, new_target, lines[1])
     budget = [MAX_TRACES]
     new_views = finding_views(result.new_violations, new, prefix="new", label="new", budget=budget)
     fixed_views = finding_views(result.fixed_violations, old, prefix="fixed", label="fixed", budget=budget)

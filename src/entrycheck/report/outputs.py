@@ -18,10 +18,6 @@ from entrycheck.errors import InputError
 
 NAME_MAX = 255
 
-# The Outputs being committed, for ``abort_all`` (one command runs per process).
-_ACTIVE: list["Outputs"] = []
-
-
 def check_path(dest: str, option: str = "--html", stdout_ok: bool = False) -> Path | None:
     """Fail early (one-line InputError) if ``dest`` cannot be written as a file.
     None for "-" (standard output) where that is allowed."""
@@ -61,7 +57,10 @@ def _short(text: str, limit: int = 120) -> str:
 class Outputs:
     """The output files of one command (see the module's docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: list | None = None) -> None:
+        # ``registry``: where a commit in progress is listed, for an interrupt to abort it
+        # (the application's: entrycheck/session.py).
+        self._registry = registry if registry is not None else []
         self._paths: dict[str, Path | None] = {}          # option -> path (None: standard output)
         self._texts: dict[str, str] = {}
         self._tmp: list[str] = []
@@ -90,7 +89,7 @@ class Outputs:
         """Write every staged file; return the texts meant for standard output, by option."""
         stdout = {o: t for o, t in self._texts.items() if self._paths[o] is None}
         files = [(self._paths[o], t) for o, t in self._texts.items() if self._paths[o] is not None]
-        _ACTIVE.append(self)
+        self._registry.append(self)
         try:
             staged = []
             for path, text in files:
@@ -111,8 +110,8 @@ class Outputs:
             self.abort()
             raise
         finally:
-            if self in _ACTIVE:
-                _ACTIVE.remove(self)
+            if self in self._registry:
+                self._registry.remove(self)
         self._placed = []
         return stdout
 
@@ -133,10 +132,4 @@ def _same(a: Path, b: Path) -> bool:
         return str(a) == str(b)
 
 
-def abort_all() -> None:
-    """Undo every commit in progress (from a signal handler)."""
-    for out in list(_ACTIVE):
-        out.abort()
-
-
-__all__ = ["Outputs", "check_path", "abort_all"]
+__all__ = ["Outputs", "check_path"]

@@ -56,12 +56,15 @@ class SourceLines:
         return cls([], [], [])
 
     @classmethod
-    def from_build(cls, build: KernelBuild, loaded: LoadedObject) -> SourceLines:
+    def from_build(cls, build: KernelBuild, loaded: LoadedObject, cache: dict | None = None) -> SourceLines:
         """The lines of ``loaded`` (the object of ``build``); texts from ``build.source_tree``."""
-        return cls.from_object(loaded, build.source_tree)
+        return cls.from_object(loaded, build.source_tree, cache)
 
     @classmethod
-    def from_object(cls, loaded: LoadedObject, source_tree: Path | None = None) -> SourceLines:
+    def from_object(cls, loaded: LoadedObject, source_tree: Path | None = None,
+                    cache: dict | None = None) -> SourceLines:
+        """The lines of ``loaded``; ``cache`` (the caller's, keyed by the file's identity) keeps
+        them for the next call."""
         path = Path(loaded.path)
         try:
             st = path.stat()
@@ -69,15 +72,16 @@ class SourceLines:
             return cls.empty()
         key = (str(path), st.st_size, st.st_mtime_ns, str(source_tree) if source_tree else None,
                tuple((s.name, s.address) for s in loaded.sections))
-        got = _CACHE.get(key)
+        got = cache.get(key) if cache is not None else None
         if got is None:
             try:
                 got = _parse(loaded, path.read_bytes(), source_tree)
             except Exception:  # noqa: BLE001 - line info is a nicety: a malformed table means no lines
                 got = cls.empty()
-            if len(_CACHE) > 16:
-                _CACHE.clear()
-            _CACHE[key] = got
+            if cache is not None:
+                if len(cache) > 16:
+                    cache.clear()
+                cache[key] = got
         return got
 
     # ---- queries --------------------------------------------------------------------------
@@ -118,9 +122,6 @@ class SourceLines:
             except OSError:
                 self._texts[index] = None
         return self._texts[index]
-
-
-_CACHE: dict[tuple, SourceLines] = {}
 
 
 def _display_name(full: PurePosixPath, source_tree: Path | None) -> str:
