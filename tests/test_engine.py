@@ -16,7 +16,7 @@ from entrycheck.demo import VARIANTS, assemble, find_assembler
 from entrycheck.demo.run import demo_config
 from entrycheck.session import ObjectRef, run_check
 from entrycheck.image.features import FeatureSet
-from entrycheck.machine import flow
+from entrycheck.machine import insnclass
 from entrycheck.machine.state import REG_INDEX
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "entrycheck"
@@ -59,7 +59,7 @@ CLASSED = """
 
 
 @pytest.fixture(scope="module")
-def classed(tmp_path_factory) -> list[tuple[int, flow.Insn]]:
+def classed(tmp_path_factory) -> list[tuple[int, insnclass.Insn]]:
     """(address, how the dataflow classes it) of each instruction of CLASSED."""
     if shutil.which("as") is None:
         pytest.skip("GNU as (binutils) is not installed")
@@ -70,7 +70,7 @@ def classed(tmp_path_factory) -> list[tuple[int, flow.Insn]]:
     code = (d / "c.bin").read_bytes()
     from entrycheck.image.decode import sweep
 
-    return [(ins.address, flow.describe(ins)) for ins in sweep(code, 0x1000)]
+    return [(ins.address, insnclass.describe(ins)) for ins in sweep(code, 0x1000)]
 
 
 def test_copies_are_told_from_uses(classed) -> None:
@@ -95,7 +95,7 @@ def test_copies_are_told_from_uses(classed) -> None:
     assert classed[13].kind == "generic"
 
 
-_JCC = sorted(flow._CONDITIONS)
+_JCC = sorted(insnclass._CONDITIONS)
 
 
 @needs_as
@@ -103,10 +103,10 @@ _JCC = sorted(flow._CONDITIONS)
 @given(cond=st.sampled_from(_JCC), kind=st.sampled_from(["cmp", "test"]), width=st.sampled_from([1, 2, 4, 8]),
        a=st.integers(0, 2**64 - 1), b=st.integers(0, 2**64 - 1))
 def test_branch_conditions_agree_with_the_cpu(cond, kind, width, a, b) -> None:
-    """flow.condition decides a branch on copied values without running it; the CPU decides
+    """insnclass.condition decides a branch on copied values without running it; the CPU decides
     it by flags.  Both must agree for every condition, width and operand pair."""
     mask = (1 << 8 * width) - 1
-    assert flow.condition(cond, kind, width, a & mask, b & mask) == _cpu_takes(cond, kind, width, a & mask, b & mask)
+    assert insnclass.condition(cond, kind, width, a & mask, b & mask) == _cpu_takes(cond, kind, width, a & mask, b & mask)
 
 
 _CPU: dict = {}

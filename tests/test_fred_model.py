@@ -1,4 +1,4 @@
-"""The FRED model (machine/model.py): one test per rule of the SDM's FRED event delivery and
+"""The FRED model (machine/fred.py): one test per rule of the SDM's FRED event delivery and
 ERETS/ERETU pseudocode (Bochs' cpu/fred.cc follows the same), no Unicorn, no kernel."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, strategies as st
 
-from entrycheck.machine import model
-from entrycheck.machine.model import CpuState, EretFault, FredConfig, Vector, eret, fred_deliver
+from entrycheck.machine import fred
+from entrycheck.machine.fred import EretFault, FredConfig, eret, fred_deliver
+from entrycheck.machine.model import CpuState, Vector
 
 ENTRY = 0xFFFF_FFFF_8100_4000
 RSP = (0xFFFF_C900_0001_4000, 0xFFFF_FE00_0000_C000, 0xFFFF_FE00_0000_9000, 0xFFFF_FE00_0000_3000)
@@ -68,10 +69,10 @@ def test_a_lower_level_event_keeps_the_current_level() -> None:
 def test_the_frame_is_eight_words_with_the_event_in_ss() -> None:
     _, words, _, _ = deliver(cpu(), Vector.NMI)
     assert len(words) == 8 and words[0] == 7 and words[1] == 0x1234 and words[3] == 0x246
-    assert words[5] & model.FRED_SS_NMI and (words[5] >> 32) & 0xFF == 2 and (words[5] >> 48) & 0xF == model.FRED_NMI
+    assert words[5] & fred.FRED_SS_NMI and (words[5] >> 32) & 0xFF == 2 and (words[5] >> 48) & 0xF == fred.FRED_NMI
     _, sys_words, _, _ = deliver(user(), Vector.SYSCALL, rsp=0x7FFD_0000, cs=0x33, ss=0x2B)
-    assert sys_words[5] & model.FRED_SS_SYSCALL and not sys_words[5] & model.FRED_SS_NMI
-    assert (sys_words[5] >> 48) & 0xF == model.FRED_OTHER and (sys_words[5] >> 32) & 0xFF == 1
+    assert sys_words[5] & fred.FRED_SS_SYSCALL and not sys_words[5] & fred.FRED_SS_NMI
+    assert (sys_words[5] >> 48) & 0xF == fred.FRED_OTHER and (sys_words[5] >> 32) & 0xFF == 1
 
 
 def test_nmi_delivery_blocks_nmis_and_mc_sets_mcip() -> None:
@@ -108,7 +109,7 @@ def test_eretu_needs_level_0_and_a_ring_3_frame_and_swaps_gs() -> None:
 
 
 def test_a_system_call_is_an_event_of_type_other() -> None:
-    assert model.fred_event(Vector.SYSCALL) == (model.FRED_OTHER, 1)
-    assert model.fred_event(Vector.SYSENTER) == (model.FRED_OTHER, 2)
-    assert model.fred_event(Vector.INT80) == (model.FRED_SOFT_INT, 0x80)
-    assert model.fred_event(Vector.IRQ) == (model.FRED_EXTERNAL, 0x20)
+    assert fred.fred_event(Vector.SYSCALL) == (fred.FRED_OTHER, 1)
+    assert fred.fred_event(Vector.SYSENTER) == (fred.FRED_OTHER, 2)
+    assert fred.fred_event(Vector.INT80) == (fred.FRED_SOFT_INT, 0x80)
+    assert fred.fred_event(Vector.IRQ) == (fred.FRED_EXTERNAL, 0x20)

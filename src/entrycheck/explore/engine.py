@@ -29,102 +29,34 @@ scheduler hands them; every finding carries the preconditions of its path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
 from entrycheck.explore.delivery import DeliveryPolicy
 from entrycheck.explore.findings import Findings, Where
 from entrycheck.explore.memo import Memo
 from entrycheck.explore.node import Node
-from entrycheck.explore.paths import Finding, PathTable
+from entrycheck.explore.paths import PathTable
 from entrycheck.explore.preconditions import Precondition, for_effect, for_entry, for_injection, for_user
 from entrycheck.explore.scenarios import Scenario, delivery, start_state, stub_options
 from entrycheck.explore.summary import PathSummary, Summaries
+from entrycheck.explore.unit import (DEFAULT_VECTORS, Budget, Ended, ExploreConfig, Group, Own, Shared,  # noqa: F401
+                                     UnitResult)
 from entrycheck.kernelabi.linux import ist_index
 from entrycheck.kernelabi.stubs import Effect, Stubs
 from entrycheck.kernelabi.world import World
-from entrycheck.machine.api import DEFAULT_BUDGET, Level, Record, Request
+from entrycheck.machine.api import Level, Record, Request
 from entrycheck.machine.events import Event, Fault, FaultKind, Injection, Outcome
 from entrycheck.machine.flow import Analyser
 from entrycheck.machine.machine import Machine
-from entrycheck.machine.model import SPEC_WINDOW, CpuState, Vector
+from entrycheck.machine.model import CpuState, Vector
 from entrycheck.machine.state import Snapshot
 from entrycheck.props import reentry
 from entrycheck.props.invariants import End, Violation, local_violations, verdict
 from entrycheck.props.reentry import Reentry, RootCauses
 
-DEFAULT_VECTORS = (Vector.NMI, Vector.MC, Vector.DB, Vector.IRQ)
 ESPFIX_SWAPGS = (" (the espfix64 exit: its SWAPGS depends on the IRET frame's SS, and neither an LFENCE nor, "
                  "without PTI, a CR3 write comes before its per-cpu load; 18ec54fdd6d1 fenced the entries' SWAPGS)")
-
-
-@dataclass(frozen=True)
-class ExploreConfig:
-    vectors: tuple[Vector, ...] = DEFAULT_VECTORS
-    depth: int = 2
-    db_anywhere: bool = False
-    mc_nesting: bool = False       # also deliver #MC inside an #MC handler after MCIP was cleared
-    prune: bool = True
-    budget: int = DEFAULT_BUDGET
-    trace_window: int = 16
-    fold: bool = True              # symptoms after an ist-reentered delivery fold under it
-    c_footprints: bool = True      # #DB also inside C functions that read unprotected data on an IST stack
-    pt_regs_contract: bool = True  # C functions taking pt_regs check it (off: as engines before it did)
-    iret_faults: bool = True       # a refused IRET delivers #GP (off: it ends the run, as engines before did)
-    mov_ss_db: bool = True         # a #DB held by a MOV SS shadow arrives at the SYSCALL entry
-    spec_window: int = SPEC_WINDOW  # instructions a mispredicted branch runs ahead (0: never follow one)
-
-
-@dataclass(frozen=True)
-class Own:
-    """What a leaf's own run contributes: summarised once per run (or per shared run)."""
-
-    events: tuple[Event, ...]
-    summary: PathSummary
-    local: tuple                     # local violations, positions relative to the run's first event
-
-
-@dataclass
-class Group:
-    """The paths and findings that injecting at one boundary of the scenario's path produced."""
-
-    order: int                       # index of the boundary in the scenario's path
-    rows: tuple[int, int]
-    findings: list[Finding] = field(default_factory=list)
-
-
-@dataclass
-class UnitResult:
-    table: PathTable
-    groups: list[Group] = field(default_factory=list)     # in exploration order
-    converged: int = 0
-    skipped: int = 0
-    executed: int = 0                # runs the machine really made
-    shared: int = 0                  # leaves attributed to a shared run
-    stopped: str = "done"
-    error: str = ""
-    speculated: int = 0              # mispredicted branches followed (runs not counted as paths)
-    covered: frozenset[int] = frozenset()    # instructions the recorded runs executed
-
-    @property
-    def runs(self) -> int:
-        return len(self.table)
-
-    @property
-    def findings(self) -> list[Finding]:
-        return [f for g in self.groups for f in g.findings]
-
-
-class Budget:
-    def __init__(self, max_runs: int | None) -> None:
-        self.max_runs = max_runs
-        self.used = 0
-
-    def take(self) -> bool:
-        if self.max_runs is not None and self.used >= self.max_runs:
-            return False
-        self.used += 1
-        return True
 
 
 class Explorer:
@@ -440,7 +372,7 @@ class _Unit:
             flow = ex.analyser.analyse(flowed)
             if flow is not None and flowed.converged == rec.converged:
                 ex.memo.add(key, flow, flowed.converged, state.regs, state.memory, flowed.final.regs,
-                            flowed.final.memory, flowed.final.cpu, _Shared(own, flowed.final.cpu))
+                            flowed.final.memory, flowed.final.cpu, Shared(own, flowed.final.cpu))
 
     def _leaf_verdict(self, node: Node, k: int, state: Snapshot, vector: Vector, violations, inherited: bool,
                       chain, position: int, local: tuple) -> bool:
@@ -466,8 +398,8 @@ class _Unit:
             outstanding = node.log.outstanding[k - node.log.start]
             if entry.rejoined:
                 outstanding = outstanding[:node.points[0].index]
-            ended = _Ended(Outcome.STOPPED, "converged", shared.cpu, outstanding)
-            got = node.attributed[key] = self._path(node, i, shared.own, ended, at)
+            ended = Ended(Outcome.STOPPED, "converged", shared.cpu, outstanding)
+            got = node.attributed[key] = node.path(i, shared.own, ended, at)
         violations, inherited, path, ends = got
         if violations and not inherited:
             return False
@@ -484,7 +416,7 @@ class _Unit:
         every violation in it happened before the injection (``inherited``) and its local
         violations; adds the path's row unless ``dry``."""
         i = node.index(k)
-        violations, inherited, path, ends = self._path(node, i, own, rec, converged_at)
+        violations, inherited, path, ends = node.path(i, own, rec, converged_at)
         if not dry:
             self._add_path(node, link, ends, path, converged_at is not None)
         return violations, inherited, node.local_pre[i] + own.local if own.local else node.local_pre[i]
@@ -495,33 +427,6 @@ class _Unit:
                        path.cr3, converged)
         if converged:
             self.result.converged += 1
-
-    def _path(self, node: Node, i: int, own: Own, rec, converged_at) -> tuple:
-        """(violations, inherited, summary, the record it ends as) of the path made of the
-        node's first i events, the own run, and the rest of the run it rejoined."""
-        path = self.summaries.join(node.prefix[i], own.summary)
-        if converged_at is not None:
-            ref, ref_k = converged_at
-            path = self.summaries.join(path, ref.suffix(ref_k))
-            ends = ref.record
-        else:
-            ends = rec
-        final = rec.final if isinstance(rec, Record) else rec
-        events = own.events
-        local = node.local_pre[i] + own.local if own.local else node.local_pre[i]
-        nmi = path.nmi
-        if converged_at is not None and not local and nmi.handled <= nmi.delivered and \
-                (nmi.tail is None or nmi.tail[0] != "nmi"):
-            violations = []            # what verdict() finds for a clean path that rejoined
-        else:
-            end = End(rec.outcome, rec.reason, final.cpu, converged_at is not None, final.outstanding, events[-1],
-                      nmi, lambda: node.path_events(i) + events)
-            violations = verdict(self.ex.world, local, end)
-        inherited = True
-        if violations:
-            before = {id(t[3]) for t in node.local_pre[i]}
-            inherited = all(id(v) in before for v in violations)
-        return violations, inherited, path, ends
 
     def _leaf_findings(self, node: Node, k: int, state: Snapshot, vector: Vector, violations: list[Violation],
                        chain, position: int, local: tuple) -> None:
@@ -581,24 +486,6 @@ class _Unit:
 
     def _report_reentry(self, r: Reentry) -> None:
         self.group.findings.append(self.findings.reentry(self.where, r, self.pre))
-
-
-@dataclass(frozen=True)
-class _Shared:
-    """What the memo keeps of a shared run."""
-
-    own: Own
-    cpu: CpuState
-
-
-@dataclass(frozen=True)
-class _Ended:
-    """How a shared run ends: where it started, converged."""
-
-    outcome: Outcome
-    reason: str
-    cpu: CpuState
-    outstanding: tuple
 
 
 __all__ = ["ExploreConfig", "Explorer", "UnitResult", "Budget", "DEFAULT_VECTORS", "Group"]

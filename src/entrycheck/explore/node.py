@@ -15,7 +15,7 @@ from entrycheck.explore.memo import Target
 from entrycheck.explore.summary import EMPTY, PathSummary, Summaries
 from entrycheck.machine.api import ConvergePoint, LiveIndex, Record, StepLog
 from entrycheck.machine.events import Delivered, Event, Injection
-from entrycheck.props.invariants import local_violations
+from entrycheck.props.invariants import End, local_violations, verdict
 from entrycheck.props.reentry import Reentry
 
 
@@ -26,6 +26,7 @@ class Node:
                  parent_k: int, chain: tuple[Injection, ...], row: int) -> None:
         self.record = record
         self._summaries = summaries
+        self._world = world
         self._wbase = wbase
         self.log: StepLog = record.steps
         self.parent, self.parent_k = parent, parent_k
@@ -122,6 +123,35 @@ class Node:
     def path_events(self, i: int) -> tuple[Event, ...]:
         before = self.parent.path_events(self.parent.index(self.parent_k)) if self.parent else ()
         return before + self.events[:i]
+
+    def path(self, i: int, own, rec, converged_at) -> tuple:
+        """(violations, inherited, summary, the record it ends as) of the path made of this run's
+        first i events, a leaf's own run (``own``: explore/unit.py's Own; ``rec``: its record, or
+        how a shared run ends) and the rest of the recorded run it rejoined (``converged_at``: a
+        (node, boundary) or None).  ``inherited``: every violation happened before the leaf."""
+        path = self._summaries.join(self.prefix[i], own.summary)
+        if converged_at is not None:
+            ref, ref_k = converged_at
+            path = self._summaries.join(path, ref.suffix(ref_k))
+            ends = ref.record
+        else:
+            ends = rec
+        final = rec.final if isinstance(rec, Record) else rec
+        events = own.events
+        local = self.local_pre[i] + own.local if own.local else self.local_pre[i]
+        nmi = path.nmi
+        if converged_at is not None and not local and nmi.handled <= nmi.delivered and \
+                (nmi.tail is None or nmi.tail[0] != "nmi"):
+            violations = []            # what verdict() finds for a clean path that rejoined
+        else:
+            end = End(rec.outcome, rec.reason, final.cpu, converged_at is not None, final.outstanding, events[-1],
+                      nmi, lambda: self.path_events(i) + events)
+            violations = verdict(self._world, local, end)
+        inherited = True
+        if violations:
+            before = {id(t[3]) for t in self.local_pre[i]}
+            inherited = all(id(v) in before for v in violations)
+        return violations, inherited, path, ends
 
     def rejoinable(self, k: int) -> tuple[tuple["Node", int], ...]:
         """The recorded runs a run injected at boundary k may return into: this one at k, then

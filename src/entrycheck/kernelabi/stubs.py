@@ -19,7 +19,7 @@ from entrycheck.image.layout import (ENTRY_STACK_SIZE, IST_STACK_SIZE, SIGNAL_HA
                                      TASK_SIZE_MAX, TASK_STACK_SIZE, USER32_CS, USER_CS, USER_DS,
                                      VDSO32_LANDING_PAD)
 from entrycheck.kernelabi.linux import ASM_HELPERS, UNTRAIN_FUNCTIONS, Helper
-from entrycheck.machine import model
+from entrycheck.machine import fred, model
 from entrycheck.machine.events import Cr3Written, FaultKind, MsrWritten, StubCall
 from entrycheck.machine.api import Context
 from entrycheck.machine.model import SPEC_CTRL_IBRS
@@ -303,28 +303,28 @@ class Stubs:
         regs = emu.reg("rdi")
         ss = emu.read_u64(regs + PTREGS["ss"])
         etype, vector = (ss >> 48) & 0xF, (ss >> 32) & 0xFF
-        if etype in (model.FRED_OTHER, model.FRED_SOFT_INT):
-            if etype == model.FRED_OTHER and vector == 1 and emu.read_u64(regs + PTREGS["cs"]) & 0xFFFF \
+        if etype in (fred.FRED_OTHER, fred.FRED_SOFT_INT):
+            if etype == fred.FRED_OTHER and vector == 1 and emu.read_u64(regs + PTREGS["cs"]) & 0xFFFF \
                     != USER32_CS:
                 self._system_call_return(emu, regs)          # do_syscall_64's, as the IDT path has it
             else:
                 emu.write_u64(regs + PTREGS["rax"], 0)
             return
-        if etype == model.FRED_HW_EXCEPTION and vector == int(model.Vector.GP):
+        if etype == fred.FRED_HW_EXCEPTION and vector == int(model.Vector.GP):
             self._fred_general_protection(emu, regs)
             return
-        if etype == model.FRED_EXTERNAL:
+        if etype == fred.FRED_EXTERNAL:
             if Effect.TLB_SHOOTDOWN in emu.options.effects:
                 self._invalidate_user_asid(emu)
             return
-        if etype == model.FRED_HW_EXCEPTION and vector == int(model.Vector.MC):
+        if etype == fred.FRED_HW_EXCEPTION and vector == int(model.Vector.MC):
             cpu, write = model.wrmsr(emu.cpu, model.MSR_MCG_STATUS, 0)
             emu.set_cpu(cpu)
             emu.emit(MsrWritten, write=write)
-        if etype == model.FRED_NMI:
+        if etype == fred.FRED_NMI:
             # fred_exc_nmi(): what exc_nmi does, called from the dispatcher (the NMI is processed here).
             emu.emit(StubCall, name="exc_nmi", return_address=0, rsp=emu.reg("rsp"), note="called by FRED's dispatcher")
-        if etype == model.FRED_NMI or vector in (int(model.Vector.MC), int(model.Vector.DB)):
+        if etype == fred.FRED_NMI or vector in (int(model.Vector.MC), int(model.Vector.DB)):
             self._effects(emu)
 
     def _fred_general_protection(self, emu: Context, regs: int) -> None:
@@ -343,7 +343,7 @@ class Stubs:
         uregs = emu.read_u64(regs + PTREGS["sp"]) - PTREGS["orig_ax"]
         gp_ss = emu.read_u64(regs + PTREGS["ss"])
         user_ss = emu.read_u64(uregs + PTREGS["ss"])
-        emu.write_u64(uregs + PTREGS["ss"], (gp_ss & ~0xFFFF & ~model.FRED_SS_NMI) | (user_ss & 0xFFFF))
+        emu.write_u64(uregs + PTREGS["ss"], (gp_ss & ~0xFFFF & ~fred.FRED_SS_NMI) | (user_ss & 0xFFFF))
         emu.write_u64(uregs + PTREGS["orig_ax"], emu.read_u64(regs + PTREGS["orig_ax"]))
         emu.write_u64(regs + PTREGS["ip"], self.world.config.fred.entry)
 

@@ -19,8 +19,8 @@ from entrycheck.image.image import Image
 from entrycheck.image.layout import KERNEL_DS, PAGE, USER_DS, Perm, Region
 from entrycheck.kernelabi import linux
 from entrycheck.kernelabi.linux import IST_ORDER
-from entrycheck.machine import model
 from entrycheck.machine.api import MachineConfig
+from entrycheck.machine.fred import FredConfig
 from entrycheck.machine.model import (MCG_STATUS_MCIP, PTI_USER_PCID, PTI_USER_PGTABLE, SPEC_CTRL_IBRS, CpuState,
                                       Vector)
 
@@ -252,7 +252,7 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
     fred = None
     if "fred" in image.features.names and "asm_fred_entrypoint_user" in loaded.symbols:
         # cpu_init_fred_exceptions()/cpu_init_fred_rsps(): RSP0 the task stack, RSP1..3 as linux.py says.
-        fred = model.FredConfig(loaded.symbols["asm_fred_entrypoint_user"],
+        fred = FredConfig(loaded.symbols["asm_fred_entrypoint_user"],
                                 (task_top,) + tuple(ist_tops[v] for v in linux.FRED_STACKS), linux.FRED_LEVELS)
     config = MachineConfig(regions=tuple(regions), idt=MappingProxyType(idt),
                            ist_slots=MappingProxyType({v: linux.tss_ist_slot(tss_base, offsets, v)

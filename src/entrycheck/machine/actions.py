@@ -5,7 +5,7 @@ applies the model's pure function and skips the instruction."""
 
 from __future__ import annotations
 
-from entrycheck.machine import model, uc as U
+from entrycheck.machine import fred, model, uc as U
 from entrycheck.machine.api import FLAG_GROUPS, MASK64, Op
 from entrycheck.machine.context import RunContext
 from entrycheck.machine.delivery import Delivery
@@ -274,8 +274,8 @@ class Actions:
             words = [int.from_bytes(raw[8 * k:8 * k + 8], "little") for k in range(6)]
             frame = Frame(None, words[1], words[2] & 0xFFFF, words[3], words[4], words[5] & 0xFFFF)
             try:
-                cpu = model.eret(ctx.cpu, words, to_user)
-            except model.EretFault as exc:
+                cpu = fred.eret(ctx.cpu, words, to_user)
+            except fred.EretFault as exc:
                 if not to_user or not self.config.iret_faults:
                     ctx.fault(FaultKind.GP, f"{exc} at {ctx.symbolize(addr)}")
                     return

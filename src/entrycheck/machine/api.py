@@ -14,7 +14,8 @@ from typing import Callable, Hashable, Mapping, Protocol, Sequence
 
 from entrycheck.image.layout import USER_GSBASE_POISON, USER_GSBASE_VALUES, Region
 from entrycheck.machine.events import Event, FaultKind, Injection, Outcome
-from entrycheck.machine.model import SPEC_WINDOW, CpuState, FredConfig, SpecConfig, Vector
+from entrycheck.machine.fred import FredConfig
+from entrycheck.machine.model import SPEC_WINDOW, CpuState, SpecConfig, Vector
 from entrycheck.machine.state import RFLAGS, Interrupted, Regs, Snapshot
 
 DEFAULT_BUDGET = 20000

@@ -5,7 +5,7 @@ delivers through an IDT, so the machine does it here, with the model's pure func
 from __future__ import annotations
 
 from entrycheck.errors import InternalError
-from entrycheck.machine import model, uc as U
+from entrycheck.machine import fred, model, uc as U
 from entrycheck.machine.api import MASK64, Op
 from entrycheck.machine.context import RunContext
 from entrycheck.machine.events import Delivered, FaultKind, Latched
@@ -81,7 +81,7 @@ class Delivery:
         return True
 
     def _deliver_fred(self, vector: Vector, error_code: int, from_latch: bool, single_step: bool) -> bool:
-        """FRED event delivery (model.fred_deliver): an 8-word frame on the stack of the new stack
+        """FRED event delivery (fred.fred_deliver): an 8-word frame on the stack of the new stack
         level, or below the interrupted RSP; RIP at the ring-3 or ring-0 entry point."""
         ctx = self.ctx
         cpu, run, u = ctx.cpu, ctx.run, ctx.u
@@ -91,7 +91,7 @@ class Delivery:
         cs = ((model.USER32_CS if cpu.compat else model.USER_CS) if cpu.cpl == 3 else model.KERNEL_CS)
         ss = model.USER_DS if cpu.cpl == 3 else cpu.ss
         injection = Interrupted(vector, run.steps, rip, rsp, context_of(u.read_all()), cpu, run.chain)
-        new_cpu, words, new_rsp, entry = model.fred_deliver(cpu, vector, self.config.fred, rip=rip, rsp=rsp,
+        new_cpu, words, new_rsp, entry = fred.fred_deliver(cpu, vector, self.config.fred, rip=rip, rsp=rsp,
                                                             rflags=rflags, cs=cs, ss=ss, error_code=error_code)
         frame = Frame(words[0], words[1], words[2], words[3], words[4], words[5])
         return self._push_frame(vector, injection, new_cpu, frame, words, new_rsp, model.RFLAGS_FIXED, entry,

@@ -1,0 +1,5 @@
+"""python -m entrycheck.cli"""
+
+from entrycheck.cli import main
+
+main()
