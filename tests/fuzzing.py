@@ -386,7 +386,7 @@ class Runner:
 
     def run_patch(self, case: PatchCase) -> CaseResult:
         from entrycheck.errors import InputError
-        from entrycheck.kernel.patch import apply_patches
+        from entrycheck.kernel.patchapply import apply_patches
 
         ws = self.ws
         dest = ws.root / "patch-dest"

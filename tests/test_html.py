@@ -437,7 +437,7 @@ def test_cpu_state_along_a_trace_is_the_machines(kernel612, features) -> None:
     from entrycheck.kernelabi.stubs import Effect
     from entrycheck.kernelabi.world import build_world
     from entrycheck.machine.events import StubCall
-    from entrycheck.report.html import states_along
+    from entrycheck.report.htmlviews import states_along
 
     fields = ("cr3", "gs_base", "kernel_gs_base", "spec_ctrl", "cpl", "nmi_blocked", "mcg_status")
     world = build_world(load_build(kernel612).image(FeatureSet.parse(features)))

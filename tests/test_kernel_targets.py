@@ -19,7 +19,8 @@ from elftools.elf.elffile import ELFFile
 from entrycheck.errors import InputError
 from entrycheck.kernel.cache import CACHE_ENV, Cache
 from entrycheck.kernel.debian import compare_versions
-from entrycheck.kernel.kbuild import ensure_build_packages, object_is_current, parse_cmd_deps
+from entrycheck.kernel.kbuild import object_is_current, parse_cmd_deps
+from entrycheck.kernel.make import ensure_build_packages
 from entrycheck.kernel.targets import KernelBuild, build_tree_object, resolve_target
 
 ENTRY_O = "arch/x86/entry/entry_64.o"

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from entrycheck.errors import InputError
-from entrycheck.kernel.patch import apply_patches, parse_patch
+from entrycheck.kernel.patch import parse_patch
+from entrycheck.kernel.patchapply import apply_patches
 from entrycheck.kernel.patchmatch import normalise
 
 DATA = Path(__file__).parent / "data" / "patches"

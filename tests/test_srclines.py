@@ -136,7 +136,7 @@ def test_a_finding_trace_shows_the_paranoid_restore_cr3_line_6_12(kernel612_debu
     """6.12 (PARANOID_RESTORE_CR3 skips the write for a kernel CR3): the mc-from-kernel finding with a
     handler that switches the kernel ASID runs paranoid_exit; its replayed trace attributes the
     PARANOID_RESTORE_CR3 expansion (bt, jnc) to the invocation line, as grepped from the source."""
-    from entrycheck.report.html import _Side
+    from entrycheck.report.htmlviews import _Side
 
     loaded = load_build(kernel612_debug)
     result = run_check(ObjectRef(kernel612_debug.object_path, kernel612_debug.cpufeatures_h,

@@ -22,9 +22,11 @@ from ..progress import Progress, silent
 from .cache import Cache, safe_name
 from .kconfig import ConfigRequest
 from .kbuild import (
+    is_source_tree,
+)
+from .make import (
     build_entry,
     ensure_build_packages,
-    is_source_tree,
     last_apt_error,
     read_meta,
 )

@@ -18,7 +18,8 @@ from typing import Sequence
 
 from entrycheck.errors import InputError
 from entrycheck.kernel.cache import Cache
-from entrycheck.kernel.patch import ApplyResult, HunkPlacement, apply_patches
+from entrycheck.kernel.patch import ApplyResult, HunkPlacement
+from entrycheck.kernel.patchapply import apply_patches
 from entrycheck.kernel.targets import KernelBuild, build_tree_object
 from entrycheck.progress import Progress, silent
 

@@ -29,7 +29,6 @@ from .kconfig import ConfigRequest, entry_objects
 from .kbuild import (
     ASM_OFFSETS_H,
     CPUFEATURES_H,
-    ENTRY_OBJECT,
     ENTRY_SOURCE,
     STAGED_ASM_OFFSETS,
     STAGED_CPUFEATURES,
@@ -38,15 +37,17 @@ from .kbuild import (
     STAGED_PARTS,
     KernelTree,
     TreeKind,
-    build_entry,
     fingerprint,
     has_debug_line,
     inspect_tree,
     is_clean_source,
     kernel_version,
-    link_objects,
     newest_mtime_ns,
     object_is_current,
+)
+from .make import (
+    build_entry,
+    link_objects,
     read_meta,
 )
 
