@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import fuzzing  # noqa: E402  (tests/fuzzing.py)
+import fuzzing  # noqa: E402  (tests/fuzzing/)
 
 PROGRESS_EVERY = 250
 LOCATE_AT_MOST = 60          # distinct problems whose raising place is looked up

@@ -1,7 +1,7 @@
 """The command line holds up under bad input: a small fuzzing budget on every run of the tests.
 
 Mutated objects (the demo fixture and tests/asm, assembled here), argument vectors, patch
-texts and --finding files, each case made from a fixed seed (see tests/fuzzing.py).  Every
+texts and --finding files, each case made from a fixed seed (see tests/fuzzing/).  Every
 case must end with exit code 0, 1 or 2, without a traceback, with one line on standard error
 for 2, within the timeout, and leave no file behind.  benchmarks/fuzz.py runs the same
 generators with a large budget (and the Debian kernels' objects).
