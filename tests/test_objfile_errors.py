@@ -3,6 +3,8 @@ names the path, and on the command line exit code 2 with one line on stderr."""
 
 from __future__ import annotations
 
+import re
+
 import os
 import random
 import shutil
@@ -204,13 +206,25 @@ def test_specific_kernel_reasons(real_cases: dict[str, Path]) -> None:
 
 
 @pytest.mark.kernel
-def test_unknown_section_type_is_not_a_crash(kernel61: KernelBuild, tmp_path: Path) -> None:
+def test_a_section_of_an_unknown_type_is_refused_not_taken_by_its_name(kernel61: KernelBuild, tmp_path: Path) -> None:
+    """Code, data or relocations of a type the loader does not know are refused with one line:
+    taken by name, a relocation section of another type would lose its relocations (the code
+    would run unrelocated) and code or data would be read with unknown semantics."""
     raw = kernel61.object_path.read_bytes()
     headers = section_headers(raw)
     for name in (".data", ".entry.text", ".rela.entry.text"):
         path = tmp_path / f"{name.strip('.')}.o"
-        outcome = _load_or_input_error(patched(raw, headers[name] + 4, "<I", 0x6FFF4321), path)
-        assert outcome in ("loaded", "rejected")
+        with pytest.raises(InputError, match=rf"section {re.escape(name)} has a type this loader does not know "
+                                             r"\(0x6fff4321\)"):
+            load_path(patched(raw, headers[name] + 4, "<I", 0x6FFF4321), path)
+    # A section nothing reads (not allocated, not relocations) may be of any type.
+    other = tmp_path / "discard.o"
+    assert _load_or_input_error(patched(raw, headers[".discard.unwind_hints"] + 4, "<I", 0x6FFF4321), other) == "loaded"
+
+
+def load_path(data: bytes, path: Path):
+    path.write_bytes(data)
+    return load(path)
 
 
 def test_tiny_object_loads(tmp_path: Path) -> None:

@@ -154,6 +154,10 @@ def _parse(path: Path, raw: bytes, entry_text: bool = True) -> ObjectFile:
     for idx, sec in enumerate(elf.iter_sections()):
         sh_type = sec["sh_type"]
         kind = sh_type.replace("SHT_", "") if isinstance(sh_type, str) else f"{sh_type:#x}"
+        if not isinstance(sh_type, str) and (sec["sh_flags"] & SHF_ALLOC or sec.name.startswith(".rel")):
+            # Its contents would be taken for code, data or relocations by its name alone (a
+            # relocation section of another type is not read as one: its relocations would be lost).
+            raise InputError(f"{path}: section {sec.name} has a type this loader does not know ({sh_type:#x})")
         size = sec["sh_size"]
         if size > MAX_SECTION and sec["sh_flags"] & SHF_ALLOC:
             raise InputError(f"{path}: section {sec.name} claims {size:,} bytes of memory; an entry object's "
