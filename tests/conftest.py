@@ -12,6 +12,29 @@ import pytest
 from entrycheck.kernel.targets import KernelBuild, resolve_target
 
 DEBIAN_SERIES = ("6.1", "6.12")
+# The fixtures that fetch and build a Debian kernel: a test using one, directly or through another
+# fixture, is a `kernel` test whether its file says so or not (``-m "not kernel"`` leaves it out).
+KERNEL_FIXTURES = frozenset({"kernel61", "kernel612", "kernel61_debug", "kernel612_debug", "built_kernels",
+                             "debian_kernel"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kernel)
+
+
+@pytest.fixture(autouse=True)
+def _no_debian_kernel_unless_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked `kernel` must not fetch or build a Debian kernel in this process."""
+    if request.node.get_closest_marker("kernel") is not None:
+        return
+    from entrycheck.kernel import targets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} resolves a Debian kernel: mark it `kernel`")
+
+    monkeypatch.setattr(targets, "resolve_debian", refuse)
 
 
 @pytest.fixture(scope="session")

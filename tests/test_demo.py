@@ -190,3 +190,25 @@ def test_an_unexpected_outcome_is_reported(demo):
     assert any("variant 1" in p and "should be safe" in p for p in bad.problems)
     assert any("variant 3" in p and "found nothing" in p for p in bad.problems)
     assert "UNEXPECTED" in demo_text(bad)
+
+
+def test_trace_replays_the_finding_it_is_given(demo, tmp_path):
+    """`trace --finding FILE:N` replays violation N of a check's JSON, not another one: the
+    scenario, feature set and injection chain of the replay are violation N's."""
+    obj = by_number(demo, 2).object_path
+    out = tmp_path / "check.json"
+    cli_ = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
+    subprocess.run(cli_ + ["check", str(obj), "--depth", "1", "--features", "pti,pcid", "--workers", "1",
+                           "--json", str(out)], capture_output=True, check=False)
+    violations = json.loads(out.read_text())["violations"]
+    chosen = [n for n, v in enumerate(violations)
+              if (v["scenario"], v["injections"]) != (violations[0]["scenario"], violations[0]["injections"])]
+    assert chosen, "the check needs violations with different paths"
+    for n in (0, chosen[0], chosen[-1]):
+        proc = subprocess.run(cli_ + ["trace", str(obj), "--finding", f"{out}:{n}", "--json", "-"],
+                              capture_output=True, text=True, check=True)
+        replay = json.loads(proc.stdout)
+        v = violations[n]
+        assert (replay["scenario"], replay["features"], replay["injections"]) == \
+            (v["scenario"], v["features"], v["injections"]), n
+        assert v["invariant"] in {x["invariant"] for x in replay["violations"]}

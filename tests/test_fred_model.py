@@ -61,9 +61,13 @@ def test_at_the_same_level_the_frame_goes_below_the_red_zone_aligned_to_64(rsp: 
     assert s.csl == 2 and words[2] >> 16 & 3 == 2 and words[4] == rsp
 
 
-def test_a_lower_level_event_keeps_the_current_level() -> None:
-    s, _, new_rsp, _ = deliver(cpu(csl=2), Vector.DB)
-    assert s.csl == 2 and new_rsp + 64 != RSP[1]
+@given(rsp=st.integers(min_value=0xFFFF_FE00_0000_8000, max_value=0xFFFF_FE00_0000_8FF8).map(lambda v: v & ~7))
+def test_a_lower_level_event_keeps_the_current_level_and_its_stack(rsp: int) -> None:
+    # A #DB (level 1) inside the NMI handler (level 2): no stack switch, neither to level 1's stack
+    # nor back to the top of level 2's, which holds the NMI's frame: the frame goes below the red zone.
+    s, words, new_rsp, _ = deliver(cpu(csl=2), Vector.DB, rsp=rsp)
+    assert s.csl == 2 and words[2] >> 16 & 3 == 2 and words[4] == rsp
+    assert new_rsp + 64 == (rsp - 64) & ~0x3F and new_rsp + 64 not in (RSP[1], RSP[2])
 
 
 def test_the_frame_is_eight_words_with_the_event_in_ss() -> None:

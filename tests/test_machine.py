@@ -129,7 +129,9 @@ def test_nmi_inside_a_db_inside_an_nmi_is_handled_by_the_nesting_logic(debian_ke
     _, t = run(debian_kernel, features, "nmi-from-kernel", "db@paranoid_entry", "nmi@asm_exc_debug")
     arrivals = [(type(e).__name__, e.vector) for e in t.events if type(e).__name__ in ("Delivered", "Latched")]
     assert arrivals[:2] == [("Delivered", model.Vector.NMI), ("Delivered", model.Vector.DB)]
-    if ("Latched", model.Vector.NMI) in arrivals:
+    early_iret = "CONFIG_DEBUG_ENTRY=y" in debian_kernel.config_file.read_text().splitlines()
+    assert (("Latched", model.Vector.NMI) in arrivals) is not early_iret     # the build says which
+    if not early_iret:
         assert arrivals[2:] == [("Latched", model.Vector.NMI), ("Delivered", model.Vector.NMI)]
         at = next(k for k, e in enumerate(t.events) if isinstance(e, Delivered) and e.from_latch)
         db_iret = [e for e in t.events[:at] if isinstance(e, Iret)][-1]

@@ -89,7 +89,16 @@ def test_returns_into_the_user_cr3_window_are_unchanged(kernel61, seed_review) -
                if e["cr3_writes_changed"]}
     in_window = [key for key in changed if key[0] == "syscall" and len(key[2]) == 1 and key[2][0] in window]
     assert in_window == []
-    assert window                                   # the window exists and was explored
+    # ... and the window was explored: an exception arrives at each of its boundaries up to the
+    # SYSRET's unsafe stack (the kernel runs there on the user CR3).
+    from entrycheck.explore.check import CheckConfig
+    from entrycheck.session import object_ref, run_check
+
+    result = run_check(object_ref(kernel61), CheckConfig(scenarios=("syscall",), feature_sets=(
+        FeatureSet.parse("pti,pcid"),), depth=1, user_values=False))
+    injected = {p.injections[0].at for p in result.paths if len(p.injections) == 1}
+    must = {s for s in window if image.parse_location(s) <= sysret}
+    assert must and must <= injected, sorted(must - injected)
 
 
 def test_depth_2_findings_the_seed_keeps_are_neither_new_nor_fixed(kernel61, tmp_path) -> None:

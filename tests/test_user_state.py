@@ -13,6 +13,7 @@ import pytest
 from entrycheck.errors import InputError
 from entrycheck.session import ObjectRef
 from entrycheck.explore.delivery import DeliveryPolicy
+from entrycheck.machine.model import Vector
 from entrycheck.explore.engine import DEFAULT_VECTORS, Explorer, ExploreConfig
 from entrycheck.explore.replay import trace
 from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, SCENARIOS, scenario
@@ -94,6 +95,23 @@ def test_an_irq_needs_if_and_waits_out_the_sti_shadow() -> None:
     # STI with IF already set has no shadow; POPF never has one.
     assert window(ex, _log([0x10, 0x11], [0x2 | RFLAGS_IF] * 2), 1)
     assert window(ex, _log([0x20, 0x11], [0x2, 0x2 | RFLAGS_IF]), 1)
+
+
+def test_an_irq_is_delivered_where_if_is_set_outside_the_sti_shadow() -> None:
+    """The explorer and the user-value search deliver what DeliveryPolicy.allowed admits: an IRQ
+    at the boundary after the STI's shadow, none before (IF=0) or inside the shadow."""
+    from entrycheck.machine.model import CpuState
+
+    code = {0x10: b"\xfb", 0x11: b"\x90", 0x12: b"\x90"}                  # sti; nop; nop
+    policy = DeliveryPolicy.__new__(DeliveryPolicy)
+    policy.image = SimpleNamespace(read=lambda addr, n: code[addr][:n])
+    policy.world = SimpleNamespace(config=SimpleNamespace(idt={Vector.IRQ: 0xFFFFFFFF81000000}))
+    policy.config = ExploreConfig()
+    cpu = CpuState(cr3=2, pcide=True, fsgsbase=False, cpl=0, ss=0x18, gs_base=0, kernel_gs_base=0, spec_ctrl=0,
+                   mcg_status=0, nmi_blocked=False, nmi_pending=False, stale=frozenset())
+    log = _log([0x10, 0x11, 0x12], [0x2, 0x2 | RFLAGS_IF, 0x2 | RFLAGS_IF])
+    log.start, log.cpus, log.outstanding = 100, [cpu] * 3, [()] * 3
+    assert [policy.allowed(Vector.IRQ, log, 100 + i, frozenset(), False) for i in range(3)] == [False, False, True]
 
 
 def test_irq_is_a_default_vector_and_injectable_by_name() -> None:
