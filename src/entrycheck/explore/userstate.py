@@ -22,8 +22,9 @@ from entrycheck.explore.scenarios import (RETURN_FIELDS, USER_RFLAGS, Scenario, 
 from entrycheck.image import layout
 from entrycheck.machine import model
 from entrycheck.machine.api import Level, Request
-from entrycheck.machine.model import Vector, can_deliver
-from entrycheck.machine.state import RFLAGS, RSP
+from entrycheck.machine.events import Delivered
+from entrycheck.machine.model import Vector
+from entrycheck.machine.state import RSP
 
 SETTABLE_FLAGS = (model.RFLAGS_TF, model.RFLAGS_DF, model.RFLAGS_NT, model.RFLAGS_AC)
 NON_CANONICAL = 1 << 47
@@ -98,21 +99,23 @@ def _signature(explorer, sc: Scenario, vectors: tuple[Vector, ...], live: set[in
     default = not sc.user.items()
     held = [log.cpus[i].cpl == 0 and (regs[RSP] == user_rsp or log.cpus[i].gs_base == user_gs)
             and (default or log.pcs[i] in live) for i, regs in enumerate(log.regs)]
+    single_steps = frozenset(e.step for e in rec.events if type(e) is Delivered and e.single_step)
+    entry = sc.vector is None
     for i, pc in enumerate(log.pcs):
         # The first and last boundary of each stretch where a user value is held.
         if not held[i] or (0 < i < len(held) - 1 and held[i - 1] and held[i + 1]):
             continue
-        cpu, regs = log.cpus[i], log.regs[i]
+        cpu = log.cpus[i]
         if default:
             live.add(pc)
         k = log.start + i
         cursor.advance(k)
         state = log.state(k, cursor.frozen())
         for vector in vectors:
-            if vector is Vector.IRQ and not regs[RFLAGS] & model.RFLAGS_IF:
-                continue
-            if vector not in world.config.idt or not can_deliver(cpu, vector) or \
-                    (vector is Vector.NMI and cpu.nmi_pending):
+            # Where hardware could deliver it (the explorer's rule); a blocked NMI would only be
+            # latched, which tells no value apart.
+            if not explorer.policy.allowed(vector, log, k, single_steps, entry) or \
+                    (vector is Vector.NMI and cpu.nmi_blocked):
                 continue
             probe = explorer.machine.run(Request(state, deliver=vector, level=Level.STEPS, options=options,
                                                  budget=budget, cut_loops=True))
