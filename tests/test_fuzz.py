@@ -9,12 +9,16 @@ generators with a large budget (and the Debian kernels' objects).
 
 from __future__ import annotations
 
+import random
 import signal
 from pathlib import Path
 
+import click
 import pytest
 
+from entrycheck.cli import cli
 from fuzzing import KINDS, Case, Fuzzer, Runner, have_assembler, problems, report
+from fuzzing.commandline import EXCLUDED, VALUE_KINDS, command_spec
 
 pytestmark = pytest.mark.skipif(not have_assembler(), reason="GNU as (binutils) is not installed")
 
@@ -32,6 +36,64 @@ def test_command_line_holds_up(fuzzer: Fuzzer, kind: str) -> None:
     results = fuzzer.run(kind, range(FIRST_SEED, FIRST_SEED + BUDGET[kind]))
     assert len(results) == BUDGET[kind]
     assert not problems(results), report(results)
+
+
+# --------------------------------------------------------------------------- the argument fuzzer
+
+
+def _spellings(params) -> set[str]:
+    return {n for p in params if isinstance(p, click.Option) for n in (*p.opts, *p.secondary_opts)} - set(EXCLUDED)
+
+
+def test_every_command_and_option_of_the_command_line_is_generated(fuzzer: Fuzzer) -> None:
+    """The argument fuzzer reads the commands and their options from click's definitions: every
+    command, and every spelling of every option of each, turns up within a few thousand seeds.
+    An option added to the command line is fuzzed without a change to the fuzzer; one it could
+    not produce fails here."""
+    wanted = {name: _spellings(command.params) for name, command in cli.commands.items()}
+    top = _spellings(cli.params)
+    seen: dict[str, set[str]] = {}
+    seen_top: set[str] = set()
+    for seed in range(3000):
+        argv = fuzzer.gen.case("args", seed).argv
+        if argv and argv[0] in wanted:
+            seen.setdefault(argv[0], set()).update(t.split("=", 1)[0] for t in argv[1:] if t.startswith("-"))
+        else:
+            seen_top.update(argv)
+    assert set(seen) == set(cli.commands)
+    missing = {name: sorted(options - seen[name]) for name, options in wanted.items() if options - seen[name]}
+    assert not missing, f"options the argument fuzzer never generated: {missing}"
+    assert top <= seen_top, f"options of the group never generated: {sorted(top - seen_top)}"
+    # what the fuzzer knows of values names options that exist (a renamed option is not left to its type)
+    every = set().union(*wanted.values(), top)
+    assert not set(VALUE_KINDS) - every, f"VALUE_KINDS names no option: {sorted(set(VALUE_KINDS) - every)}"
+
+
+def test_an_option_the_fuzzer_does_not_know_takes_values_from_its_click_type(fuzzer: Fuzzer) -> None:
+    @click.command()
+    @click.argument("thing")
+    @click.option("--mode", type=click.Choice(["fast", "slow"]))
+    @click.option("--level", type=click.IntRange(1, 9))
+    @click.option("--ratio", type=click.FloatRange(0, 1))
+    @click.option("--color/--no-color", default=True)
+    @click.option("--label")
+    def new(**kwargs) -> None:
+        pass
+
+    spec = command_spec("new", new)
+    by_name = {o.names[0]: o for o in spec.options}
+    assert [a.kind for a in spec.arguments] == ["text"]
+    assert {n: (o.kind, o.known) for n, o in by_name.items()} == {
+        "--mode": ("choice", False), "--level": ("int", False), "--ratio": ("float", False),
+        "--color": (None, False), "--label": ("text", False)}
+    assert by_name["--color"].names == ("--color", "--no-color")
+    values = fuzzer.gen.arguments.values
+    made = {n: {values.of(random.Random(k), o) for k in range(300)} for n, o in by_name.items() if o.kind}
+    assert {"fast", "slow"} <= made["--mode"] and {"FAST", "fas", "fastx"} & made["--mode"]
+    assert {"1", "9", "0", "10"} <= made["--level"]
+    assert any(by_name["--level"].rejects(v) for v in made["--level"])
+    assert not by_name["--level"].rejects("9") and by_name["--level"].rejects("10")
+    assert {"0", "1", "-1", "2"} <= made["--ratio"]
 
 
 # --------------------------------------------------------------------------- the harness itself

@@ -21,9 +21,10 @@ it never modifies the source tree, and a rejected patch leaves the destination a
 Used by tests/test_fuzz.py (a small budget) and benchmarks/fuzz.py (a large one).
 
 The parts: case.py (the cases and the rules), runner.py (running one case), files.py (the
-file system around a case), workspace.py (the scratch tree and the objects mutated), elf.py,
-arguments.py and mutations.py (making inputs), generators.py (the four kinds from a seed),
-fuzzer.py (driving a run).
+file system around a case), workspace.py (the scratch tree and the objects mutated), elf.py
+and mutations.py (mutating objects, patches and JSON), arguments.py (argument vectors, from
+click's own definitions of the commands and options read in commandline.py, with values.py's
+values), generators.py (the four kinds from a seed), fuzzer.py (driving a run).
 """
 
 from .case import (ALLOWED_EXIT, DEFAULT_TIMEOUT, KINDS, MARK, Case, CaseResult, PatchCase, _shell_quote, marked,
