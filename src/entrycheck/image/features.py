@@ -51,6 +51,12 @@ _DEFINE = re.compile(r"^\s*#\s*define\s+(X86_FEATURE_|X86_BUG_)(\w+)\s+(.+?)\s*(
 _NCAPINTS = re.compile(r"^\s*#\s*define\s+NCAPINTS\s+(\d+)")
 
 
+BUILTIN_SOURCE = "built-in table"
+# Features the presets and FRED use whose numbers 6.1 and 6.12 do not share: a bare object's
+# built-in table lacks them, its tree's cpufeatures.h has them.
+_TREE_ONLY = frozenset({"clear_cpu_buf", "fred"})
+
+
 @dataclass(frozen=True)
 class FeatureTable:
     numbers: Mapping[str, int]
@@ -60,6 +66,10 @@ class FeatureTable:
         try:
             return self.numbers[name]
         except KeyError:
+            if self.source == BUILTIN_SOURCE and name in _TREE_ONLY:
+                # The built-in table has only the numbers 6.1 and 6.12 share: the tree knows the rest.
+                raise InputError(f"CPU feature {name!r} is not in the built-in table of a bare object: give "
+                                 "--tree with the kernel source its cpufeatures.h comes from") from None
             close = sorted(n for n in self.numbers if n.startswith(name[:3]))[:8]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise InputError(f"unknown CPU feature {name!r} in {self.source}{hint}") from None
@@ -75,7 +85,7 @@ class FeatureTable:
 
 
 def builtin_table() -> FeatureTable:
-    return FeatureTable(MappingProxyType(dict(_BUILTIN)), "built-in table")
+    return FeatureTable(MappingProxyType(dict(_BUILTIN)), BUILTIN_SOURCE)
 
 
 def parse_cpufeatures(text: str, source: str) -> FeatureTable:
