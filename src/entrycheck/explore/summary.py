@@ -31,46 +31,50 @@ class PathSummary:
 EMPTY = PathSummary()
 
 
+class _Interned:
+    """Sums of values that are interned: equal values are one object, and a sum is cached by the
+    identity of its two terms (paths share their sums; the path tables key them by identity)."""
+
+    def __init__(self, zero) -> None:
+        self.zero = zero
+        self._values: dict = {zero: zero}
+        self._sums: dict[tuple[int, int], object] = {}
+
+    def intern(self, value):
+        return self._values.setdefault(value, value)
+
+    def add(self, a, b):
+        values = self._values
+        a = values.setdefault(a, a)
+        if b is self.zero or not b:
+            return a
+        b = values.setdefault(b, b)
+        if a is self.zero:
+            return b
+        key = (id(a), id(b))
+        got = self._sums.get(key)
+        if got is None:
+            c = a + b
+            got = self._sums[key] = values.setdefault(c, c)
+        return got
+
+
 class Summaries:
     """The summaries of one image's runs, with interned arithmetic."""
 
     def __init__(self, image: Image) -> None:
         self.image = image
-        self._costs: dict[tuple[int, int], Cost] = {}
-        self._cost_intern: dict[Cost, Cost] = {NO_COST: NO_COST}
-        self._concats: dict[tuple[int, int], tuple] = {}
-        self._tuple_intern: dict[tuple, tuple] = {(): ()}
+        self._costs = _Interned(NO_COST)
+        self._traces = _Interned(())
 
     # ---- interned arithmetic ----------------------------------------------------------------
     def add_cost(self, a: Cost, b: Cost) -> Cost:
-        """a + b, both interned (sums are cached by the identity of interned costs)."""
-        if b is NO_COST:
-            return a
-        intern = self._cost_intern
-        a, b = intern.setdefault(a, a), intern.setdefault(b, b)
-        if a is NO_COST:
-            return b
-        key = (id(a), id(b))
-        got = self._costs.get(key)
-        if got is None:
-            c = a + b
-            got = self._costs[key] = intern.setdefault(c, c)
-        return got
+        """a + b, interned (see ``_Interned``)."""
+        return self._costs.add(a, b)
 
     def concat(self, a: tuple, b: tuple) -> tuple:
         """a + b for CR3 traces, interned likewise."""
-        intern = self._tuple_intern
-        if not b:
-            return intern.setdefault(a, a)
-        a, b = intern.setdefault(a, a), intern.setdefault(b, b)
-        if not a:
-            return b
-        key = (id(a), id(b))
-        got = self._concats.get(key)
-        if got is None:
-            c = a + b
-            got = self._concats[key] = intern.setdefault(c, c)
-        return got
+        return self._traces.add(a, b)
 
     def join(self, a: PathSummary, b: PathSummary) -> PathSummary:
         """The summary of a stretch followed by another."""
@@ -99,7 +103,7 @@ class Summaries:
                 cr3 = self.concat(cr3, (t,))
             if s is not NO_NMI:
                 nmi = nmi + s
-        return PathSummary(self._cost_intern.setdefault(cost, cost), self._tuple_intern.setdefault(cr3, cr3), nmi)
+        return PathSummary(self._costs.intern(cost), self._traces.intern(cr3), nmi)
 
     def prefixes(self, events: Sequence[Event], before: PathSummary) -> list[PathSummary]:
         """The summary of the path up to each event: element i covers ``before`` and the first i
