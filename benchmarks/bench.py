@@ -133,13 +133,20 @@ SEED_PATCH = ROOT / "tests" / "data" / "patches" / "x86-entry-paranoid-restore-c
 CLI = ["-c", "from entrycheck.cli import main; main()"]
 
 
+MAX_ADDRESS_SPACE = 12 << 30      # per process of a measured command: it fails alone, not the machine
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MAX_ADDRESS_SPACE, MAX_ADDRESS_SPACE))
+
+
 def _command(args: list[str], env: dict, cwd: Path, timeout: float | None = None) -> dict:
     """One entrycheck command line: its exit status, wall time and peak RSS (the largest of its
     processes: os.wait4 reports the command's own and its waited-for workers')."""
     t0 = time.perf_counter()
     with open(cwd / "stdout.txt", "wb") as out, open(cwd / "stderr.txt", "wb") as err:
         proc = subprocess.Popen([sys.executable, *CLI, *args], stdout=out, stderr=err, env=env, cwd=cwd,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_limit_memory)
     timed_out = False
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -254,7 +261,7 @@ def same(args) -> None:
 
 def review_compare(args) -> None:
     """The seed review on 6.1 (depth 1, then the defaults) with REF and with this tree."""
-    for depth in (["--depth", "1"], []):
+    for depth in ([] if d == "default" else ["--depth", d] for d in args.review_depths.split(",")):
         cmd = ["review", "debian:6.1", "--patch", str(SEED_PATCH), *depth, "--json", "out.json"]
         got = {}
         for side, tree in (("old", _checkout(args.ref)), ("new", _this_tree())):
@@ -426,6 +433,7 @@ def main() -> None:
     c.add_argument("--workers", type=int, default=1)
     c.add_argument("--workload", choices=["check", "review"], default="check",
                    help="check: the workload above; review: the seed review on 6.1 at depth 1 and at defaults")
+    c.add_argument("--review-depths", default="1,default", help="the review workload's depths (comma-separated)")
     r = sub.add_parser("readme")
     r.add_argument("--ref", default=None, help="also run the examples with this git ref, first")
     r.add_argument("--only", action="append", help="only the examples whose command line contains this")
