@@ -194,3 +194,79 @@ def test_review_with_a_patch_that_does_not_apply(kernel61, tmp_path) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "calling.h" in proc.stderr and "hunk 1" in proc.stderr
     assert sorted(p.name for p in Cache.open().src.iterdir()) == before      # nothing half-made published
+
+
+# ---- what a review checked of the patch ---------------------------------------------------------
+TRAPS_PATCH = """--- a/arch/x86/kernel/traps.c
++++ b/arch/x86/kernel/traps.c
+@@ -860,6 +860,7 @@
+ asmlinkage __visible noinstr struct pt_regs *sync_regs(struct pt_regs *eregs)
+ {
+ 	struct pt_regs *regs = (struct pt_regs *)this_cpu_read(cpu_current_top_of_stack) - 1;
++	regs--;
+ 	if (regs != eregs)
+ 		*regs = *eregs;
+ 	return regs;
+"""
+
+GS_INDEX_PATCH = """--- a/arch/x86/entry/entry_64.S
++++ b/arch/x86/entry/entry_64.S
+@@ -780,7 +780,7 @@
+ 	swapgs
+ .Lgs_change:
+ 	ANNOTATE_NOENDBR // error_entry
+-	movl	%edi, %gs
++	movl	%esi, %gs
+ 2:	ALTERNATIVE "", "mfence", X86_BUG_SWAPGS_FENCE
+ 	swapgs
+ 	FRAME_END
+"""
+
+
+def test_the_seed_review_says_each_hunk_ran(seed_review) -> None:
+    """Every hunk of the seed changes code the explored paths ran: the calling.h ones through the
+    macro's expansions (no line of the macro names an instruction), the entry_64.S ones by line."""
+    _, doc = seed_review
+    patch = doc["patch"]
+    assert patch["checked"] and patch["changed_instructions"] > 0
+    by_file = {}
+    for h in patch["hunks"]:
+        by_file.setdefault(h["file"], []).append(h)
+    assert set(by_file) == {"arch/x86/entry/calling.h", "arch/x86/entry/entry_64.S"}
+    ran = [h for h in patch["hunks"] if h["verdict"] == "ran"]
+    assert ran and all(any(e.startswith("paranoid_exit") or "nmi" in e for e in h["executed"]) for h in ran), ran
+    # Its ALTERNATIVE's jump runs without PTI too; the CR3 write it guards only with it.
+    assert all(any(_has_pti(fs) for fs in h["feature_sets"]) for h in ran)
+    # A build without line tables attributes the changed instructions to every hunk of the image's
+    # sources, and says so.
+    assert patch["line_info"] is False and not any(h["attributed_by_line"] for h in patch["hunks"])
+
+
+def test_a_review_of_c_code_outside_the_image_says_nothing_was_checked(kernel61, tmp_path) -> None:
+    """A patch to traps.c (sync_regs) is not code of the image's objects: the review lists its hunk as
+    not checked, ends with that verdict instead of 'no new violations', and exits 4."""
+    patch = tmp_path / "sync-regs.patch"
+    patch.write_text(TRAPS_PATCH)
+    out = tmp_path / "review.json"
+    proc = cli("review", "debian:6.1", "--patch", str(patch), "--depth", "0", "--features", "pti,pcid",
+               "--json", str(out))
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["patch"]["checked"] is False
+    assert [h["verdict"] for h in doc["patch"]["hunks"]] == ["outside the image"]
+    assert "Verdict: NOT CHECKED" in proc.stdout and "no new violations" not in proc.stdout
+    assert "arch/x86/kernel/traps.c hunk 1: not checked" in proc.stdout
+
+
+def test_a_review_of_entry_code_no_path_runs_says_nothing_was_checked(kernel61, tmp_path) -> None:
+    """A patch to asm_load_gs_index (entry_64.S, in the image, reached by no scenario) changes
+    instructions no explored path runs: not checked, exit 4."""
+    patch = tmp_path / "gs-index.patch"
+    patch.write_text(GS_INDEX_PATCH)
+    out = tmp_path / "review.json"
+    proc = cli("review", "debian:6.1", "--patch", str(patch), "--depth", "1", "--features", "pti,pcid",
+               "--json", str(out))
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr
+    hunks = json.loads(out.read_text())["patch"]["hunks"]
+    assert len(hunks) == 1 and hunks[0]["verdict"] == "not run" and hunks[0]["instructions"]
+    assert all(i.startswith("asm_load_gs_index") for i in hunks[0]["instructions"]), hunks[0]

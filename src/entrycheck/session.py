@@ -385,6 +385,32 @@ def diff(old_build, old_loaded: LoadedObject, new_build, new_loaded: LoadedObjec
     return Diffed(old, new, result, unknown, in_baseline)
 
 
-__all__ = ["STATE", "ProcessState", "reset", "abort_outputs", "outputs", "source_lines", "ObjectRef", "object_ref",
+@dataclass
+class Reviewed:
+    """A review: the diff of the build without and with the patches, and what it checked of them."""
+
+    diffed: Diffed
+    patch: object                       # explore/patchcover.py's PatchCover
+
+
+def review(base, base_loaded: LoadedObject, patched, patched_loaded: LoadedObject, texts, placements,
+           cfg: CheckConfig, *, workers: int | None = None, scheduler: str | None = None,
+           progress: Progress | None = None, baseline: set | None = None) -> Reviewed:
+    """The review command's work: ``diff`` of the two builds, then each hunk of the patches (their
+    ``texts``, placed where ``placements`` say) judged by what the explored paths ran of it."""
+    from entrycheck.explore.patchcover import cover, hunk_lines
+    from entrycheck.kernel.patch import parse_patch
+
+    done = diff(base, base_loaded, patched, patched_loaded, cfg, workers=workers, scheduler=scheduler,
+                progress=progress, baseline=baseline)
+    hunks = hunk_lines([parse_patch(text, name) for name, text in texts], placements)
+    lines = [source_lines(b, lo) if b.debug_info else None for b, lo in ((base, base_loaded),
+                                                                          (patched, patched_loaded))]
+    sources = frozenset(base.sources) | frozenset(patched.sources)
+    return Reviewed(done, cover(hunks, sources, done.result.sites, lines[0], lines[1], done.old.result.covered,
+                                done.new.result.covered))
+
+
+__all__ = ["Reviewed", "review", "STATE", "ProcessState", "reset", "abort_outputs", "outputs", "source_lines", "ObjectRef", "object_ref",
            "default_workers", "ordered_map", "worker_signals", "dask_client", "explorer", "run_unit", "run_batch",
            "derive_set", "run_check", "Checked", "check", "coverage", "Diffed", "diff"]

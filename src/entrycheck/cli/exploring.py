@@ -142,8 +142,12 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
     sys.exit(1 if done.new else (EXIT_INTERNAL if result.errors else 0))
 
 
+EXIT_NOT_CHECKED = 4      # review: no explored path ran anything the patch changed
+
+
 def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions, report: DiffOptions, out,
-              html_info=None):
+              html_info=None, review=None):
+    """diff and review; ``review``: (patch texts, the applier's placements) for a review."""
     from entrycheck.report.difftext import diff_json, diff_text
     from entrycheck.report.progress import terminal_progress
 
@@ -151,15 +155,22 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions
     known = report.known()
     cfg = opts.check_config(old_loaded)
     opts.check_config(new_loaded)
+    patch = None
     with terminal_progress() as progress:
-        done = session.diff(old_build, old_loaded, new_build, new_loaded, cfg, workers=opts.workers,
-                            scheduler=opts.scheduler, progress=progress, baseline=known)
+        if review is not None:
+            reviewed = session.review(old_build, old_loaded, new_build, new_loaded, review[0], review[1], cfg,
+                                      workers=opts.workers, scheduler=opts.scheduler, progress=progress,
+                                      baseline=known)
+            done, patch = reviewed.diffed, reviewed.patch
+        else:
+            done = session.diff(old_build, old_loaded, new_build, new_loaded, cfg, workers=opts.workers,
+                                scheduler=opts.scheduler, progress=progress, baseline=known)
     result = done.result
     if report.json_out:
         out.stage("--json", _json_text(diff_json(result, old_label=old_build.label, new_label=new_build.label,
                                                  old_version=old_build.kernel_version,
                                                  new_version=new_build.kernel_version, model=model,
-                                                 nmi_rate=report.nmi_rate)))
+                                                 nmi_rate=report.nmi_rate, patch=patch)))
     if report.html_out:
         from entrycheck.report.html import command_line, diff_html
         out.stage("--html", diff_html(result, old_build=old_build, old_loaded=old_loaded,
@@ -170,11 +181,13 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions
     _commit(out)
     if report.json_out != "-":
         click.echo(diff_text(result, old_label=old_build.label, new_label=new_build.label, model=model,
-                             nmi_rate=report.nmi_rate))
+                             nmi_rate=report.nmi_rate, patch=patch))
         if known is not None:
             click.echo(f"{len(done.in_baseline)} of the {len(result.new_violations)} new violations are known "
                        f"(in the baseline {report.baseline}).")
-    sys.exit(1 if done.unknown else 0)
+    if done.unknown:
+        sys.exit(1)
+    sys.exit(EXIT_NOT_CHECKED if patch is not None and not patch.checked else 0)
 
 
 @cli.command()
@@ -204,7 +217,12 @@ def diff(old, new, opts: ExploreOptions, report: DiffOptions) -> None:
 @explore_options
 @diff_options
 def review(target, patches, opts: ExploreOptions, report: DiffOptions) -> None:
-    """Build TARGET with and without the patch(es), then compare the two like diff."""
+    """Build TARGET with and without the patch(es), then compare the two like diff, and say what it
+    checked of each hunk.
+
+    Exit status: 0 unless the patched build has violations the other had not (then 1), 4 when no
+    explored path ran anything the patch changed (nothing of it was checked), 2 on bad input.
+    """
     from entrycheck.image import load_build
     from entrycheck.kernel.review import patched_build, read_patches
     from entrycheck.report.progress import terminal_progress
@@ -224,4 +242,5 @@ def review(target, patches, opts: ExploreOptions, report: DiffOptions) -> None:
                            f"{pl.header_line}; {pl.context_mismatches} context lines differ)", err=True)
     _run_diff(base, load_build(base), patched.build, load_build(patched.build), opts, report, out,
               {"old_target": as_given(target, opts), "new_target": as_given(str(patched.tree), opts),
-               "patches": texts})
+               "patches": texts},
+              review=(texts, patched.applied.placements if patched.applied is not None else None))

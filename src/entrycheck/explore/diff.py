@@ -34,6 +34,7 @@ class SiteMap:
         self.old, self.new = old, new
         self._map: dict[int, int] = {}
         self._kept: dict[str, list[int]] = {}     # symbol -> its instructions in the old build
+        self._replaced: tuple[set[int], set[int]] = (set(), set())   # mapped, but another instruction: old, new
         old_syms, new_syms = _code_symbols(old), _code_symbols(new)
         for name in sorted(set(old_syms) & set(new_syms)):
             a = _listing(old, name)
@@ -43,6 +44,9 @@ class SiteMap:
                 if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1):
                     for k in range(i2 - i1):
                         self._map.setdefault(a[i1 + k][0], b[j1 + k][0])
+                        if tag == "replace":        # the same place, another instruction
+                            self._replaced[0].add(a[i1 + k][0])
+                            self._replaced[1].add(b[j1 + k][0])
             self._kept[name] = [addr for addr, _ in a]
 
     def site(self, at: str) -> str | None:
@@ -82,6 +86,19 @@ class SiteMap:
             if a in self._map:
                 return self.new.symbolize(self._map[a])
         return None
+
+    def unshared(self) -> tuple[list[int], list[int]]:
+        """The code instructions of the old image with no counterpart in the new, and the other
+        way round: what a change of the source changed (padding and .byte filler left out)."""
+        mapped_new = set(self._map.values())
+        out = ([], [])
+        for image, mapped, replaced, found in ((self.old, self._map, self._replaced[0], out[0]),
+                                               (self.new, mapped_new, self._replaced[1], out[1])):
+            for ins in image.instructions:
+                if (ins.address not in mapped or ins.address in replaced) and \
+                        ins.mnemonic not in ("int3", ".byte") and not ins.mnemonic.startswith("nop"):
+                    found.append(ins.address)
+        return out
 
     def link(self, link: Injection) -> Injection | None:
         site = self.site(link.at)

@@ -72,6 +72,7 @@ class KernelBuild:
     debug_info: bool  # the object carries DWARF line info (.debug_line)
     parts: tuple[Path, ...] = ()  # the entry objects linked into object_path (entry_64.o first)
     config_file: Path | None = None  # the .config it was built with, when known
+    sources: tuple[str, ...] = ()  # the source files its objects were built from (relative; empty: unknown)
 
 
 def _existing(path: Path | None) -> Path | None:
@@ -96,6 +97,7 @@ def _from_entry(entry: Path, label: str, source: Path | None = None) -> KernelBu
         debug_info=bool(meta.get("debug_info")),
         parts=tuple(entry / STAGED_PARTS / str(n) for n in names) if isinstance(names, list) else (),
         config_file=_existing(entry / STAGED_CONFIG),
+        sources=tuple(str(d) for d in meta.get("deps") or ()),
     )
 
 

@@ -15,7 +15,7 @@ def _base_rows(result: DiffResult) -> list:
 
 
 def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: CostModel,
-              nmi_rate: float | None) -> str:
+              nmi_rate: float | None, patch=None) -> str:
     cfg = result.old.config
     lines = ["entrycheck diff"]
     lines += _wrap(f"old: {old_label}", "       ", "  ")
@@ -88,13 +88,53 @@ def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: Cost
                 saved = (model.cycles(d.old.cost) - model.cycles(d.new.cost)) * nmi_rate
                 lines += _wrap(f"at {nmi_rate:g} NMIs/s from kernel context ({d.features}): "
                                f"{saved:,.0f} cycles/s per CPU saved", "    ", "  ")
+    if patch is not None:
+        lines.append("")
+        lines += patch_lines(patch)
     lines.append("")
-    lines.append("Verdict: " + ("NEW VIOLATIONS" if result.new_violations else "no new violations"))
+    if result.new_violations:
+        verdict = "NEW VIOLATIONS"
+    elif patch is not None and not patch.checked:
+        verdict = "NOT CHECKED: no explored path ran anything the patch changed"
+    else:
+        verdict = "no new violations"
+    lines += _wrap("Verdict: " + verdict, "  ", "")
     return "\n".join(lines)
 
 
+def patch_lines(patch) -> list[str]:
+    """What a review checked of each hunk (explore/patchcover.py)."""
+    from entrycheck.explore.patchcover import NO_CODE, NOT_RUN, OUTSIDE, RAN
+
+    lines = _wrap(f"What the review checked of the patch ({patch.changed} instructions of the image changed"
+                  + ("; hunks mapped to them by line info)" if patch.line_info else
+                     "; without line info, by file)"), "  ", "")
+    for h in patch.hunks:
+        head = f"{h.file} hunk {h.hunk}: "
+        if h.verdict == OUTSIDE:
+            text = "not checked: the file is not a source of the image's objects"
+        elif h.verdict == NO_CODE:
+            text = "no instruction of the image changed"
+        elif h.verdict == NOT_RUN:
+            text = (f"not checked: {len(h.instructions)} changed instructions, none run by an explored path "
+                    f"({', '.join(h.instructions[:3])}{', ...' if len(h.instructions) > 3 else ''})")
+        elif h.verdict == RAN:
+            text = (f"{len(h.executed)} of {len(h.instructions)} changed instructions ran, under "
+                    f"{len(h.feature_sets)} feature sets ({', '.join(h.executed[:3])}"
+                    f"{', ...' if len(h.executed) > 3 else ''})")
+        else:
+            text = h.verdict
+        if not h.by_line and h.verdict in (RAN, NOT_RUN):
+            text += "; a macro or header: the instructions no changed line names"
+        lines += _wrap(head + text, "      ", "  ")
+    if patch.unattributed:
+        lines += _wrap(f"{len(patch.unattributed)} changed instructions no hunk explains: "
+                       + ", ".join(patch.unattributed[:5]), "      ", "  ")
+    return lines
+
+
 def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version: str | None,
-              new_version: str | None, model: CostModel, nmi_rate: float | None) -> dict:
+              new_version: str | None, model: CostModel, nmi_rate: float | None, patch=None) -> dict:
     cfg = result.old.config
     entries = []
     for d, changed in result.listed():
@@ -132,4 +172,5 @@ def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version
         "fixed_violations": [f.to_json() for f in result.fixed_violations],
         "cost_model": model.to_json(),
         "nmi_rate": nmi_rate,
+        **({"patch": patch.to_json()} if patch is not None else {}),
     }
