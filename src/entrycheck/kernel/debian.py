@@ -22,6 +22,7 @@ from ..progress import Progress, silent
 from .cache import Cache, safe_name
 from .kconfig import ConfigRequest
 from .kbuild import (
+    BUILD_FORMAT,
     is_source_tree,
 )
 from .make import (
@@ -57,7 +58,7 @@ class DebianPackage:
     def entry_name(self, debug: bool, request: ConfigRequest = ConfigRequest()) -> str:
         """Directory name of its build under the cache's builds/ (one per configuration request)."""
         return (safe_name(f"debian-{self.series}_{self.version}") + ("_debug" if debug else "")
-                + f"_{_base(request).key()}")
+                + f"_{_base(request).key()}_{BUILD_FORMAT}")
 
     def label(self, debug: bool, request: ConfigRequest = ConfigRequest()) -> str:
         """Human-readable name, e.g. 'debian:6.1 (linux-source-6.1 6.1.192-2; defconfig)'."""

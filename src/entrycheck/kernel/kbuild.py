@@ -33,6 +33,11 @@ STAGED_PARTS = "objects"           # the entry objects themselves
 STAGED_CPUFEATURES = "cpufeatures.h"
 STAGED_ASM_OFFSETS = "asm-offsets.h"
 STAGED_CONFIG = "kernel.config"
+# What a cache entry of a build holds changes with this (entries of another format are built again).
+BUILD_FORMAT = "c3"               # c1: the noinstr C objects too; c2: their static keys; c3: the C the asm calls
+STAGED_NOINSTR = "noinstr.o"       # the entry objects and the noinstr C they reach, linked with ld -r
+STAGED_NOINSTR_PARTS = "noinstr"   # the C objects, under their paths in the build
+STAGED_NOINSTR_JSON = "noinstr.json"   # what the search for them found (kernel/noinstr.py)
 
 ALWAYS_FINGERPRINTED = (ENTRY_SOURCE, CALLING_H, *OTHER_ENTRY_SOURCES)
 """Files whose mtime and size always take part in a tree's build fingerprint."""

@@ -19,8 +19,11 @@ from pathlib import Path
 from ..errors import InputError
 from ..progress import Progress, silent
 from .kconfig import entry_objects, script_arguments, unmet
+from .noinstr import (closure, jump_label_keys, linker_aliases, object_facts, percpu_names, read_config, static_keys,
+                      struct_layouts, thread_flags)
 from .kbuild import (ASM_OFFSETS_CMD, ASM_OFFSETS_H, CPUFEATURES_H, ENTRY_OBJECT, META_JSON, STAGED_ASM_OFFSETS,
-                     STAGED_CONFIG, STAGED_CPUFEATURES, STAGED_OBJECT, STAGED_PARTS, Dependency, has_debug_line,
+                     STAGED_CONFIG, STAGED_CPUFEATURES, STAGED_NOINSTR, STAGED_NOINSTR_JSON, STAGED_NOINSTR_PARTS,
+                     STAGED_OBJECT, STAGED_PARTS, Dependency, has_debug_line,
                      cmd_file, kernel_version, parse_cmd_deps, source_relative_deps)
 
 _COPY_EXCLUDES = ("./.git", "*.o", "*.ko", "./vmlinux", "./vmlinux.o")
@@ -174,6 +177,16 @@ class _Make:
         cmd += targets
         self.command(cmd, " ".join(targets))
 
+    def run_all_it_can(self, *targets: str, jobs: int | None = None) -> None:
+        """make -k: build every target that builds; a failure leaves that one missing (logged)."""
+        cmd = ["make", "-C", str(self.directory)] + ([f"O={self.output}"] if self.output is not None else [])
+        cmd += ["ARCH=x86_64", "-k"] + ([f"-j{jobs}"] if jobs else []) + list(targets)
+        with self.log.open("a") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=_make_env(),
+                           check=False)
+
     def command(self, cmd: Sequence[str], target: str) -> None:
         with self.log.open("a") as log:
             log.write("$ " + " ".join(cmd) + "\n")
@@ -299,11 +312,21 @@ def build_entry(
             f"CONFIG_DEBUG_INFO_DWARF5 was enabled; check the tree's Kconfig (full log: {log_shown})"
         )
 
+    progress("find the noinstr C the entry code calls")
+    # -g adds DWARF (the layouts of the structures the model fills in) and changes no code.
+    found = closure(tree, make.out, [make.out / rel for rel in objects],
+                    lambda targets: make.run_all_it_can(*targets, "KCFLAGS=-g", jobs=make_jobs()))
+
     deps: list[Dependency] = []
     for cmd in (*(cmd_file(o) for o in objects), ASM_OFFSETS_CMD):
         if (make.out / cmd).is_file():
             deps += parse_cmd_deps(make.out / cmd)
     relative = source_relative_deps(deps, make.out, tree)
+    c_deps: list[Dependency] = []
+    for rel in found.objects:
+        if (make.out / cmd_file(rel)).is_file():
+            c_deps += parse_cmd_deps(make.out / cmd_file(rel))
+    c_relative = [d for d in source_relative_deps(c_deps, make.out, tree) if d not in relative]
     version = kernel_version(tree)
 
     staged.mkdir()
@@ -311,6 +334,27 @@ def build_entry(
     for rel in objects:
         shutil.copy2(make.out / rel, staged / STAGED_PARTS / Path(rel).name)
     link_objects([staged / STAGED_PARTS / Path(rel).name for rel in objects], staged / STAGED_OBJECT, log)
+    for rel in found.objects:
+        (staged / STAGED_NOINSTR_PARTS / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(make.out / rel, staged / STAGED_NOINSTR_PARTS / rel)
+        if not debug:       # the layouts are read from the build's copy; a debug build keeps its line info
+            make.command(["objcopy", "--strip-debug", str(staged / STAGED_NOINSTR_PARTS / rel)], f"objcopy {rel}")
+    link_objects([staged / STAGED_PARTS / Path(rel).name for rel in objects]
+                 + [staged / STAGED_NOINSTR_PARTS / rel for rel in found.objects], staged / STAGED_NOINSTR, log)
+    entry_defined = object_facts(staged / STAGED_OBJECT)
+    (staged / STAGED_NOINSTR_JSON).write_text(json.dumps({
+        "objects": list(found.objects),
+        "functions": dict(sorted(found.functions.items())),
+        "boundary": sorted(found.boundary),
+        "unresolved": sorted(found.unresolved - entry_defined.defined),
+        "percpu": sorted(percpu_names(tree)),
+        "aliases": linker_aliases(tree),
+        "structs": struct_layouts([make.out / rel for rel in found.objects]),
+        "deps": c_relative,
+        "keys": static_keys(tree, jump_label_keys(staged / STAGED_NOINSTR), read_config(make.out / ".config")),
+        "entry_calls": sorted(entry_defined.calls),
+        "constants": thread_flags(tree),
+    }, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(tree / CPUFEATURES_H, staged / STAGED_CPUFEATURES)
     if (make.out / ASM_OFFSETS_H).is_file():
         shutil.copyfile(make.out / ASM_OFFSETS_H, staged / STAGED_ASM_OFFSETS)

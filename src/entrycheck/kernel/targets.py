@@ -27,6 +27,9 @@ from .cache import Cache, safe_name
 from .debian import SERIES, distro_config, resolve_debian
 from .kconfig import ConfigRequest, entry_objects
 from .kbuild import (
+    BUILD_FORMAT,
+    STAGED_NOINSTR,
+    STAGED_NOINSTR_JSON,
     ASM_OFFSETS_H,
     CPUFEATURES_H,
     ENTRY_SOURCE,
@@ -73,6 +76,8 @@ class KernelBuild:
     parts: tuple[Path, ...] = ()  # the entry objects linked into object_path (entry_64.o first)
     config_file: Path | None = None  # the .config it was built with, when known
     sources: tuple[str, ...] = ()  # the source files its objects were built from (relative; empty: unknown)
+    noinstr_object: Path | None = None  # the entry objects linked with the noinstr C they reach
+    noinstr_info: Path | None = None    # what the search for that C found (kernel/noinstr.py, as JSON)
 
 
 def _existing(path: Path | None) -> Path | None:
@@ -98,6 +103,8 @@ def _from_entry(entry: Path, label: str, source: Path | None = None) -> KernelBu
         parts=tuple(entry / STAGED_PARTS / str(n) for n in names) if isinstance(names, list) else (),
         config_file=_existing(entry / STAGED_CONFIG),
         sources=tuple(str(d) for d in meta.get("deps") or ()),
+        noinstr_object=_existing(entry / STAGED_NOINSTR),
+        noinstr_info=_existing(entry / STAGED_NOINSTR_JSON),
     )
 
 
@@ -181,7 +188,8 @@ def _build_tree(
         config_id = "defconfig"
     if request.base == "defconfig":
         config_id = "defconfig"
-    key = [str(tree.path), str(tree.source), tree.kind.name, config_id, debug, key_extra, request.key(), STAGED_OBJECT]
+    key = [str(tree.path), str(tree.source), tree.kind.name, config_id, debug, key_extra, request.key(), STAGED_OBJECT,
+           BUILD_FORMAT]
     if not request.default:
         label = f"{label} ({request.describe()})"
     prefix = f"{safe_name('tree-' + tree.path.name)[:48]}-{_digest(json.dumps(key))}"
