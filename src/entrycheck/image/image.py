@@ -19,7 +19,9 @@ from entrycheck.errors import InputError
 from entrycheck.image import layout, relocs
 from entrycheck.image.alternatives import AltEntry, AltSite, PcRelField, parse_entries, patch
 from entrycheck.image.features import FeatureSet, FeatureTable, builtin_table, load_cpufeatures
+from entrycheck.image.jumplabels import JumpLabel, apply as set_jump_labels
 from entrycheck.image.layout import Perm, Region
+from entrycheck.image.noinstr import NoinstrLink, Plan, plan
 from entrycheck.image.objfile import SHN_ABS, ObjectFile, load_object
 from entrycheck.image.symbols import PTI_USER_PERCPU, PERCPU_FIXED, Resolution, SymbolClass, resolve
 
@@ -34,6 +36,10 @@ class PlacedSection:
     address: int
     size: int
     perm: Perm
+
+    @property
+    def executable(self) -> bool:
+        return Perm.X in self.perm
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,14 @@ class LoadedObject:
     relocations: tuple[RelocSite, ...]
     alternatives: tuple[AltEntry, ...]
     offsets: Mapping[str, int] = field(default_factory=dict)   # asm-offsets (may be empty)
+    code_sections: tuple[str, ...] = CODE_SECTIONS   # the sections that run
+    percpu_data: tuple[tuple[int, bytes], ...] = ()  # the object's own per-cpu data: (per-cpu offset, bytes)
+    noinstr: NoinstrLink | None = None               # linked with the noinstr C it reaches (image/noinstr.py)
+    jump_labels: tuple[JumpLabel, ...] = ()          # the C's static branches, as a booted kernel set them
+
+    @property
+    def noinstr_c(self) -> bool:
+        return self.noinstr is not None
 
     @property
     def path(self) -> Path:
@@ -84,7 +98,7 @@ class LoadedObject:
                             + ([self.features.numbers["always"]] if "always" in self.features.numbers else []))
         code = {}
         for s in self.sections:
-            if s.name in CODE_SECTIONS:
+            if s.name in self.code_sections or (self.obj.sections[s.index].executable and s.name != REPLACEMENT):
                 code[s.name] = (s.address, self.contents[s.name])
         repl = self.section(REPLACEMENT)
         replacement = (repl.address, self.contents[REPLACEMENT]) if repl else (0, b"")
@@ -124,7 +138,7 @@ class Image:
 
     def code_section(self, address: int) -> PlacedSection | None:
         for s in self.loaded.sections:
-            if s.name in CODE_SECTIONS and s.address <= address < s.address + s.size:
+            if s.name in self.loaded.code_sections and s.address <= address < s.address + s.size:
                 return s
         return None
 
@@ -277,12 +291,14 @@ class Image:
 
 
 # ---------------------------------------------------------------------------------------
-def load(path: Path, *, cpufeatures: Path | None = None, asm_offsets: Path | None = None) -> LoadedObject:
-    """Load, lay out and relocate an entry_64.o; feature numbers from ``cpufeatures``."""
+def load(path: Path, *, cpufeatures: Path | None = None, asm_offsets: Path | None = None,
+         noinstr: NoinstrLink | None = None) -> LoadedObject:
+    """Load, lay out and relocate an entry_64.o (with ``noinstr``: linked with the noinstr C it
+    reaches, image/noinstr.py); feature numbers from ``cpufeatures``."""
     obj = load_object(path)
     table = load_cpufeatures(cpufeatures) if cpufeatures else builtin_table()
     offsets = parse_asm_offsets(asm_offsets) if asm_offsets else {}
-    return relocate(obj, table, offsets)
+    return relocate(obj, table, offsets, noinstr)
 
 
 def parse_asm_offsets(path: Path) -> dict[str, int]:
@@ -302,8 +318,11 @@ def parse_asm_offsets(path: Path) -> dict[str, int]:
     return out
 
 
-def _layout(obj: ObjectFile) -> tuple[PlacedSection, ...]:
-    alloc = [s for s in obj.sections if s.alloc and s.size]
+def _layout(obj: ObjectFile, c: Plan | None = None) -> tuple[PlacedSection, ...]:
+    """Where each allocatable section goes: code first, then read-only, then writable data.  With
+    noinstr C (``c``), its per-cpu sections are left out (they are per-cpu data) and the code that
+    does not run is mapped without execute permission."""
+    alloc = [s for s in obj.sections if s.alloc and s.size and (c is None or s.index not in c.percpu)]
 
     def rank(s) -> int:
         if s.executable:
@@ -314,7 +333,8 @@ def _layout(obj: ObjectFile) -> tuple[PlacedSection, ...]:
     cursor = layout.IMAGE_BASE
     for s in sorted(alloc, key=lambda s: (rank(s), s.index)):
         cursor = layout.page_up(cursor)
-        perm = Perm.R | (Perm.X if s.executable else Perm(0)) | (Perm.W if s.writable else Perm(0))
+        runs = s.executable and (c is None or s.index not in c.boundary_sections)
+        perm = Perm.R | (Perm.X if runs else Perm(0)) | (Perm.W if s.writable else Perm(0))
         placed.append(PlacedSection(s.index, s.name, cursor, s.size, perm))
         cursor += s.size
     if cursor > layout.KERNEL_TEXT_BASE:
@@ -323,11 +343,22 @@ def _layout(obj: ObjectFile) -> tuple[PlacedSection, ...]:
     return tuple(placed)
 
 
-def relocate(obj: ObjectFile, table: FeatureTable, offsets: Mapping[str, int]) -> LoadedObject:
+def relocate(obj: ObjectFile, table: FeatureTable, offsets: Mapping[str, int],
+             noinstr: NoinstrLink | None = None) -> LoadedObject:
     where = str(obj.path)
-    placed = _layout(obj)
+    c = plan(obj, noinstr.stubbed) if noinstr is not None else None
+    placed = _layout(obj, c)
     by_index = {p.index: p for p in placed}
-    resolution = resolve(obj)
+    percpu_defined: dict[str, int] = {}
+    if c is not None:
+        for sym in obj.symbols:
+            if sym.name and not sym.undefined and sym.section in c.percpu and sym.kind != "STT_SECTION":
+                percpu_defined.setdefault(sym.name, c.percpu[sym.section] + sym.value)
+        resolution = resolve(obj, c.boundary_functions, noinstr.percpu_names, percpu_defined, noinstr.aliases,
+                             data_stride=layout.PAGE)
+    else:
+        resolution = resolve(obj)
+    boundary_starts = _boundary_starts(obj, c) if c is not None else {}
 
     symbols: dict[str, int] = {}
     sizes: dict[str, int] = {}
@@ -342,7 +373,7 @@ def relocate(obj: ObjectFile, table: FeatureTable, offsets: Mapping[str, int]) -
         symbols.setdefault(sym.name, p.address + sym.value)
         sizes.setdefault(sym.name, sym.size)
 
-    def sym_address(index: int) -> int:
+    def sym_address(index: int, addend: int = 0, pc_relative: bool = False) -> int:
         sym = obj.symbols[index]
         if sym.undefined:
             if not sym.name:
@@ -350,6 +381,20 @@ def relocate(obj: ObjectFile, table: FeatureTable, offsets: Mapping[str, int]) -
             return resolution.address(sym.name)
         if sym.section == SHN_ABS:
             return sym.value
+        if c is not None:
+            if sym.section in c.percpu:
+                return c.percpu[sym.section] + sym.value
+            if sym.section in c.boundary_sections:
+                if sym.kind == "STT_SECTION" and pc_relative:
+                    # A call into instrumented code through its section symbol (a static function):
+                    # the stub of the function that starts where the call goes (target = S + A + 4).
+                    name = boundary_starts.get((sym.section, sym.value + addend + 4))
+                    if name is not None:
+                        return resolution.functions[name] - addend - 4
+                elif sym.name in c.boundary_functions:
+                    return resolution.functions[sym.name]
+            elif sym.name in noinstr.stubbed and sym.name in c.boundary_functions:
+                return resolution.functions[sym.name]
         p = by_index.get(sym.section)
         if p is None:
             raise InputError(f"{where}: relocation against {sym.name or 'a section'} in a section "
@@ -358,24 +403,38 @@ def relocate(obj: ObjectFile, table: FeatureTable, offsets: Mapping[str, int]) -
 
     contents: dict[str, bytes] = {}
     sites: list[RelocSite] = []
-    for p in placed:
-        sec = obj.sections[p.index]
+    percpu_data: list[tuple[int, bytes]] = []
+    targets = [(p.index, p.name, p.address) for p in placed]
+    if c is not None:
+        targets += [(k, obj.sections[k].name, off) for k, off in sorted(c.percpu.items())]
+    for index, name_, base in targets:
+        sec = obj.sections[index]
         data = bytearray(sec.data if sec.kind != "NOBITS" else bytes(sec.size))
-        for rel in obj.relocations.get(p.index, ()):
+        for rel in obj.relocations.get(index, ()):
+            if rel.type == relocs.R_X86_64_NONE:      # objtool's: a jump label it made a NOP
+                continue
             try:
                 rec = relocs.recipe(rel.type)
             except InputError as exc:
                 raise InputError(f"{where}: {sec.name}+{rel.offset:#x}: {exc}") from None
             if rel.offset + rec.size > len(data):
                 raise InputError(f"{where}: relocation at {sec.name}+{rel.offset:#x} runs past the section end")
-            s = sym_address(rel.symbol)
-            field_addr = p.address + rel.offset
+            s_ = sym_address(rel.symbol, rel.addend, rec.pc_relative)
+            field_addr = base + rel.offset
             name = obj.symbol_name(rel)
             data[rel.offset:rel.offset + rec.size] = relocs.encode(
-                rel.type, s, rel.addend, field_addr, symbol=name, where=f"{where}: {sec.name}+{rel.offset:#x}")
-            sites.append(RelocSite(sec.name, field_addr, rel.offset, rel.type, name, rel.addend, s + rel.addend))
-        contents[p.name] = bytes(data)
+                rel.type, s_, rel.addend, field_addr, symbol=name, where=f"{where}: {sec.name}+{rel.offset:#x}")
+            sites.append(RelocSite(sec.name, field_addr, rel.offset, rel.type, name, rel.addend, s_ + rel.addend))
+        if c is not None and index in c.percpu:
+            percpu_data.append((base, bytes(data)))
+        else:
+            contents[name_] = bytes(data)
 
+    labels: tuple[JumpLabel, ...] = ()
+    if c is not None:
+        code = {k: bytearray(v) for k, v in contents.items()}
+        labels = set_jump_labels(code, placed, sites, dict(noinstr.keys), where)
+        contents = {k: bytes(v) for k, v in code.items()}
     alt = next((p for p in placed if p.name == ".altinstructions"), None)
     alternatives: tuple[AltEntry, ...] = ()
     if alt is not None:
@@ -383,4 +442,11 @@ def relocate(obj: ObjectFile, table: FeatureTable, offsets: Mapping[str, int]) -
         alternatives = parse_entries(contents[".altinstructions"], alt.address, alt_offsets, where)
     return LoadedObject(obj, table, placed, MappingProxyType(contents), MappingProxyType(symbols),
                         MappingProxyType(sizes), resolution, tuple(sites), alternatives,
-                        MappingProxyType(dict(offsets)))
+                        MappingProxyType(dict(offsets)), c.runnable if c is not None else CODE_SECTIONS,
+                        tuple(percpu_data), noinstr, labels)
+
+
+def _boundary_starts(obj: ObjectFile, c: Plan) -> dict[tuple[int, int], str]:
+    """(section, offset) -> the function of instrumented code that starts there."""
+    return {(s.section, s.value): s.name for s in obj.symbols
+            if s.name in c.boundary_functions and s.section in c.boundary_sections and s.kind == "STT_FUNC"}

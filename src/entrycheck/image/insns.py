@@ -16,7 +16,6 @@ from typing import Iterator
 from capstone import x86_const as CX
 
 from entrycheck.image.decode import Insn, decode_one, sweep
-from entrycheck.image.image import CODE_SECTIONS
 
 
 class SiteKind(str, enum.Enum):
@@ -24,6 +23,10 @@ class SiteKind(str, enum.Enum):
 
     CR3_READ = "cr3_read"            # (register)
     CR3_WRITE = "cr3_write"          # (register)
+    CR2_READ = "cr2_read"            # (register)
+    CR2_WRITE = "cr2_write"          # (register)
+    DR_READ = "dr_read"              # (register, debug register number)
+    DR_WRITE = "dr_write"            # (register, debug register number)
     RDMSR = "rdmsr"
     WRMSR = "wrmsr"
     SWAPGS = "swapgs"
@@ -61,6 +64,7 @@ VMSA_MSRS = frozenset({0xC0000100, 0xC0000101, 0xC0000102})
 VC_NAMES = frozenset({"cpuid", "rdtsc", "rdtscp", "rdpmc", "wbinvd", "vmmcall", "monitor", "mwait", "monitorx",
                       "mwaitx", "in", "insb", "insw", "insd", "out", "outsb", "outsw", "outsd"})
 _SEGMENTS = ("cs", "ss", "ds", "es", "fs", "gs")
+_DEBUG_REGS = {getattr(CX, f"X86_REG_DR{n}"): n for n in range(8)}
 
 
 def site_of(ins: Insn) -> tuple | None:
@@ -76,6 +80,14 @@ def site_of(ins: Insn) -> tuple | None:
             return (SiteKind.CR3_READ.value, cs.reg_name(dst.reg))
         if dst.type == CX.X86_OP_REG and dst.reg == CX.X86_REG_CR3:
             return (SiteKind.CR3_WRITE.value, cs.reg_name(src.reg))
+        if src.type == CX.X86_OP_REG and src.reg == CX.X86_REG_CR2:
+            return (SiteKind.CR2_READ.value, cs.reg_name(dst.reg))
+        if dst.type == CX.X86_OP_REG and dst.reg == CX.X86_REG_CR2:
+            return (SiteKind.CR2_WRITE.value, cs.reg_name(src.reg))
+        if src.type == CX.X86_OP_REG and src.reg in _DEBUG_REGS:
+            return (SiteKind.DR_READ.value, cs.reg_name(dst.reg), _DEBUG_REGS[src.reg])
+        if dst.type == CX.X86_OP_REG and dst.reg in _DEBUG_REGS:
+            return (SiteKind.DR_WRITE.value, cs.reg_name(src.reg), _DEBUG_REGS[dst.reg])
         if dst.type == CX.X86_OP_REG and cs.reg_name(dst.reg) in _SEGMENTS:
             return (SiteKind.UNSUPPORTED.value, f"load of segment register {cs.reg_name(dst.reg)}")
         return None
@@ -121,7 +133,7 @@ class Instructions:
         self._at: dict[int, Insn | None] = {}
         self._starts: list[int] = []
         for sec in image.loaded.sections:
-            if sec.name in CODE_SECTIONS:
+            if sec.name in image.loaded.code_sections:
                 for ins in sweep(image.contents[sec.name], sec.address):
                     self._at[ins.address] = ins
                     self._starts.append(ins.address)

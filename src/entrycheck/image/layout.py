@@ -11,6 +11,8 @@ RSP against the IST stacks, so nothing may live at a low address except user spa
     0xffffffff83800000  data the kernel keeps in .entry.text      ENTRY_DATA_BASE
     0xffff888000100000  the per-cpu area of the one modelled CPU  PERCPU_BASE
     0xffffc90000010000  the current task's stack                  TASK_STACK_BASE
+    0xffffc90000020000  this CPU's hard-IRQ stack (noinstr C)     IRQ_STACK_BASE
+    0xffff888000400000  the current task and its mm (noinstr C)   CURRENT_TASK
     0xfffffe0000001000  cpu_entry_area: GDT, entry stack, IST     CEA_BASE
     0x0000000000400000  user space (never executed)
 """
@@ -31,6 +33,12 @@ ENTRY_DATA_BASE = 0xFFFFFFFF83800000
 PERCPU_BASE = 0xFFFF888000100000
 TASK_STACK_BASE = 0xFFFFC90000010000
 TASK_STACK_SIZE = 0x4000          # THREAD_SIZE (16 KiB)
+CURRENT_TASK = 0xFFFF888000400000   # the current task's task_struct (noinstr C reads it through current)
+CURRENT_TASK_SIZE = 0x4000
+CURRENT_MM = 0xFFFF888000404000     # its mm_struct (current->mm)
+CURRENT_MM_SIZE = 0x4000
+IRQ_STACK_BASE = 0xFFFFC90000020000  # this CPU's hard-IRQ stack (irq_init_percpu_irqstack), guard pages around
+IRQ_STACK_SIZE = 0x4000              # IRQ_STACK_SIZE: 16 KiB
 CEA_BASE = 0xFFFFFE0000001000
 USER_BASE = 0x0000000000400000
 
@@ -50,6 +58,7 @@ SIGNAL_STACK = 0x00007FFD_C0DE_0000
 TASK_SIZE_MAX = (1 << 47) - PAGE
 # A 32-bit task's vDSO landing pad (int80_landing_pad of __kernel_vsyscall): do_fast_syscall_32
 # returns every SYSENTER and compat SYSCALL there.
+VDSO32_BASE = 0xF7FC_1000                  # current->mm->context.vdso of a 32-bit task
 VDSO32_LANDING_PAD = 0xF7FC_1549
 
 # ---- x86-64 Linux facts the model lays memory out by (the one table of them) ------------
@@ -67,6 +76,7 @@ CPUNODE_SELECTOR = 15 * 8 + 3              # __CPUNODE_SEG: LSL of it yields cpu
 ASM_OFFSET_DEFAULTS = {
     "TSS_sp0": 4, "TSS_sp1": 12, "TSS_sp2": 20, "TSS_ist": 36, "TLB_STATE_user_pcid_flush_mask": 22,
     "TLB_STATE_loaded_mm_asid": 16, "X86_top_of_stack": 24, "PTREGS_SIZE": 168, "FIXED_stack_canary": 40,
+    "X86_current_task": 0,
 }
 
 # Stacks, as Linux sizes them: THREAD_SIZE 16 KiB; each IST stack EXCEPTION_STKSZ = 8 KiB

@@ -18,6 +18,7 @@ class Range(enum.Enum):
     U64 = (0, (1 << 64) - 1)
     U32 = (0, (1 << 32) - 1)
     S32 = (-(1 << 31), (1 << 31) - 1)
+    S64 = (-(1 << 63), (1 << 63) - 1)
 
     def fits(self, value: int) -> bool:
         low, high = self.value
@@ -33,11 +34,13 @@ class Recipe:
     pc_relative: bool
 
 
+R_X86_64_NONE = 0
 R_X86_64_64 = 1
 R_X86_64_PC32 = 2
 R_X86_64_PLT32 = 4
 R_X86_64_32 = 10
 R_X86_64_32S = 11
+R_X86_64_PC64 = 24
 
 RECIPES: dict[int, Recipe] = {
     R_X86_64_64: Recipe("R_X86_64_64", 8, lambda s, a, p: (s + a) & ((1 << 64) - 1), Range.U64, False),
@@ -45,6 +48,7 @@ RECIPES: dict[int, Recipe] = {
     R_X86_64_32S: Recipe("R_X86_64_32S", 4, lambda s, a, p: _signed(s + a), Range.S32, False),
     R_X86_64_PC32: Recipe("R_X86_64_PC32", 4, lambda s, a, p: _signed(s + a - p), Range.S32, True),
     # Without a PLT (the kernel links statically) PLT32 resolves like PC32.
+    R_X86_64_PC64: Recipe("R_X86_64_PC64", 8, lambda s, a, p: _signed(s + a - p), Range.S64, True),
     R_X86_64_PLT32: Recipe("R_X86_64_PLT32", 4, lambda s, a, p: _signed(s + a - p), Range.S32, True),
 }
 
@@ -81,4 +85,4 @@ def encode(rtype: int, s: int, a: int, p: int, *, symbol: str, where: str) -> by
 def decode(rtype: int, field: bytes) -> int:
     """The value stored in a relocated field, sign-extended as the recipe's range says."""
     rec = recipe(rtype)
-    return int.from_bytes(field[:rec.size], "little", signed=rec.range is Range.S32)
+    return int.from_bytes(field[:rec.size], "little", signed=rec.range in (Range.S32, Range.S64))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
+from entrycheck.errors import InternalError
 from entrycheck.image import layout
 from entrycheck.image.decode import sweep
 from entrycheck.image.objfile import ObjectFile
@@ -49,6 +50,7 @@ PERCPU_FIXED: tuple[tuple[str, int, int], ...] = (
 )
 PERCPU_DYNAMIC_START = 0x3000
 PERCPU_DYNAMIC_STRIDE = 0x100
+PERCPU_DYNAMIC_END = 0x10000      # an object's own per-cpu data (noinstr C) starts there
 
 # Per-cpu variables PTI maps for user mode (whole pages).
 PTI_USER_PERCPU: tuple[str, ...] = ("cpu_tss_rw",)
@@ -81,8 +83,9 @@ class Resolution:
         return self.data[name]
 
 
-def classify_undefined(obj: ObjectFile) -> dict[str, SymbolClass]:
-    """How each undefined symbol is used, from the instructions holding its relocations."""
+def classify_undefined(obj: ObjectFile, percpu_names: frozenset[str] = frozenset()) -> dict[str, SymbolClass]:
+    """How each undefined symbol is used, from the instructions holding its relocations (a name in
+    ``percpu_names``, the tree's per-cpu variables, is per-cpu however it is used)."""
     undefined = {s.index: s.name for s in obj.symbols if s.undefined and s.name}
     uses: dict[str, set[str]] = {name: set() for name in undefined.values()}
     for sec_index, rels in obj.relocations.items():
@@ -112,7 +115,7 @@ def classify_undefined(obj: ObjectFile) -> dict[str, SymbolClass]:
                 uses[name].add("data")
     classes: dict[str, SymbolClass] = {}
     for name, how in uses.items():
-        if "gs" in how:
+        if "gs" in how or name in percpu_names:
             classes[name] = SymbolClass.PERCPU
         elif "branch" in how or name in KNOWN_CODE:
             classes[name] = SymbolClass.FUNCTION
@@ -123,17 +126,32 @@ def classify_undefined(obj: ObjectFile) -> dict[str, SymbolClass]:
     return classes
 
 
-def resolve(obj: ObjectFile) -> Resolution:
-    classes = classify_undefined(obj)
+def resolve(obj: ObjectFile, functions_too: frozenset[str] = frozenset(), percpu_names: frozenset[str] = frozenset(),
+            percpu_defined: Mapping[str, int] | None = None, aliases: tuple[tuple[str, str], ...] = (),
+            data_stride: int = DATA_STRIDE) -> Resolution:
+    """Where each undefined symbol goes; ``functions_too``: defined functions that are stubs as well
+    (instrumented code noinstr C calls); ``percpu_defined``: per-cpu symbols the object defines,
+    at their offsets; ``data_stride``: the model memory each data symbol gets (a page each, when
+    an access to one that no booted value gives must be told by its page)."""
+    classes = classify_undefined(obj, percpu_names)
+    for name in functions_too:
+        classes.setdefault(name, SymbolClass.FUNCTION)
     fixed = {name: off for name, off, _ in PERCPU_FIXED}
-    percpu: dict[str, int] = {}
+    percpu: dict[str, int] = dict(percpu_defined or {})
+    for name in percpu:
+        classes[name] = SymbolClass.PERCPU
     next_dyn = PERCPU_DYNAMIC_START
-    for name in sorted(n for n, c in classes.items() if c is SymbolClass.PERCPU):
+    for name in sorted(n for n, c in classes.items() if c is SymbolClass.PERCPU and n not in percpu):
         if name in fixed:
             percpu[name] = fixed[name]
         else:
             percpu[name] = next_dyn
             next_dyn += PERCPU_DYNAMIC_STRIDE
+    for name, target in aliases:       # another name of a per-cpu variable (the kernel's linker script)
+        if classes.get(name) is SymbolClass.PERCPU and (target in percpu or target in fixed):
+            percpu[name] = percpu.get(target, fixed.get(target))
+    if next_dyn > PERCPU_DYNAMIC_END:
+        raise InternalError(f"{obj.path}: more undefined per-cpu variables than the per-cpu area has room for")
     functions = {name: layout.STUB_BASE + i * layout.STUB_STRIDE
                  for i, name in enumerate(sorted(n for n, c in classes.items() if c is SymbolClass.FUNCTION))}
     data: dict[str, int] = {}
@@ -141,7 +159,7 @@ def resolve(obj: ObjectFile) -> Resolution:
     cursor = {SymbolClass.DATA: layout.DATA_BASE, SymbolClass.ENTRY_DATA: layout.ENTRY_DATA_BASE}
     for name in sorted(n for n, c in classes.items() if c in cursor):
         cls = classes[name]
-        size = layout.align_up(DATA_SIZES.get(name, DATA_STRIDE), 0x40)
+        size = layout.align_up(DATA_SIZES.get(name, data_stride), max(0x40, data_stride))
         data[name] = cursor[cls]
         sizes[name] = size
         cursor[cls] += size
