@@ -9,7 +9,7 @@ from entrycheck.machine import fred, model, uc as U
 from entrycheck.machine.api import FLAG_GROUPS, MASK64, Op
 from entrycheck.machine.context import RunContext
 from entrycheck.machine.delivery import Delivery
-from entrycheck.machine.events import (Cr3Read, Cr3Written, FaultKind, Fence, GsChange, Iret, IretFaulted, MsrRead,
+from entrycheck.machine.events import (Cr2Read, Cr3Read, Cr3Written, DebugRegWritten, FaultKind, Fence, GsChange, Iret, IretFaulted, MsrRead,
                                        MsrWritten, Outcome, Sysret)
 from entrycheck.image.insns import PARENT
 from entrycheck.machine.memory import Unmapped
@@ -58,6 +58,51 @@ class Actions:
             cpu, write = model.write_cr3(ctx.cpu, ctx.u.read(uc_reg))
             ctx.set_cpu(cpu)
             ctx.emit(Cr3Written, pc=addr, write=write, user_view=ctx.user_view)
+        return act
+
+    def _cr2_read(self, reg: str):
+        ctx = self.ctx
+        uc_reg, loc = _UC_REG[reg], REG_INDEX[reg]
+
+        def act(addr: int, size: int) -> None:
+            ctx.skip(addr, size)
+            ctx.u.write(uc_reg, ctx.cpu.cr2)
+            ctx.flow(Op.CONST, loc)
+            out = ctx.run.outstanding
+            ctx.emit(Cr2Read, pc=addr, value=ctx.cpu.cr2, handling=out[-1].vector if out else None)
+        return act
+
+    def _cr2_write(self, reg: str):
+        ctx = self.ctx
+        uc_reg, loc = _UC_REG[reg], REG_INDEX[reg]
+
+        def act(addr: int, size: int) -> None:
+            ctx.skip(addr, size)
+            ctx.flow(Op.USE, loc)
+            ctx.set_cpu(ctx.cpu.but(cr2=ctx.u.read(uc_reg)))
+        return act
+
+    def _dr_read(self, reg: str, n: int):
+        ctx = self.ctx
+        uc_reg, loc = _UC_REG[PARENT[reg]], REG_INDEX[PARENT[reg]]
+
+        def act(addr: int, size: int) -> None:
+            ctx.skip(addr, size)
+            ctx.u.write(uc_reg, model.read_dr(ctx.cpu, n))
+            ctx.flow(Op.CONST, loc)
+        return act
+
+    def _dr_write(self, reg: str, n: int):
+        ctx = self.ctx
+        uc_reg, loc = _UC_REG[PARENT[reg]], REG_INDEX[PARENT[reg]]
+
+        def act(addr: int, size: int) -> None:
+            ctx.skip(addr, size)
+            ctx.flow(Op.USE, loc)
+            old = model.read_dr(ctx.cpu, n)
+            cpu = model.write_dr(ctx.cpu, n, ctx.u.read(uc_reg))
+            ctx.set_cpu(cpu)
+            ctx.emit(DebugRegWritten, pc=addr, number=n, old=old, value=model.read_dr(cpu, n))
         return act
 
     def _rdmsr(self):
@@ -294,6 +339,17 @@ class Actions:
             u.write(_RFLAGS, words[3] | model.RFLAGS_FIXED)
             ctx.set_cpu(cpu)
             self.stops.returned(addr, words[1], words[4], to_user, name)
+        return act
+
+    def _c_entry(self, name: str):
+        ctx, stubs = self.ctx, self.stubs
+
+        def act(addr: int, size: int) -> None:      # checks only: the instruction runs
+            try:
+                stubs.enter(ctx, name)
+            except Unmapped as exc:
+                ctx.fault(FaultKind.UNMAPPED, f"{name} was given an address it reads or writes through, "
+                                              f"and {exc}", exc.addr)
         return act
 
     def _stub(self, name: str):

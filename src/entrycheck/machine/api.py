@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Mapping, Protocol, Sequence
 
 from entrycheck.image.layout import USER_GSBASE_POISON, USER_GSBASE_VALUES, Region
@@ -76,6 +76,9 @@ class MachineConfig:
     fred: FredConfig | None = None       # events are delivered by FRED, not through the IDT
     spec: SpecConfig | None = None       # speculation-hygiene checks the feature set asks for
     asm_stubs: frozenset[int] = frozenset()     # stubs of asm helpers that return (speculation runs through)
+    unbacked: tuple[tuple[int, int, str], ...] = ()   # (start, end, symbol): data nothing defines, not mapped
+    noinstr_c: bool = False              # the kernel's noinstr C runs (CR2 and DR6 are recorded at delivery)
+    c_entries: Mapping[int, str] = field(default_factory=dict)   # C functions the entry code calls: address -> name
 
 
 class LiveIndex:
@@ -224,9 +227,17 @@ class Context(Protocol):
     def emit(self, event_type: type, **fields) -> None: ...
     def fault(self, kind: FaultKind, message: str, address: int | None = None) -> None: ...
     def symbolize(self, addr: int) -> str: ...
+    @property
+    def handling(self) -> tuple: ...     # the vectors whose frames are outstanding, innermost last
 
 
-StubHandler = Callable[[Context, str], None]
+class StubHandler(Protocol):
+    """The model of the C the image does not run (called at its stubs), and the checks on entering the C
+    it runs (``enter``, at the first instruction of a C function the entry code calls)."""
+
+    def __call__(self, ctx: Context, name: str) -> None: ...
+
+    def enter(self, ctx: Context, name: str) -> None: ...
 
 
 __all__ = ["Level", "Op", "REG_LOCS", "FLAG_GROUPS", "FLAG_LOCS", "N_LOCS", "GROUP_MASKS", "MachineConfig", "LiveIndex", "ConvergePoint", "Request",

@@ -93,6 +93,11 @@ class RunContext:
             flow.append((Op.CONST, REG_INDEX[name]))
         self.u.write(_UC_REG[name], value)
 
+    @property
+    def handling(self) -> tuple:
+        """The vectors whose frames are outstanding (delivered, not yet returned from), innermost last."""
+        return tuple(o.vector for o in self.run.outstanding)
+
     def symbolize(self, addr: int) -> str:
         return self.image.symbolize(addr)
 

@@ -64,6 +64,8 @@ class Delivery:
         run, u = ctx.run, ctx.u
         if self._tracks:
             new_cpu = model.entered(new_cpu, injection.cpu.cpl == 3, vector in SYSTEM_CALL_VECTORS)
+        if self.config.noinstr_c:
+            new_cpu = model.recorded(new_cpu, vector, single_step)
         if not ctx.mapped(new_rsp) or not ctx.mapped(new_rsp + 8 * len(words) - 1):
             ctx.fault(FaultKind.UNMAPPED, f"{vector.label} {what} at unmapped stack {new_rsp:#x}", new_rsp)
             return False

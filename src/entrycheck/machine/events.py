@@ -30,6 +30,7 @@ class FaultKind(enum.Enum):
     GP = "general-protection"
     TRAP = "trap"                          # int3 and friends reached
     CHECKPOINT = "checkpoint"              # a stub found the state C code needs missing
+    UNDEFINED_DATA = "undefined-data"      # C read data no object defines and no booted value gives
     SPECULATIVE_USER_GS = "swapgs-unfenced"   # on a mispredicted path: a %gs: access or C call, user GSBASE
 
 
@@ -111,6 +112,19 @@ class Resumed(Event):
 
 @dataclass(frozen=True)
 class Cr3Read(Event):
+    value: int
+
+
+@dataclass(frozen=True)
+class Cr2Read(Event):
+    value: int
+    handling: "Vector | None"     # the innermost event the CPU is handling (its frame outstanding)
+
+
+@dataclass(frozen=True)
+class DebugRegWritten(Event):
+    number: int
+    old: int
     value: int
 
 

@@ -25,7 +25,7 @@ actions (actions.py) and speculation (speculation.py).
 
 from __future__ import annotations
 
-from entrycheck.image.image import CODE_SECTIONS, Image
+from entrycheck.image.image import Image
 from entrycheck.image.layout import Perm
 from entrycheck.machine import model, uc as U
 from entrycheck.machine.actions import Actions
@@ -184,7 +184,7 @@ class _Core:
         u.hook(U.HOOK_INTR, self._intr, U.INTR_CB)
         if self.steps_mode:
             ranges = [(s.address, s.address + s.size - 1) for s in self.image.loaded.sections
-                      if s.name in CODE_SECTIONS]
+                      if s.name in self.image.loaded.code_sections]
             if self.config.stubs:
                 ranges.append((min(self.config.stubs), max(self.config.stubs) + 15))
             for lo, hi in ranges:
@@ -204,6 +204,9 @@ class _Core:
             gs = ctx.cpu.gs_base if ctx.cpu is not None else None
             if gs in self.config.user_gs_values and 0 <= vaddr - gs < 0x100000:
                 run.pending_fault = (FaultKind.USER_GS, f"%gs: access with the user GSBASE ({vaddr:#x})", vaddr)
+            elif (name := self._unbacked(vaddr)) is not None:
+                run.pending_fault = (FaultKind.UNDEFINED_DATA, f"access to {name}, which the image does not define "
+                                     "and no booted value gives", vaddr)
             else:
                 run.pending_fault = (FaultKind.UNMAPPED, f"access to unmapped {vaddr:#x}", vaddr)
             return False
@@ -220,6 +223,13 @@ class _Core:
             perms |= U.PROT_EXEC
         e.perms = perms
         return True
+
+    def _unbacked(self, vaddr: int) -> str | None:
+        # The fill is for the page: each unbacked symbol starts a page of its own (image/symbols.py).
+        for start, end, name in self.config.unbacked:
+            if start <= vaddr < end:
+                return name if vaddr & ~0xFFF == start else f"{name}+{(vaddr & ~0xFFF) - start:#x}"
+        return None
 
     def _intr(self, intno: int) -> None:
         if intno == Vector.DB:

@@ -110,6 +110,9 @@ class CpuState:
     compat: bool = False      # the user task runs in compat mode (CS __USER32_CS): what its frames say
     csl: int = 0              # FRED's current stack level (0-3)
     spec: int = 0             # speculation hygiene since the last entry (SPEC_*; tracked only when checked)
+    cr2: int = 0              # the last page fault's linear address
+    dr6: int = 0xFFFF0FF0     # DR6 (DR6_RESERVED when no debug condition is recorded)
+    dr7: int = 0x400          # DR7 (bit 10 always set; armed: a breakpoint enable bit set)
 
     def __hash__(self) -> int:
         # Model states are dictionary keys of the explorer's memo: hash them once.
@@ -117,7 +120,7 @@ class CpuState:
         if h is None:
             h = hash((self.cr3, self.pcide, self.fsgsbase, self.cpl, self.ss, self.gs_base, self.kernel_gs_base,
                       self.spec_ctrl, self.mcg_status, self.nmi_blocked, self.nmi_pending, self.stale,
-                      self.compat, self.csl, self.spec))
+                      self.compat, self.csl, self.spec, self.cr2, self.dr6, self.dr7))
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -210,6 +213,40 @@ def wrgsbase(s: CpuState, value: int) -> CpuState:
     return s.but(gs_base=value)
 
 
+# --- debug registers and CR2 ----------------------------------------------------------------
+DR6_RESERVED = 0xFFFF0FF0
+DR6_B0 = 1 << 0               # breakpoint 0's condition was met (a data breakpoint hit)
+DR6_BS = 1 << 14              # single step
+DR7_FIXED = 0x400
+DR7_ENABLES = 0xFF            # L0-L3, G0-G3
+# The page fault a scenario (and an injected #PF) takes: a user address the kernel touched.
+PF_ADDRESS = 0x0000_0000_0040_2000
+# The fault a handler takes when the page-fault handler effect is on (perf reading a user stack).
+HANDLER_PF_ADDRESS = 0x0000_7FFD_C0DE_1000
+
+
+def armed(s: CpuState) -> bool:
+    """Whether DR7 enables a breakpoint (a data breakpoint can raise #DB)."""
+    return bool(s.dr7 & DR7_ENABLES)
+
+
+def read_dr(s: CpuState, n: int) -> int:
+    """MOV from DRn (DR0-3 hold no address the model uses; DR4/5 alias DR6/7, CR4.DE clear)."""
+    if n in (6, 4):
+        return s.dr6
+    if n in (7, 5):
+        return s.dr7
+    return 0
+
+
+def write_dr(s: CpuState, n: int, value: int) -> CpuState:
+    if n in (6, 4):
+        return s.but(dr6=value & 0xFFFF_FFFF)
+    if n in (7, 5):
+        return s.but(dr7=(value & 0xFFFF_FFFF) | DR7_FIXED)
+    return s
+
+
 # --- MSRs -----------------------------------------------------------------------------------
 class MsrError(Exception):
     """RDMSR/WRMSR of an MSR the model does not have: #GP on real hardware."""
@@ -269,6 +306,16 @@ def can_deliver(s: CpuState, vector: Vector) -> bool:
     if vector is Vector.NMI:
         return not s.nmi_blocked
     return True
+
+
+def recorded(s: CpuState, vector: Vector, single_step: bool = False) -> CpuState:
+    """What delivering ``vector`` records besides the frame: a #PF its linear address in CR2, a
+    #DB its condition in DR6 (single step: BS; else a data breakpoint: B0; DR6 bits are sticky)."""
+    if vector is Vector.PF:
+        return s.but(cr2=PF_ADDRESS)
+    if vector is Vector.DB:
+        return s.but(dr6=s.dr6 | (DR6_BS if single_step else DR6_B0))
+    return s
 
 
 def deliver(s: CpuState, vector: Vector, *, rip: int, rsp: int, rflags: int, error_code: int | None,

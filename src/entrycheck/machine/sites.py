@@ -9,7 +9,8 @@ from entrycheck.image.insns import PARENT, SiteKind, branch_of, site_of
 from entrycheck.machine.api import MachineConfig
 from entrycheck.machine.state import REG_INDEX
 
-_REGISTER_SITES = (SiteKind.CR3_READ.value, SiteKind.CR3_WRITE.value, SiteKind.RDGSBASE.value,
+_REGISTER_SITES = (SiteKind.CR3_READ.value, SiteKind.CR3_WRITE.value, SiteKind.CR2_READ.value, SiteKind.CR2_WRITE.value,
+                   SiteKind.RDGSBASE.value,
                    SiteKind.WRGSBASE.value)
 
 
@@ -33,6 +34,9 @@ def find_sites(image: Image, config: MachineConfig) -> tuple[dict[int, tuple], f
         sites[image.loaded.symbols["clear_bhb_loop"]] = ("bhb",)
     for addr, name in config.stubs.items():
         sites[addr] = ("stub", name)
+    for addr, name in config.c_entries.items():
+        if addr not in sites:
+            sites[addr] = ("c_entry", name)
     return sites, insns.loop_heads()
 
 

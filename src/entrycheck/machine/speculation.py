@@ -57,7 +57,7 @@ class Speculation:
             return "LFENCE"
         if kind == "swapgs" and not (self._spec is not None and self._spec.swapgs_speculates):
             return "SWAPGS (this CPU does not execute it speculatively)"
-        if kind == "stub" and addr not in self.config.asm_stubs:
+        if (kind == "stub" and addr not in self.config.asm_stubs) or kind == "c_entry":
             return "C:" + site[1]
         return None
 
