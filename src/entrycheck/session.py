@@ -89,6 +89,7 @@ class ObjectRef:
     stamp: tuple = ()
     guards: tuple = ()          # (label, CONFIG_X, n) of the iretqs a build option adds (kernel/guards.py)
     refusals: tuple | None = None   # data hw_breakpoint.c refuses breakpoints on (None: the built-in list)
+    noinstr: object = None          # image/noinstr.py's NoinstrLink: ``path`` holds the noinstr C too
 
     def __post_init__(self) -> None:
         if not self.stamp:
@@ -104,16 +105,34 @@ class ObjectRef:
     def load(self) -> LoadedObject:
         got = STATE.loaded.get(self)
         if got is None:
-            got = STATE.loaded[self] = load(self.path, cpufeatures=self.cpufeatures, asm_offsets=self.asm_offsets)
+            got = STATE.loaded[self] = load(self.path, cpufeatures=self.cpufeatures, asm_offsets=self.asm_offsets,
+                                            noinstr=self.noinstr)
         return got
 
 
-def object_ref(build) -> ObjectRef:
-    """The ObjectRef of a resolved build, with what its source tree says (kernel/guards.py)."""
+def object_ref(build, c_stubs: bool = True) -> ObjectRef:
+    """The ObjectRef of a resolved build, with what its source tree says (kernel/guards.py); unless
+    ``c_stubs``, the entry objects linked with the noinstr C they reach, where the build has it."""
     from entrycheck.kernel.guards import breakpoint_refusals, iret_guards
 
-    return ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h,
-                     guards=iret_guards(build.source_tree), refusals=breakpoint_refusals(build.source_tree))
+    path, link = build.object_path, None
+    if not c_stubs and build.noinstr_object is not None and build.noinstr_info is not None:
+        import json
+
+        from entrycheck.image.noinstr import NoinstrLink
+        from entrycheck.kernelabi.boundary import STUBBED
+
+        info = json.loads(build.noinstr_info.read_text())
+        structs = tuple(sorted((name, tuple(sorted(members.items())))
+                               for name, members in info.get("structs", {}).items()))
+        keys = tuple(sorted((name, bool(k["enabled"])) for name, k in info.get("keys", {}).items()))
+        path, link = build.noinstr_object, NoinstrLink(frozenset(info.get("percpu", ())),
+                                                       tuple(sorted(info.get("aliases", {}).items())), structs, keys,
+                                                       frozenset(info.get("entry_calls", ())),
+                                                       tuple(sorted(info.get("constants", {}).items())),
+                                                       frozenset(STUBBED))
+    return ObjectRef(path, build.cpufeatures_h, build.asm_offsets_h, guards=iret_guards(build.source_tree),
+                     refusals=breakpoint_refusals(build.source_tree), noinstr=link)
 
 
 # ---- spreading work ----------------------------------------------------------------------------

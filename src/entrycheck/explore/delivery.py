@@ -7,8 +7,9 @@ recorded run (a ``StepLog``), and the explorer and the user-value search ask it 
 * #MC: not while MCG_STATUS.MCIP is set, nor (unless asked) inside an #MC handler after it
   cleared MCIP: Linux supports no nested #MC.
 * #DB: as a trap after a data access a hardware breakpoint may watch (the tree's
-  hw_breakpoint.c refuses some data), at a C function's stub that reads such data on an IST
-  stack, or held by a MOV SS shadow until the first instruction of the SYSCALL entry.
+  hw_breakpoint.c refuses some data) — with the kernel's C in the image, only while DR7 arms
+  a breakpoint; with stubs, also at a C function's stub that reads such data on an IST stack —
+  or held by a MOV SS shadow until the first instruction of the SYSCALL entry.
 * #VC: before an instruction an SEV-ES hypervisor intercepts.
 * a maskable interrupt: where IF=1, outside an STI shadow.
 """
@@ -22,7 +23,7 @@ from entrycheck.image import layout
 from entrycheck.kernel.guards import BUILTIN_REFUSALS
 from entrycheck.kernelabi.stubs import c_footprint
 from entrycheck.machine.api import StepLog
-from entrycheck.machine.model import RFLAGS_IF, CpuState, Vector, can_deliver
+from entrycheck.machine.model import RFLAGS_IF, CpuState, Vector, armed, can_deliver
 from entrycheck.machine.state import RFLAGS
 
 MOV_SS_DB = Precondition(Reach.UNPRIVILEGED, "db", "a data breakpoint of the user's own on the operand of a "
@@ -40,6 +41,7 @@ class DeliveryPolicy:
         self.layout = layout_
         self.names = DataNames(world, layout_)
         self._vc_sites: dict[int, bool] = {}
+        self._c = world.config.noinstr_c
         self._link_pres: dict[tuple, Precondition] = {}
         self.set_refusals(BUILTIN_REFUSALS)
 
@@ -70,8 +72,13 @@ class DeliveryPolicy:
             # before the IRET reuses the #MC IST stack in any kernel.  Assumed not to happen.
             return False
         if vector is Vector.DB and not self.config.db_anywhere:
-            return k not in single_steps and (self.watchable_access(log, k) is not None or
-                                              self.mov_ss(log, k, entry))
+            if k in single_steps:
+                return False
+            if self.mov_ss(log, k, entry):
+                return True
+            # With the kernel's C running, a breakpoint fires only while DR7 arms it: the handlers'
+            # local_db_save() clears it (the user's own breakpoints cannot watch kernel data).
+            return (not self._c or armed(cpu)) and self.watchable_access(log, k) is not None
         if vector is Vector.VC:
             return vector in self.world.config.idt and self.raises_vc(log.pcs[i])
         return vector in self.world.config.idt
@@ -85,6 +92,8 @@ class DeliveryPolicy:
         if i == 0:
             return True
         prev = log.pcs[i - 1]
+        if self.image.code_section(prev) is None:
+            return True                     # a stub's RET, never an STI
         return not (self.image.read(prev, 1) == b"\xfb" and not log.regs[i - 1][RFLAGS] & RFLAGS_IF)
 
     def raises_vc(self, pc: int) -> bool:
@@ -106,8 +115,8 @@ class DeliveryPolicy:
     def _c_footprints(self, refused) -> dict[str, str]:
         """C function -> the first per-cpu variable it reads on an IST stack that no refusal
         covers (kernelabi/stubs.py); empty unless the configuration asks for it."""
-        if not self.config.c_footprints:
-            return {}
+        if not self.config.c_footprints or self._c:
+            return {}          # with the kernel's C in the image, its own accesses are watched
         out = {}
         for name in set(self.world.config.stubs.values()):
             free = [v for v in c_footprint(self.world, name) if v not in refused]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
-from entrycheck.image.layout import (ENTRY_STACK_SIZE, IST_STACK_SIZE, SIGNAL_HANDLER_RIP, SIGNAL_STACK,
+from entrycheck.image.layout import (ENTRY_STACK_SIZE, IRQ_STACK_SIZE, IST_STACK_SIZE, SIGNAL_HANDLER_RIP, SIGNAL_STACK,
                                      TASK_SIZE_MAX, TASK_STACK_SIZE, USER32_CS, USER_CS, USER_DS,
                                      VDSO32_LANDING_PAD)
 from entrycheck.kernelabi.linux import ASM_HELPERS, UNTRAIN_FUNCTIONS, Helper
@@ -23,6 +23,7 @@ from entrycheck.machine import fred, model
 from entrycheck.machine.events import Cr3Written, FaultKind, MsrWritten, StubCall
 from entrycheck.machine.api import Context
 from entrycheck.machine.model import SPEC_CTRL_IBRS
+from entrycheck.kernelabi import boundary
 from entrycheck.kernelabi.world import World
 
 PTREGS = {"r15": 0, "r14": 8, "r13": 16, "r12": 24, "rbp": 32, "rbx": 40, "r11": 48, "r10": 56, "r9": 64,
@@ -38,6 +39,8 @@ class Effect(enum.Enum):
     SWITCH_KERNEL_ASID = "switch-kernel-asid"       # write CR3 with another kernel ASID (another mm)
     TLB_SHOOTDOWN = "tlb-shootdown"                 # the interrupt is a TLB-flush IPI: its handler does
                                                     # invalidate_user_asid (flush_tlb_func)
+    PAGE_FAULT = "page-fault"                       # the handler takes a page fault (it writes CR2): perf's
+                                                    # user call chains read the user stack in an NMI
 
 
 class Kind(enum.Enum):
@@ -145,14 +148,32 @@ def sysret_allowed(regs: dict[str, int]) -> bool:
 
 class Stubs:
     """The stub handler the machine calls at every stub address (the run's options come with
-    the request: ``StubOptions``)."""
+    the request: ``StubOptions``); with the noinstr C in the image, also at the first instruction
+    of each C function the entry code calls (``enter``: the checks a stub made, the C then runs)."""
 
     def __init__(self, world: World) -> None:
         self.world = world
         self.unknown: set[str] = set()
+        self.c_mode = world.image.loaded.noinstr_c
+
+    def enter(self, emu: Context, name: str) -> None:
+        """The entry code calls the kernel's C function ``name``: the state C needs (a stub's
+        checkpoint and, for a function given pt_regs, a whole pt_regs); the C then runs."""
+        kind = contract(name)
+        rsp = emu.reg("rsp")
+        ret = emu.read_u64(rsp) if emu.mapped(rsp) else 0
+        emu.emit(StubCall, name=name, return_address=ret, rsp=rsp, note="the kernel's C")
+        if not self._checkpoint(emu, name, rsp, entry_stack_ok=kind in (Kind.SYNC_REGS, Kind.FIXUP_BAD_IRET,
+                                                                       Kind.VC_SWITCH)):
+            return
+        if kind in PT_REGS_ARG and emu.options.pt_regs:
+            self._pt_regs_arg(emu, name, rsp, kind)
 
     def __call__(self, emu: Context, name: str) -> None:
         kind = contract(name)
+        if self.c_mode and kind in (None, Kind.HANDLER, Kind.C_FUNCTION):
+            self._boundary(emu, name)
+            return
         rsp = emu.reg("rsp")
         ret = emu.read_u64(rsp) if emu.mapped(rsp) else 0
         note = "unknown function: returns" if kind is None else ""
@@ -210,6 +231,51 @@ class Stubs:
             elif name.startswith(IRQ_HANDLERS) and Effect.TLB_SHOOTDOWN in emu.options.effects:
                 self._invalidate_user_asid(emu)
 
+    # ---- the boundary of the noinstr C (kernelabi/boundary.py) ----------------------------------
+    def _boundary(self, emu: Context, name: str) -> None:
+        rsp = emu.reg("rsp")
+        ret = emu.read_u64(rsp) if emu.mapped(rsp) else 0
+        base = boundary.base_name(name)
+        emu.emit(StubCall, name=name, return_address=ret, rsp=rsp, note="instrumented code: returns")
+        if not self._checkpoint(emu, name, rsp, entry_stack_ok=False):
+            return
+        if base in boundary.NORETURN:
+            emu.fault(FaultKind.CHECKPOINT, f"{name} called from {emu.symbolize(ret)}: the kernel does not come "
+                                            "back from it (oops, panic or a killed task)")
+            return
+        got = boundary.RETURNS.get(base)
+        emu.set_reg("rax", got.rax if got is not None else 0)
+        if got is not None and got.rdx is not None:
+            emu.set_reg("rdx", got.rdx)
+        handling = emu.handling
+        if base == "do_machine_check":
+            cpu, write = model.wrmsr(emu.cpu, model.MSR_MCG_STATUS, 0)
+            emu.set_cpu(cpu)
+            emu.emit(MsrWritten, write=write)
+        if base in boundary.SYSTEM_CALLS:
+            self._system_call_return(emu, emu.reg("rdi"))
+        elif boundary.sends_signal(name):
+            self._task_flags(emu, set_bits=1 << self.world.constants["TIF_SIGPENDING"])
+        elif base in boundary.SIGNAL_DELIVERY:
+            pending = 1 << self.world.constants["TIF_SIGPENDING"]
+            if self._task_flags(emu) & pending:
+                boundary.signal_frame(emu, emu.reg("rdi"))
+                self._task_flags(emu, clear_bits=pending)
+        if handling and handling[-1] in boundary.HANDLER_VECTORS:
+            self._effects(emu)
+        elif handling and handling[-1] is model.Vector.IRQ and base.startswith(boundary.IRQ_WORK) and \
+                Effect.TLB_SHOOTDOWN in emu.options.effects:
+            self._invalidate_user_asid(emu)
+
+    def _task_flags(self, emu: Context, set_bits: int = 0, clear_bits: int = 0) -> int:
+        """The current task's thread_info.flags (changed as asked)."""
+        at = self.world.task_flags
+        flags = emu.read_u64(at)
+        if set_bits or clear_bits:
+            flags = (flags | set_bits) & ~clear_bits
+            emu.write_u64(at, flags)
+        return flags
+
     # ---- checkpoint ---------------------------------------------------------------------
     def _checkpoint(self, emu: Context, name: str, rsp: int, entry_stack_ok: bool) -> bool:
         w, cpu = self.world, emu.cpu
@@ -229,6 +295,7 @@ class Stubs:
             return False
         on_task = w.task_stack_top - TASK_STACK_SIZE <= rsp < w.task_stack_top
         on_ist = any(top - IST_STACK_SIZE <= rsp < top for top in (*w.ist_tops.values(), w.vc2_top))
+        on_ist |= bool(w.irq_stack_top) and w.irq_stack_top - IRQ_STACK_SIZE <= rsp < w.irq_stack_top
         # sync_regs and fixup_bad_iret run on the entry stack by design (they move pt_regs off it).
         entry = w.entry_stack_top - ENTRY_STACK_SIZE <= rsp < w.entry_stack_top
         if not (on_task or on_ist or (entry_stack_ok and entry)):
@@ -243,6 +310,8 @@ class Stubs:
         stacks = [(w.task_stack_top - TASK_STACK_SIZE, w.task_stack_top),
                   (w.entry_stack_top - ENTRY_STACK_SIZE, w.entry_stack_top)]
         stacks += [(top - IST_STACK_SIZE, top) for top in (*w.ist_tops.values(), w.vc2_top)]
+        if w.irq_stack_top:
+            stacks.append((w.irq_stack_top - IRQ_STACK_SIZE, w.irq_stack_top))
         return next(((lo, hi) for lo, hi in stacks if lo <= rsp < hi), None)
 
     def _pt_regs_arg(self, emu: Context, name: str, rsp: int, kind: Kind) -> bool:
@@ -435,8 +504,12 @@ class Stubs:
         effects = emu.options.effects
         if Effect.INVALIDATE_USER_ASID in effects:
             self._invalidate_user_asid(emu)
+        if Effect.PAGE_FAULT in effects:
+            emu.set_cpu(emu.cpu.but(cr2=model.HANDLER_PF_ADDRESS))
         if Effect.SWITCH_KERNEL_ASID in effects:
             new_cr3 = w.kernel_cr3(asid=w.params.other_asid, pgd=w.params.other_pgd)
+            if self.c_mode and emu.cpu.cr3 == new_cr3:
+                return                  # switched already, at an earlier callee of this handler
             cpu, write = model.write_cr3(emu.cpu, new_cr3)
             emu.set_cpu(cpu)
             emu.emit(Cr3Written, write=write, user_view=False)

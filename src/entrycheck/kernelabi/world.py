@@ -9,7 +9,7 @@ user page tables map.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
@@ -17,7 +17,7 @@ from entrycheck.errors import InputError
 from entrycheck.image import layout
 from entrycheck.image.image import Image
 from entrycheck.image.layout import KERNEL_DS, PAGE, USER_DS, Perm, Region
-from entrycheck.kernelabi import linux
+from entrycheck.kernelabi import booted, linux
 from entrycheck.kernelabi.linux import IST_ORDER
 from entrycheck.machine.api import MachineConfig
 from entrycheck.machine.fred import FredConfig
@@ -39,8 +39,12 @@ IDT_SYMBOLS: Mapping[Vector, str] = MappingProxyType({
 
 # cpu_entry_area, per CPU: GDT, entry stack, then IST stacks (linux.IST_ORDER) each behind a guard page.
 EXCEPTION_STKSZ = layout.IST_STACK_SIZE
+PREEMPT_ENABLED = 0x8000_0000      # x86's preempt count with PREEMPT_NEED_RESCHED clear (inverted): none pending
 CPUNODE_SELECTOR = layout.CPUNODE_SELECTOR
 ASM_OFFSET_DEFAULTS: Mapping[str, int] = MappingProxyType(dict(layout.ASM_OFFSET_DEFAULTS))
+# DR7 with a kernel data breakpoint installed (perf's, CAP_SYS_ADMIN): breakpoint 0, global enable,
+# read/write, 8 bytes, GE (arch/x86/kernel/hw_breakpoint.c __encode_dr7 | DR_GLOBAL_SLOWDOWN).
+DR7_ARMED = 0x400 | 0x200 | (1 << 1) | (0b1011 << 16)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class World:
     ist_tops: Mapping[Vector, int]
     syscall_returns_bool: bool         # 6.12's do_syscall_64 says whether SYSRET may be used
     vc2_top: int = 0                   # the VC2 stack: vc_switch_off_ist's fall-back (no IDT slot)
+    irq_stack_top: int = 0             # the hard-IRQ stack (with the noinstr C: common_interrupt runs on it)
+    constants: Mapping[str, int] = field(default_factory=dict)   # the tree's constants (TIF_* bits), with the C
+    task_flags: int = 0                # where the current task's thread_info.flags is, with the C
 
     @property
     def syscall_gaps(self) -> tuple[tuple[int, int], ...]:
@@ -128,7 +135,7 @@ class World:
         return CpuState(cr3=self.user_cr3(), pcide=self.pcid, fsgsbase=self.fsgsbase, cpl=3, ss=USER_DS,
                         gs_base=self.config.user_gs_poison, kernel_gs_base=self.percpu_base,
                         spec_ctrl=self.user_spec_ctrl(), mcg_status=0, nmi_blocked=False, nmi_pending=False,
-                        stale=frozenset())
+                        stale=frozenset(), dr7=DR7_ARMED if self.config.noinstr_c else model_dr7_fixed())
 
     def kernel_cpu(self) -> CpuState:
         """CPU state while ordinary kernel code runs (kernel CR3, GS and SPEC_CTRL)."""
@@ -137,6 +144,10 @@ class World:
 
     def idt(self, vector: Vector) -> int:
         return self.config.idt[vector]
+
+
+def model_dr7_fixed() -> int:
+    return CpuState.__dataclass_fields__["dr7"].default
 
 
 def _page_region(name: str, start: int, size: int, perm: Perm, user: bool, data: bytes = b"") -> Region:
@@ -192,17 +203,29 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
         off = addr - page
         buf[off:off + size] = value.to_bytes(size, "little")
 
+    unbacked: list[tuple[int, int, str]] = []
+    booting = booted.Booting(params.cpu, percpu_base, loaded.noinstr.layout if loaded.noinstr_c else lambda _: {})
     for name, addr in res.data.items():
+        if loaded.noinstr_c:
+            # With the C in the image, only what a booted kernel is known to hold is there.
+            if name not in booted.BOOTED:
+                unbacked.append((addr, addr + res.data_sizes[name], name))
+                continue
+            data = booted.value(name, booting)
+            for k in range(0, len(data), 8):
+                chunk = data[k:k + 8]
+                data_put(addr + k, int.from_bytes(chunk, "little"), len(chunk))
+            continue
         data_regions.setdefault(layout.page_down(addr), bytearray(PAGE))
         for extra in range(PAGE, res.data_sizes[name], PAGE):
             data_regions.setdefault(layout.page_down(addr + extra), bytearray(PAGE))
-    if "__per_cpu_offset" in res.data:
+    if "__per_cpu_offset" in res.data and not loaded.noinstr_c:
         base = res.data["__per_cpu_offset"]
         for cpu in range(res.data_sizes["__per_cpu_offset"] // 8):
             # Only this CPU's slot holds a mapped per-cpu base; others point at nothing.
             value = percpu_base if cpu == params.cpu else 0xFFFF_8880_DEAD_0000 + cpu * 0x10000
             data_put(base + 8 * cpu, value)
-    if "x86_verw_sel" in res.data:
+    if "x86_verw_sel" in res.data and not loaded.noinstr_c:
         data_put(res.data["x86_verw_sel"], KERNEL_DS, 2)
     user_ranges = image.pti_user_ranges()
 
@@ -214,8 +237,11 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
                               Perm.R | Perm.W, pti_maps(page), bytes(buf)))
 
     # The per-cpu area, as on a booted CPU.
-    percpu_size = layout.page_up(max(percpu_offsets.values(), default=0) + 0x100)
+    percpu_size = layout.page_up(max([*percpu_offsets.values(), *(o + len(d) for o, d in loaded.percpu_data)],
+                                     default=0) + 0x100)
     pc = bytearray(percpu_size)
+    for at, data in loaded.percpu_data:          # the C objects' own per-cpu data, as initialised
+        pc[at:at + len(data)] = data
 
     def put(name: str, off: int, value: int, size: int = 8) -> None:
         if name in percpu_offsets:
@@ -235,6 +261,31 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
     put("cpu_current_top_of_stack", 0, task_top)
     put("x86_spec_ctrl_current", 0, SPEC_CTRL_IBRS if ibrs else 0)
     put("fixed_percpu_data", offsets["FIXED_stack_canary"], params.stack_canary)
+    if loaded.noinstr_c:
+        # arch_install_hw_breakpoint() keeps DR7's value in cpu_dr7 (hw_breakpoint_active() reads it).
+        put("cpu_dr7", 0, DR7_ARMED)
+    if loaded.noinstr_c:
+        link = loaded.noinstr
+        hot = link.layout("pcpu_hot")
+        put("this_cpu_off", 0, percpu_base)                     # this CPU's per-cpu base (setup_per_cpu_areas)
+        put("current_task", 0, layout.CURRENT_TASK)             # current (6.1)
+        put("cpu_number", 0, params.cpu)                        # smp_processor_id() (6.1)
+        put("__preempt_count", 0, PREEMPT_ENABLED, 4)           # preemptible, no resched pending (6.1)
+        for member, value, size in (("current_task", layout.CURRENT_TASK, 8), ("preempt_count", PREEMPT_ENABLED, 4),
+                                    ("cpu_number", params.cpu, 4)):
+            if member in hot:                                   # the same, in pcpu_hot (6.9+)
+                put("pcpu_hot", hot[member], value, size)
+        irq_top = layout.IRQ_STACK_BASE + layout.IRQ_STACK_SIZE
+        # irq_init_percpu_irqstack(): the hard-IRQ stack's top, less one word (6.1: a per-cpu variable).
+        put("hardirq_stack_ptr", 0, irq_top - 8)
+        if "hardirq_stack_ptr" in hot:
+            put("pcpu_hot", hot["hardirq_stack_ptr"], irq_top - 8)
+        regions.append(Region("hard-IRQ stack", layout.IRQ_STACK_BASE, layout.IRQ_STACK_SIZE, Perm.R | Perm.W, False))
+        regions.append(Region("current task", layout.CURRENT_TASK, layout.CURRENT_TASK_SIZE, Perm.R | Perm.W, False,
+                              _current_task(link.layout("task_struct"), params.cpu)))
+        regions.append(Region("current mm", layout.CURRENT_MM, layout.CURRENT_MM_SIZE, Perm.R | Perm.W, False,
+                              _fill(layout.CURRENT_MM_SIZE, link.layout("mm_struct"),
+                                    (("context.vdso", layout.VDSO32_BASE, 8),))))
     for page in range(0, percpu_size, PAGE):
         user = pti_maps(percpu_base + page)
         regions.append(Region("per-cpu cpu_tss_rw" if user else "per-cpu data",
@@ -260,10 +311,46 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
                            sp0_slot=tss_base + offsets["TSS_sp0"],
                            cpunode_selector=CPUNODE_SELECTOR, cpunode_limit=params.cpu | (params.node << 12),
                            stubs=MappingProxyType(stubs), fred=fred, spec=linux.spec_config(image.features.names),
-                           asm_stubs=frozenset(a for a, n in stubs.items() if n in linux.RETURNING_HELPERS))
+                           asm_stubs=frozenset(a for a, n in stubs.items() if n in linux.RETURNING_HELPERS),
+                           unbacked=tuple(sorted(unbacked)), noinstr_c=loaded.noinstr_c,
+                           c_entries=MappingProxyType(_c_entries(loaded)))
     return World(image, config, params, pti, pcid, fsgsbase, ibrs, percpu_base, MappingProxyType(percpu_offsets),
                  MappingProxyType(offsets), task_top, entry_top, MappingProxyType(ist_tops),
-                 _syscall_returns_bool(image), vc2_top)
+                 _syscall_returns_bool(image), vc2_top,
+                 layout.IRQ_STACK_BASE + layout.IRQ_STACK_SIZE if loaded.noinstr_c else 0,
+                 MappingProxyType(dict(loaded.noinstr.constants)) if loaded.noinstr_c else MappingProxyType({}),
+                 layout.CURRENT_TASK + loaded.noinstr.layout("task_struct").get("thread_info.flags", 0)
+                 if loaded.noinstr_c else 0)
+
+
+# C functions the entry paths enter from elsewhere than the asm, checked on entry all the same:
+# FRED's dispatcher calls the NMI handler (the NMI invariant counts its entries).
+C_ENTRIES_TOO = ("fred_exc_nmi", "exc_nmi")
+
+
+def _c_entries(loaded) -> dict[int, str]:
+    """address -> name: the C functions the entry code calls, where the image has their code."""
+    if not loaded.noinstr_c:
+        return {}
+    names = sorted(set(loaded.noinstr.entry_calls) | set(C_ENTRIES_TOO))
+    return {loaded.symbols[n]: n for n in names if n in loaded.symbols and n not in loaded.resolution.classes}
+
+
+def _current_task(task: dict[str, int], cpu: int) -> bytes:
+    """The task user space entered the kernel from, as its task_struct holds it: its stack, the CPU
+    it runs on, its mm, no work pending (thread_info.flags and syscall_work 0), everything else zero."""
+    return _fill(layout.CURRENT_TASK_SIZE, task, (("stack", layout.TASK_STACK_BASE, 8), ("cpu", cpu, 4),
+                                                  ("thread_info.cpu", cpu, 4), ("mm", layout.CURRENT_MM, 8),
+                                                  ("active_mm", layout.CURRENT_MM, 8)))
+
+
+def _fill(size: int, members: dict[str, int], values) -> bytes:
+    """``size`` zero bytes with (member, value, width) written where ``members`` (DWARF) puts them."""
+    data = bytearray(size)
+    for member, value, width in values:
+        if member in members and members[member] + width <= len(data):
+            data[members[member]:members[member] + width] = value.to_bytes(width, "little")
+    return bytes(data)
 
 
 def _syscall_returns_bool(image: Image) -> bool:
