@@ -110,9 +110,16 @@ class ObjectRef:
         return got
 
 
-def object_ref(build, c_stubs: bool = True) -> ObjectRef:
-    """The ObjectRef of a resolved build, with what its source tree says (kernel/guards.py); unless
-    ``c_stubs``, the entry objects linked with the noinstr C they reach, where the build has it."""
+def with_c_stubs(build):
+    """``build`` without the noinstr C: its entry objects alone, a contract stub at every call."""
+    import dataclasses
+
+    return dataclasses.replace(build, noinstr_object=None, noinstr_info=None)
+
+
+def object_ref(build, c_stubs: bool = False) -> ObjectRef:
+    """The ObjectRef of a resolved build, with what its source tree says (kernel/guards.py): the
+    entry objects linked with the noinstr C they reach where the build has it, unless ``c_stubs``."""
     from entrycheck.kernel.guards import breakpoint_refusals, iret_guards
 
     path, link = build.object_path, None
@@ -120,6 +127,7 @@ def object_ref(build, c_stubs: bool = True) -> ObjectRef:
         import json
 
         from entrycheck.image.noinstr import NoinstrLink
+        from entrycheck.kernelabi import booted
         from entrycheck.kernelabi.boundary import STUBBED
 
         info = json.loads(build.noinstr_info.read_text())
@@ -130,7 +138,7 @@ def object_ref(build, c_stubs: bool = True) -> ObjectRef:
                                                        tuple(sorted(info.get("aliases", {}).items())), structs, keys,
                                                        frozenset(info.get("entry_calls", ())),
                                                        tuple(sorted(info.get("constants", {}).items())),
-                                                       frozenset(STUBBED))
+                                                       frozenset(STUBBED) | frozenset(booted.FUNCTIONS))
     return ObjectRef(path, build.cpufeatures_h, build.asm_offsets_h, guards=iret_guards(build.source_tree),
                      refusals=breakpoint_refusals(build.source_tree), noinstr=link)
 
@@ -430,6 +438,6 @@ def review(base, base_loaded: LoadedObject, patched, patched_loaded: LoadedObjec
                                 done.new.result.covered))
 
 
-__all__ = ["Reviewed", "review", "STATE", "ProcessState", "reset", "abort_outputs", "outputs", "source_lines", "ObjectRef", "object_ref",
+__all__ = ["Reviewed", "review", "STATE", "ProcessState", "reset", "abort_outputs", "outputs", "source_lines", "ObjectRef", "object_ref", "with_c_stubs",
            "default_workers", "ordered_map", "worker_signals", "dask_client", "explorer", "run_unit", "run_batch",
            "derive_set", "run_check", "Checked", "check", "coverage", "Diffed", "diff"]

@@ -47,14 +47,12 @@ def cli(debug: bool) -> None:
 
 
 
-def _load(target: str, tree: str | None, config: tuple = (None, ())):
-    from entrycheck.image import load_build
+def _load(target: str, tree: str | None, config: tuple = (None, (), False)):
     from entrycheck.report.progress import terminal_progress
 
     with terminal_progress() as progress:
         build = resolve(target, tree, progress, config)
-    loaded = load_build(build)
-    return build, loaded
+    return build, session.object_ref(build).load()
 
 
 def _outputs(json_out: str | None = None, html_out: str | None = None):

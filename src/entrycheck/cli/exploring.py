@@ -223,7 +223,6 @@ def review(target, patches, opts: ExploreOptions, report: DiffOptions) -> None:
     Exit status: 0 unless the patched build has violations the other had not (then 1), 4 when no
     explored path ran anything the patch changed (nothing of it was checked), 2 on bad input.
     """
-    from entrycheck.image import load_build
     from entrycheck.kernel.review import patched_build, read_patches
     from entrycheck.report.progress import terminal_progress
 
@@ -235,12 +234,13 @@ def review(target, patches, opts: ExploreOptions, report: DiffOptions) -> None:
     with terminal_progress() as progress:
         base = resolve(target, opts.tree, progress, opts.build_config)
         patched = patched_build(base, texts, progress=progress)
+    new_build = session.with_c_stubs(patched.build) if opts.c_stubs else patched.build
     if patched.applied is not None:
         for pl in patched.applied.placements:
             if pl.context_mismatches or pl.placed_line != pl.header_line:
                 click.echo(f"note: {pl.file} hunk {pl.hunk} applied at line {pl.placed_line} (header says "
                            f"{pl.header_line}; {pl.context_mismatches} context lines differ)", err=True)
-    _run_diff(base, load_build(base), patched.build, load_build(patched.build), opts, report, out,
+    _run_diff(base, session.object_ref(base).load(), new_build, session.object_ref(new_build).load(), opts, report, out,
               {"old_target": as_given(target, opts), "new_target": as_given(str(patched.tree), opts),
                "patches": texts},
               review=(texts, patched.applied.placements if patched.applied is not None else None))

@@ -18,14 +18,18 @@ import click
 from entrycheck.errors import InputError
 from entrycheck.explore.check import CheckConfig
 
-def resolve(target: str, tree: str | None, progress, config: tuple = (None, ())):
+def resolve(target: str, tree: str | None, progress, config: tuple = (None, (), False)):
+    """The build of TARGET; ``config`` is (--config, --kconfig, --c-stubs)."""
     from entrycheck.kernel.kconfig import parse_request
     from entrycheck.kernel.targets import resolve_target
 
+    from entrycheck.session import with_c_stubs
+
     if tree is not None and not tree.strip():
         raise InputError("--tree needs a kernel source directory")
-    return resolve_target(target, tree=Path(tree) if tree else None, progress=progress,
-                          request=parse_request(*config))
+    build = resolve_target(target, tree=Path(tree) if tree else None, progress=progress,
+                           request=parse_request(*config[:2]))
+    return with_c_stubs(build) if config[2:] and config[2] else build
 
 
 def as_given(target: str, opts) -> str:
@@ -38,6 +42,8 @@ def as_given(target: str, opts) -> str:
         args += ["--config", opts.config]
     for option in opts.kconfig:
         args += ["--kconfig", option]
+    if opts.c_stubs:
+        args.append("--c-stubs")
     return shlex.join(args)
 
 
@@ -50,16 +56,21 @@ CONFIG_OPTION = click.option("--config", "config", type=click.Choice(["defconfig
 KCONFIG_OPTION = click.option("--kconfig", "kconfig", multiple=True, metavar="NAME=VALUE",
                               help="Set a kernel option on top (scripts/config + olddefconfig), e.g. "
                               "X86_FRED=y or DEBUG_ENTRY=n; repeatable.")
+C_STUBS_OPTION = click.option("--c-stubs", "c_stubs", is_flag=True,
+                               help="Stand a hand-written contract stub at every call the entry assembly makes "
+                               "instead of running the kernel's compiled noinstr C (the model before it ran "
+                               "the C; to compare).")
 
 
 def config_options(f):
-    """--config and --kconfig: the command receives them as ``config`` = (base, options)."""
+    """--config, --kconfig and --c-stubs: the command receives them as ``config`` = (base, options,
+    c_stubs)."""
     @functools.wraps(f)
     def wrapper(**kwargs):
-        config = (kwargs.pop("config"), kwargs.pop("kconfig"))
+        config = (kwargs.pop("config"), kwargs.pop("kconfig"), kwargs.pop("c_stubs"))
         return f(**kwargs, config=config)
 
-    return CONFIG_OPTION(KCONFIG_OPTION(wrapper))
+    return CONFIG_OPTION(KCONFIG_OPTION(C_STUBS_OPTION(wrapper)))
 
 
 FEATURES_HELP = ("CPU features, comma-separated (pti,pcid,fsgsbase,kernel_ibrs or any X86_FEATURE_* name "
@@ -115,10 +126,11 @@ class ExploreOptions:
     tree: str | None = None
     config: str | None = None
     kconfig: tuple[str, ...] = ()
+    c_stubs: bool = False
 
     @property
     def build_config(self) -> tuple:
-        return (self.config, self.kconfig)
+        return (self.config, self.kconfig, self.c_stubs)
 
     def check_config(self, loaded):
         """The CheckConfig these options ask for, validated against a loaded object."""
@@ -232,6 +244,7 @@ def explore_options(f):
         TREE_OPTION,
         CONFIG_OPTION,
         KCONFIG_OPTION,
+        C_STUBS_OPTION,
     ]):
         wrapper = opt(wrapper)
     return wrapper

@@ -39,7 +39,7 @@ class SiteKeys:
         if table is None:
             table, seen = {}, {}
             try:
-                listing = _listing(self.image, name)
+                listing = _listing(self.image, name, self.image.loaded.symbols.get(name, addr))
             except Exception:  # noqa: BLE001 - a label without a range: the address is all there is
                 listing = []
             for a, text in listing:

@@ -37,8 +37,8 @@ class SiteMap:
         self._replaced: tuple[set[int], set[int]] = (set(), set())   # mapped, but another instruction: old, new
         old_syms, new_syms = _code_symbols(old), _code_symbols(new)
         for name in sorted(set(old_syms) & set(new_syms)):
-            a = _listing(old, name)
-            b = _listing(new, name)
+            a = _listing(old, name, old_syms[name])
+            b = _listing(new, name, new_syms[name])
             sm = difflib.SequenceMatcher(None, [t for _, t in a], [t for _, t in b], autojunk=False)
             for tag, i1, i2, j1, j2 in sm.get_opcodes():
                 if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1):
@@ -114,8 +114,11 @@ def _code_symbols(image: Image) -> dict[str, int]:
     return out
 
 
-def _listing(image: Image, name: str) -> list[tuple[int, str]]:
-    start, end = image.symbol_range(name)
+def _listing(image: Image, name: str, start: int) -> list[tuple[int, str]]:
+    """The instructions of the code symbol ``name`` at ``start`` (its definition: a function the
+    model stubs is called elsewhere), each with its text made address-free."""
+    size = image.loaded.symbol_sizes.get(name, 0)
+    end = start + size if size else image.symbol_range(name)[1]
     out = []
     for ins in image.instructions.sweep(start, end):
         text = f"{ins.mnemonic} {ins.op_str}"

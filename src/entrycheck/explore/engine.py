@@ -460,8 +460,8 @@ class _Unit:
         found = reentry.live_frame(ex.layout, node.live, log.outstanding[i], vector, top, k)
         if found is None:
             return None
-        outer, words = found
-        msg = reentry.message(vector, outer, len(words), "", ex.image.symbolize)
+        outer, words, in_frame = found
+        msg = reentry.message(vector, outer, len(words), "", ex.image.symbolize, in_frame)
         if vector is Vector.DB:
             msg += self.policy.db_cause(log, k)
         return Reentry(node.position + node.index(k), node.chain + (link,), log.pcs[i], msg,
@@ -479,9 +479,10 @@ class _Unit:
         got = reentry.latched_delivery(ex.layout, events, node.rejoinable(k))
         if got is None:
             return None
-        j, e, ref, ref_k, outer, words, resumed = got
+        j, e, ref, ref_k, (outer, words, in_frame), resumed = got
         how = reentry.latched(resumed.injection, resumed.pc, ex.image.symbolize)
-        return Reentry(position + j, chain, e.pc, reentry.message(e.vector, outer, len(words), how, ex.image.symbolize),
+        return Reentry(position + j, chain, e.pc, reentry.message(e.vector, outer, len(words), how, ex.image.symbolize,
+                                                                  in_frame),
                        self.findings.trace_window(ref.log.pcs, ref_k - ref.log.start), set(), e.step)
 
     def _report_reentry(self, r: Reentry) -> None:

@@ -12,6 +12,7 @@ import bisect
 import enum
 from dataclasses import dataclass
 
+from entrycheck.kernel.guards import KERNEL_BREAKPOINT_CAPABILITY
 from entrycheck.kernelabi.world import World
 from entrycheck.machine.model import Vector
 
@@ -20,7 +21,7 @@ class Reach(enum.IntEnum):
     """Who can make a precondition happen, easiest first."""
 
     UNPRIVILEGED = 0        # any local user
-    ROOT = 1                # root, or a capability such as CAP_PERFMON
+    ROOT = 1                # root, or a capability such as CAP_SYS_ADMIN
     MACHINE_CHECK = 2       # a hardware error at that instant
     BUILD = 3               # a build option a production kernel leaves off
 
@@ -62,7 +63,7 @@ def for_entry(vector: Vector | None, from_user: bool, name: str) -> Precondition
         if from_user:
             return Precondition(Reach.UNPRIVILEGED, "entry",
                                 "a #DB in user mode (single-step or a breakpoint of the user's own)")
-        return Precondition(Reach.ROOT, "entry", "a #DB in the kernel (a kernel breakpoint: root or CAP_PERFMON)")
+        return Precondition(Reach.ROOT, "entry", f"a #DB in the kernel (a kernel breakpoint: {KERNEL_BREAKPOINT_CAPABILITY})")
     return Precondition(Reach.UNPRIVILEGED, "entry", f"the entry of scenario {name}")
 
 
@@ -73,7 +74,7 @@ def for_injection(vector: Vector, watched: str | None = None) -> Precondition:
         return _MC
     if vector is Vector.DB:
         what = watched or "the data the instruction before accessed"
-        return Precondition(Reach.ROOT, "db", f"a kernel data breakpoint on {what} (root or CAP_PERFMON, "
+        return Precondition(Reach.ROOT, "db", f"a kernel data breakpoint on {what} ({KERNEL_BREAKPOINT_CAPABILITY}, "
                             "through perf_event_open)")
     if vector is Vector.IRQ:
         return Precondition(Reach.UNPRIVILEGED, "irq", "a device interrupt or IPI at that instruction, where "

@@ -151,9 +151,9 @@ def ist_reentries(machine: Machine, world: World, start, sc: Scenario, injection
                     found = reentry.live_frame(space, live, log.outstanding[i], e.vector,
                                                e.stack + e.vector.frame_bytes, at)
                     if found is not None:
-                        outer, words = found
+                        outer, words, in_frame = found
                         how = reentry.latched(prev.injection, prev.pc, world.image.symbolize) if e.from_latch else ""
                         out.append(Violation("ist-reentered", e.pc, e.step, reentry.message(
-                            e.vector, outer, len(words), how, world.image.symbolize)))
+                            e.vector, outer, len(words), how, world.image.symbolize, in_frame)))
         prev = e
     return out

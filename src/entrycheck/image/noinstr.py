@@ -64,6 +64,8 @@ def plan(obj: ObjectFile, stubbed: frozenset[str] = frozenset()) -> Plan:
     functions = frozenset(s.name for s in obj.symbols
                           if s.name and not s.undefined and ((s.section in boundary
                           and s.kind in ("STT_FUNC", "STT_NOTYPE")) or (s.name in stubbed and s.kind == "STT_FUNC")))
+    defined = {s.name for s in obj.symbols if s.name and not s.undefined}
+    functions |= frozenset(n for n in stubbed if n not in defined)    # a booted value's function pointer
     return Plan(tuple(s.name for s in obj.sections if s.alloc and s.name in RUNNABLE), boundary,
                 MappingProxyType(percpu), cursor - PERCPU_C_BASE, functions)
 

@@ -17,6 +17,12 @@ from pathlib import Path
 ENTRY_SOURCE = "arch/x86/entry/entry_64.S"
 BREAKPOINT_SOURCE = "arch/x86/kernel/hw_breakpoint.c"
 
+# Who may set a kernel breakpoint: hw_breakpoint_arch_parse's caller in kernel/events/hw_breakpoint.c
+# ("Don't let unprivileged users set a breakpoint in the trap path"), the same in 6.1 and 6.12;
+# kernel_breakpoint_capability() reads it from a tree.
+KERNEL_BREAKPOINT_SOURCE = "kernel/events/hw_breakpoint.c"
+KERNEL_BREAKPOINT_CAPABILITY = "CAP_SYS_ADMIN"
+
 # within_cpu_entry() of 6.1 and 6.12 (the same list), for a bare object with no source.
 BUILTIN_REFUSALS = ("cpu_entry_area", "__per_cpu_offset", "pcpu_unit_offsets", "gdt_page", "cpu_tss_rw",
                     "cpu_tlbstate", "cpu_dr7")
@@ -127,4 +133,16 @@ def parse_refusals(text: str) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(out))
 
 
-__all__ = ["iret_guards", "parse", "breakpoint_refusals", "parse_refusals", "BUILTIN_REFUSALS"]
+def kernel_breakpoint_capability(source_tree: Path) -> str | None:
+    """The capability kernel/events/hw_breakpoint.c demands for a breakpoint on a kernel
+    address (the ``capable(CAP_X)`` test after arch_check_bp_in_kernelspace()), or None."""
+    try:
+        text = (Path(source_tree) / KERNEL_BREAKPOINT_SOURCE).read_text(errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"arch_check_bp_in_kernelspace\s*\([^)]*\)\s*\)\s*\{(.*?)\n\t\}", text, flags=re.S)
+    cap = re.search(r"!\s*capable\s*\(\s*(CAP_\w+)\s*\)", m.group(1)) if m else None
+    return cap.group(1) if cap else None
+
+
+__all__ = ["kernel_breakpoint_capability", "KERNEL_BREAKPOINT_CAPABILITY", "iret_guards", "parse", "breakpoint_refusals", "parse_refusals", "BUILTIN_REFUSALS"]

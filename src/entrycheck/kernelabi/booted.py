@@ -31,6 +31,8 @@ class Booting:
     cpu: int
     percpu_base: int
     layout: Callable[[str], dict] = lambda struct: {}     # a struct's member offsets (the build's DWARF)
+    function: Callable[[str], int | None] = lambda name: None   # where a function of FUNCTIONS is
+    address: int = 0                                      # where the value goes
 
 
 def _u(value: int, size: int) -> bytes:
@@ -50,6 +52,20 @@ def _vdso_image_32(b: Booting) -> bytes:
     return bytes(data)
 
 
+# Functions a booted value points at; each runs as a stub that returns what kernelabi/boundary.py says.
+FUNCTIONS = ("native_apic_mem_read",)
+_APIC_STRUCT = 0x40               # where in the booted ``apic`` value the driver it points at lies
+
+
+def _apic(b: Booting) -> bytes:
+    data = bytearray(0x200)
+    data[0:8] = _u(b.address + _APIC_STRUCT, 8)
+    read, fn = b.layout("apic").get("read"), b.function("native_apic_mem_read")
+    if read is not None and fn is not None:
+        data[_APIC_STRUCT + read:_APIC_STRUCT + read + 8] = _u(fn, 8)
+    return bytes(data)
+
+
 def _mask(_: Booting) -> bytes:
     return _u((1 << CPUS) - 1, 8) + bytes(1016)
 
@@ -66,6 +82,9 @@ BOOTED: dict[str, Booted] = {
     "__cpu_present_mask": Booted(1024, _mask, f"CPUs 0-{CPUS - 1} present"),
     "crashing_cpu": Booted(4, _u(-1, 4), "no CPU is crashing (kexec's crash shootdown sets it)"),
     "oops_in_progress": Booted(4, _u(0, 4), "no oops is being printed"),
+    "apic": Booted(0x200, _apic, "the APIC driver (6.1: struct apic *apic): its read() is a stub that returns "
+                                 "0, no vector in service in the ISR (int80_is_external(): int $0x80 is the "
+                                 "software interrupt it is, not an external one)"),
     "vdso_image_32": Booted(0x100, _vdso_image_32,
                             "the 32-bit vDSO: only sym_int80_landing_pad is read (do_fast_syscall_32 returns "
                             "there; the task's vDSO is mapped at current->mm->context.vdso)"),
@@ -78,4 +97,4 @@ def value(name: str, booting: Booting) -> bytes:
     return data[:b.size] + bytes(max(0, b.size - len(data)))
 
 
-__all__ = ["BOOTED", "Booted", "Booting", "value", "CPUS"]
+__all__ = ["BOOTED", "Booted", "Booting", "value", "CPUS", "FUNCTIONS"]

@@ -40,7 +40,10 @@ RETURNS: dict[str, Returns] = {
                              "with it"),
     "__get_user_nocheck_4": Returns(0, "the user word is readable (EAX: no fault; EDX: the value)", 0),
     "__get_user_4": Returns(0, "the user word is readable (EAX: no fault; EDX: the value)", 0),
+    "native_apic_mem_read": Returns(0, "the APIC register reads 0: no vector in service (kernelabi/booted.py's apic)"),
 }
+# A retpoline thunk the C calls through (__x86_indirect_thunk_<reg>): it jumps to the register.
+INDIRECT_THUNK = "__x86_indirect_thunk_"
 
 # The system call itself (6.12 and later stables: x64_sys_call and friends; before: the table).
 SYSTEM_CALLS = frozenset({"x64_sys_call", "ia32_sys_call", "x32_sys_call"})
@@ -79,5 +82,5 @@ def signal_frame(emu, regs: int) -> None:
         emu.write_u64(regs + PTREGS[field], value)
 
 
-__all__ = ["STUBBED", "RETURNS", "Returns", "SYSTEM_CALLS", "SIGNAL_SENDERS", "SIGNAL_DELIVERY", "NORETURN", "HANDLER_VECTORS",
+__all__ = ["INDIRECT_THUNK", "STUBBED", "RETURNS", "Returns", "SYSTEM_CALLS", "SIGNAL_SENDERS", "SIGNAL_DELIVERY", "NORETURN", "HANDLER_VECTORS",
            "IRQ_WORK", "base_name", "sends_signal", "signal_frame", "PTREGS"]

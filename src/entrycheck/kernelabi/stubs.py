@@ -171,7 +171,7 @@ class Stubs:
 
     def __call__(self, emu: Context, name: str) -> None:
         kind = contract(name)
-        if self.c_mode and kind in (None, Kind.HANDLER, Kind.C_FUNCTION):
+        if self.c_mode and (kind in (None, Kind.HANDLER, Kind.C_FUNCTION) or name.startswith(boundary.INDIRECT_THUNK)):
             self._boundary(emu, name)
             return
         rsp = emu.reg("rsp")
@@ -242,6 +242,11 @@ class Stubs:
         if base in boundary.NORETURN:
             emu.fault(FaultKind.CHECKPOINT, f"{name} called from {emu.symbolize(ret)}: the kernel does not come "
                                             "back from it (oops, panic or a killed task)")
+            return
+        if name.startswith(boundary.INDIRECT_THUNK):
+            # The stub's RET goes to the register's target; the caller's return address stays below.
+            emu.set_reg("rsp", rsp - 8)
+            emu.write_u64(rsp - 8, emu.reg(name[len(boundary.INDIRECT_THUNK):]))
             return
         got = boundary.RETURNS.get(base)
         emu.set_reg("rax", got.rax if got is not None else 0)

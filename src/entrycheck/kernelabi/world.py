@@ -9,6 +9,8 @@ user page tables map.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
@@ -204,14 +206,15 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
         buf[off:off + size] = value.to_bytes(size, "little")
 
     unbacked: list[tuple[int, int, str]] = []
-    booting = booted.Booting(params.cpu, percpu_base, loaded.noinstr.layout if loaded.noinstr_c else lambda _: {})
+    booting = booted.Booting(params.cpu, percpu_base, loaded.noinstr.layout if loaded.noinstr_c else lambda _: {},
+                             res.functions.get)
     for name, addr in res.data.items():
         if loaded.noinstr_c:
             # With the C in the image, only what a booted kernel is known to hold is there.
             if name not in booted.BOOTED:
                 unbacked.append((addr, addr + res.data_sizes[name], name))
                 continue
-            data = booted.value(name, booting)
+            data = booted.value(name, dataclasses.replace(booting, address=addr))
             for k in range(0, len(data), 8):
                 chunk = data[k:k + 8]
                 data_put(addr + k, int.from_bytes(chunk, "little"), len(chunk))

@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
 from entrycheck.errors import InputError
+from entrycheck.image.layout import SIGNAL_HANDLER_RIP
 from entrycheck.kernelabi.linux import RETURN_THUNKS, UNTRAIN_FUNCTIONS
 from entrycheck.kernelabi.stubs import Kind, contract, ibrs_ok
 from entrycheck.kernelabi.world import World
@@ -56,12 +57,14 @@ class NmiSummary:
 
 
 NO_NMI = NmiSummary()
+# Where an NMI is processed: exc_nmi, and FRED's dispatcher's call of its fred_exc_nmi (the same C).
+NMI_HANDLERS = frozenset({"exc_nmi", "fred_exc_nmi"})
 
 
 def nmi_of(e: Event) -> NmiSummary:
     if isinstance(e, (Delivered, Latched)) and e.vector is Vector.NMI:
         return NmiSummary(1 if isinstance(e, Delivered) else 0, 0, ("nmi", e))
-    if isinstance(e, StubCall) and e.name == "exc_nmi":
+    if isinstance(e, StubCall) and e.name in NMI_HANDLERS:
         return NmiSummary(0, 1, ("exc",))
     return NO_NMI
 
@@ -152,10 +155,13 @@ def end_context_not_restored(world: World, end: End) -> list:
     return [Violation("context-not-restored", last.pc, last.step,
                       f"{inj.vector.label} never returned to the code it interrupted "
                       f"(step {inj.step}, RIP {inj.rip:#x})") for inj in end.outstanding
-            if not (inj.vector in (Vector.GP, *SYSTEM_CALLS) and end.final_cpu.cpl == 3)]
+            if not (end.final_cpu.cpl == 3 and (inj.vector in (Vector.GP, *SYSTEM_CALLS) or
+                                                (inj.cpu.cpl == 3 and last.pc == SIGNAL_HANDLER_RIP)))]
     # A #GP is raised only by an IRET that faults; the kernel (fixup_bad_iret) turns it into a
     # fault of the user mode that IRET was returning to, so it ends with a return to user mode.
-    # A system call delivered as an event (FRED) may return to another user context (sigreturn).
+    # A system call delivered as an event (FRED) may return to another user context (sigreturn),
+    # and an event from user mode that signals the task (a #DB's SIGTRAP, run by the kernel's C)
+    # returns to the signal handler the kernel set up instead of the interrupted code.
 
 
 def local_stale_tlb(world: World, e: Event) -> list:

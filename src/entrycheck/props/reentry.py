@@ -15,35 +15,58 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from entrycheck.kernelabi.linux import ist_index
+from entrycheck.kernelabi.stubs import PTREGS_SIZE
 from entrycheck.machine.api import LiveIndex, StepLog
 from entrycheck.machine.events import Delivered, Event, Injection, Resumed
 from entrycheck.machine.model import Vector
 from entrycheck.machine.state import Interrupted
 
 
+# What an IDT entry writes below the hardware frame before its handler can move off the IST
+# stack: the rest of pt_regs (orig_ax and the general registers) and the return address of
+# the call into paranoid_entry/error_entry (idtentry_mce_db, idtentry_vc, idtentry_df; not
+# asm_exc_nmi, whose nested-NMI test comes first).
+ENTRY_PUSHES = PTREGS_SIZE + 8
+
+
 def live_frame(layout, live: LiveIndex, outstanding: Sequence[Interrupted], vector: Vector, top: int,
-               boundary: int) -> tuple[Interrupted, tuple[int, ...]] | None:
-    """(the outstanding exception, the words) when a ``vector`` frame written below ``top`` at
-    ``boundary`` goes onto the IST stack of an exception still outstanding there and covers
-    words the recorded run (``live``) reads later: the earlier handler has not moved off the
-    stack or copied its frame (an ist-reentered delivery); else None."""
+               boundary: int) -> tuple[Interrupted, tuple[int, ...], bool] | None:
+    """(the outstanding exception, the words, whether they are its frame's) when a ``vector``
+    frame written below ``top`` at ``boundary`` goes onto the IST stack of an exception still
+    outstanding there and covers words the recorded run (``live``) reads later: the earlier
+    handler has not moved off the stack or copied its frame (an ist-reentered delivery).  When
+    the frame covers none, the words the new entry's pushes below it cover (the earlier
+    handler still runs on that stack: its saved registers, its return addresses); else None."""
     slot = ist_index(vector)
     outer = next((o for o in outstanding if ist_index(o.vector) == slot), None)
     if outer is None:
         return None
-    size = vector.frame_bytes
     wbase = layout.writable_base
-    words = tuple(a for a in range(top - size, top, 8)
-                  if layout.pages.get(a >> 12) is not None and live.live(layout.phys(a) - wbase, boundary))
-    return (outer, words) if words else None
+
+    def read_later(lo: int, hi: int) -> tuple[int, ...]:
+        return tuple(a for a in range(lo, hi, 8)
+                     if layout.pages.get(a >> 12) is not None and live.live(layout.phys(a) - wbase, boundary))
+    size = vector.frame_bytes
+    words = read_later(top - size, top)
+    if words:
+        return outer, words, True
+    if vector is Vector.NMI:
+        return None      # the NMI entry tells a nested NMI apart before it pushes anything more
+    words = read_later(top - ENTRY_PUSHES, top - size)
+    return (outer, words, False) if words else None
 
 
-def message(vector: Vector, outer: Interrupted, words: int, how: str, symbolize: Callable[[int], str]) -> str:
+def message(vector: Vector, outer: Interrupted, words: int, how: str, symbolize: Callable[[int], str],
+            in_frame: bool = True) -> str:
     """What an ist-reentered finding says."""
     where = f"user mode ({outer.rip:#x})" if outer.cpu.cpl == 3 else symbolize(outer.rip)
-    return (f"{vector.label} delivered through IST {ist_index(vector)}{how} while the frame of the "
-            f"{outer.vector.label} that interrupted {where} is still live on that stack (the handler reads it "
-            f"later; the new frame overwrites {words} of its words)")
+    if in_frame:
+        return (f"{vector.label} delivered through IST {ist_index(vector)}{how} while the frame of the "
+                f"{outer.vector.label} that interrupted {where} is still live on that stack (the handler reads it "
+                f"later; the new frame overwrites {words} of its words)")
+    return (f"{vector.label} delivered through IST {ist_index(vector)}{how} while the handler of the "
+            f"{outer.vector.label} that interrupted {where} still runs on that stack (the registers the new "
+            f"entry saves overwrite {words} words it reads later)")
 
 
 def latched(resumed: Interrupted, iret_pc: int, symbolize: Callable[[int], str]) -> str:
@@ -72,8 +95,8 @@ def latched_delivery(layout, events: Sequence[Event], resumed_runs: Sequence[tup
     """The first NMI in ``events`` that was latched, let in by an IRET that resumed one of
     ``resumed_runs`` (a recorded run and the boundary its exception was delivered at), and
     delivered while that run's frame on the NMI stack is live: (its index in ``events``, the
-    event, the resumed run and boundary, the outer exception, the words, the IRET's Resumed
-    event), or None."""
+    event, the resumed run and boundary, what ``live_frame`` found, the IRET's Resumed event),
+    or None."""
     prev = None
     for j, e in enumerate(events):
         if type(e) is Delivered and e.from_latch and ist_index(e.vector) and type(prev) is Resumed:
@@ -84,7 +107,7 @@ def latched_delivery(layout, events: Sequence[Event], resumed_runs: Sequence[tup
                     found = live_frame(layout, ref.live, ref.log.outstanding[ref_k - ref.log.start], e.vector,
                                        e.stack + e.vector.frame_bytes, ref_k)
                     if found is not None:
-                        return j, e, ref, ref_k, found[0], found[1], prev
+                        return j, e, ref, ref_k, found, prev
                     break
         prev = e
     return None
