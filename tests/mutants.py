@@ -36,6 +36,8 @@ ENTRY_S = "arch/x86/entry/entry_64.S"
 COMPAT_S = "arch/x86/entry/entry_64_compat.S"
 FRED_S = "arch/x86/entry/entry_64_fred.S"
 CALLING_H = "arch/x86/entry/calling.h"
+COMMON_C = "arch/x86/entry/common.c"
+TRAPS_C = "arch/x86/kernel/traps.c"
 
 
 class MutantDoesNotApply(Exception):
@@ -482,6 +484,33 @@ SPEC_MUTANTS: tuple[Mutant, ...] = (
 )
 
 MUTANTS = MUTANTS + USER_MUTANTS + COMPAT_MUTANTS + FRED_MUTANTS + SPEC_MUTANTS
+
+# Mutants of the noinstr C the entry code calls: caught only when that C runs (the default), not
+# by the contract stubs that stood in for it (--c-stubs).
+C_MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "c-sysret-to-noncanonical", "6.12", COMMON_C,
+        Edit("\tif (unlikely(regs->ip >= TASK_SIZE_MAX))\n\t\treturn false;\n", ""),
+        "do_syscall_64 no longer refuses SYSRET to a return RIP at or above TASK_SIZE_MAX: a system call whose "
+        "return RIP user space set (rt_sigreturn, ptrace) SYSRETs to a non-canonical RIP and the #GP comes in "
+        "ring 0 on the user's stack (CVE-2012-0217; in 6.12 the check is this C)",
+        "emulation-fault", ("syscall[ret_rip=0x800000000000]",), ("none",), vectors=("nmi",), depth=0),
+    Mutant(
+        "c-debug-keeps-dr7", "6.12", TRAPS_C,
+        Edit("\tunsigned long dr7 = local_db_save();\n\tirqentry_state_t irq_state = irqentry_nmi_enter(regs);\n",
+             "\tunsigned long dr7 = 0;\n\tirqentry_state_t irq_state = irqentry_nmi_enter(regs);\n"),
+        "exc_debug_kernel no longer clears DR7 first (local_db_save): a data breakpoint on what the #DB handler "
+        "touches traps again on the #DB stack while the outer #DB's frame is live (fd501d4f0399 removed the "
+        "#DB stack shifting on the premise that DR7 is cleared first)",
+        "ist-reentered", ("db-from-kernel",), ("none",), vectors=("db",), depth=1),
+    Mutant(
+        "c-bad-iret-frame-not-copied", "6.12", TRAPS_C,
+        Edit("\t__memcpy(&tmp.ip, (void *)bad_regs->sp, 5*8);\n", ""),
+        "fixup_bad_iret no longer copies the frame the failed IRET was returning with: the #GP of a bad IRET "
+        "to user mode is handled with whatever the stack held for ip..ss (the bad-IRET rework, b645af2d5905, "
+        "CVE-2014-9090)",
+        "emulation-fault", ("syscall[ret_rip=0x800000000000]",), ("none",), vectors=("nmi",), depth=0),
+)
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 
 

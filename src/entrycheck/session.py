@@ -420,6 +420,17 @@ class Reviewed:
     patch: object                       # explore/patchcover.py's PatchCover
 
 
+def image_sources(build) -> tuple[str, ...]:
+    """The source files of what the build's image holds: the entry objects' and, when the C runs,
+    those of the noinstr C objects linked with them."""
+    import json
+
+    c = ()
+    if build.noinstr_object is not None and build.noinstr_info is not None:
+        c = tuple(json.loads(build.noinstr_info.read_text()).get("deps", ()))
+    return tuple(build.sources) + c
+
+
 def review(base, base_loaded: LoadedObject, patched, patched_loaded: LoadedObject, texts, placements,
            cfg: CheckConfig, *, workers: int | None = None, scheduler: str | None = None,
            progress: Progress | None = None, baseline: set | None = None) -> Reviewed:
@@ -433,7 +444,7 @@ def review(base, base_loaded: LoadedObject, patched, patched_loaded: LoadedObjec
     hunks = hunk_lines([parse_patch(text, name) for name, text in texts], placements)
     lines = [source_lines(b, lo) if b.debug_info else None for b, lo in ((base, base_loaded),
                                                                           (patched, patched_loaded))]
-    sources = frozenset(base.sources) | frozenset(patched.sources)
+    sources = frozenset(image_sources(base)) | frozenset(image_sources(patched))
     return Reviewed(done, cover(hunks, sources, done.result.sites, lines[0], lines[1], done.old.result.covered,
                                 done.new.result.covered))
 

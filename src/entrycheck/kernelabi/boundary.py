@@ -40,6 +40,8 @@ RETURNS: dict[str, Returns] = {
                              "with it"),
     "__get_user_nocheck_4": Returns(0, "the user word is readable (EAX: no fault; EDX: the value)", 0),
     "__get_user_4": Returns(0, "the user word is readable (EAX: no fault; EDX: the value)", 0),
+    "vc_raw_handle_exception": Returns(1, "the #VC's instruction was emulated through the GHCB (the instruction "
+                                          "decoder and the hypervisor's side are not run): handled"),
     "native_apic_mem_read": Returns(0, "the APIC register reads 0: no vector in service (kernelabi/booted.py's apic)"),
 }
 # A retpoline thunk the C calls through (__x86_indirect_thunk_<reg>): it jumps to the register.
