@@ -13,6 +13,7 @@ benchmarks alike, and the state one process keeps while it does it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -110,11 +111,42 @@ class ObjectRef:
         return got
 
 
-def with_c_stubs(build):
+def with_c_stubs(build, why: str = "--c-stubs"):
     """``build`` without the noinstr C: its entry objects alone, a contract stub at every call."""
     import dataclasses
 
-    return dataclasses.replace(build, noinstr_object=None, noinstr_info=None)
+    return dataclasses.replace(build, noinstr_object=None, noinstr_info=None, c_note=why)
+
+
+# Build options under which the noinstr C is not run yet, and why.
+C_NOT_MODELLED = {
+    "CONFIG_PARAVIRT_XXL": "CONFIG_PARAVIRT_XXL: its CPU operations (debug registers, CR2, interrupt flag) are "
+                           "pv_ops calls the kernel patches at boot, which entrycheck does not model yet",
+}
+
+
+def _c_refused(build) -> str | None:
+    if build.config_file is None:
+        return None
+    try:
+        text = build.config_file.read_text(errors="replace")
+    except OSError:
+        return None
+    return next((why for option, why in C_NOT_MODELLED.items()
+                 if re.search(rf"^{option}=y$", text, flags=re.M)), None)
+
+
+def kernel_c(build) -> str:
+    """One line on what stood past the entry assembly's calls: the kernel's noinstr C, or the
+    contract stubs and why."""
+    if build.noinstr_object is not None and build.noinstr_info is not None and _c_refused(build) is None:
+        import json
+
+        objects = json.loads(build.noinstr_info.read_text()).get("objects", [])
+        return (f"the kernel's noinstr C ran ({len(objects)} objects linked with the entry code); stubs stand "
+                "only at its calls out of noinstr code")
+    why = build.c_note or _c_refused(build) or "the target has no noinstr C objects (a bare object or a tree's own build)"
+    return f"contract stubs stood in for the kernel's C ({why})"
 
 
 def object_ref(build, c_stubs: bool = False) -> ObjectRef:
@@ -123,7 +155,8 @@ def object_ref(build, c_stubs: bool = False) -> ObjectRef:
     from entrycheck.kernel.guards import breakpoint_refusals, iret_guards
 
     path, link = build.object_path, None
-    if not c_stubs and build.noinstr_object is not None and build.noinstr_info is not None:
+    if not c_stubs and build.noinstr_object is not None and build.noinstr_info is not None and \
+            _c_refused(build) is None:
         import json
 
         from entrycheck.image.noinstr import NoinstrLink
@@ -449,6 +482,6 @@ def review(base, base_loaded: LoadedObject, patched, patched_loaded: LoadedObjec
                                 done.new.result.covered))
 
 
-__all__ = ["Reviewed", "review", "STATE", "ProcessState", "reset", "abort_outputs", "outputs", "source_lines", "ObjectRef", "object_ref", "with_c_stubs",
+__all__ = ["Reviewed", "review", "STATE", "ProcessState", "reset", "abort_outputs", "outputs", "source_lines", "ObjectRef", "object_ref", "with_c_stubs", "kernel_c",
            "default_workers", "ordered_map", "worker_signals", "dask_client", "explorer", "run_unit", "run_batch",
            "derive_set", "run_check", "Checked", "check", "coverage", "Diffed", "diff"]

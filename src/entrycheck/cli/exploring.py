@@ -115,7 +115,8 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
         out.stage("--json", _json_text(check_json(result, target=build.label, kernel_version=build.kernel_version,
                                                   feature_numbers=loaded.features.source, matches=done.matches,
                                                   baseline=(baseline, done.new) if known is not None else None,
-                                                  redundant=done.redundant, coverage=done.coverage)))
+                                                  redundant=done.redundant, coverage=done.coverage,
+                                                  kernel_c=session.kernel_c(build))))
     if html_out:
         from entrycheck.report.html import check_html, command_line
         out.stage("--html", check_html(result, build=build, loaded=loaded, target=target, command=command_line(),
@@ -133,12 +134,13 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
             shown = copy.copy(result)
             shown.findings = done.new
             text = check_summary(shown, target=target, kernel_version=build.kernel_version, redundant=done.redundant,
-                                 coverage=done.coverage)
+                                 coverage=done.coverage, kernel_c=session.kernel_c(build))
             click.echo(f"{len(done.known)} known findings (in the baseline {baseline}) not listed; "
                        f"{len(done.new)} new.\n" + text)
         else:
             click.echo(check_summary(result, target=target, kernel_version=build.kernel_version,
-                                     redundant=done.redundant, coverage=done.coverage))
+                                     redundant=done.redundant, coverage=done.coverage,
+                                     kernel_c=session.kernel_c(build)))
     sys.exit(1 if done.new else (EXIT_INTERNAL if result.errors else 0))
 
 
@@ -170,7 +172,8 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions
         out.stage("--json", _json_text(diff_json(result, old_label=old_build.label, new_label=new_build.label,
                                                  old_version=old_build.kernel_version,
                                                  new_version=new_build.kernel_version, model=model,
-                                                 nmi_rate=report.nmi_rate, patch=patch)))
+                                                 nmi_rate=report.nmi_rate, patch=patch,
+                                                 kernel_c=(session.kernel_c(old_build), session.kernel_c(new_build)))))
     if report.html_out:
         from entrycheck.report.html import command_line, diff_html
         out.stage("--html", diff_html(result, old_build=old_build, old_loaded=old_loaded,
@@ -181,7 +184,8 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions
     _commit(out)
     if report.json_out != "-":
         click.echo(diff_text(result, old_label=old_build.label, new_label=new_build.label, model=model,
-                             nmi_rate=report.nmi_rate, patch=patch))
+                             nmi_rate=report.nmi_rate, patch=patch,
+                             kernel_c=(session.kernel_c(old_build), session.kernel_c(new_build))))
         if known is not None:
             click.echo(f"{len(done.in_baseline)} of the {len(result.new_violations)} new violations are known "
                        f"(in the baseline {report.baseline}).")

@@ -78,6 +78,7 @@ class KernelBuild:
     sources: tuple[str, ...] = ()  # the source files its objects were built from (relative; empty: unknown)
     noinstr_object: Path | None = None  # the entry objects linked with the noinstr C they reach
     noinstr_info: Path | None = None    # what the search for that C found (kernel/noinstr.py, as JSON)
+    c_note: str = ""                    # why the noinstr C does not run although the build has it
 
 
 def _existing(path: Path | None) -> Path | None:

@@ -15,11 +15,14 @@ def _base_rows(result: DiffResult) -> list:
 
 
 def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: CostModel,
-              nmi_rate: float | None, patch=None) -> str:
+              nmi_rate: float | None, patch=None, kernel_c: tuple[str, str] = ("", "")) -> str:
     cfg = result.old.config
     lines = ["entrycheck diff"]
     lines += _wrap(f"old: {old_label}", "       ", "  ")
     lines += _wrap(f"new: {new_label}", "       ", "  ")
+    for which, text in (("both", kernel_c[0]),) if kernel_c[0] == kernel_c[1] else zip(("old", "new"), kernel_c):
+        if text:
+            lines += _wrap(f"{which}: {text}", "       ", "  ")
     lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.old.feature_sets)} feature sets; vectors "
                    f"{','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}"
                    + (f"; handler effects {','.join(e.value for e in cfg.effects)}" if cfg.effects else ""))
@@ -134,7 +137,8 @@ def patch_lines(patch) -> list[str]:
 
 
 def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version: str | None,
-              new_version: str | None, model: CostModel, nmi_rate: float | None, patch=None) -> dict:
+              new_version: str | None, model: CostModel, nmi_rate: float | None, patch=None,
+              kernel_c: tuple[str, str] = ("", "")) -> dict:
     cfg = result.old.config
     entries = []
     for d, changed in result.listed():
@@ -152,8 +156,8 @@ def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version
                         "old": s["old"].to_json(), "new": s["new"].to_json()})
     return {
         "entrycheck_version": __version__,
-        "old": {"target": old_label, "kernel_version": old_version},
-        "new": {"target": new_label, "kernel_version": new_version},
+        "old": {"target": old_label, "kernel_version": old_version, "kernel_c": kernel_c[0]},
+        "new": {"target": new_label, "kernel_version": new_version, "kernel_c": kernel_c[1]},
         "feature_sets": [str(fs) for fs in result.old.feature_sets],
         "scenario_names": list(cfg.scenarios),
         "vectors": [v.label for v in cfg.vectors],

@@ -14,7 +14,8 @@ from entrycheck.machine.model import decode_cr3
 
 
 def check_json(result: CheckResult, *, target: str, kernel_version: str | None, feature_numbers: str,
-               matches: list | None = None, baseline: tuple | None = None, redundant=(), coverage=()) -> dict:
+               matches: list | None = None, baseline: tuple | None = None, redundant=(), coverage=(),
+               kernel_c: str = "") -> dict:
     """``matches``: per finding its address-free identity (explore/baseline.py); ``baseline``:
     (the file, the findings not in it)."""
     cfg = result.config
@@ -40,6 +41,7 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
         "entrycheck_version": __version__,
         "target": target,
         "kernel_version": kernel_version,
+        "kernel_c": kernel_c,
         "feature_numbers": feature_numbers,
         "feature_sets": [str(fs) for fs in result.feature_sets],
         "scenarios": list(cfg.scenarios),

@@ -117,10 +117,12 @@ def coverage_lines(coverage, shown: int = 10) -> list[str]:
 
 
 def check_summary(result: CheckResult, *, target: str, kernel_version: str | None, redundant=(),
-                  coverage=()) -> str:
+                  coverage=(), kernel_c: str = "") -> str:
     cfg = result.config
     lines = _wrap(f"entrycheck check {target}" + (f" (kernel {kernel_version})" if kernel_version else ""), "    ",
                   "")
+    if kernel_c:
+        lines += _wrap(kernel_c, "    ", "")
     lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.feature_sets)} feature sets"
                    + (f" x {len(cfg.branches())} handler-effect branches" if cfg.effects else "")
                    + f"; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}")
