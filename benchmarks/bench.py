@@ -459,23 +459,12 @@ def main() -> None:
     t = sub.add_parser("throughput")
     t.add_argument("--target", default="debian:6.1")
     args = ap.parse_args()
-    if args.what == "compare":
-        compare(args)
-    elif args.what == "goals":
-        goals(args)
-    elif args.what == "dims":
-        dims(args)
-    elif args.what == "speculation":
-        speculation(args)
-    elif args.what == "readme":
-        readme(args)
-    elif args.what == "same":
-        same(args)
-    elif args.what == "previous":
-        previous(args)
+    commands = {"compare": compare, "goals": goals, "dims": dims, "speculation": speculation,
+                "readme": readme, "same": same, "previous": previous}
+    if args.what in commands:
+        commands[args.what](args)
     else:
         _emit(throughput(args.target))
-
 
 if __name__ == "__main__":
     main()
