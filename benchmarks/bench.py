@@ -18,6 +18,9 @@
     python benchmarks/bench.py speculation [--target T] [--depth D ...] [--workers N]
         the cost of following mispredicted branches (swapgs-unfenced): every --cpu preset with
         --spec-window 0 and with the default window (default: depth 1 and 2, 2 workers).
+    python benchmarks/bench.py kernel-c [--target T] [--features F] [--depth D ...] [--workers N]
+        the cost of running the kernel's noinstr C: the same check with the contract stubs
+        (--c-stubs) and with the C (default: debian:6.1, pti,pcid, depth 1 and 2, 1 worker).
     python benchmarks/bench.py throughput [--target T]
 
 Speed is never asserted by a test: these figures are read by people.
@@ -323,6 +326,21 @@ def speculation(args) -> None:
                           ["--spec-window", "0"])
 
 
+def kernel_c(args) -> None:
+    """The cost of running the kernel's noinstr C: the same check with the contract stubs and
+    with the C (this tree)."""
+    env = _this_tree_env()
+    for depth in args.depth or [1, 2]:
+        work = [args.target, args.features, str(depth), "all", str(args.workers)]
+        stubs = _workload(sys.executable, work, env)
+        c = _workload(sys.executable, work + ["--kernel-c"], env)
+        for w in (stubs, c):
+            w.pop("raw_findings_keys"), w.pop("findings_keys")
+        _emit({"measure": "kernel-c", "workload": work, "stubs": stubs, "c": c,
+               "runs_ratio": round(c["runs"] / stubs["runs"], 2) if stubs["runs"] else None,
+               "wall_ratio": round(c["wall_s"] / stubs["wall_s"], 2) if stubs["wall_s"] else None})
+
+
 def goals(args) -> None:
     only = set(args.only or ())
 
@@ -456,11 +474,16 @@ def main() -> None:
     s.add_argument("--target", default="debian:6.12")
     s.add_argument("--depth", type=int, action="append")
     s.add_argument("--workers", type=int, default=2)
+    k = sub.add_parser("kernel-c")
+    k.add_argument("--target", default="debian:6.1")
+    k.add_argument("--features", default="pti,pcid")
+    k.add_argument("--depth", type=int, action="append")
+    k.add_argument("--workers", type=int, default=1)
     t = sub.add_parser("throughput")
     t.add_argument("--target", default="debian:6.1")
     args = ap.parse_args()
     commands = {"compare": compare, "goals": goals, "dims": dims, "speculation": speculation,
-                "readme": readme, "same": same, "previous": previous}
+                "readme": readme, "same": same, "previous": previous, "kernel-c": kernel_c}
     if args.what in commands:
         commands[args.what](args)
     else:

@@ -2,7 +2,7 @@
 the interpreter imports, so `bench.py compare` can run it with an older version too.
 
     python benchmarks/workload.py TARGET FEATURES DEPTH SCENARIOS WORKERS [--scheduler ADDR] [--no-prune]
-                                  [--as-before] [--no-user-dims]
+                                  [--as-before] [--no-user-dims] [--kernel-c]
 
 --as-before: the findings the previous engine could report, on the scenarios it had (no
 32-bit entries; symptoms not folded under an ist-reentered root cause, no #DB inside C
@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--no-user-dims", action="store_true",
                     help="leave out the dimensions of what user space controls (derived user values, "
                          "injected IRQs, the tlb-shootdown branch of interrupt scenarios): their cost")
+    ap.add_argument("--kernel-c", action="store_true",
+                    help="run the kernel's noinstr C past the entry code's calls (the default of the CLI; "
+                         "without it: the contract stubs, as every entrycheck before it had)")
     ap.add_argument("--spec-window", type=int, default=None,
                     help="instructions a mispredicted branch runs ahead (0: follow none)")
     args = ap.parse_args()
@@ -50,6 +53,10 @@ def main() -> None:
 
     build = resolve_target(args.target)
     ref = ObjectRef(build.object_path, build.cpufeatures_h, build.asm_offsets_h)
+    if args.kernel_c:
+        from entrycheck.session import object_ref
+
+        ref = object_ref(build)
     if args.features == "cpus":         # every --cpu preset
         from entrycheck.image.cpus import PRESETS
 
