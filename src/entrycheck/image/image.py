@@ -136,6 +136,28 @@ class Image:
                 return self.contents[s.name][off:off + size]
         raise KeyError(f"{address:#x} is not in the image")
 
+    def bug_at(self, address: int) -> str | None:
+        """What the kernel's BUG()/WARN() table (``__bug_table``: struct bug_entry with relative
+        pointers, 12 bytes with CONFIG_DEBUG_BUGVERBOSE's file and line) says of the ``ud2`` at
+        ``address``: "BUG at FILE:LINE" or "WARN at FILE:LINE", or None."""
+        table = self.__dict__.get("_bugs")
+        if table is None:
+            table = self.__dict__["_bugs"] = {}
+            sec = self.loaded.section("__bug_table")
+            data = self.contents.get("__bug_table", b"") if sec is not None else b""
+            if sec is not None and data and len(data) % 12 == 0:
+                for off in range(0, len(data), 12):
+                    at = sec.address + off
+                    disp, file_disp = (int.from_bytes(data[off + k:off + k + 4], "little", signed=True) for k in (0, 4))
+                    line, flags = (int.from_bytes(data[off + k:off + k + 2], "little") for k in (8, 10))
+                    try:
+                        raw = self.read(at + 4 + file_disp, 256)
+                    except KeyError:
+                        continue
+                    name = raw.split(b"\0", 1)[0].decode(errors="replace")
+                    table[at + disp] = f"{'WARN' if flags & 1 else 'BUG'} at {name}:{line}"
+        return table.get(address)
+
     def code_section(self, address: int) -> PlacedSection | None:
         for s in self.loaded.sections:
             if s.name in self.loaded.code_sections and s.address <= address < s.address + s.size:

@@ -169,7 +169,8 @@ class _Core:
             kind, message, address = pending
             ctx.fault(kind, f"{message} at {sym}", address)
         elif errno == U.ERR_INSN_INVALID:
-            ctx.fault(FaultKind.UD, f"invalid opcode at {sym}")
+            bug = self.image.bug_at(self.u.read(_RIP))
+            ctx.fault(FaultKind.UD, f"{bug} ({sym})" if bug else f"invalid opcode at {sym}")
         elif errno in U.ERR_PROT:
             ctx.fault(FaultKind.GP, f"access violates page permissions at {sym}")
         elif errno in U.ERR_UNMAPPED:
