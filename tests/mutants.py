@@ -38,6 +38,7 @@ FRED_S = "arch/x86/entry/entry_64_fred.S"
 CALLING_H = "arch/x86/entry/calling.h"
 COMMON_C = "arch/x86/entry/common.c"
 TRAPS_C = "arch/x86/kernel/traps.c"
+NMI_C = "arch/x86/kernel/nmi.c"
 
 
 class MutantDoesNotApply(Exception):
@@ -503,6 +504,14 @@ C_MUTANTS: tuple[Mutant, ...] = (
         "touches traps again on the #DB stack while the outer #DB's frame is live (fd501d4f0399 removed the "
         "#DB stack shifting on the premise that DR7 is cleared first)",
         "ist-reentered", ("db-from-kernel",), ("none",), vectors=("db",), depth=1),
+    Mutant(
+        "c-nmi-leaves-cr2", "6.12", NMI_C,
+        Edit("\tsev_es_ist_exit();\n\n\tif (unlikely(this_cpu_read(nmi_cr2) != read_cr2()))\n"
+             "\t\twrite_cr2(this_cpu_read(nmi_cr2));\n", "\tsev_es_ist_exit();\n\n"),
+        "exc_nmi no longer writes back the CR2 it saved: an NMI that hits a #PF before exc_page_fault's "
+        "read_cr2(), and whose handler takes a page fault itself (perf's user call chains), leaves its own "
+        "fault's address for the #PF handler to read (7fbb98c5cb07's nmi_cr2)",
+        "cr2-clobbered", ("exception-from-kernel",), ("none",), vectors=("nmi",), depth=1, effects=("page-fault",)),
     Mutant(
         "c-bad-iret-frame-not-copied", "6.12", TRAPS_C,
         Edit("\t__memcpy(&tmp.ip, (void *)bad_regs->sp, 5*8);\n", ""),

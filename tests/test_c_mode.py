@@ -121,3 +121,15 @@ def test_the_noinstr_c_of_6_1_int80_reads_the_booted_apic(kernel61: KernelBuild)
     r = run_check(object_ref(kernel61), cfg, workers=1)
     assert not r.errors and r.runs == 1
     assert not r.findings, [f.message for f in r.findings]
+
+
+def test_the_c_mutant_table_is_well_formed() -> None:
+    from entrycheck.explore.scenarios import SCENARIOS
+    from entrycheck.props.invariants import INVARIANTS
+
+    assert len({m.name for m in C_MUTANTS}) == len(C_MUTANTS) >= 4
+    for m in C_MUTANTS:
+        assert m.invariant in INVARIANTS and m.file.endswith(".c"), m.name
+        assert {s.split("[")[0] for s in m.scenarios} <= set(SCENARIOS), m.name
+        assert m.config().depth in (0, 1), m.name
+    assert "cr2-clobbered" in {m.invariant for m in C_MUTANTS}

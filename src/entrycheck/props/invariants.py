@@ -21,7 +21,7 @@ from entrycheck.kernelabi.linux import RETURN_THUNKS, UNTRAIN_FUNCTIONS
 from entrycheck.kernelabi.stubs import Kind, contract, ibrs_ok
 from entrycheck.kernelabi.world import World
 from entrycheck.machine import model
-from entrycheck.machine.events import (Branch, Cr3Written, Delivered, Event, Fault, FaultKind, Iret, Latched,
+from entrycheck.machine.events import (Branch, Cr2Read, Cr3Written, Delivered, Event, Fault, FaultKind, Iret, Latched,
                                        Outcome, Resumed, StubCall, Sysret)
 from entrycheck.machine.model import CpuState, Vector
 from entrycheck.machine.state import CONTEXT_LABELS, Interrupted
@@ -162,6 +162,15 @@ def end_context_not_restored(world: World, end: End) -> list:
     # A system call delivered as an event (FRED) may return to another user context (sigreturn),
     # and an event from user mode that signals the task (a #DB's SIGTRAP, run by the kernel's C)
     # returns to the signal handler the kernel set up instead of the interrupted code.
+
+
+def local_cr2_clobbered(world: World, e: Event) -> list:
+    if isinstance(e, Cr2Read) and e.handling is Vector.PF and e.value != model.PF_ADDRESS:
+        return [(0, Violation("cr2-clobbered", e.pc, e.step,
+                              f"the page-fault handler read CR2 {e.value:#x}, not the address of its own fault "
+                              f"({model.PF_ADDRESS:#x}): a fault taken since the #PF was delivered overwrote it "
+                              "and nothing put it back"))]
+    return []
 
 
 def local_stale_tlb(world: World, e: Event) -> list:
@@ -394,6 +403,15 @@ _TABLE = (
               "A fault inside the entry code is a crash on real hardware; a C function called without what "
               "C needs (kernel CR3, per-cpu GSBASE, a kernel stack) would crash or corrupt memory.  The "
               "machine stops there rather than run on with garbage.", local_emulation_fault, None),
+    Invariant("cr2-clobbered", "the page-fault handler read another fault's address from CR2",
+              "CR2 holds the address of the last page fault, and exc_page_fault() reads it first thing "
+              "(read_cr2()).  Anything that runs before that read and faults itself (an NMI whose handler reads "
+              "a user stack: perf's user call chains) overwrites it, so exc_nmi() saves CR2 on entry (nmi_cr2) "
+              "and writes it back before it returns.  A #PF handler reading another address handles the wrong "
+              "fault: it maps the wrong page, or kills the task for an access it never made.  Checked where "
+              "the kernel's C runs; --handler-effects page-fault makes handlers take a page fault.",
+              local_cr2_clobbered, None,
+              (("7fbb98c5cb07", "x86/entry: save CR2 in NMI in case NMIs take a page fault (nmi_cr2)"),)),
     Invariant("ist-reentered", "an exception delivered through an IST stack that still holds a live frame",
               "An IST gate makes the CPU switch to a fixed stack and write its frame at the top, whatever is "
               "there.  Until the handler has moved off that stack (sync_regs, error_entry) or copied the frame "
