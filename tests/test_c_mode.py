@@ -22,6 +22,8 @@ from entrycheck.explore.check import STOPPED_DONE, CheckConfig
 from entrycheck.explore.diff import SiteMap, diff_results
 from entrycheck.image.features import FeatureSet
 from entrycheck.kernel.guards import KERNEL_BREAKPOINT_CAPABILITY, kernel_breakpoint_capability
+from entrycheck.kernel.kconfig import parse_request
+from entrycheck.kernel.targets import resolve_target
 from entrycheck.kernel.targets import KernelBuild
 from entrycheck.session import object_ref, run_check
 
@@ -43,7 +45,8 @@ def _new_violations(pristine: KernelBuild, mutant_build: KernelBuild, mutant: Mu
 @pytest.mark.parametrize("mutant", C_MUTANTS, ids=[m.name for m in C_MUTANTS])
 def test_a_bug_in_the_noinstr_c_is_caught_only_when_the_c_runs(
         built_kernels: dict[str, KernelBuild], copy_tree: Callable[[Path, Path], Path], mutant: Mutant) -> None:
-    pristine = built_kernels[mutant.kernel]
+    pristine = built_kernels[mutant.kernel] if not mutant.kconfig else \
+        resolve_target(f"debian:{mutant.kernel}", request=parse_request(None, mutant.kconfig))
     build = build_mutant(mutant, pristine, copy_tree)
     assert build.noinstr_object is not None and pristine.noinstr_object is not None
     caught = _new_violations(pristine, build, mutant, c_stubs=False)

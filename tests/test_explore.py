@@ -164,7 +164,8 @@ def test_depth_2_split_work_and_a_killed_dask_worker_give_the_serial_json(kernel
 
     from dask.distributed import Client, LocalCluster
 
-    args = ["check", "debian:6.1", "--depth", "2", "--features", "pti,pcid"]
+    # The contract stubs: depth 2 with the kernel's C is beyond a test's time (bench.py kernel-c).
+    args = ["check", "debian:6.1", "--depth", "2", "--features", "pti,pcid", "--c-stubs"]
 
     def run(name: str, *extra: str, wait=None) -> bytes:
         path = tmp_path / f"{name}.json"

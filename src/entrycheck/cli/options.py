@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from entrycheck.errors import InputError
-from entrycheck.explore.check import CheckConfig
+from entrycheck.explore.check import CLI_DEPTH, CheckConfig
 
 def resolve(target: str, tree: str | None, progress, config: tuple = (None, (), False)):
     """The build of TARGET; ``config`` is (--config, --kconfig, --c-stubs)."""
@@ -112,7 +112,7 @@ class ExploreOptions:
     spec_window: int = CheckConfig.spec_window
     scenarios: str | None = None
     vectors: str = DEFAULT_VECTORS
-    depth: int = CheckConfig.depth
+    depth: int = CLI_DEPTH
     db_mode: str = "anywhere" if CheckConfig.db_anywhere else "watchable"
     mc_nesting: bool = CheckConfig.mc_nesting
     handler_effects: str | None = None

@@ -32,6 +32,11 @@ from entrycheck.machine.model import VECTOR_BY_NAME, Vector
 
 STOPPED_DONE, STOPPED_BUDGET, STOPPED_ERROR = "done", "budget", "error"
 
+# The command line's default nesting depth.  With the kernel's noinstr C running, every C
+# instruction of a handler is a boundary, and a depth-2 check costs tens of times its depth-1
+# check (with the contract stubs: a few times); depth 1 with the C is what a default run affords.
+CLI_DEPTH = 1
+
 
 @dataclass(frozen=True)
 class CheckConfig(ExploreConfig):

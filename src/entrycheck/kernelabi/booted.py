@@ -22,6 +22,7 @@ class Booted:
     size: int
     value: Callable[["Booting"], bytes] | bytes
     why: str
+    defined_too: bool = False     # also where an object of the image defines it (a value boot code sets)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Booting:
     layout: Callable[[str], dict] = lambda struct: {}     # a struct's member offsets (the build's DWARF)
     function: Callable[[str], int | None] = lambda name: None   # where a function of FUNCTIONS is
     address: int = 0                                      # where the value goes
+    features: frozenset[str] = frozenset()                # the feature set (what this CPU is)
 
 
 def _u(value: int, size: int) -> bytes:
@@ -66,6 +68,15 @@ def _apic(b: Booting) -> bytes:
     return bytes(data)
 
 
+def _sev_status(b: Booting) -> bytes:
+    # MSR_AMD64_SEV: SEV enabled (bit 0) and SEV-ES enabled (bit 1) in an SEV-ES guest.
+    return _u(0b11 if "sev_es" in b.features else 0, 8)
+
+
+def _cc_vendor(b: Booting) -> bytes:
+    return _u(1 if "sev_es" in b.features else 0, 4)      # CC_VENDOR_AMD : CC_VENDOR_NONE (asm/coco.h)
+
+
 def _mask(_: Booting) -> bytes:
     return _u((1 << CPUS) - 1, 8) + bytes(1016)
 
@@ -85,6 +96,10 @@ BOOTED: dict[str, Booted] = {
     "apic": Booted(0x200, _apic, "the APIC driver (6.1: struct apic *apic): its read() is a stub that returns "
                                  "0, no vector in service in the ISR (int80_is_external(): int $0x80 is the "
                                  "software interrupt it is, not an external one)"),
+    "sev_status": Booted(8, _sev_status, "sme_enable() reads MSR_AMD64_SEV into it: SEV and SEV-ES enabled "
+                                         "under sev_es, else 0", defined_too=True),
+    "cc_vendor": Booted(4, _cc_vendor, "sme_enable() sets CC_VENDOR_AMD in an SEV guest (sev_es), else "
+                                       "CC_VENDOR_NONE", defined_too=True),
     "vdso_image_32": Booted(0x100, _vdso_image_32,
                             "the 32-bit vDSO: only sym_int80_landing_pad is read (do_fast_syscall_32 returns "
                             "there; the task's vDSO is mapped at current->mm->context.vdso)"),

@@ -63,6 +63,9 @@ STUBBED = {
     "do_machine_check": "its work is the machine-check banks' (MCi_STATUS and the severity grading), hardware "
                         "state no model here has; the stub records the #MC as handled and clears MCG_STATUS.MCIP, "
                         "as the end of do_machine_check does",
+    "__sev_es_nmi_complete": "its VMGEXIT (SVM_VMGEXIT_NMI_COMPLETE through the per-cpu GHCB) tells the hypervisor "
+                             "the NMI is done, which lets the next NMI in before the handler's IRET; the GHCB "
+                             "protocol is not modelled, so NMIs stay blocked until the IRET here",
 }
 # IRQ handlers' work: where a TLB-shootdown IPI would flush (flush_tlb_func).
 IRQ_WORK = ("__common_interrupt", "__sysvec_", "sysvec_")

@@ -207,7 +207,18 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
 
     unbacked: list[tuple[int, int, str]] = []
     booting = booted.Booting(params.cpu, percpu_base, loaded.noinstr.layout if loaded.noinstr_c else lambda _: {},
-                             res.functions.get)
+                             res.functions.get, features=frozenset(image.features.names))
+    if loaded.noinstr_c:
+        # What boot code sets in data an object of the image defines (its initial value is a build's).
+        for name, b in booted.BOOTED.items():
+            addr = loaded.symbols.get(name)
+            if b.defined_too and addr is not None and name not in res.data:
+                data = booted.value(name, dataclasses.replace(booting, address=addr))
+                for n, r in enumerate(regions):
+                    if r.start <= addr and addr + len(data) <= r.end:
+                        body = bytearray(r.data.ljust(r.size, b"\0"))
+                        body[addr - r.start:addr - r.start + len(data)] = data
+                        regions[n] = dataclasses.replace(r, data=bytes(body))
     for name, addr in res.data.items():
         if loaded.noinstr_c:
             # With the C in the image, only what a booted kernel is known to hold is there.
@@ -271,6 +282,9 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
         link = loaded.noinstr
         hot = link.layout("pcpu_hot")
         put("this_cpu_off", 0, percpu_base)                     # this CPU's per-cpu base (setup_per_cpu_areas)
+        # percpu_setup_exception_stacks(): struct cea_exception_stacks starts at the guard page
+        # after the entry stack; the IST stacks above are laid out as its ESTACKS_MEMBERS are.
+        put("cea_exception_stacks", 0, entry_top)
         put("current_task", 0, layout.CURRENT_TASK)             # current (6.1)
         put("cpu_number", 0, params.cpu)                        # smp_processor_id() (6.1)
         put("__preempt_count", 0, PREEMPT_ENABLED, 4)           # preemptible, no resched pending (6.1)
