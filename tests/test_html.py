@@ -399,10 +399,11 @@ def test_progress_is_silent_when_stderr_is_not_a_tty(kernel61) -> None:
 @pytest.mark.kernel
 def test_progress_shows_counts_and_eta_on_a_tty(kernel61) -> None:
     master, slave = os.openpty()
-    proc = subprocess.run(CLI + ["check", "debian:6.1", "--depth", "1", "--features", "pti,pcid", "--scenarios",
-                                 "syscall,nmi-from-kernel", "--workers", "1"],
-                          check=False, stdout=subprocess.PIPE, stderr=slave, env={**os.environ, "TERM": "xterm",
-                                                                     "COLUMNS": "100"})
+    # The terminal is read while the check runs: a pty holds a few KiB, and a writer it fills blocks.
+    proc = subprocess.Popen(CLI + ["check", "debian:6.1", "--depth", "1", "--features", "pti,pcid", "--scenarios",
+                                   "syscall,nmi-from-kernel", "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=slave, env={**os.environ, "TERM": "xterm",
+                                                                       "COLUMNS": "100"})
     os.close(slave)
     out = b""
     while True:
@@ -414,13 +415,15 @@ def test_progress_shows_counts_and_eta_on_a_tty(kernel61) -> None:
             break
         out += chunk
     os.close(master)
+    stdout = proc.stdout.read()
+    proc.wait(timeout=600)
     assert proc.returncode == 0
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
     assert re.search(r"finding user values\b.*\b[01]/1\b", plain), plain[-500:]   # one feature set
     # The two scenarios and the user values found for syscall, each a unit.
     assert re.search(r"exploring\b.*\b(\d+)/\1\b", plain) and not re.search(r"exploring\b.*\b2/2\b", plain)
     assert re.search(r"\d+:\d\d:\d\d", plain)                      # elapsed / remaining time
-    assert "\x1b[" not in proc.stdout.decode()                     # the report itself stays plain
+    assert "\x1b[" not in stdout.decode()                          # the report itself stays plain
 
 
 # ---- the CPU state shown in traces ------------------------------------------------------------
