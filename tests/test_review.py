@@ -243,13 +243,18 @@ def test_the_seed_review_says_each_hunk_ran(seed_review) -> None:
 
 
 def test_a_review_of_c_code_outside_the_image_says_nothing_was_checked(kernel61, tmp_path) -> None:
-    """A patch to traps.c (sync_regs) is not code of the image's objects: the review lists its hunk as
-    not checked, ends with that verdict instead of 'no new violations', and exits 4."""
+    """With the contract stubs, a patch to traps.c (sync_regs) is not code of the image's objects: the
+    review lists its hunk as not checked, ends with that verdict instead of 'no new violations', and
+    exits 4.  With the kernel's C running (the default) the same hunk is in the image, and ran."""
     patch = tmp_path / "sync-regs.patch"
     patch.write_text(TRAPS_PATCH)
     out = tmp_path / "review.json"
-    proc = cli("review", "debian:6.1", "--patch", str(patch), "--depth", "0", "--features", "pti,pcid",
-               "--json", str(out))
+    args = ["review", "debian:6.1", "--patch", str(patch), "--depth", "0", "--features", "pti,pcid", "--json"]
+    ran = cli(*args, str(out))
+    assert ran.returncode in (0, 1), ran.stdout[-2000:] + ran.stderr
+    assert [h["verdict"] for h in json.loads(out.read_text())["patch"]["hunks"]] == ["ran"]
+    assert "NOT CHECKED" not in ran.stdout
+    proc = cli(*args, str(out), "--c-stubs")
     assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr
     doc = json.loads(out.read_text())
     assert doc["patch"]["checked"] is False
