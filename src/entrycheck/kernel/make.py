@@ -246,6 +246,7 @@ def build_entry(
     options: tuple[tuple[str, str], ...] = (),
     own_config: bool = True,
     progress: Progress = silent,
+    kernel_c: bool = True,
 ) -> BuildOutput:
     """Build entry_64.o from ``source`` inside ``work`` and stage the cache entry at ``staged``.
 
@@ -312,10 +313,12 @@ def build_entry(
             f"CONFIG_DEBUG_INFO_DWARF5 was enabled; check the tree's Kconfig (full log: {log_shown})"
         )
 
-    progress("find the noinstr C the entry code calls")
-    # -g adds DWARF (the layouts of the structures the model fills in) and changes no code.
-    found = closure(tree, make.out, [make.out / rel for rel in objects],
-                    lambda targets: make.run_all_it_can(*targets, "KCFLAGS=-g", jobs=make_jobs()))
+    found = None
+    if kernel_c:
+        progress("find the noinstr C the entry code calls")
+        # -g adds DWARF (the layouts of the structures the model fills in) and changes no code.
+        found = closure(tree, make.out, [make.out / rel for rel in objects],
+                        lambda targets: make.run_all_it_can(*targets, "KCFLAGS=-g", jobs=make_jobs()))
 
     deps: list[Dependency] = []
     for cmd in (*(cmd_file(o) for o in objects), ASM_OFFSETS_CMD):
@@ -323,7 +326,7 @@ def build_entry(
             deps += parse_cmd_deps(make.out / cmd)
     relative = source_relative_deps(deps, make.out, tree)
     c_deps: list[Dependency] = []
-    for rel in found.objects:
+    for rel in found.objects if found is not None else ():
         if (make.out / cmd_file(rel)).is_file():
             c_deps += parse_cmd_deps(make.out / cmd_file(rel))
     c_relative = [d for d in source_relative_deps(c_deps, make.out, tree) if d not in relative]
@@ -334,27 +337,28 @@ def build_entry(
     for rel in objects:
         shutil.copy2(make.out / rel, staged / STAGED_PARTS / Path(rel).name)
     link_objects([staged / STAGED_PARTS / Path(rel).name for rel in objects], staged / STAGED_OBJECT, log)
-    for rel in found.objects:
-        (staged / STAGED_NOINSTR_PARTS / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(make.out / rel, staged / STAGED_NOINSTR_PARTS / rel)
-        if not debug:       # the layouts are read from the build's copy; a debug build keeps its line info
-            make.command(["objcopy", "--strip-debug", str(staged / STAGED_NOINSTR_PARTS / rel)], f"objcopy {rel}")
-    link_objects([staged / STAGED_PARTS / Path(rel).name for rel in objects]
-                 + [staged / STAGED_NOINSTR_PARTS / rel for rel in found.objects], staged / STAGED_NOINSTR, log)
-    entry_defined = object_facts(staged / STAGED_OBJECT)
-    (staged / STAGED_NOINSTR_JSON).write_text(json.dumps({
-        "objects": list(found.objects),
-        "functions": dict(sorted(found.functions.items())),
-        "boundary": sorted(found.boundary),
-        "unresolved": sorted(found.unresolved - entry_defined.defined),
-        "percpu": sorted(percpu_names(tree)),
-        "aliases": linker_aliases(tree),
-        "structs": struct_layouts([make.out / rel for rel in found.objects]),
-        "deps": c_relative,
-        "keys": static_keys(tree, jump_label_keys(staged / STAGED_NOINSTR), read_config(make.out / ".config")),
-        "entry_calls": sorted(entry_defined.calls),
-        "constants": thread_flags(tree),
-    }, indent=2, sort_keys=True) + "\n")
+    if found is not None:
+        for rel in found.objects:
+            (staged / STAGED_NOINSTR_PARTS / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(make.out / rel, staged / STAGED_NOINSTR_PARTS / rel)
+            if not debug:       # the layouts are read from the build's copy; a debug build keeps its line info
+                make.command(["objcopy", "--strip-debug", str(staged / STAGED_NOINSTR_PARTS / rel)], f"objcopy {rel}")
+        link_objects([staged / STAGED_PARTS / Path(rel).name for rel in objects]
+                     + [staged / STAGED_NOINSTR_PARTS / rel for rel in found.objects], staged / STAGED_NOINSTR, log)
+        entry_defined = object_facts(staged / STAGED_OBJECT)
+        (staged / STAGED_NOINSTR_JSON).write_text(json.dumps({
+            "objects": list(found.objects),
+            "functions": dict(sorted(found.functions.items())),
+            "boundary": sorted(found.boundary),
+            "unresolved": sorted(found.unresolved - entry_defined.defined),
+            "percpu": sorted(percpu_names(tree)),
+            "aliases": linker_aliases(tree),
+            "structs": struct_layouts([make.out / rel for rel in found.objects]),
+            "deps": c_relative,
+            "keys": static_keys(tree, jump_label_keys(staged / STAGED_NOINSTR), read_config(make.out / ".config")),
+            "entry_calls": sorted(entry_defined.calls),
+            "constants": thread_flags(tree),
+        }, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(tree / CPUFEATURES_H, staged / STAGED_CPUFEATURES)
     if (make.out / ASM_OFFSETS_H).is_file():
         shutil.copyfile(make.out / ASM_OFFSETS_H, staged / STAGED_ASM_OFFSETS)
@@ -364,13 +368,14 @@ def build_entry(
         "kernel_version": version,
         "debug_info": debug_info,
         "deps": list(relative),
+        "c_deps": list(c_relative),          # the noinstr C's sources: they make the build stale too
         "objects": [Path(rel).name for rel in objects],
         "options": [f"{k}={v}" for k, v in options],
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "log": str(log_shown),
     }
     (staged / META_JSON).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return BuildOutput(relative, debug_info, version)
+    return BuildOutput([*relative, *c_relative], debug_info, version)
 
 
 def link_objects(objects: Sequence[Path], out: Path, log: Path | None = None) -> None:

@@ -151,8 +151,9 @@ def _find_current(cache: Cache, prefix: str, source: Path) -> Path | None:
     """A published build ``<prefix>-<fingerprint>`` whose recorded deps are unchanged."""
     for entry in sorted(cache.builds.glob(f"{prefix}-*")):
         try:
-            deps = read_meta(entry).get("deps", [])
-        except (OSError, ValueError):
+            meta = read_meta(entry)
+            deps = [*meta.get("deps", []), *meta.get("c_deps", [])]
+        except (OSError, ValueError, TypeError):
             continue
         if isinstance(deps, list) and entry.name == f"{prefix}-{fingerprint(source, map(str, deps))}":
             return entry
@@ -168,6 +169,7 @@ def _build_tree(
     key_extra: str,
     progress: Progress,
     request: ConfigRequest = ConfigRequest(),
+    kernel_c: bool = True,
 ) -> KernelBuild:
     """Build ``tree``'s entry objects into the cache (or find that build there)."""
     if config is not None and not config.is_file():
@@ -190,7 +192,7 @@ def _build_tree(
     if request.base == "defconfig":
         config_id = "defconfig"
     key = [str(tree.path), str(tree.source), tree.kind.name, config_id, debug, key_extra, request.key(), STAGED_OBJECT,
-           BUILD_FORMAT]
+           BUILD_FORMAT] + ([] if kernel_c else ["no-c"])
     if not request.default:
         label = f"{label} ({request.describe()})"
     prefix = f"{safe_name('tree-' + tree.path.name)[:48]}-{_digest(json.dumps(key))}"
@@ -225,6 +227,7 @@ def _build_tree(
                     tree.source, work=work, staged=staged, log=log, log_shown=kept_log,
                     what=label, meta=meta, config=config, copy_tree=copy, debug=debug,
                     options=request.options, own_config=request.base is None, progress=progress,
+                    kernel_c=kernel_c,
                 )
             finally:
                 if log.exists():
@@ -255,6 +258,7 @@ def build_tree_object(
     key_extra: str = "",
     progress: Progress = silent,
     request: ConfigRequest = ConfigRequest(),
+    kernel_c: bool = True,
 ) -> KernelBuild:
     """Build the entry objects of ``src_tree`` (source tree or O= build dir) into the cache.
 
@@ -264,11 +268,12 @@ def build_tree_object(
     (e.g. a patch applied to a copy).  The cache key is the tree's real path, the
     configuration, ``debug``, ``key_extra`` and the mtimes and sizes of entry_64.S,
     calling.h and every source file the object was built from, so an edited tree
-    is rebuilt.  A failed build raises InputError and publishes nothing.
+    is rebuilt.  A failed build raises InputError and publishes nothing.  ``kernel_c`` False leaves
+    out the noinstr C the entry objects call (a build for the contract stubs alone: faster).
     """
     tree = _inspect(src_tree.expanduser(), str(src_tree))
     return _build_tree(tree, str(src_tree), debug=debug, config=config, key_extra=key_extra, progress=progress,
-                       request=request)
+                       request=request, kernel_c=kernel_c)
 
 
 def _tree_target(spec: str, path: Path, debug: bool, progress: Progress, request: ConfigRequest) -> KernelBuild:
