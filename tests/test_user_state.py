@@ -86,7 +86,7 @@ def _log(pcs, flags):
 
 def test_an_irq_needs_if_and_waits_out_the_sti_shadow() -> None:
     code = {0x10: b"\xfb", 0x11: b"\x90", 0x12: b"\x90", 0x20: b"\x9d"}     # sti; nop; nop ... popf
-    ex = SimpleNamespace(image=SimpleNamespace(read=lambda addr, n: code[addr][:n]))
+    ex = SimpleNamespace(image=SimpleNamespace(read=lambda addr, n: code[addr][:n], code_section=code.get))
     window = DeliveryPolicy.irq_window
     log = _log([0x10, 0x11, 0x12], [0x2, 0x2 | RFLAGS_IF, 0x2 | RFLAGS_IF])
     assert not window(ex, log, 0)           # IF=0 before the STI
@@ -104,7 +104,7 @@ def test_an_irq_is_delivered_where_if_is_set_outside_the_sti_shadow() -> None:
 
     code = {0x10: b"\xfb", 0x11: b"\x90", 0x12: b"\x90"}                  # sti; nop; nop
     policy = DeliveryPolicy.__new__(DeliveryPolicy)
-    policy.image = SimpleNamespace(read=lambda addr, n: code[addr][:n])
+    policy.image = SimpleNamespace(read=lambda addr, n: code[addr][:n], code_section=code.get)
     policy.world = SimpleNamespace(config=SimpleNamespace(idt={Vector.IRQ: 0xFFFFFFFF81000000}))
     policy.config = ExploreConfig()
     cpu = CpuState(cr3=2, pcide=True, fsgsbase=False, cpl=0, ss=0x18, gs_base=0, kernel_gs_base=0, spec_ctrl=0,
