@@ -226,7 +226,8 @@ def explore_options(f):
         click.option("--mc-nesting", is_flag=True, help="Also inject #MC inside an #MC handler after it "
                      "cleared MCIP (Linux assumes this never happens)."),
         click.option("--handler-effects", default=None, metavar="LIST",
-                     help="Also explore handlers that do this: invalidate-user-asid, switch-kernel-asid."),
+                     help="Also explore handlers that do this: invalidate-user-asid, switch-kernel-asid, "
+                     "tlb-shootdown, page-fault (it writes CR2: what cr2-clobbered checks)."),
         click.option("--no-prune", is_flag=True, help="Brute force: run every injection to its end (no "
                      "convergence, no latched-NMI sharing, no shared handler runs)."),
         click.option("--unfold", is_flag=True, help="Also report on their own the symptoms folded under an "
