@@ -198,7 +198,7 @@ def _depth(args: list[str]) -> int | None:
     """The nesting depth an exploring command runs at (None: it explores nothing)."""
     if not args or args[0] not in ("check", "diff", "review") or "--explain" in args:
         return None
-    return int(args[args.index("--depth") + 1]) if "--depth" in args else 2
+    return int(args[args.index("--depth") + 1]) if "--depth" in args else 1     # the command line's CLI_DEPTH
 
 
 SLOW_S = 120         # an example at depth <= 1 slower than this is a bug
