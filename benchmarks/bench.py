@@ -489,5 +489,6 @@ def main() -> None:
     else:
         _emit(throughput(args.target))
 
+
 if __name__ == "__main__":
     main()
