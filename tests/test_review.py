@@ -67,8 +67,16 @@ def test_no_change_without_pti(seed_review) -> None:
     changed = [e for e in doc["scenarios"] if e["cr3_writes_changed"] or e["behaviour_changed"]]
     assert changed
     assert all(_has_pti(e["features"]) for e in changed)
-    assert {c["description"].split(" gone at ")[0] for c in doc["changes"]} <= {
-        "1 redundant CR3 write(s)", "2 redundant CR3 write(s)"}
+    seed_sites = r"\d+ redundant CR3 write\(s\) gone at (paranoid_exit|end_repeat_nmi)\+"
+    assert all(re.match(seed_sites, c["description"]) for c in doc["changes"]), doc["changes"]
+    # One or two per path (a nested paranoid return writes too) -- more only where the kernel's
+    # exc_debug reads its stack canary under a data breakpoint on it: the nested #DB overwrites
+    # the live #DB frame on the IST stack and the path loops through paranoid_exit until the
+    # instruction budget ends it (the known ist-reentered finding, in both builds).
+    for e in changed:
+        if e["old"]["cr3"]["writes"] - e["new"]["cr3"]["writes"] > 2:
+            assert e["scenario"] == "db-from-kernel" and e["old"]["outcome"] == "no-return", e
+            assert e["injections"][0]["at"].startswith("exc_debug+"), e
 
 
 def test_returns_into_the_user_cr3_window_are_unchanged(kernel61, seed_review) -> None:
@@ -107,8 +115,10 @@ def test_depth_2_findings_the_seed_keeps_are_neither_new_nor_fixed(kernel61, tmp
     per-cpu instruction, which the seed turns from `bt`+`btr` into `btr` alone.  Both are the
     same findings in the patched build, so the review has nothing new or fixed and exits 0."""
     out = tmp_path / "review.json"
+    # Depth 2 on the contract stubs: at depth 2 the kernel's C costs more than a test may take.
     proc = cli("review", "debian:6.1", "--patch", str(SEED), "--scenarios", "nmi-from-user,db-from-user",
-               "--features", "none", "--features", "pti,pcid,kernel_ibrs", "--workers", "2", "--json", str(out))
+               "--features", "none", "--features", "pti,pcid,kernel_ibrs", "--depth", "2", "--c-stubs",
+               "--workers", "2", "--json", str(out))
     doc = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert doc["new_violations"] == [] and doc["fixed_violations"] == []
@@ -127,7 +137,7 @@ def test_sites_of_dropped_instructions_move_to_the_next_kept_one(kernel61) -> No
     old_image, new_image = load_build(kernel61).image(fs), load_build(new).image(fs)
     sites = SiteMap(old_image, new_image)
     # 6.1 tests the flush bit (bt %rax,%gs:X) before clearing it (btr); with the seed only the btr
-    old_listing = _listing(old_image, "paranoid_exit")
+    old_listing = _listing(old_image, "paranoid_exit", old_image.address_of("paranoid_exit"))
     bt = next(a for a, t in old_listing if t.startswith("btq %rax, %gs:"))
     btr = next(a for a, t in old_listing if t.startswith("btrq %rax, %gs:"))
     assert bt < btr
