@@ -59,15 +59,21 @@ def test_a_patch_that_skips_the_write_back_removes_it_and_breaks_nothing(built_k
     patch = tmp_path / "skip-ibrs-exit.patch"
     patch.write_text(SKIP_IBRS_EXIT)
     out = tmp_path / "review.json"
-    # The contract stubs: with the kernel's C, 6.1 keeps 450 redundant MSR writes after the patch
-    # (writes the C makes, not the write-back) that this test does not explain.
     proc = subprocess.run(CLI + ["review", f"debian:{series}", "--patch", str(patch), "--depth", "1", "--features",
-                                 "kernel_ibrs", "--c-stubs", "--json", str(out)], capture_output=True, text=True)
+                                 "kernel_ibrs", "--json", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     doc = json.loads(out.read_text())
     assert doc["new_violations"] == []
-    old = sum(s["old"]["redundant_msr_writes"] for s in doc["summary"])
-    new = sum(s["new"]["redundant_msr_writes"] for s in doc["summary"])
+    # Paths that loop until the run ends them count writes per turn of the loop: on 6.1, whose
+    # exc_debug reads its stack canary while DR7 is armed, a #DB on the canary overwrites the live
+    # #DB frame and the handler returns into itself (the known ist-reentered finding, both builds).
+    loops = [e for e in doc["scenarios"] if "no-return" in (e["old"]["outcome"], e["new"]["outcome"])]
+    assert all(e["injections"] and e["injections"][0]["at"].startswith("exc_debug+") for e in loops), loops[:3]
+
+    def total(side: str, what: str) -> int:          # every path but the loops
+        return sum(s[side][what] for s in doc["summary"]) - sum(e[side][what] for e in loops)
+
+    old, new = total("old", "redundant_msr_writes"), total("new", "redundant_msr_writes")
     assert old > 0 and new == 0
-    assert sum(s["old"]["msr_writes"] - s["new"]["msr_writes"] for s in doc["summary"]) == old
+    assert total("old", "msr_writes") - total("new", "msr_writes") == old
     assert all(s["behaviour_changed"] == 0 for s in doc["summary"])
