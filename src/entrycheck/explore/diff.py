@@ -36,9 +36,14 @@ class SiteMap:
         self._kept: dict[str, list[int]] = {}     # symbol -> its instructions in the old build
         self._replaced: tuple[set[int], set[int]] = (set(), set())   # mapped, but another instruction: old, new
         old_syms, new_syms = _code_symbols(old), _code_symbols(new)
-        for name in sorted(set(old_syms) & set(new_syms)):
-            a = _listing(old, name, old_syms[name])
-            b = _listing(new, name, new_syms[name])
+        old_secs, new_secs = _unnamed_code(old), _unnamed_code(new)
+        pairs = [(name, _listing(old, name, old_syms[name]), _listing(new, name, new_syms[name]))
+                 for name in sorted(set(old_syms) & set(new_syms))]
+        # Code no symbol names (the C's .altinstr_aux, static_cpu_has's slow path) is matched as a
+        # whole section, or each of its instructions would be "changed" and its paths unmatched.
+        pairs += [(sec, _section_listing(old, *old_secs[sec]), _section_listing(new, *new_secs[sec]))
+                  for sec in sorted(set(old_secs) & set(new_secs))]
+        for name, a, b in pairs:
             sm = difflib.SequenceMatcher(None, [t for _, t in a], [t for _, t in b], autojunk=False)
             for tag, i1, i2, j1, j2 in sm.get_opcodes():
                 if tag == "equal" or (tag == "replace" and i2 - i1 == j2 - j1):
@@ -114,11 +119,26 @@ def _code_symbols(image: Image) -> dict[str, int]:
     return out
 
 
+def _unnamed_code(image: Image) -> dict[str, tuple[int, int]]:
+    """The code sections that run and hold no symbol: name -> [start, end)."""
+    addrs = sorted(image.loaded.symbols.values())
+    out = {}
+    for s in image.loaded.sections:
+        if s.name in image.loaded.code_sections and s.size:
+            k = bisect.bisect_left(addrs, s.address)
+            if k == len(addrs) or addrs[k] >= s.address + s.size:
+                out[s.name] = (s.address, s.address + s.size)
+    return out
+
+
 def _listing(image: Image, name: str, start: int) -> list[tuple[int, str]]:
     """The instructions of the code symbol ``name`` at ``start`` (its definition: a function the
     model stubs is called elsewhere), each with its text made address-free."""
     size = image.loaded.symbol_sizes.get(name, 0)
-    end = start + size if size else image.symbol_range(name)[1]
+    return _section_listing(image, start, start + size if size else image.symbol_range(name)[1])
+
+
+def _section_listing(image: Image, start: int, end: int) -> list[tuple[int, str]]:
     out = []
     for ins in image.instructions.sweep(start, end):
         text = f"{ins.mnemonic} {ins.op_str}"
