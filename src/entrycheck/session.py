@@ -470,6 +470,7 @@ def review(base, base_loaded: LoadedObject, patched, patched_loaded: LoadedObjec
     """The review command's work: ``diff`` of the two builds, then each hunk of the patches (their
     ``texts``, placed where ``placements`` say) judged by what the explored paths ran of it."""
     from entrycheck.explore.patchcover import cover, hunk_lines
+    from entrycheck.kernel.guards import tree_facts
     from entrycheck.kernel.patch import parse_patch
 
     done = diff(base, base_loaded, patched, patched_loaded, cfg, workers=workers, scheduler=scheduler,
@@ -478,8 +479,9 @@ def review(base, base_loaded: LoadedObject, patched, patched_loaded: LoadedObjec
     lines = [source_lines(b, lo) if b.debug_info else None for b, lo in ((base, base_loaded),
                                                                           (patched, patched_loaded))]
     sources = frozenset(image_sources(base)) | frozenset(image_sources(patched))
+    facts = (tree_facts(base.source_tree), tree_facts(patched.source_tree))
     return Reviewed(done, cover(hunks, sources, done.result.sites, lines[0], lines[1], done.old.result.covered,
-                                done.new.result.covered))
+                                done.new.result.covered, facts))
 
 
 __all__ = ["Reviewed", "review", "STATE", "ProcessState", "reset", "abort_outputs", "outputs", "source_lines", "ObjectRef", "object_ref", "with_c_stubs", "kernel_c",

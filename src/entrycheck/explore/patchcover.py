@@ -7,7 +7,9 @@ The patch's effect on the image is the instructions the two builds do not share 
 hunk whose added (new build) or removed (old build) lines it comes from; what no line row names
 (the expansion of a changed macro, a changed header) goes to the hunks of the files the entry
 objects include.  A hunk in a file the image's objects do not depend on changes nothing that
-ran: it is listed as not checked, as is one whose instructions no explored path executed.
+ran: it is listed as not checked, as is one whose instructions no explored path executed --
+unless the checks read facts from that file (kernel/guards.py ``tree_facts``: the data a
+breakpoint may not watch, who may set one): then it is checked when those facts differ.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ OUTSIDE = "outside the image"          # its file is not a source of the image's
 NO_CODE = "no instruction changed"     # in a source of the image, but the compiled code is the same
 RAN = "ran"                            # some instruction it changed was executed
 NOT_RUN = "not run"                    # it changed instructions, none of which any path executed
+FACTS = "facts read"                   # not compiled into the image; what the checks read from it changed
+SAME_FACTS = "facts unchanged"         # not compiled into the image; what the checks read from it did not change
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,8 @@ class HunkCover:
     file: str
     patch: str
     hunk: int
-    verdict: str                               # OUTSIDE, NO_CODE, RAN or NOT_RUN
+    verdict: str                               # OUTSIDE, NO_CODE, RAN, NOT_RUN, FACTS or SAME_FACTS
+    facts: str = ""                            # FACTS, SAME_FACTS: what the checks read from the file
     instructions: tuple[str, ...] = ()         # the changed instructions attributed to it (sym+off)
     executed: tuple[str, ...] = ()             # those a path executed
     feature_sets: tuple[str, ...] = ()         # the feature sets under which one of them ran
@@ -82,7 +87,8 @@ class HunkCover:
     def to_json(self) -> dict:
         return {"file": self.file, "patch": self.patch, "hunk": self.hunk, "verdict": self.verdict,
                 "instructions": list(self.instructions), "executed": list(self.executed),
-                "feature_sets": list(self.feature_sets), "attributed_by_line": self.by_line}
+                "feature_sets": list(self.feature_sets), "attributed_by_line": self.by_line,
+                **({"facts": self.facts} if self.facts else {})}
 
 
 @dataclass
@@ -94,8 +100,9 @@ class PatchCover:
 
     @property
     def checked(self) -> bool:
-        """Whether any instruction the patch changed was executed by an explored path."""
-        return any(h.verdict == RAN for h in self.hunks)
+        """Whether any instruction the patch changed was executed by an explored path, or a
+        fact the checks read from the tree changed."""
+        return any(h.verdict in (RAN, FACTS) for h in self.hunks)
 
     def to_json(self) -> dict:
         return {"checked": self.checked, "changed_instructions": self.changed, "line_info": self.line_info,
@@ -103,9 +110,10 @@ class PatchCover:
 
 
 def cover(hunks: list[HunkLines], sources: frozenset[str], sites, old_lines, new_lines, old_covered: dict,
-          new_covered: dict) -> PatchCover:
+          new_covered: dict, facts: tuple[dict, dict] = ({}, {})) -> PatchCover:
     """Attribute the instructions the builds do not share to ``hunks`` and judge each.
 
+    ``facts``: per build, file -> (what, value) the checks read from that file of the tree;
     ``sources``: the files the image's objects are built from (the .cmd dependencies);
     ``sites``: explore/diff.py's SiteMap of the two images; ``*_lines``: their SourceLines;
     ``*_covered``: feature set -> the instructions the explored paths executed."""
@@ -138,7 +146,14 @@ def cover(hunks: list[HunkLines], sources: frozenset[str], sites, old_lines, new
     for h in hunks:
         mine = sorted(set(attributed[id(h)]))
         if not _in(h.file, sources):
-            out.hunks.append(HunkCover(h.file, h.patch, h.hunk, OUTSIDE))
+            read = _norm(h.file) in facts[0] or _norm(h.file) in facts[1]
+            if read:
+                what, old_value = facts[0].get(_norm(h.file), ("", None))
+                new_value = facts[1].get(_norm(h.file), (what, None))[1]
+                out.hunks.append(HunkCover(h.file, h.patch, h.hunk, FACTS if old_value != new_value else SAME_FACTS,
+                                           facts=what or facts[1][_norm(h.file)][0]))
+            else:
+                out.hunks.append(HunkCover(h.file, h.patch, h.hunk, OUTSIDE))
             continue
         if not mine:
             out.hunks.append(HunkCover(h.file, h.patch, h.hunk, NO_CODE, by_line=h not in indirect))
@@ -174,4 +189,5 @@ def _in(path: str, sources: frozenset[str]) -> bool:
     return not sources or _norm(path) in sources
 
 
-__all__ = ["HunkLines", "HunkCover", "PatchCover", "hunk_lines", "cover", "OUTSIDE", "NO_CODE", "RAN", "NOT_RUN"]
+__all__ = ["HunkLines", "HunkCover", "PatchCover", "hunk_lines", "cover", "OUTSIDE", "NO_CODE", "RAN", "NOT_RUN",
+           "FACTS", "SAME_FACTS"]

@@ -145,4 +145,13 @@ def kernel_breakpoint_capability(source_tree: Path) -> str | None:
     return cap.group(1) if cap else None
 
 
-__all__ = ["kernel_breakpoint_capability", "KERNEL_BREAKPOINT_CAPABILITY", "iret_guards", "parse", "breakpoint_refusals", "parse_refusals", "BUILTIN_REFUSALS"]
+def tree_facts(source_tree: Path | None) -> dict[str, tuple]:
+    """What the checks read from files of the tree that are not compiled into the image, by
+    file: a patch to one of them is reviewed by whether these facts change."""
+    cap = kernel_breakpoint_capability(source_tree) if source_tree is not None else None
+    return {BREAKPOINT_SOURCE: ("the data within_cpu_entry() refuses breakpoints on",
+                                breakpoint_refusals(source_tree)),
+            KERNEL_BREAKPOINT_SOURCE: ("who may set a kernel data breakpoint", cap)}
+
+
+__all__ = ["tree_facts", "kernel_breakpoint_capability", "KERNEL_BREAKPOINT_CAPABILITY", "iret_guards", "parse", "breakpoint_refusals", "parse_refusals", "BUILTIN_REFUSALS"]

@@ -107,7 +107,7 @@ def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: Cost
 
 def patch_lines(patch) -> list[str]:
     """What a review checked of each hunk (explore/patchcover.py)."""
-    from entrycheck.explore.patchcover import NO_CODE, NOT_RUN, OUTSIDE, RAN
+    from entrycheck.explore.patchcover import FACTS, NO_CODE, NOT_RUN, OUTSIDE, RAN, SAME_FACTS
 
     lines = _wrap(f"What the review checked of the patch ({patch.changed} instructions of the image changed"
                   + ("; hunks mapped to them by line info)" if patch.line_info else
@@ -116,6 +116,10 @@ def patch_lines(patch) -> list[str]:
         head = f"{h.file} hunk {h.hunk}: "
         if h.verdict == OUTSIDE:
             text = "not checked: the file is not a source of the image's objects"
+        elif h.verdict == FACTS:
+            text = f"not compiled into the image; read by the checks ({h.facts}): changed, checked by the paths"
+        elif h.verdict == SAME_FACTS:
+            text = f"not checked: not compiled into the image; what the checks read from it ({h.facts}) is the same"
         elif h.verdict == NO_CODE:
             text = "no instruction of the image changed"
         elif h.verdict == NOT_RUN:
