@@ -78,11 +78,11 @@ class HunkCover:
     patch: str
     hunk: int
     verdict: str                               # OUTSIDE, NO_CODE, RAN, NOT_RUN, FACTS or SAME_FACTS
-    facts: str = ""                            # FACTS, SAME_FACTS: what the checks read from the file
     instructions: tuple[str, ...] = ()         # the changed instructions attributed to it (sym+off)
     executed: tuple[str, ...] = ()             # those a path executed
     feature_sets: tuple[str, ...] = ()         # the feature sets under which one of them ran
     by_line: bool = True                       # attributed by its lines (else: as a macro or header hunk)
+    facts: str = ""                            # FACTS, SAME_FACTS: what the checks read from the file
 
     def to_json(self) -> dict:
         return {"file": self.file, "patch": self.patch, "hunk": self.hunk, "verdict": self.verdict,
