@@ -37,73 +37,69 @@ class Actions:
             return getattr(self.speculation, "act_" + kind)(*args)
         return getattr(self, "_" + kind)(*args)
 
-    def _cr3_read(self, reg: str):
+    # ---- MOV from/to CR3, CR2 and the debug registers --------------------------------------
+    def _mov_from(self, reg: str, value, then=None):
+        """MOV from a control or debug register into ``reg``: ``value(cpu)``; ``then(addr, v)``."""
         ctx = self.ctx
         uc_reg, loc = _UC_REG[reg], REG_INDEX[reg]
 
         def act(addr: int, size: int) -> None:
             ctx.skip(addr, size)
-            ctx.u.write(uc_reg, ctx.cpu.cr3)
+            v = value(ctx.cpu)
+            ctx.u.write(uc_reg, v)
             ctx.flow(Op.CONST, loc)
-            ctx.emit(Cr3Read, pc=addr, value=ctx.cpu.cr3)
+            if then is not None:
+                then(addr, v)
         return act
+
+    def _mov_to(self, reg: str, apply):
+        """MOV from ``reg`` to a control or debug register: ``apply(addr, value)``."""
+        ctx = self.ctx
+        uc_reg, loc = _UC_REG[reg], REG_INDEX[reg]
+
+        def act(addr: int, size: int) -> None:
+            ctx.skip(addr, size)
+            ctx.flow(Op.USE, loc)
+            apply(addr, ctx.u.read(uc_reg))
+        return act
+
+    def _cr3_read(self, reg: str):
+        ctx = self.ctx
+        return self._mov_from(reg, lambda cpu: cpu.cr3, lambda addr, v: ctx.emit(Cr3Read, pc=addr, value=v))
 
     def _cr3_write(self, reg: str):
         ctx = self.ctx
-        uc_reg, loc = _UC_REG[reg], REG_INDEX[reg]
 
-        def act(addr: int, size: int) -> None:
-            ctx.skip(addr, size)
-            ctx.flow(Op.USE, loc)
-            cpu, write = model.write_cr3(ctx.cpu, ctx.u.read(uc_reg))
+        def apply(addr: int, value: int) -> None:
+            cpu, write = model.write_cr3(ctx.cpu, value)
             ctx.set_cpu(cpu)
             ctx.emit(Cr3Written, pc=addr, write=write, user_view=ctx.user_view)
-        return act
+        return self._mov_to(reg, apply)
 
     def _cr2_read(self, reg: str):
         ctx = self.ctx
-        uc_reg, loc = _UC_REG[reg], REG_INDEX[reg]
 
-        def act(addr: int, size: int) -> None:
-            ctx.skip(addr, size)
-            ctx.u.write(uc_reg, ctx.cpu.cr2)
-            ctx.flow(Op.CONST, loc)
+        def then(addr: int, value: int) -> None:
             out = ctx.run.outstanding
-            ctx.emit(Cr2Read, pc=addr, value=ctx.cpu.cr2, handling=out[-1].vector if out else None)
-        return act
+            ctx.emit(Cr2Read, pc=addr, value=value, handling=out[-1].vector if out else None)
+        return self._mov_from(reg, lambda cpu: cpu.cr2, then)
 
     def _cr2_write(self, reg: str):
         ctx = self.ctx
-        uc_reg, loc = _UC_REG[reg], REG_INDEX[reg]
-
-        def act(addr: int, size: int) -> None:
-            ctx.skip(addr, size)
-            ctx.flow(Op.USE, loc)
-            ctx.set_cpu(ctx.cpu.but(cr2=ctx.u.read(uc_reg)))
-        return act
+        return self._mov_to(reg, lambda addr, value: ctx.set_cpu(ctx.cpu.but(cr2=value)))
 
     def _dr_read(self, reg: str, n: int):
-        ctx = self.ctx
-        uc_reg, loc = _UC_REG[PARENT[reg]], REG_INDEX[PARENT[reg]]
-
-        def act(addr: int, size: int) -> None:
-            ctx.skip(addr, size)
-            ctx.u.write(uc_reg, model.read_dr(ctx.cpu, n))
-            ctx.flow(Op.CONST, loc)
-        return act
+        return self._mov_from(PARENT[reg], lambda cpu: model.read_dr(cpu, n))
 
     def _dr_write(self, reg: str, n: int):
         ctx = self.ctx
-        uc_reg, loc = _UC_REG[PARENT[reg]], REG_INDEX[PARENT[reg]]
 
-        def act(addr: int, size: int) -> None:
-            ctx.skip(addr, size)
-            ctx.flow(Op.USE, loc)
+        def apply(addr: int, value: int) -> None:
             old = model.read_dr(ctx.cpu, n)
-            cpu = model.write_dr(ctx.cpu, n, ctx.u.read(uc_reg))
+            cpu = model.write_dr(ctx.cpu, n, value)
             ctx.set_cpu(cpu)
             ctx.emit(DebugRegWritten, pc=addr, number=n, old=old, value=model.read_dr(cpu, n))
-        return act
+        return self._mov_to(PARENT[reg], apply)
 
     def _rdmsr(self):
         ctx = self.ctx
