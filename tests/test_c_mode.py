@@ -126,6 +126,15 @@ def test_the_noinstr_c_of_6_1_int80_reads_the_booted_apic(kernel61: KernelBuild)
     assert not r.findings, [f.message for f in r.findings]
 
 
+def test_trace_steps_through_the_c_with_its_source_lines(kernel61_debug: KernelBuild) -> None:
+    """With line info (debian:X.Y+debug keeps the C's DWARF), trace shows the C's own lines."""
+    proc = subprocess.run(CLI + ["trace", "debian:6.1+debug", "--scenario", "db-from-kernel", "--features", "pti"],
+                          capture_output=True, text=True)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "# arch/x86/kernel/traps.c:" in proc.stdout and " exc_debug+" in proc.stdout
+    assert "# arch/x86/entry/entry_64.S:" in proc.stdout
+
+
 def test_the_c_mutant_table_is_well_formed() -> None:
     from entrycheck.explore.scenarios import SCENARIOS
     from entrycheck.props.invariants import INVARIANTS
