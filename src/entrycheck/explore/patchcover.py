@@ -146,14 +146,14 @@ def cover(hunks: list[HunkLines], sources: frozenset[str], sites, old_lines, new
     for h in hunks:
         mine = sorted(set(attributed[id(h)]))
         if not _in(h.file, sources):
-            read = _norm(h.file) in facts[0] or _norm(h.file) in facts[1]
-            if read:
-                what, old_value = facts[0].get(_norm(h.file), ("", None))
-                new_value = facts[1].get(_norm(h.file), (what, None))[1]
-                out.hunks.append(HunkCover(h.file, h.patch, h.hunk, FACTS if old_value != new_value else SAME_FACTS,
-                                           facts=what or facts[1][_norm(h.file)][0]))
-            else:
+            key = _norm(h.file)
+            read = facts[0].get(key) or facts[1].get(key)
+            if read is None:
                 out.hunks.append(HunkCover(h.file, h.patch, h.hunk, OUTSIDE))
+                continue
+            old_value, new_value = (side.get(key, (None, None))[1] for side in facts)
+            out.hunks.append(HunkCover(h.file, h.patch, h.hunk, FACTS if old_value != new_value else SAME_FACTS,
+                                       facts=read[0]))
             continue
         if not mine:
             out.hunks.append(HunkCover(h.file, h.patch, h.hunk, NO_CODE, by_line=h not in indirect))

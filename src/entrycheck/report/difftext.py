@@ -117,7 +117,8 @@ def patch_lines(patch) -> list[str]:
         if h.verdict == OUTSIDE:
             text = "not checked: the file is not a source of the image's objects"
         elif h.verdict == FACTS:
-            text = f"not compiled into the image; read by the checks ({h.facts}): changed, checked by the paths"
+            text = (f"not compiled into the image, but the checks read from it {h.facts}: that changed, and "
+                    "each build was explored with its own")
         elif h.verdict == SAME_FACTS:
             text = f"not checked: not compiled into the image; what the checks read from it ({h.facts}) is the same"
         elif h.verdict == NO_CODE:
