@@ -34,6 +34,7 @@ class Entry:
     landed: tuple
     canonical: tuple
     branches: tuple
+    landings: tuple                                    # (((a, b), ...), same): equalities of copies at IRETs
     rejoined: int                                      # 0: where it started; 1: where the outer exception returned
     cpu: CpuState                                      # model state at the end
     regs: tuple[tuple[int, int | None, int], ...]      # (loc, source loc or None, value when constant)
@@ -121,7 +122,7 @@ class Memo:
         for word, tag in flow.memory:
             off = word - wbase
             memory.append((off, tag, int.from_bytes(final_memory[off:off + 8], "little")))
-        entry = Entry(flow.uses, flow.landed, flow.canonical, flow.branches, rejoined, final_cpu, tuple(regs), flags,
+        entry = Entry(flow.uses, flow.landed, flow.canonical, flow.branches, flow.landings, rejoined, final_cpu, tuple(regs), flags,
                       final_regs[RFLAGS], tuple(memory), frozenset(m[0] for m in memory), result)
         bucket = self._buckets.setdefault(key, [])
         for group in bucket:
@@ -163,6 +164,9 @@ class Memo:
                 return False
         for cond, kind, width, a, b, taken in e.branches:
             if condition(cond, kind, width, operand(a, regs, memory, wbase), operand(b, regs, memory, wbase)) != taken:
+                return False
+        for pairs, same in e.landings:
+            if all(operand(a, regs, memory, wbase) == operand(b, regs, memory, wbase) for a, b in pairs) != same:
                 return False
         for tag in e.canonical:
             if not canonical(_resolve(tag, regs, memory, wbase)):

@@ -43,6 +43,7 @@ class Flow:
     landed: tuple[tuple[int, object, object, bool], ...]   # (outstanding index, rip, rsp, matched)
     canonical: tuple[object, ...]                  # values IRET required to be canonical RIPs
     branches: tuple[tuple, ...] = ()               # (cond, kind, width, a, b, taken): compares of copies
+    landings: tuple[tuple, ...] = ()               # (((a, b), ...), same): the run's own frames an IRET scanned
 
 
 class Unfollowable(Exception):
@@ -93,6 +94,7 @@ class _Walk:
         self.landed: list[tuple[int, object, object, bool]] = []
         self.canonical: list[object] = []
         self.branches: list[tuple] = []
+        self.landings: list[tuple] = []
         self.step_regs = record.steps.regs if record.steps is not None else ()
         self.index = -1
         self.popped: tuple[object, object, int, int] | None = None
@@ -197,7 +199,7 @@ class _Walk:
             raise Unfollowable("the run did not converge")
         written = tuple(sorted((w, t) for w, t in self.mem.items() if t != w))
         return Flow(tuple(sorted(self.uses)), tuple(self.regs), written, tuple(self.landed),
-                    tuple(self.canonical), tuple(self.branches))
+                    tuple(self.canonical), tuple(self.branches), tuple(self.landings))
 
     def mcopy(self, dst: int, src: int, size: int) -> None:
         if dst & 7 or src & 7 or size & 7:
@@ -246,10 +248,23 @@ class _Walk:
         rip, rsp, rip_value, rsp_value = self.popped
         for k in scanned:
             if k >= self.n_start:
+                # Whether the IRET landed on the run's own delivery k: an equality of copies,
+                # recorded as one (like a compare's outcome) so that the copied values stay copies.
                 own_rip, own_rsp = self.own[k]
-                if not (own_rip == rip and own_rsp == rsp):
+                pairs = []
+                for own, popped, value in ((own_rip, rip, rip_value), (own_rsp, rsp, rsp_value)):
+                    if own == popped:
+                        continue                 # the same tag: equal in every run that agrees on uses
+                    if isinstance(own, int) and (popped is None or isinstance(popped, int)):
+                        pairs.append((("t", own, 0, 8), ("k", value) if popped is None else ("t", popped, 0, 8)))
+                    else:
+                        pairs = None
+                        break
+                if pairs is None:
                     for t in (own_rip, rsp, own_rsp, rip):
                         self.use_tag(t)
+                elif pairs:
+                    self.landings.append((tuple(pairs), k == matched))
             else:
                 self.landed.append((k, rip if rip is not None else ("k", rip_value),
                                     rsp if rsp is not None else ("k", rsp_value), k == matched))
@@ -365,7 +380,11 @@ class _Walk:
                 if not (self.an.wbase <= phys < self.an.wend) or (phys - w) + width > 8:
                     return False
                 tag = self.tag(w)
-                if not isinstance(tag, int) or REG_LOCS <= tag < N_LOCS:
+                if isinstance(tag, tuple) and tag[0] == "f":
+                    tag = _tested_group(ins, tag, phys - w)
+                    if tag is None:
+                        return False
+                elif not isinstance(tag, int) or REG_LOCS <= tag < N_LOCS:
                     return False
                 descs.append(("t", tag, phys - w, width))
         if not any(d[0] == "t" for d in descs):
@@ -403,6 +422,23 @@ class _Walk:
             self.write_mem(writes[0][1], writes[0][2])
             return
         self.mem[w] = value
+
+
+def _tested_group(ins: Insn, tag: tuple, offset: int) -> int | None:
+    """A TEST of an immediate against a word of pushed flags (``tag``: one tag per flag group)
+    whose mask lies in one group: the input that group's bits were copied from (its value
+    tested with the same mask gives the same outcome), else None."""
+    if ins.kind != "test":
+        return None
+    imm = next((op[1] for op in ins.operands if op[0] == "i"), None)
+    if imm is None:
+        return None
+    mask = imm << (8 * offset)
+    hit = [k for k, g in enumerate(GROUPS) if GROUP_MASKS[g] & mask]
+    if len(hit) != 1 or mask & ~GROUP_MASKS[GROUPS[hit[0]]]:
+        return None
+    source = tag[1 + hit[0]]
+    return source if isinstance(source, int) else None
 
 
 def operand(desc: tuple, regs, memory, wbase: int) -> int:
