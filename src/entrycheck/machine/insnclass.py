@@ -98,9 +98,11 @@ def describe(decoded: image_decode.Insn) -> Insn:
         rd, rs = reg(d), reg(s)
         if rd and rs and rd[1] == 8 and rs[1] == 8:
             return Insn("mov_rr", dst=rd[0], src=rs[0])
-        if rd and rd[1] == 8 and s.type == X.X86_OP_MEM and s.size == 8 and not _segment(ins, s):
+        # A %gs: operand is a copy too: its address adds the GS base, which is model state (the
+        # memo's key), and the access's physical address is in the log like any other.
+        if rd and rd[1] == 8 and s.type == X.X86_OP_MEM and s.size == 8 and not _segment(ins, s, "fs"):
             return Insn("load", dst=rd[0], reads=addr)
-        if rs and rs[1] == 8 and d.type == X.X86_OP_MEM and d.size == 8 and not _segment(ins, d):
+        if rs and rs[1] == 8 and d.type == X.X86_OP_MEM and d.size == 8 and not _segment(ins, d, "fs"):
             return Insn("store", src=rs[0], reads=addr)
         if s.type == X.X86_OP_IMM and rd and rd[1] >= 4:
             return Insn("const_r", dst=rd[0])
@@ -179,8 +181,9 @@ def condition(cond: str, kind: str, width: int, a: int, b: int) -> bool:
             "jle": zf or sf != of, "jo": of, "jno": not of}[cond]
 
 
-def _segment(ins, op) -> bool:
-    return op.mem.segment not in (0, X.X86_REG_INVALID) and ins.reg_name(op.mem.segment) in ("gs", "fs")
+def _segment(ins, op, *names: str) -> bool:
+    """Whether a memory operand has a segment prefix (among ``names``, default %gs and %fs)."""
+    return op.mem.segment not in (0, X.X86_REG_INVALID) and ins.reg_name(op.mem.segment) in (names or ("gs", "fs"))
 
 
 def _generic(ins, addr: tuple[int, ...]) -> Insn:
