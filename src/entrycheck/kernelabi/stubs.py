@@ -292,7 +292,7 @@ class Stubs:
             emu.fault(kind, f"C function {name} called with GSBASE {cpu.gs_base:#x}, not this CPU's per-cpu "
                             f"base {w.percpu_base:#x}")
             return False
-        flags = emu.reg("rflags") & C_ENTRY_CLEAR
+        flags = emu.flags(C_ENTRY_CLEAR)
         if flags:
             names = ", ".join(n for bit, n in ((model.RFLAGS_DF, "DF"), (model.RFLAGS_NT, "NT")) if flags & bit)
             emu.fault(FaultKind.CHECKPOINT, f"C function {name} called with RFLAGS.{names} set (C code needs "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 from entrycheck.machine import model, uc as U
-from entrycheck.machine.api import MASK64, ConvergePoint, Op, Request
+from entrycheck.machine.api import FLAG_LOCS, GROUP_MASKS, MASK64, ConvergePoint, Op, Request
 from entrycheck.machine.events import Ended, Event, Fault, FaultKind, Outcome
 from entrycheck.machine.memory import AddressSpace
 from entrycheck.machine.model import CpuState, Vector
@@ -86,6 +86,15 @@ class RunContext:
         if flow is not None:
             flow.append((Op.USE, REG_INDEX[name]))
         return self.u.read(_UC_REG[name])
+
+    def flags(self, mask: int) -> int:
+        """RFLAGS & ``mask``: a use of the flag groups those bits belong to (FLOW), not of all."""
+        flow = self.run.flow
+        if flow is not None:
+            for loc in FLAG_LOCS:
+                if GROUP_MASKS[loc] & mask:
+                    flow.append((Op.USE, loc))
+        return self.u.read(_UC_REG["rflags"]) & mask
 
     def set_reg(self, name: str, value: int) -> None:
         flow = self.run.flow
