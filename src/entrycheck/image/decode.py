@@ -74,16 +74,35 @@ def decode_one(code: bytes, address: int, *, att: bool = True) -> Insn | None:
     return None
 
 
+# Decoded instructions by (syntax, address, the 15 bytes from there): the images of one object
+# under different feature sets differ only at their patched sites, so each process decodes an
+# instruction once however many feature sets it loads.
+_DECODED: dict[tuple[bool, int, bytes], Insn | None] = {}
+_DECODED_MAX = 1 << 18
+
+
 def sweep(code: bytes, address: int, *, att: bool = True) -> Iterator[Insn]:
     """Linear sweep over ``code``; an undecodable byte is skipped (yielded as '.byte')."""
     md = _engine(att)
+    cache = _DECODED
+    if len(cache) > _DECODED_MAX:
+        cache.clear()
     offset = 0
-    while offset < len(code):
-        for ins in md.disasm(code[offset:], address + offset):
-            yield _convert(ins, att)
-            offset += ins.size
-        if offset < len(code):
-            byte = code[offset]
-            yield Insn(address + offset, 1, ".byte", f"{byte:#04x}", bytes([byte]), False,
-                       None, False, False, None)
-            offset += 1
+    n = len(code)
+    while offset < n:
+        window = code[offset:offset + 15]
+        key = (att, address + offset, window)
+        got = cache.get(key, False)
+        if got is False:
+            got = None
+            for ins in md.disasm(window, address + offset, 1):
+                got = _convert(ins, att)
+            cache[key] = got
+        if got is not None:
+            yield got
+            offset += got.size
+            continue
+        byte = code[offset]
+        yield Insn(address + offset, 1, ".byte", f"{byte:#04x}", bytes([byte]), False,
+                   None, False, False, None)
+        offset += 1
