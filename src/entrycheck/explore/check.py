@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 from entrycheck.errors import InputError
 from entrycheck.explore.engine import ExploreConfig, Group, UnitResult
-from entrycheck.explore.paths import NO_COST, Cost, Finding, PathResult, PathTable
+from entrycheck.explore.paths import NO_COST, Cost, Finding, PathResult, PathTable, sum_costs
 from entrycheck.explore.scenarios import DEFAULT_SCENARIOS, scenario
 from entrycheck.image.features import FeatureSet
 from entrycheck.kernelabi.stubs import Effect
@@ -143,12 +143,11 @@ class CheckResult:
 
     def total_cost(self) -> Cost:
         """Summed cost of every path (computed per distinct cost, not per path)."""
-        total = NO_COST
+        per_cost: Counter = Counter()
         for table, a, b in self.segments:
-            counts = Counter(table.cost[a:b])
-            for cid, n in sorted(counts.items()):
-                total = total + table.costs[cid].times(n)
-        return total
+            for cid, n in Counter(table.cost[a:b]).items():
+                per_cost[table.costs[cid]] += n
+        return sum_costs(per_cost.items())
 
 
 def parse_vectors(text: str) -> tuple[Vector, ...]:
