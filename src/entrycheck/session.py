@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -316,24 +316,14 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
     if scheduler:
         client = dask_client(scheduler)
         workers = max(workers, sum(client.nthreads().values()) or 1)
+    n_parts = parts if parts is not None else choose_parts(cfg, workers)
     try:
-        variants, derive_errors = _derive_all(ref, cfg, workers, client, progress)
-        units = make_units(cfg, parts if parts is not None else choose_parts(cfg, workers), variants)
-        batches = make_batches(units, workers)
-        results: list[UnitResult | None] = [None] * len(units)
-        count = [0]
-
-        def finished(k: int, got: list[UnitResult]) -> None:
-            for i, r in zip(batches[k], got):
-                results[i] = r
-            count[0] += len(batches[k])
-            if progress:
-                progress("exploring", count[0], len(units))
-
-        if progress:
-            progress("exploring", 0, len(units))
-        ordered_map(run_batch, [(ref, cfg, [units[i] for i in b], cfg.max_runs) for b in batches],
-                    workers=workers, client=client, done=finished)
+        if by_set(cfg, workers):
+            variants, derive_errors, units, results = _run_by_set(ref, cfg, n_parts, workers, client, progress)
+        else:
+            variants, derive_errors = _derive_all(ref, cfg, workers, client, progress)
+            units = make_units(cfg, n_parts, variants)
+            results = _run_units(ref, cfg, units, workers, client, progress)
     finally:
         if client is not None:
             client.close()
@@ -346,6 +336,72 @@ def run_check(ref: ObjectRef, cfg: CheckConfig, *, workers: int = 1, scheduler: 
         result.errors[:0] = derive_errors
         result.stopped_because = STOPPED_ERROR
     return result
+
+
+def _run_units(ref: ObjectRef, cfg: CheckConfig, units: list[Unit], workers: int, client,
+               progress: Progress | None) -> list[UnitResult]:
+    """The units' results, in their order, their batches (``make_batches``) spread by ``ordered_map``."""
+    batches = make_batches(units, workers)
+    results: list = [None] * len(units)
+    count = [0]
+
+    def finished(k: int, got: list[UnitResult]) -> None:
+        for i, r in zip(batches[k], got):
+            results[i] = r
+        count[0] += len(batches[k])
+        if progress:
+            progress("exploring", count[0], len(units))
+
+    if progress:
+        progress("exploring", 0, len(units))
+    ordered_map(run_batch, [(ref, cfg, [units[i] for i in b], cfg.max_runs) for b in batches],
+                workers=workers, client=client, done=finished)
+    return results
+
+
+def by_set(cfg: CheckConfig, workers: int) -> bool:
+    """Whether each feature set is one task (its user values found, then its units explored, on
+    one worker): when there are at least two sets per worker, as ``make_batches`` batches them."""
+    return workers > 1 and len(cfg.feature_sets) >= 2 * workers
+
+
+def run_set(ref: ObjectRef, cfg: CheckConfig, fs: FeatureSet, parts: int) -> tuple:
+    """One feature set's whole check in this process: its user values, then its units
+    (numbered from 0 in exploration order), with the explorer the two share."""
+    one = replace(cfg, feature_sets=(fs,))
+    pairs, errors = derive_set(ref, one, fs) if cfg.user_values else ((), ())
+    units = make_units(one, parts, {(fs, name): names for name, names in pairs})
+    return pairs, errors, units, run_batch(ref, cfg, units, cfg.max_runs)
+
+
+def _run_by_set(ref: ObjectRef, cfg: CheckConfig, parts: int, workers: int, client,
+                progress: Progress | None) -> tuple:
+    """``run_set`` for every feature set, the sets with more features (the longer ones) handed
+    out first; the units numbered and merged in the check's order of sets, as ``make_units``
+    numbers them, so the result is the one a serial run gives."""
+    sets = list(cfg.feature_sets)
+    order = sorted(range(len(sets)), key=lambda k: -len(sets[k].names))
+    done_sets = [0]
+
+    def finished(k: int, got) -> None:
+        done_sets[0] += 1
+        if progress:
+            progress("exploring", done_sets[0], len(sets))
+
+    if progress:
+        progress("exploring", 0, len(sets))
+    got = ordered_map(run_set, [(ref, cfg, sets[k], parts) for k in order], workers=workers, client=client,
+                      done=finished)
+    per_set = {order[j]: g for j, g in enumerate(got)}
+    variants, errors, units, results = {}, [], [], []
+    for k, fs in enumerate(sets):
+        pairs, errs, own, res = per_set[k]
+        variants.update({(fs, name): names for name, names in pairs})
+        errors.extend(errs)
+        offset = units[-1].index + 1 if units else 0
+        units.extend(replace(u, index=offset + u.index) for u in own)
+        results.extend(res)
+    return variants, errors, units, results
 
 
 def _derive_all(ref: ObjectRef, cfg: CheckConfig, workers: int, client,
