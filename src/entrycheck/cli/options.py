@@ -117,6 +117,7 @@ class ExploreOptions:
     mc_nesting: bool = CheckConfig.mc_nesting
     handler_effects: str | None = None
     no_prune: bool = not CheckConfig.prune
+    no_share: bool = not CheckConfig.share
     unfold: bool = not CheckConfig.fold
     user_values: bool = CheckConfig.user_values
     user_depth: int = CheckConfig.user_depth
@@ -150,7 +151,7 @@ class ExploreOptions:
         return CheckConfig(scenarios=self._runnable(loaded, sets), feature_sets=sets, vectors=vecs, depth=self.depth,
                            db_anywhere=self.db_mode == "anywhere", mc_nesting=self.mc_nesting,
                            effects=parse_effects(self.handler_effects), prune=not self.no_prune,
-                           max_runs=self.max_runs, fold=not self.unfold, user_values=self.user_values,
+                           share=not self.no_share, max_runs=self.max_runs, fold=not self.unfold, user_values=self.user_values,
                            user_depth=self.user_depth, spec_window=self.spec_window)
 
     def _runnable(self, loaded, sets) -> tuple[str, ...]:
@@ -230,6 +231,9 @@ def explore_options(f):
                      "tlb-shootdown, page-fault (it writes CR2: what cr2-clobbered checks)."),
         click.option("--no-prune", is_flag=True, help="Brute force: run every injection to its end (no "
                      "convergence, no latched-NMI sharing, no shared handler runs)."),
+        click.option("--no-share", is_flag=True, help="Run every injected handler (no handler run standing for "
+                     "the boundaries whose state agrees with it on what it used); runs still stop where they "
+                     "rejoin a recorded run."),
         click.option("--unfold", is_flag=True, help="Also report on their own the symptoms folded under an "
                      "ist-reentered root cause."),
         click.option("--user-values/--no-user-values", default=ExploreOptions.user_values, show_default=True,

@@ -340,7 +340,7 @@ class _Unit:
         chain = node.chain + (link,)
         prune = self.config.prune
         key = None
-        if prune:
+        if prune and self.config.share:
             key = Memo.key(vector, log.cpus[i], log.outstanding[i], log.home, self.options)
             entry = ex.memo.lookup(key, log.regs[i], memory, log.outstanding[i], node.targets(k, memory))
             if entry is not None and self._attribute(node, k, entry, link):

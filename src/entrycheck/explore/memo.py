@@ -134,6 +134,10 @@ class Memo:
         group[2].setdefault(group[1](start_regs, start_memory), []).append(entry)
         self.entries += 1
 
+    def uses(self, vector: Vector) -> list[tuple[int, ...]]:
+        """The inputs each kind of shared run of ``vector`` used (one tuple per group)."""
+        return [group[0] for key, bucket in self._buckets.items() if key[0] is vector for group in bucket]
+
     def lookup(self, key: tuple, regs: tuple[int, ...], memory, outstanding: tuple[Interrupted, ...],
                targets: tuple[Target | None, ...]) -> Entry | None:
         """An entry that stands for the run from (regs, memory), rejoining ``targets[e.rejoined]``."""

@@ -22,6 +22,7 @@ class ExploreConfig:
     db_anywhere: bool = False
     mc_nesting: bool = False       # also deliver #MC inside an #MC handler after MCIP was cleared
     prune: bool = True
+    share: bool = True             # a leaf whose start agrees with a recorded handler run's uses is that run (memo)
     budget: int = DEFAULT_BUDGET
     trace_window: int = 16
     fold: bool = True              # symptoms after an ist-reentered delivery fold under it
