@@ -17,7 +17,7 @@ would run again what another has already run); otherwise every unit is its own b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from collections import Counter
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -245,6 +245,7 @@ def merge(units: list[Unit], per_unit: list[UnitResult], cfg: CheckConfig) -> Ch
     best: dict[tuple, Finding] = {}
     order: list[tuple] = []
     windows: dict[tuple, list[str]] = {}      # key -> sites of a last-link #MC leading to it
+    shown: dict[tuple, int] = {}              # key -> paths that showed it
     for _, table, g in pieces:
         a, b = g.rows
         findings = g.findings
@@ -272,12 +273,13 @@ def merge(units: list[Unit], per_unit: list[UnitResult], cfg: CheckConfig) -> Ch
                 sites = windows.setdefault(key, [])
                 if f.injections[-1].at not in sites:
                     sites.append(f.injections[-1].at)
+            shown[key] = shown.get(key, 0) + 1
             if key not in best:
                 best[key] = f
                 order.append(key)
             elif len(f.injections) < len(best[key].injections):
                 best[key] = f
-    result.findings = [_with_windows(best[k], windows.get(k, ())) for k in order]
+    result.findings = [replace(_with_windows(best[k], windows.get(k, ())), paths=shown[k]) for k in order]
     return result
 
 
@@ -286,8 +288,6 @@ def _with_windows(f: Finding, sites) -> Finding:
     how many instructions' window the #MC leads to the same finding."""
     if len(sites) < 2 or not f.preconditions or f.preconditions[-1 - _trailing(f)].kind != "mc":
         return f
-    from dataclasses import replace
-
     k = len(f.preconditions) - 1 - _trailing(f)
     shown = ", ".join(sites[:3]) + (f", ... {sites[-1]}" if len(sites) > 3 else "")
     pre = replace(f.preconditions[k], text=f"a machine check at any of {len(sites)} instructions ({shown})")

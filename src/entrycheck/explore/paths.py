@@ -150,6 +150,7 @@ class Finding:
     trace: tuple[str, ...] = field(default=(), compare=False)   # instructions before the violation
     preconditions: tuple = field(default=(), compare=False)     # Precondition per link of the path
     folded: tuple[str, ...] = field(default=(), compare=False)  # symptom invariants folded under it
+    paths: int = field(default=1, compare=False)                # the explored paths that showed it (its key)
 
     @property
     def reach(self) -> Reach:
@@ -169,7 +170,8 @@ class Finding:
                 "effects": list(self.effects), "injections": [i.to_json() for i in self.injections],
                 "site": self.site, "message": self.message, "reach": self.reach.label,
                 "preconditions": [p.to_json() for p in self.preconditions],
-                **({"folded": list(self.folded)} if self.folded else {}), "trace": list(self.trace)}
+                **({"folded": list(self.folded)} if self.folded else {}), "paths": self.paths,
+                "trace": list(self.trace)}
 
 
 @dataclass(frozen=True)
