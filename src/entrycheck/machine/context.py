@@ -55,7 +55,7 @@ class RunState:
     full: bool = False
     irets: int = 0
     seen_states: dict = field(default_factory=dict)
-    seen_light: set = field(default_factory=set)
+    seen_light: dict = field(default_factory=dict)   # light state -> times seen
     head_visits: dict = field(default_factory=dict)
     restart: bool = False         # stopped to go on at a new RIP (a single-step #DB was delivered)
     tf_watch: bool = False        # TF may be set in kernel mode (started with it, or an IRET restored it)

@@ -117,13 +117,19 @@ class Stops:
         deterministic machine then loops forever; three times leave two whole periods of
         events for the no-return check to find the loop in).  Bookkeeping that cannot
         change what runs next (step and delivery counts) is left out.  Memory is read only
-        once registers and model state have repeated (a loop that counts never pays for it)."""
+        once registers and model state have repeated (a loop that counts in a register never
+        pays for it), and then at their 2nd, 4th, 8th ... repeat only: a loop that counts in
+        memory (context tracking's nesting counter in an NMI storm) would read the whole
+        writable memory at every turn; a loop that never ends is still found, a few turns later."""
         ctx = self.ctx
         run = ctx.run
         out = tuple((i.vector, i.rip, i.rsp, i.regs, i.cpu) for i in run.outstanding)
         light = (ctx.u.read_all(), ctx.cpu, out)
-        if light not in run.seen_light:
-            run.seen_light.add(light)
+        n = run.seen_light.get(light, 0) + 1
+        run.seen_light[light] = n
+        if n & (n - 1):                 # not a power of two (nor the first sighting, below)
+            return False
+        if n == 1:
             return False
         key = (light, ctx.u.mem_read(ctx.wbase, ctx.wsize))
         seen = run.seen_states.get(key, 0) + 1
