@@ -21,6 +21,10 @@
     python benchmarks/bench.py kernel-c [--target T] [--features F] [--depth D ...] [--workers N]
         the cost of running the kernel's noinstr C: the same check with the contract stubs
         (--c-stubs) and with the C (default: debian:6.1, pti,pcid, depth 1 and 2, 1 worker).
+    python benchmarks/bench.py share [--target T ...] [--features F] [--depth D] [--scenarios S] [--workers N]
+        shared handler runs against running every one (--no-share): the same check with the
+        kernel's C both ways, their runs, findings (equal or not) and times
+        (default: debian:6.1 and debian:6.12, pti,pcid, depth 2, syscall,mc-from-kernel, 2 workers).
     python benchmarks/bench.py throughput [--target T]
 
 Speed is never asserted by a test: these figures are read by people.
@@ -341,6 +345,24 @@ def kernel_c(args) -> None:
                "wall_ratio": round(c["wall_s"] / stubs["wall_s"], 2) if stubs["wall_s"] else None})
 
 
+def share(args) -> None:
+    """The shared handler runs (the memo) against --no-share, with the kernel's C: the distinct
+    findings of both must be equal; the runs each made and the time they took."""
+    env = _this_tree_env()
+    for target in args.target or ["debian:6.1", "debian:6.12"]:
+        work = [target, args.features, str(args.depth), args.scenarios, str(args.workers), "--kernel-c"]
+        shared = _workload(sys.executable, work, env)
+        each = _workload(sys.executable, work + ["--no-share"], env)
+        same_findings = shared["findings_keys"] == each["findings_keys"]
+        same_raw = shared["raw_findings_keys"] == each["raw_findings_keys"]
+        for w in (shared, each):
+            w.pop("raw_findings_keys"), w.pop("findings_keys")
+        _emit({"measure": "share", "workload": work, "shared": shared, "no_share": each,
+               "findings_equal": same_findings, "raw_findings_equal": same_raw,
+               "executed_ratio": round(each["executed"] / shared["executed"], 2) if shared["executed"] else None,
+               "wall_ratio": round(each["wall_s"] / shared["wall_s"], 2) if shared["wall_s"] else None})
+
+
 def goals(args) -> None:
     only = set(args.only or ())
 
@@ -479,11 +501,18 @@ def main() -> None:
     k.add_argument("--features", default="pti,pcid")
     k.add_argument("--depth", type=int, action="append")
     k.add_argument("--workers", type=int, default=1)
+    h = sub.add_parser("share")
+    h.add_argument("--target", action="append")
+    h.add_argument("--features", default="pti,pcid")
+    h.add_argument("--depth", type=int, default=2)
+    h.add_argument("--scenarios", default="syscall,mc-from-kernel")
+    h.add_argument("--workers", type=int, default=2)
     t = sub.add_parser("throughput")
     t.add_argument("--target", default="debian:6.1")
     args = ap.parse_args()
     commands = {"compare": compare, "goals": goals, "dims": dims, "speculation": speculation,
-                "readme": readme, "same": same, "previous": previous, "kernel-c": kernel_c}
+                "readme": readme, "same": same, "previous": previous, "kernel-c": kernel_c,
+                "share": share}
     if args.what in commands:
         commands[args.what](args)
     else:

@@ -1,7 +1,7 @@
 """One check as a measured workload; prints one JSON object.  Runs with whichever entrycheck
 the interpreter imports, so `bench.py compare` can run it with an older version too.
 
-    python benchmarks/workload.py TARGET FEATURES DEPTH SCENARIOS WORKERS [--scheduler ADDR] [--no-prune]
+    python benchmarks/workload.py TARGET FEATURES DEPTH SCENARIOS WORKERS [--scheduler ADDR] [--no-prune] [--no-share]
                                   [--as-before] [--no-user-dims] [--kernel-c]
 
 --as-before: the findings the previous engine could report, on the scenarios it had (no
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("workers", type=int)
     ap.add_argument("--scheduler", default=None)
     ap.add_argument("--no-prune", action="store_true")
+    ap.add_argument("--no-share", action="store_true", help="run every injected handler (no shared handler runs)")
     ap.add_argument("--as-before", action="store_true")
     ap.add_argument("--no-user-dims", action="store_true",
                     help="leave out the dimensions of what user space controls (derived user values, "
@@ -70,6 +71,10 @@ def main() -> None:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, spec_window=args.spec_window)
+    if args.no_share:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, share=False)
     if args.as_before and "fold" in CheckConfig.__dataclass_fields__:
         import dataclasses
 
