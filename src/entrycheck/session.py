@@ -361,8 +361,8 @@ def _run_units(ref: ObjectRef, cfg: CheckConfig, units: list[Unit], workers: int
 
 def by_set(cfg: CheckConfig, workers: int) -> bool:
     """Whether each feature set is one task (its user values found, then its units explored, on
-    one worker): when there are at least two sets per worker, as ``make_batches`` batches them."""
-    return workers > 1 and len(cfg.feature_sets) >= 2 * workers
+    one worker, which then lets its explorer go): when there are at least two sets per worker."""
+    return len(cfg.feature_sets) >= 2 * workers
 
 
 def run_set(ref: ObjectRef, cfg: CheckConfig, fs: FeatureSet, parts: int) -> tuple:
@@ -381,6 +381,10 @@ def _run_by_set(ref: ObjectRef, cfg: CheckConfig, parts: int, workers: int, clie
     numbers them, so the result is the one a serial run gives."""
     sets = list(cfg.feature_sets)
     order = sorted(range(len(sets)), key=lambda k: -len(sets[k].names))
+    if workers > 1 and client is None:
+        # Forked workers inherit what this process decoded: the instructions of one image,
+        # which the others share but for their patched sites (image/decode.py).
+        ref.load().image(sets[order[0]]).instructions
     done_sets = [0]
 
     def finished(k: int, got) -> None:
