@@ -390,8 +390,8 @@ def goals(args) -> None:
                               ("distro", ["check", "debian:6.12", "--config", "distro"], "wall <= 120 s (warm cache)")):
         if want(name):
             t = time.perf_counter()
-            out = subprocess.run([sys.executable, "-m", "entrycheck.cli", *args_, "--json", os.devnull],
-                                 capture_output=True, text=True, env=env)
+            out = subprocess.run([sys.executable, "-m", "entrycheck.cli", *args_], capture_output=True, text=True,
+                                 env=env)
             _emit({"measure": name, "goal": goal, "exit": out.returncode, "wall_s": round(time.perf_counter() - t, 1)})
     if want("dask"):
         _emit(dask_scaling(env, ["debian:6.1", "pti,pcid", "2", "all"]))
