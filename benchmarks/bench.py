@@ -386,7 +386,8 @@ def goals(args) -> None:
             r = _workload(sys.executable, work, env)
             r.pop("findings_keys"), r.pop("raw_findings_keys")
             _emit({"measure": name, "goal": goal, **r})
-    for name, args_, goal in (("review", ["review", "debian:6.1", "--patch", str(SEED_PATCH)], "wall <= 120 s (warm cache)"),
+    for name, args_, goal in (("review", ["review", "debian:6.1", "--patch", str(SEED_PATCH)],
+                               "wall <= 120 s (warm cache)"),
                               ("distro", ["check", "debian:6.12", "--config", "distro"], "wall <= 120 s (warm cache)")):
         if want(name):
             t = time.perf_counter()

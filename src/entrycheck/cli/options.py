@@ -151,8 +151,8 @@ class ExploreOptions:
         return CheckConfig(scenarios=self._runnable(loaded, sets), feature_sets=sets, vectors=vecs, depth=self.depth,
                            db_anywhere=self.db_mode == "anywhere", mc_nesting=self.mc_nesting,
                            effects=parse_effects(self.handler_effects), prune=not self.no_prune,
-                           share=not self.no_share, max_runs=self.max_runs, fold=not self.unfold, user_values=self.user_values,
-                           user_depth=self.user_depth, spec_window=self.spec_window)
+                           share=not self.no_share, max_runs=self.max_runs, fold=not self.unfold,
+                           user_values=self.user_values, user_depth=self.user_depth, spec_window=self.spec_window)
 
     def _runnable(self, loaded, sets) -> tuple[str, ...]:
         """The scenarios to explore: the default ones this object has an entry for (a fixture

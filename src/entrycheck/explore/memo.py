@@ -122,8 +122,8 @@ class Memo:
         for word, tag in flow.memory:
             off = word - wbase
             memory.append((off, tag, int.from_bytes(final_memory[off:off + 8], "little")))
-        entry = Entry(flow.uses, flow.landed, flow.canonical, flow.branches, flow.landings, rejoined, final_cpu, tuple(regs), flags,
-                      final_regs[RFLAGS], tuple(memory), frozenset(m[0] for m in memory), result)
+        entry = Entry(flow.uses, flow.landed, flow.canonical, flow.branches, flow.landings, rejoined, final_cpu,
+                      tuple(regs), flags, final_regs[RFLAGS], tuple(memory), frozenset(m[0] for m in memory), result)
         bucket = self._buckets.setdefault(key, [])
         for group in bucket:
             if group[0] == flow.uses:
