@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from entrycheck.errors import InputError
-from entrycheck.explore.check import (STOPPED_ERROR, CheckConfig, CheckResult, Unit, choose_parts, make_batches,
-                                      make_units, merge)
+from entrycheck.explore.check import (STOPPED_ERROR, CheckConfig, CheckResult, Unit, choose_parts, largest_first,
+                                      make_batches, make_units, merge)
 from entrycheck.explore.engine import Budget, Explorer, UnitResult
 from entrycheck.explore.paths import PathTable
 from entrycheck.explore.scenarios import scenario
@@ -380,11 +380,11 @@ def _run_by_set(ref: ObjectRef, cfg: CheckConfig, parts: int, workers: int, clie
     out first; the units numbered and merged in the check's order of sets, as ``make_units``
     numbers them, so the result is the one a serial run gives."""
     sets = list(cfg.feature_sets)
-    order = sorted(range(len(sets)), key=lambda k: -len(sets[k].names))
+    order = largest_first(sets)
     if workers > 1 and client is None:
         # Forked workers inherit what this process decoded: the instructions of one image,
         # which the others share but for their patched sites (image/decode.py).
-        ref.load().image(sets[order[0]]).instructions
+        ref.load().image(order[0]).instructions
     done_sets = [0]
 
     def finished(k: int, got) -> None:
@@ -394,12 +394,12 @@ def _run_by_set(ref: ObjectRef, cfg: CheckConfig, parts: int, workers: int, clie
 
     if progress:
         progress("exploring", 0, len(sets))
-    got = ordered_map(run_set, [(ref, cfg, sets[k], parts) for k in order], workers=workers, client=client,
+    got = ordered_map(run_set, [(ref, cfg, fs, parts) for fs in order], workers=workers, client=client,
                       done=finished)
-    per_set = {order[j]: g for j, g in enumerate(got)}
+    per_set = dict(zip(order, got))
     variants, errors, units, results = {}, [], [], []
-    for k, fs in enumerate(sets):
-        pairs, errs, own, res = per_set[k]
+    for fs in sets:
+        pairs, errs, own, res = per_set[fs]
         variants.update({(fs, name): names for name, names in pairs})
         errors.extend(errs)
         offset = units[-1].index + 1 if units else 0

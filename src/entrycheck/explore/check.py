@@ -217,8 +217,13 @@ def make_batches(units: list[Unit], workers: int) -> list[tuple[int, ...]]:
         by_set.setdefault(u.features, []).append(k)
     if workers <= 1 or len(by_set) < 2 * workers:
         return [(k,) for k in range(len(units))]
-    order = sorted(by_set, key=lambda fs: -len(fs.names))
-    return [tuple(by_set[fs]) for fs in order]
+    return [tuple(by_set[fs]) for fs in largest_first(by_set)]
+
+
+def largest_first(sets: Iterable[FeatureSet]) -> list[FeatureSet]:
+    """Feature sets in the order work on them is handed out: those with more features (the
+    longer ones) first, so that the last to finish are short."""
+    return sorted(sets, key=lambda fs: -len(fs.names))
 
 
 def merge(units: list[Unit], per_unit: list[UnitResult], cfg: CheckConfig) -> CheckResult:

@@ -127,9 +127,7 @@ class Stops:
         light = (ctx.u.read_all(), ctx.cpu, out)
         n = run.seen_light.get(light, 0) + 1
         run.seen_light[light] = n
-        if n & (n - 1):                 # not a power of two (nor the first sighting, below)
-            return False
-        if n == 1:
+        if n < 2 or n & (n - 1):        # the first sighting, or not a power of two
             return False
         key = (light, ctx.u.mem_read(ctx.wbase, ctx.wsize))
         seen = run.seen_states.get(key, 0) + 1
