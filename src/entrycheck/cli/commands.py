@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import textwrap
+
 import click
 
 from entrycheck import session
@@ -168,12 +170,26 @@ def scenarios() -> None:
 
 
 @cli.command()
-def cpus() -> None:
-    """List the CPU presets of --cpu: the features Linux 6.12 sets for each, and where they come from."""
-    from entrycheck.image.cpus import PRESETS
-    import textwrap
+@click.option("--cmdline", default="", metavar="OPTIONS", help="Boot options to derive the features under.")
+def cpus(cmdline: str) -> None:
+    """List the CPU presets of --cpu with the features Linux 6.12 sets for each (under --cmdline),
+    each from the decision of bugs.c/common.c/pti.c it follows, and a CPU for each default set."""
+    from entrycheck.image.cpus import CPUS, OPTIONS, SOURCES, derive, witness
+    from entrycheck.image.features import all_model_feature_sets
 
-    for p in PRESETS.values():
-        click.echo(f"{p.name}: {p.cpu}")
-        click.echo(f"  --features {p.features}")
-        click.echo(textwrap.fill(p.source, 80, initial_indent="  ", subsequent_indent="  "))
+    def cite(key: str) -> str:
+        return f"{SOURCES[key].file.rsplit('/', 1)[-1]}:{SOURCES[key].line}"
+
+    for cpu in CPUS.values():
+        d = derive(cpu, cmdline)
+        click.echo(f"{cpu.name}{' ' + cmdline if cmdline else ''}: {cpu.description}")
+        click.echo(f"  --features {d.features}")
+        click.echo(textwrap.fill("; ".join(f"{name} {cite(key)}" for name, key in d.why), 80, initial_indent="  ",
+                                 subsequent_indent="  "))
+    click.echo(textwrap.fill("boot options (--cmdline): " + ", ".join(
+        name + ("=" + "|".join(v) if v else "") for name, v in OPTIONS.items()), 80, subsequent_indent="  "))
+    click.echo("the default feature sets (lines of Debian's 6.12.118; a tree's own lines are cited in a check):")
+    for fs in all_model_feature_sets():
+        w = witness(fs)
+        click.echo(textwrap.fill(f"{fs}: {w.label if w else 'none of the presets has it'}", 80,
+                                 initial_indent="  ", subsequent_indent="      "))
