@@ -106,7 +106,7 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
     known = known_findings.load(baseline) if baseline else None
     build, loaded = _load(target, opts.tree, opts.build_config)
     target = as_given(target, opts)
-    cfg = opts.check_config(loaded)
+    cfg = opts.check_config(loaded, build.source_tree)
     with terminal_progress() as progress:
         done = session.check(build, loaded, cfg, workers=opts.workers, scheduler=opts.scheduler, progress=progress,
                              baseline=known)
@@ -155,8 +155,8 @@ def _run_diff(old_build, old_loaded, new_build, new_loaded, opts: ExploreOptions
 
     model = report.model()
     known = report.known()
-    cfg = opts.check_config(old_loaded)
-    opts.check_config(new_loaded)
+    cfg = opts.check_config(old_loaded, old_build.source_tree)
+    opts.check_config(new_loaded, new_build.source_tree)
     patch = None
     with terminal_progress() as progress:
         if review is not None:

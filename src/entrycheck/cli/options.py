@@ -78,12 +78,15 @@ FEATURES_HELP = ("CPU features, comma-separated (pti,pcid,fsgsbase,kernel_ibrs o
                  "and kernel_ibrs (the default); 'none' = no features.")
 
 
-def feature_sets(values: tuple[str, ...], cpus: tuple[str, ...] = ()):
-    """--features sets, then the --cpu presets' (the 16 model sets when neither is given)."""
+def feature_sets(values: tuple[str, ...], cpus: tuple[str, ...] = (), cmdline: str | None = None):
+    """--features sets, then the --cpu presets' booted with --cmdline (the 16 model sets when
+    neither is given)."""
     from entrycheck.image.cpus import preset_sets
     from entrycheck.image.features import all_model_feature_sets, parse_feature_sets
 
-    presets = preset_sets(cpus)
+    if cmdline is not None and not cpus:
+        raise InputError("--cmdline goes with --cpu: boot options derive a CPU's features")
+    presets = preset_sets(cpus, cmdline or "")
     if not values:
         return presets or all_model_feature_sets()
     return tuple(dict.fromkeys(parse_feature_sets(values) + presets))
@@ -109,6 +112,8 @@ class ExploreOptions:
 
     features: tuple[str, ...] = ()
     cpu: tuple[str, ...] = ()
+    cmdline: str | None = None
+    allow_infeasible: bool = False
     spec_window: int = CheckConfig.spec_window
     scenarios: str | None = None
     vectors: str = DEFAULT_VECTORS
@@ -133,14 +138,16 @@ class ExploreOptions:
     def build_config(self) -> tuple:
         return (self.config, self.kconfig, self.c_stubs)
 
-    def check_config(self, loaded):
-        """The CheckConfig these options ask for, validated against a loaded object."""
+    def check_config(self, loaded, source_tree=None):
+        """The CheckConfig these options ask for, validated against a loaded object (and the
+        feasibility rules as its source tree, if any, makes them)."""
         from entrycheck.explore.check import parse_effects, parse_vectors
         from entrycheck.kernelabi.world import IDT_SYMBOLS
 
-        sets = feature_sets(self.features, self.cpu)
+        sets = feature_sets(self.features, self.cpu, self.cmdline)
         for fs in sets:
             fs.validate(loaded.features)
+        origins = configurations(sets, source_tree, self.allow_infeasible, self.cpu, self.cmdline or "")
         vecs = parse_vectors(self.vectors)
         if self.vectors == DEFAULT_VECTORS:
             # The default vectors the object has an entry for (a fixture without interrupt entries).
@@ -152,7 +159,8 @@ class ExploreOptions:
                            db_anywhere=self.db_mode == "anywhere", mc_nesting=self.mc_nesting,
                            effects=parse_effects(self.handler_effects), prune=not self.no_prune,
                            share=not self.no_share, max_runs=self.max_runs, fold=not self.unfold,
-                           user_values=self.user_values, user_depth=self.user_depth, spec_window=self.spec_window)
+                           user_values=self.user_values, user_depth=self.user_depth, spec_window=self.spec_window,
+                           configurations=origins)
 
     def _runnable(self, loaded, sets) -> tuple[str, ...]:
         """The scenarios to explore: the default ones this object has an entry for (a fixture
@@ -193,7 +201,27 @@ class ExploreOptions:
         parse_vectors(self.vectors)
         parse_effects(self.handler_effects)
         scenario_names(self.scenarios)
-        feature_sets(self.features, self.cpu)
+        feature_sets(self.features, self.cpu, self.cmdline)
+
+
+def configurations(sets, source_tree, allow_infeasible: bool, cpus=(), cmdline: str = "") -> tuple:
+    """Per feature set: (set, the configuration that has it, the rule it breaks).  A set that
+    breaks a feasibility rule the tree makes is refused unless ``allow_infeasible``."""
+    from entrycheck.image.cpus import configuration, infeasible, witness
+    from entrycheck.kernel.guards import cite_decisions
+
+    cites = cite_decisions(source_tree)
+    named = {configuration(n, cmdline).features: configuration(n, cmdline).label
+             for value in cpus for n in value.split(",") if n.strip()}
+    out = []
+    for fs in sets:
+        broken = [b for b in infeasible(fs) if all(cites.get(k) for k in b.sources)]
+        rule = "; ".join(f"{b.rule} ({', '.join(cites[k] for k in b.sources)})" for b in broken)
+        if rule and not allow_infeasible:
+            raise InputError(f"feature set {fs} is on no machine: {rule}; --allow-infeasible runs it anyway")
+        w = witness(fs) if fs not in named else None
+        out.append((str(fs), named.get(fs) or (w.label if w else ""), rule))
+    return tuple(out)
 
 
 _EXPLORE_FIELDS = tuple(f.name for f in fields(ExploreOptions))
@@ -209,8 +237,14 @@ def explore_options(f):
     for opt in reversed([
         click.option("--features", "features", multiple=True, metavar="LIST", help=FEATURES_HELP),
         click.option("--cpu", "cpu", multiple=True, metavar="NAME",
-                     help="A feature set as Linux 6.12 sets it for a CPU at its default boot: skylake, "
-                     "cascadelake, alderlake, zen2, zen3, zen4 (see 'entrycheck cpus')."),
+                     help="A feature set as Linux 6.12 sets it for a CPU at its default boot (or under "
+                     "--cmdline): sandybridge, skylake, cascadelake, alderlake, zen2, zen3, zen4 (see "
+                     "'entrycheck cpus')."),
+        click.option("--cmdline", default=None, metavar="OPTIONS",
+                     help="Boot options of the --cpu presets, e.g. \"retbleed=ibpb nofsgsbase\": their features "
+                     "are derived as bugs.c, common.c and pti.c decide them (see 'entrycheck cpus')."),
+        click.option("--allow-infeasible", is_flag=True, help="Run a --features set no machine can have (it "
+                     "breaks a rule of which features occur together) and mark each of its findings so."),
         click.option("--spec-window", default=ExploreOptions.spec_window, show_default=True, type=click.IntRange(0, 4096),
                      help="Instructions a mispredicted conditional branch runs ahead when a feature set asks "
                      "for swapgs-unfenced (the largest published reorder buffers hold 512 micro-ops; 0: "

@@ -50,6 +50,8 @@ class CheckConfig(ExploreConfig):
     user_values: bool = True              # also explore the hostile user values the code tells apart
     user_depth: int = 1                   # nesting depth for those (at most --depth)
     irq_flush: bool = True                # interrupt scenarios also run with tlb-shootdown
+    # per feature set: (set, the CPU and boot options that have it or "", the rule it breaks or "")
+    configurations: tuple[tuple[str, str, str], ...] = ()
 
     def explore_config(self) -> ExploreConfig:
         return ExploreConfig(**{f.name: getattr(self, f.name) for f in fields(ExploreConfig)})

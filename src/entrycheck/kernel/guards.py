@@ -145,6 +145,29 @@ def kernel_breakpoint_capability(source_tree: Path) -> str | None:
     return cap.group(1) if cap else None
 
 
+def cite_decisions(source_tree: Path | None) -> dict[str, str | None]:
+    """Where the tree makes each decision of image/cpus.py's ``SOURCES``: "file:line", or None
+    when its line is not in the tree (the rule resting on it then does not hold there).
+    Without a tree, the line in Debian's 6.12.118, marked so."""
+    from entrycheck.image.cpus import SOURCES
+
+    if source_tree is None:
+        return {k: f"{s.file}:{s.line} (6.12.118)" for k, s in SOURCES.items()}
+    lines: dict[str, list[str] | None] = {}
+    out: dict[str, str | None] = {}
+    for key, s in SOURCES.items():
+        if s.file not in lines:
+            try:
+                lines[s.file] = (Path(source_tree) / s.file).read_text(errors="replace").splitlines()
+            except OSError:
+                lines[s.file] = None
+        text = lines[s.file]
+        anchor = " ".join(s.anchor.split())
+        at = next((n for n, line in enumerate(text or (), 1) if anchor in " ".join(line.split())), None)
+        out[key] = f"{s.file}:{at}" if at is not None else None
+    return out
+
+
 def tree_facts(source_tree: Path | None) -> dict[str, tuple]:
     """What the checks read from files of the tree that are not compiled into the image, by
     file: a patch to one of them is reviewed by whether these facts change."""
@@ -154,4 +177,4 @@ def tree_facts(source_tree: Path | None) -> dict[str, tuple]:
             KERNEL_BREAKPOINT_SOURCE: ("who may set a kernel data breakpoint", cap)}
 
 
-__all__ = ["tree_facts", "kernel_breakpoint_capability", "KERNEL_BREAKPOINT_CAPABILITY", "iret_guards", "parse", "breakpoint_refusals", "parse_refusals", "BUILTIN_REFUSALS"]
+__all__ = ["cite_decisions", "tree_facts", "kernel_breakpoint_capability", "KERNEL_BREAKPOINT_CAPABILITY", "iret_guards", "parse", "breakpoint_refusals", "parse_refusals", "BUILTIN_REFUSALS"]

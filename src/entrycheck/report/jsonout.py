@@ -24,6 +24,10 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
         for v, m in zip(violations, matches):
             v["match"] = m
     extra = {}
+    bad = {fs: rule for fs, _, rule in cfg.configurations if rule}
+    for v, f in zip(violations, result.findings):
+        if str(f.features) in bad:
+            v["infeasible"] = bad[str(f.features)]
     if baseline is not None:
         new = {id(f) for f in baseline[1]}
         for v, f in zip(violations, result.findings):
@@ -44,6 +48,8 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
         "kernel_c": kernel_c,
         "feature_numbers": feature_numbers,
         "feature_sets": [str(fs) for fs in result.feature_sets],
+        "configurations": [{"features": fs, "cpu": cpu or None, **({"infeasible": rule} if rule else {})}
+                           for fs, cpu, rule in cfg.configurations],
         "scenarios": list(cfg.scenarios),
         "vectors": [v.label for v in cfg.vectors],
         "depth": cfg.depth,

@@ -116,6 +116,33 @@ def coverage_lines(coverage, shown: int = 10) -> list[str]:
     return lines
 
 
+def infeasible_sets(cfg) -> dict[str, str]:
+    """The feature sets run under --allow-infeasible, with the rule each breaks."""
+    return {fs: rule for fs, _, rule in cfg.configurations if rule}
+
+
+def configuration_lines(cfg) -> list[str]:
+    """Per feature set, the CPU and boot options that have it (or the rule it breaks)."""
+    if not cfg.configurations:
+        return []
+    lines = _wrap("feature sets, each with a CPU and boot options that have it ('entrycheck cpus'):", "    ", "")
+    for fs, cpu, rule in cfg.configurations:
+        what = f"ON NO MACHINE: {rule}" if rule else cpu or "none of the presets has it"
+        if len(fs) + len(what) + 4 <= WIDTH:
+            lines.append(f"  {fs}: {what}")
+            continue
+        # the set on lines of its own, cut after a comma (it is pasted back into --features)
+        line = "  "
+        for name in fs.split(","):
+            if len(line) + len(name) + 1 > WIDTH - 1 and line.strip():
+                lines.append(line)
+                line = "    "
+            line += name + ","
+        lines.append(line[:-1] + ":")
+        lines += _wrap(what, "      ", "      ")
+    return lines
+
+
 def check_summary(result: CheckResult, *, target: str, kernel_version: str | None, redundant=(),
                   coverage=(), kernel_c: str = "") -> str:
     cfg = result.config
@@ -126,6 +153,7 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
     lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.feature_sets)} feature sets"
                    + (f" x {len(cfg.branches())} handler-effect branches" if cfg.effects else "")
                    + f"; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}")
+    lines += configuration_lines(cfg)
     if result.user_values:
         n = len(result.feature_sets)
         shown = [v + ("" if len(sets) == n else f" ({len(sets)} sets)") for v, sets in result.user_values.items()]
@@ -157,7 +185,9 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
                 lines += _wrap("needs: " + "; ".join(needs), "      ", "    ")
             lines += _wrap(f"{shortest.message}", "    ", "  - ")
             lines += _wrap(f"at {shortest.site}, scenario {shortest.scenario}, features "
-                           f"{shortest.features}", "    ", "    ")
+                           f"{shortest.features}" + (" (ON NO MACHINE: --allow-infeasible)"
+                                                     if str(shortest.features) in infeasible_sets(cfg) else ""),
+                           "    ", "    ")
             folded = sorted({name for f in fs for name in f.folded})
             if folded:
                 lines += _wrap("symptoms folded under it (--unfold lists them): " + ", ".join(folded), "    ", "    ")
