@@ -25,6 +25,7 @@ from pathlib import Path
 
 from entrycheck.explore.check import CheckConfig
 from entrycheck.session import ObjectRef
+from entrycheck.image.cpus import configuration
 from entrycheck.image.features import FeatureSet
 from entrycheck.kernel.cache import Cache, remove_tree
 from entrycheck.kernel.kconfig import parse_request
@@ -483,6 +484,35 @@ SPEC_MUTANTS: tuple[Mutant, ...] = (
         "paranoid_entry for entries from kernel mode that come this early)",
         "ret-before-untrain", ("syscall",), ("unret",), vectors=("nmi",), depth=1, off=("none",)),
 )
+
+
+def _booted(cpu: str, cmdline: str = "") -> str:
+    """The feature set of a CPU preset booted with ``cmdline`` (image/cpus.py derives it)."""
+    return str(configuration(cpu, cmdline).features)
+
+
+# Visible only under boot options: a preset at its default boot does not run the broken code.
+BOOT_MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "paranoid-entry-rdmsr-gs-unfenced", "6.12", ENTRY_S,
+        Edit(".Lparanoid_kernel_gsbase:\n\tFENCE_SWAPGS_KERNEL_ENTRY\n", ".Lparanoid_kernel_gsbase:\n"),
+        "paranoid_entry's RDMSR path (CPUs before Ivy Bridge, or nofsgsbase) loses FENCE_SWAPGS_KERNEL_ENTRY: "
+        "a mispredicted 'js .Lparanoid_kernel_gsbase' runs the SWAPGS from kernel mode and reaches the C "
+        "with the user GSBASE (CVE-2019-1125, 18ec54fdd6d1); with FSGSBASE the code never gets there, and "
+        "with kernel IBRS (Skylake booted nofsgsbase) IBRS_ENTER's LFENCE stops the mispredicted path (from "
+        "kernel mode SPEC_CTRL already holds IBRS)",
+        "swapgs-unfenced", ("mc-from-kernel",), (_booted("sandybridge"),), vectors=("nmi",), depth=1,
+        off=(_booted("skylake"),)),
+    Mutant(
+        "syscall-untrain-after-bhb-clearing", "6.12", ENTRY_S,
+        Edit("\tIBRS_ENTER\n\tUNTRAIN_RET\n\tCLEAR_BRANCH_HISTORY\n",
+             "\tIBRS_ENTER\n\tCLEAR_BRANCH_HISTORY\n\tUNTRAIN_RET\n"),
+        "entry_SYSCALL_64 untrains after CLEAR_BRANCH_HISTORY: clear_bhb_loop's RET runs on the return "
+        "predictions user space trained; only IBPB-on-entry CPUs untrain here (retbleed=ibpb)",
+        "ret-before-untrain", ("syscall",), (_booted("cascadelake", "retbleed=ibpb"),), vectors=("nmi",), depth=0,
+        off=(_booted("cascadelake"),)),
+)
+SPEC_MUTANTS = SPEC_MUTANTS + BOOT_MUTANTS
 
 MUTANTS = MUTANTS + USER_MUTANTS + COMPAT_MUTANTS + FRED_MUTANTS + SPEC_MUTANTS
 
