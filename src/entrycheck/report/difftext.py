@@ -5,7 +5,8 @@ from __future__ import annotations
 from entrycheck import __version__
 from entrycheck.explore.costmodel import CostModel
 from entrycheck.explore.diff import DiffResult, scenario_summary
-from entrycheck.report.text import WIDTH, _wrap
+from entrycheck.report.jsonout import configurations_json
+from entrycheck.report.text import WIDTH, _wrap, configuration_lines, infeasible_sets
 
 PARANOID_FROM_KERNEL = ("nmi-from-kernel", "mc-from-kernel", "db-from-kernel")
 
@@ -26,6 +27,7 @@ def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: Cost
     lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.old.feature_sets)} feature sets; vectors "
                    f"{','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}"
                    + (f"; handler effects {','.join(e.value for e in cfg.effects)}" if cfg.effects else ""))
+    lines += configuration_lines(cfg)
     lines += _wrap(f"{result.matched_count} paths matched, {result.only_old_count} only in old, "
                    f"{result.only_new_count} only in new")
     both = len(result.new.findings) - len(result.new_violations)
@@ -141,6 +143,18 @@ def patch_lines(patch) -> list[str]:
     return lines
 
 
+def _marked(findings, cfg) -> list[dict]:
+    """Findings as JSON, each of a set run under --allow-infeasible with the rule it breaks."""
+    bad = infeasible_sets(cfg)
+    out = []
+    for f in findings:
+        d = f.to_json()
+        if str(f.features) in bad:
+            d["infeasible"] = bad[str(f.features)]
+        out.append(d)
+    return out
+
+
 def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version: str | None,
               new_version: str | None, model: CostModel, nmi_rate: float | None, patch=None,
               kernel_c: tuple[str, str] = ("", "")) -> dict:
@@ -177,8 +191,9 @@ def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version
         "changes": [{"paths": g.count, "description": g.description, "feature_sets": list(g.feature_sets),
                      "scenarios": list(g.scenarios)} for g in result.groups],
         "unmatched": [{"side": side, "symbol": sym, "paths": n} for side, sym, n in result.unmatched_groups()],
-        "new_violations": [f.to_json() for f in result.new_violations],
-        "fixed_violations": [f.to_json() for f in result.fixed_violations],
+        "configurations": configurations_json(cfg),
+        "new_violations": _marked(result.new_violations, cfg),
+        "fixed_violations": _marked(result.fixed_violations, cfg),
         "cost_model": model.to_json(),
         "nmi_rate": nmi_rate,
         **({"patch": patch.to_json()} if patch is not None else {}),

@@ -13,6 +13,12 @@ from entrycheck.machine import events as ev
 from entrycheck.machine.model import decode_cr3
 
 
+def configurations_json(cfg) -> list[dict]:
+    """Per feature set, the CPU and boot options that have it, or the rule it breaks."""
+    return [{"features": fs, "cpu": cpu or None, **({"infeasible": rule} if rule else {})}
+            for fs, cpu, rule in cfg.configurations]
+
+
 def check_json(result: CheckResult, *, target: str, kernel_version: str | None, feature_numbers: str,
                matches: list | None = None, baseline: tuple | None = None, redundant=(), coverage=(),
                kernel_c: str = "") -> dict:
@@ -48,8 +54,7 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
         "kernel_c": kernel_c,
         "feature_numbers": feature_numbers,
         "feature_sets": [str(fs) for fs in result.feature_sets],
-        "configurations": [{"features": fs, "cpu": cpu or None, **({"infeasible": rule} if rule else {})}
-                           for fs, cpu, rule in cfg.configurations],
+        "configurations": configurations_json(cfg),
         "scenarios": list(cfg.scenarios),
         "vectors": [v.label for v in cfg.vectors],
         "depth": cfg.depth,
