@@ -204,11 +204,19 @@ class Actions:
     def _fence(self, kind: str):
         ctx = self.ctx
         verw = kind == "verw" and self._tracks
+        ac = {"clac": 0, "stac": model.RFLAGS_AC}.get(kind)
+        other = FLAG_GROUPS["other"]
 
         def act(addr: int, size: int) -> None:
             ctx.skip(addr, size)
             if verw:
                 ctx.set_cpu(ctx.cpu.but(spec=(ctx.cpu.spec | model.SPEC_VERW) & ~model.SPEC_VERW_UNDONE))
+            if ac is not None:
+                # CLAC/STAC (smap) clear/set RFLAGS.AC: the C's DEBUG_ENTRY checks on entry from user
+                # mode that AC is clear.  The rest of AC's flag group is kept, so the run uses it.
+                ctx.flow(Op.USE, other)
+                ctx.u.write(_RFLAGS, (ctx.u.read(_RFLAGS) & ~model.RFLAGS_AC) | ac)
+                ctx.flow(Op.CONST, other)
             ctx.emit(Fence, pc=addr, kind=kind)
         return act
 

@@ -83,8 +83,7 @@ class _Core:
         for addr, site in machine._sites.items():
             if site in (("fence", "clac"), ("fence", "stac")):
                 # Unicorn's CPU model raises #UD at CLAC/STAC (smap's alternatives) before a code hook
-                # can skip them; AC is not modelled, so they run as a NOP of their length (the site
-                # still records them).
+                # can skip them: they become a NOP of their length, and the site's action sets AC.
                 self.u.uc.mem_write(layout.phys(addr), b"\x0f\x1f\x00")
         self.ctx = RunContext(self.u, layout, self.image, self.config, steps)
         self.delivery = Delivery(self.ctx)
