@@ -45,9 +45,23 @@ def test_boot_options_change_the_features_as_bugs_c_decides() -> None:
     assert "clear_bhb_loop" not in names("cascadelake", "spectre_bhi=off")
     # mitigations=off leaves the CPU's own capabilities.
     assert names("skylake", "mitigations=off") == {"pcid", "fsgsbase", "smap", "bug_swapgs"}
+    # retbleed=stuff: call depth tracking, which needs the retpoline mode (not on eIBRS parts).
+    assert {"call_depth", "rethunk", "retpoline"} <= names("skylake", "retbleed=stuff")
+    assert "kernel_ibrs" not in names("skylake", "retbleed=stuff")
+    assert "call_depth" not in names("cascadelake", "retbleed=stuff")
     # spectre_v2=ibrs is Intel's: on AMD the kernel switches to AUTO.
     assert "kernel_ibrs" not in names("zen3", "spectre_v2=ibrs")
     assert [why for why in derive(CPUS["skylake"]).why if why[0] == "kernel_ibrs"] == [("kernel_ibrs", "kernel-ibrs")]
+
+
+def test_cpu_all_is_every_preset_and_each_boot_option_that_changes_it() -> None:
+    got = cpus.configurations(["all"])
+    labels = [c.label for c in got.values()]
+    assert labels[:len(PRESETS)] == list(PRESETS)
+    assert {"cascadelake retbleed=ibpb", "skylake nofsgsbase", "skylake retbleed=stuff"} <= set(labels)
+    assert len(got) > 40
+    for fs, c in got.items():
+        assert configuration(c.name, c.cmdline).features == fs and not infeasible(fs), c.label
 
 
 def test_bad_boot_options_are_input_errors() -> None:

@@ -145,6 +145,13 @@ class ExploreOptions:
         from entrycheck.kernelabi.world import IDT_SYMBOLS
 
         sets = feature_sets(self.features, self.cpu, self.cmdline)
+        if any(n.strip().lower() == "all" for value in self.cpu for n in value.split(",")):
+            # a configuration needing a feature this kernel does not have (call depth tracking
+            # before 6.2) is not one of this kernel's
+            from entrycheck.image.features import parse_feature_sets
+
+            given = set(parse_feature_sets(self.features))
+            sets = tuple(fs for fs in sets if fs in given or all(n in loaded.features.numbers for n in fs.names))
         for fs in sets:
             fs.validate(loaded.features)
         origins = configurations(sets, source_tree, self.allow_infeasible, self.cpu, self.cmdline or "")
@@ -207,12 +214,12 @@ class ExploreOptions:
 def configurations(sets, source_tree, allow_infeasible: bool, cpus=(), cmdline: str = "") -> tuple:
     """Per feature set: (set, the configuration that has it, the rule it breaks).  A set that
     breaks a feasibility rule the tree makes is refused unless ``allow_infeasible``."""
-    from entrycheck.image.cpus import configuration, infeasible, witness
+    from entrycheck.image.cpus import configurations as of_cpus
+    from entrycheck.image.cpus import infeasible, witness
     from entrycheck.kernel.guards import cite_decisions
 
     cites = cite_decisions(source_tree)
-    named = {configuration(n, cmdline).features: configuration(n, cmdline).label
-             for value in cpus for n in value.split(",") if n.strip()}
+    named = {fs: c.label for fs, c in of_cpus(cpus, cmdline).items()}
     out = []
     for fs in sets:
         broken = [b for b in infeasible(fs) if all(cites.get(k) for k in b.sources)]
@@ -238,7 +245,8 @@ def explore_options(f):
         click.option("--features", "features", multiple=True, metavar="LIST", help=FEATURES_HELP),
         click.option("--cpu", "cpu", multiple=True, metavar="NAME",
                      help="A feature set as Linux 6.12 sets it for a CPU at its default boot (or under "
-                     "--cmdline): sandybridge, skylake, cascadelake, alderlake, zen2, zen3, zen4 (see "
+                     "--cmdline): sandybridge, skylake, cascadelake, alderlake, zen2, zen3, zen4; all: each "
+                     "of them also booted with each boot option that changes its entry code (see "
                      "'entrycheck cpus')."),
         click.option("--cmdline", default=None, metavar="OPTIONS",
                      help="Boot options of the --cpu presets, e.g. \"retbleed=ibpb nofsgsbase\": their features "

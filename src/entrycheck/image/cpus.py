@@ -7,7 +7,7 @@ assumed), for the features the entry code's alternatives or the model read; ever
 names the decision it follows (``SOURCES``: a file, the text of its line, and that line in
 Debian's 6.12.118 for when no tree is at hand — kernel/guards.py finds it in a tree).
 C-only features (use_ibpb, rsb_ctxsw) are left out: they patch no entry instruction.  smap
-stays: its CLAC/STAC are patched in and run as no-ops.  ``bug_swapgs`` is a hardware bug,
+stays: its CLAC/STAC are patched in (they clear and set AC).  ``bug_swapgs`` is a hardware bug,
 not a feature: it tells the model that SWAPGS runs speculatively.
 
 ``infeasible`` is the other direction: the rules a hand-made ``--features`` set must keep
@@ -51,6 +51,7 @@ SOURCES: dict[str, Source] = {
     "bhi": Source(BUGS, "setup_force_cpu_cap(X86_FEATURE_CLEAR_BHB_LOOP);", 1880),
     "retbleed": Source(BUGS, "if (!boot_cpu_has_bug(X86_BUG_RETBLEED) || cpu_mitigations_off())", 1061),
     "entry-ibpb": Source(BUGS, "setup_force_cpu_cap(X86_FEATURE_ENTRY_IBPB);", 1139),
+    "stuff": Source(BUGS, "setup_force_cpu_cap(X86_FEATURE_CALL_DEPTH);", 1162),
     "srso": Source(BUGS, "setup_force_cpu_cap(X86_FEATURE_SRSO_ALIAS);", 2871),
     "its": Source(BUGS, "set_return_thunk(its_return_thunk);", 1322),
     "verw": Source(BUGS, "setup_force_cpu_cap(X86_FEATURE_CLEAR_CPU_BUF);", 279),
@@ -100,7 +101,7 @@ CPUS: dict[str, Cpu] = {c.name: c for c in (
 OPTIONS: dict[str, tuple[str, ...] | None] = {
     "mitigations": ("off", "auto"), "nopti": None, "pti": ("on", "off", "auto"), "nopcid": None,
     "nofsgsbase": None, "nospectre_v1": None, "nospectre_v2": None,
-    "spectre_v2": ("auto", "on", "off", "ibrs", "retpoline"), "retbleed": ("auto", "off", "ibpb", "unret"),
+    "spectre_v2": ("auto", "on", "off", "ibrs", "retpoline"), "retbleed": ("auto", "off", "ibpb", "unret", "stuff"),
     "spectre_bhi": ("on", "off"), "spec_rstack_overflow": ("off", "safe-ret", "ibpb"),
     "indirect_target_selection": ("on", "off"), "mds": ("full", "off"), "tsx_async_abort": ("full", "off"),
     "mmio_stale_data": ("full", "off"), "reg_file_data_sampling": ("on", "off"), "fred": ("on", "off"),
@@ -176,7 +177,7 @@ def derive(cpu: Cpu, cmdline: str = "") -> Derived:
     elif v2 != "off":
         if cpu.has("eibrs"):
             mode = "eibrs"
-        elif cpu.has("retbleed") and retbleed != "off" and cpu.vendor == "intel" and cpu.has("ibrs"):
+        elif cpu.has("retbleed") and retbleed not in ("off", "stuff") and cpu.vendor == "intel" and cpu.has("ibrs"):
             mode = "ibrs"
         else:
             mode = "retpoline"
@@ -194,7 +195,10 @@ def derive(cpu: Cpu, cmdline: str = "") -> Derived:
             drop("unret", "entry-ibpb")
             drop("rethunk", "entry-ibpb")
             ibpb_entry = True
-        elif retbleed == "unret" or (retbleed == "auto" and cpu.vendor == "amd"):
+        elif retbleed == "stuff" and mode == "retpoline":
+            add("rethunk", "stuff")                    # call depth tracking: the RSB stuffed on entry
+            add("call_depth", "stuff")
+        elif retbleed == "unret" or (retbleed in ("auto", "stuff") and cpu.vendor == "amd"):
             add("rethunk", "retbleed")
             add("unret", "retbleed")
     # the VERW of MDS, TAA, MMIO and RFDS: one feature any of them turns on
@@ -212,7 +216,8 @@ def derive(cpu: Cpu, cmdline: str = "") -> Derived:
             add("unret", "srso")
             add("srso_alias" if cpu.family == 0x19 else "srso", "srso")
     # ITS (last): aligned return thunks, unless Spectre v2 is off
-    if cpu.has("its") and not off and mode != "none" and opts.get("indirect_target_selection") != "off":
+    if cpu.has("its") and not off and mode != "none" and opts.get("indirect_target_selection") != "off" \
+            and not ("retpoline" in f and "call_depth" in f):     # retpoline with call depth tracking covers ITS
         add("rethunk", "its")
     if cpu.has("fred") and opts.get("fred") == "on" and "pti" not in f:
         f.add("fred")                                  # pti.c turns FRED off under PTI
@@ -239,7 +244,7 @@ def preset(name: str) -> CpuPreset:
     try:
         return PRESETS[name.strip().lower()]
     except KeyError:
-        raise InputError(f"unknown CPU preset {name!r}; choose from {', '.join(PRESETS)}") from None
+        raise InputError(f"unknown CPU preset {name!r}; choose from {', '.join(PRESETS)} (or all)") from None
 
 
 def configuration(name: str, cmdline: str = "") -> CpuPreset:
@@ -248,17 +253,33 @@ def configuration(name: str, cmdline: str = "") -> CpuPreset:
     return CpuPreset(p.name, p.cpu, derive(CPUS[p.name], cmdline).features, " ".join(shlex.split(cmdline or "")))
 
 
-def preset_sets(names, cmdline: str = "") -> tuple[FeatureSet, ...]:
-    """The feature sets of ``--cpu`` values (each may list several, comma-separated), booted
-    with ``cmdline``."""
-    out: list[FeatureSet] = []
+# The boot options that change what a preset's entry code runs ('--cpu all' tries each alone).
+ENTRY_OPTIONS: tuple[str, ...] = ("nopti", "pti=on", "nopcid", "nofsgsbase", "nospectre_v1", "spectre_v2=ibrs",
+                                  "spectre_v2=retpoline", "retbleed=ibpb", "retbleed=stuff", "spectre_bhi=off",
+                                  "mitigations=off")
+
+
+def configurations(names, cmdline: str = "") -> dict[FeatureSet, CpuPreset]:
+    """The configurations of ``--cpu`` values (each may list several, comma-separated) booted
+    with ``cmdline``, by feature set (the first that gives a set names it).  ``all``: every
+    preset at its default boot, then each with each of ``ENTRY_OPTIONS`` added."""
+    out: dict[FeatureSet, CpuPreset] = {}
     for value in names:
         for name in value.split(","):
-            if name.strip():
-                fs = configuration(name, cmdline).features
-                if fs not in out:
-                    out.append(fs)
-    return tuple(out)
+            if name.strip().lower() == "all":
+                for extra in ("",) + ENTRY_OPTIONS:
+                    for cpu in CPUS:
+                        c = configuration(cpu, f"{cmdline} {extra}".strip())
+                        out.setdefault(c.features, c)
+            elif name.strip():
+                c = configuration(name, cmdline)
+                out.setdefault(c.features, c)
+    return out
+
+
+def preset_sets(names, cmdline: str = "") -> tuple[FeatureSet, ...]:
+    """The feature sets of ``--cpu`` values, booted with ``cmdline`` (see ``configurations``)."""
+    return tuple(configurations(names, cmdline))
 
 
 # ---- feasibility --------------------------------------------------------------------------------
@@ -306,13 +327,15 @@ def infeasible(fs: FeatureSet) -> list[Breach]:
     return out
 
 
-__all__ = ["CPUS", "Cpu", "CpuPreset", "Derived", "PRESETS", "SOURCES", "Source", "Breach", "configuration", "witness",
+__all__ = ["CPUS", "Cpu", "CpuPreset", "Derived", "ENTRY_OPTIONS", "PRESETS", "SOURCES", "Source", "Breach",
+           "configuration", "configurations", "witness",
            "derive", "infeasible", "parse_cmdline", "preset", "preset_sets"]
 
 
 # ---- the configurations a feature set stands for ------------------------------------------------
-# Features that change nothing the model runs: SMAP's CLAC/STAC are no-ops in it (AC is not
-# modelled); bug_swapgs only says SWAPGS speculates, which nothing follows without a fence feature.
+# Features that do not tell configurations apart for the model: SMAP's CLAC/STAC change only AC,
+# which nothing in kernel mode reads but DEBUG_ENTRY's check, and that check masks AC out without
+# SMAP; bug_swapgs only says SWAPGS speculates, which nothing follows without a fence feature.
 def _effective(names) -> frozenset[str]:
     out = set(names) - {"smap"}
     if not out & {"fence_swapgs_kernel", "fence_swapgs_user"}:
