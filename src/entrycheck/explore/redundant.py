@@ -37,10 +37,18 @@ class RedundantWrite:
     why: str
     skip_if: str
     cycles: int                   # per write, from the cost model
+    per_path: tuple[int, ...] = ()   # the redundant writes at the site on each of ``paths`` (distinct counts)
+
+    def per_path_text(self) -> str:
+        """'1 per path' when every path through the site writes it as often, else the range."""
+        if len(self.per_path) == 1:
+            return f"{self.per_path[0]} per path"
+        return f"{min(self.per_path)} to {max(self.per_path)} per path"
 
     def to_json(self) -> dict:
         return {"site": self.site, "register": self.register, "value": hex(self.value),
-                "paths": [{"scenario": s, "features": f} for s, f in self.paths], "writes": self.writes,
+                "paths": [{"scenario": s, "features": f} for s, f in self.paths],
+                "writes_per_path": list(self.per_path), "writes": self.writes,
                 "writes_on_all_paths": self.all_writes, "held_since": self.held_since, "why": self.why,
                 "skip_if": self.skip_if, "cycles_per_write": self.cycles,
                 "cycles_on_these_paths": self.cycles * self.writes}
@@ -82,8 +90,9 @@ def redundant_writes(result: CheckResult, world_of: Callable[[object], World],
                         f"nothing writes {register} in between on these paths")
             else:
                 skip = f"the value to write equals the value {register} holds"
+        per = tuple(sorted({dict(q.cost.redundant_sites)[site] for q in paths}))
         out.append(RedundantWrite(site, register, value, tuple((q.scenario, str(q.features)) for q in paths),
-                                  writes, every.get(site, writes), held, why, skip, cycles))
+                                  writes, every.get(site, writes), held, why, skip, cycles, per))
     return out
 
 

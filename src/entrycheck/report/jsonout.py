@@ -13,6 +13,15 @@ from entrycheck.machine import events as ev
 from entrycheck.machine.model import decode_cr3
 
 
+def fix_groups(findings) -> list[dict]:
+    """The findings by what one fix changes (explore/fixes.py), each naming its findings by
+    their index in the list of findings."""
+    from entrycheck.explore.fixes import group
+
+    index = {id(f): k for k, f in enumerate(findings)}
+    return [g.to_json(index) for g in group(findings)]
+
+
 def configurations_json(cfg) -> list[dict]:
     """Per feature set, the CPU and boot options that have it, or the rule it breaks."""
     return [{"features": fs, "cpu": cpu or None, **({"infeasible": rule} if rule else {})}
@@ -67,6 +76,7 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
         "stopped_because": result.stopped_because,
         "errors": list(result.errors),
         "violations": violations,
+        "fixes": fix_groups(result.findings),
         "violations_before_dedup": result.all_findings,
         "violations_by_invariant": dict(sorted(by_invariant.items())),
         "cr3": base.cr3_json(),

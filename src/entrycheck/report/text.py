@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 import textwrap
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 from entrycheck.explore.check import CheckResult
 from entrycheck.explore.coverage import COPY
@@ -83,9 +83,9 @@ def redundant_lines(writes) -> list[str]:
     out = ["", "Redundant writes on the paths without injection, explained:"]
     for w in writes:
         scen = ", ".join(sorted({s for s, _ in w.paths}))
-        out += _wrap(f"{w.site}: {w.register} <- {w.value:#x}, {w.writes} write(s) on {len(w.paths)} path(s) "
-                     f"({scen}); {w.all_writes} on all explored paths; {w.cycles} cycles each (estimate)",
-                     "      ", "  - ")
+        out += _wrap(f"{w.site}: {w.register} <- {w.value:#x}: {w.per_path_text()} through it, on "
+                     f"{len(w.paths)} path(s) without injection ({scen}), {w.writes} in all; {w.all_writes} on "
+                     f"all explored paths; {w.cycles} cycles each (estimate)", "      ", "  - ")
         out += _wrap(f"why: {w.why}", "      ", "    ")
         out += _wrap(f"skip it when: {w.skip_if}", "      ", "    ")
     return out
@@ -143,6 +143,43 @@ def configuration_lines(cfg) -> list[str]:
     return lines
 
 
+def finding_lines(findings: list[Finding], target: str, cfg) -> list[str]:
+    """The findings, one entry per thing to fix (explore/fixes.py): root causes first, then
+    the easiest to reach; each with its shortest path, how to replay it and its other sites."""
+    from entrycheck.explore.fixes import group
+
+    groups = group(findings)
+    lines = [f"VIOLATIONS: {len(findings)} distinct, {len(groups)} thing(s) to fix"]
+    order = sorted(groups, key=lambda g: (g.invariant != ROOT_CAUSE, min(f.reach for f in g.findings),
+                                          groups.index(g)))
+    bad = infeasible_sets(cfg)
+    for g in order:
+        fs = list(g.findings)
+        shortest = min(fs, key=lambda f: (f.reach, len(f.injections), fs.index(f)))
+        lines.append("")
+        lines += _wrap(f"{g.invariant}: {g.mechanism} ({len(fs)} distinct, {g.paths} paths; "
+                       f"{shortest.reach.label} at the easiest)", "    ", "")
+        if g.watched():
+            lines += _wrap("data watched: " + ", ".join(g.watched()), "      ", "    ")
+        needs = [p.text for p in shortest.preconditions]
+        if needs:
+            lines += _wrap("needs: " + "; ".join(needs), "      ", "    ")
+        lines += _wrap(f"{shortest.message}", "    ", "  - ")
+        lines += _wrap(f"at {shortest.site}, scenario {shortest.scenario}, features "
+                       f"{shortest.features}" + (" (ON NO MACHINE: --allow-infeasible)"
+                                                 if str(shortest.features) in bad else ""), "    ", "    ")
+        folded = sorted({name for f in fs for name in f.folded})
+        if folded:
+            lines += _wrap("symptoms folded under it (--unfold lists them): " + ", ".join(folded), "    ", "    ")
+        lines.append("    reproduce:")
+        lines += shell_lines(reproduce_command(target, shortest), "        ", "      ")
+        others = [(s, n) for s, n in g.sites() if s != shortest.site]
+        if others:
+            lines += _wrap("also at (paths): " + ", ".join(f"{s} ({n})" for s, n in others[:8])
+                           + (f" and {len(others) - 8} more" if len(others) > 8 else ""), "    ", "    ")
+    return lines
+
+
 def check_summary(result: CheckResult, *, target: str, kernel_version: str | None, redundant=(),
                   coverage=(), kernel_c: str = "") -> str:
     cfg = result.config
@@ -168,36 +205,7 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
         lines += _wrap(f"exploration error (reported, the rest went on): {err}", "    ", "  ")
     lines.append("")
     if result.findings:
-        groups: dict[str, list[Finding]] = defaultdict(list)
-        for f in result.findings:
-            groups[f.invariant].append(f)
-        lines.append(f"VIOLATIONS: {len(result.findings)} distinct ({result.all_findings} before "
-                     "deduplication)")
-        # Root causes first, then the easiest to reach.
-        order = sorted(groups, key=lambda inv: (inv != ROOT_CAUSE, min(f.reach for f in groups[inv])))
-        for inv in order:
-            fs = groups[inv]
-            shortest = min(fs, key=lambda f: (f.reach, len(f.injections), fs.index(f)))
-            lines.append("")
-            lines.append(f"{inv} ({len(fs)} distinct; {shortest.reach.label} at the easiest)")
-            needs = [p.text for p in shortest.preconditions]
-            if needs:
-                lines += _wrap("needs: " + "; ".join(needs), "      ", "    ")
-            lines += _wrap(f"{shortest.message}", "    ", "  - ")
-            lines += _wrap(f"at {shortest.site}, scenario {shortest.scenario}, features "
-                           f"{shortest.features}" + (" (ON NO MACHINE: --allow-infeasible)"
-                                                     if str(shortest.features) in infeasible_sets(cfg) else ""),
-                           "    ", "    ")
-            folded = sorted({name for f in fs for name in f.folded})
-            if folded:
-                lines += _wrap("symptoms folded under it (--unfold lists them): " + ", ".join(folded), "    ", "    ")
-            lines.append("    reproduce:")
-            lines += shell_lines(reproduce_command(target, shortest), "        ", "      ")
-            others = Counter(f.site for f in fs if f is not shortest)
-            if others:
-                lines += _wrap("also at: " + ", ".join(f"{s} (x{n})" if n > 1 else s
-                                                        for s, n in sorted(others.items())[:8])
-                               + (" ..." if len(others) > 8 else ""), "    ", "    ")
+        lines += finding_lines(result.findings, target, cfg)
     else:
         lines.append("No violations.")
     lines.append("")
