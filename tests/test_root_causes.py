@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -214,6 +215,10 @@ def test_format_mail_writes_up_the_ist_class_with_its_fix(kernel61, tmp_path) ->
     for part in ("What happens", "What it needs (needs root)", "x86_spec_ctrl_current", "Reproduce",
                  "entrycheck trace debian:6.1 \\", "--inject db@error_entry+", "Suggested fix", "within_cpu_entry()"):
         assert part in mail, part
+    # The fix was checked: the class's findings are gone with it (the refusals read from the patched file).
+    verified = re.search(r"Verified by entrycheck with the change applied: (\d+) of the (\d+) findings fixed, "
+                         r"(\d+) new", " ".join(mail.split()))
+    assert verified and int(verified.group(1)) > 0, mail
     # The suggested diff applies to the tree and makes within_cpu_entry() refuse the variable.
     diff = mail[mail.index("--- a/"):mail.index("\n-- \n") + 1]
     work = tmp_path / "tree"

@@ -452,6 +452,7 @@ def check(build, loaded: LoadedObject, cfg: CheckConfig, *, workers: int | None 
 
     ref = object_ref(build)
     result = run_check(ref, cfg, workers=workers or default_workers(), scheduler=scheduler, progress=progress)
+    result.findings = machine_preconditions(result.findings, build, cfg)
     if not extras:
         return Checked(build, loaded, ref, result, [], None, [], result.findings, [])
     from entrycheck.explore.redundant import redundant_writes
@@ -463,6 +464,60 @@ def check(build, loaded: LoadedObject, cfg: CheckConfig, *, workers: int | None 
     if baseline is not None:
         new, known = known_findings.split(result.findings, keys_of, baseline)
     return Checked(build, loaded, ref, result, redundant, coverage(build, loaded, result), matches, new, known)
+
+
+def machine_preconditions(findings: list, build, cfg: CheckConfig) -> list:
+    """The findings with what the machine must be for each (explore/preconditions.py
+    for_machine): its configuration, and what the build's tree and .config say about the code
+    its path needs; a kernel breakpoint's capability as the tree's hw_breakpoint.c says."""
+    from entrycheck.explore.preconditions import Precondition, for_machine
+    from entrycheck.image.cpus import witness
+    from entrycheck.kernel.guards import KERNEL_BREAKPOINT_CAPABILITY, reach_facts
+
+    facts = reach_facts(build.source_tree, getattr(build, "config_file", None))
+    named = {fs: cpu for fs, cpu, _ in cfg.configurations}
+    cap = facts.get("breakpoint")
+    out = []
+    for f in findings:
+        key = str(f.features)
+        if key not in named:
+            w = witness(f.features)
+            named[key] = w.label if w else ""
+        pre = f.preconditions
+        if cap and cap != KERNEL_BREAKPOINT_CAPABILITY:
+            pre = tuple(Precondition(p.reach, p.kind, p.text.replace(KERNEL_BREAKPOINT_CAPABILITY, cap))
+                        for p in pre)
+        out.append(replace(f, preconditions=pre + for_machine(f, named[key], facts)))
+    return out
+
+
+def verify_refusals(build, loaded: LoadedObject, cfg: CheckConfig, findings: list, patched: str, *,
+                    workers: int | None = None) -> tuple[int, int, list]:
+    """A within_cpu_entry() fix checked: the check run again, on the feature sets and scenarios
+    of ``findings``, with the breakpoint refusals of ``patched`` (hw_breakpoint.c as the fix
+    leaves it; the file is not compiled into the image, the checks read it).  (how many of
+    ``findings`` are gone, how many there were, the findings the fixed run has that the
+    original did not)."""
+    from entrycheck.explore.baseline import finding_key, keys_by_features
+    from entrycheck.kernel.guards import parse_refusals
+
+    refusals = parse_refusals(patched)
+    ref = replace(object_ref(build), refusals=refusals)
+    sets = tuple(dict.fromkeys(f.features for f in findings))
+    scenarios = tuple(dict.fromkeys(f.scenario.partition("[")[0] for f in findings))
+    small = replace(cfg, feature_sets=sets, scenarios=scenarios,
+                    configurations=tuple(c for c in cfg.configurations if c[0] in {str(s) for s in sets}))
+    original = run_check(object_ref(build), small, workers=workers or default_workers())
+    fixed = run_check(ref, small, workers=workers or default_workers())
+    keys_of = keys_by_features(loaded)
+
+    def key(f) -> str:
+        return repr(finding_key(keys_of(f), f))
+
+    after = {key(f) for f in fixed.findings}
+    before = {key(f) for f in original.findings}
+    gone = sum(1 for f in findings if key(f) not in after)
+    return gone, len(findings), [f for f in fixed.findings if key(f) not in before]
 
 
 def coverage(build, loaded: LoadedObject, result: CheckResult):

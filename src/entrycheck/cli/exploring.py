@@ -13,7 +13,8 @@ from entrycheck.cli.options import DiffOptions, ExploreOptions, as_given, diff_o
 from entrycheck.errors import InputError
 
 
-def _echo_mail(findings, redundant, build, loaded, target: str, mail_class: str | None) -> None:
+def _echo_mail(findings, redundant, build, loaded, target: str, mail_class: str | None, cfg=None,
+               workers: int | None = None) -> None:
     from entrycheck.report import mail
 
     if mail_class == "redundant-write" or (mail_class is None and not findings and redundant):
@@ -42,8 +43,12 @@ def _echo_mail(findings, redundant, build, loaded, target: str, mail_class: str 
         except Exception:  # noqa: BLE001 - a site outside the object has no line
             return None
 
+    def verify(fs, patched: str):
+        return session.verify_refusals(build, loaded, cfg, fs, patched, workers=workers)
+
     click.echo(mail.write(findings, target=target, kernel_version=build.kernel_version, invariant=mail_class,
-                          source_tree=build.source_tree, source_line=source_line), nl=False)
+                          source_tree=build.source_tree, source_line=source_line,
+                          verify=verify if cfg is not None else None), nl=False)
 
 
 def _explain(name: str) -> None:
@@ -123,7 +128,7 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
                                        coverage=done.coverage, lines=session.source_lines(build, loaded)))
     _commit(out)
     if out_format == "mail":
-        _echo_mail(done.new, done.redundant, build, loaded, target, mail_class)
+        _echo_mail(done.new, done.redundant, build, loaded, target, mail_class, cfg, opts.workers)
     elif json_out != "-":
         if any(v.label == "db" for v in cfg.vectors) and cfg.depth and done.ref.refusals is None:
             click.echo("note: no hw_breakpoint.c at hand: #DB may follow an access to anything but\n"

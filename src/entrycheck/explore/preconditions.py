@@ -111,6 +111,40 @@ def for_effect(name: str) -> Precondition:
     return Precondition(Reach.UNPRIVILEGED, "effect", f"the handler does {name} (as C code may on this path)")
 
 
+ESPFIX = ("native_irq_return_ldt", "espfix")
+
+
+def for_machine(f, configuration: str, facts: dict) -> tuple[Precondition, ...]:
+    """What the machine must be for finding ``f``: the configuration that has its feature set
+    (a CPU and boot options, or none known), and what the tree says about the code its path
+    needs: FRED's boot option, SEV-ES's hypervisor, espfix64's build option and how user space
+    gets there.  They name the machine, not who attacks it: the reach stays the path's."""
+    names = f.features.names
+    text = (f"a machine configured as {configuration}" if configuration
+            else "a machine with these features (none of the presets booted any way entrycheck knows has them)")
+    out = [Precondition(Reach.UNPRIVILEGED, "machine", text)]
+    if "fred" in names:
+        where = facts.get("fred")
+        out.append(Precondition(Reach.UNPRIVILEGED, "machine", "a CPU with FRED booted with fred=on"
+                                + (f" (FRED is off otherwise: {where})" if where else "")))
+    if "sev_es" in names:
+        out.append(Precondition(Reach.UNPRIVILEGED, "machine", "an SEV-ES guest: its hypervisor intercepts the "
+                                "instructions #VC reports (the guest's own kernel handles them)"))
+    if any(site.startswith(ESPFIX) for site in (f.site, *(t.partition(":")[0] for t in f.trace))):
+        ldt = facts.get("modify_ldt")
+        how = "user space returns to a 16-bit SS it installed with modify_ldt()"
+        if ldt == "y":
+            out.append(Precondition(Reach.UNPRIVILEGED, "machine", f"espfix64: {how} (CONFIG_MODIFY_LDT_SYSCALL=y in "
+                                    "this build)"))
+        elif ldt == "n":
+            out.append(Precondition(Reach.BUILD, "config", "espfix64, which needs CONFIG_MODIFY_LDT_SYSCALL=y: this "
+                                    "build does not have it"))
+        else:
+            out.append(Precondition(Reach.UNPRIVILEGED, "machine", f"espfix64: {how} (if the kernel has "
+                                    "CONFIG_MODIFY_LDT_SYSCALL=y; its .config was not at hand)"))
+    return tuple(out)
+
+
 class DataNames:
     """Names data by the physical address the machine's memory hooks report: a per-cpu
     variable, a kernel data symbol, or the region it lies in."""
@@ -155,4 +189,5 @@ class DataNames:
         return f"{self._spans[k][3]} {virt:#x}"
 
 
-__all__ = ["Reach", "Precondition", "reach_of", "for_entry", "for_injection", "for_effect", "DataNames"]
+__all__ = ["Reach", "Precondition", "reach_of", "for_entry", "for_injection", "for_effect", "for_machine",
+           "DataNames"]

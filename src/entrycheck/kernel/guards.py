@@ -168,6 +168,35 @@ def cite_decisions(source_tree: Path | None) -> dict[str, str | None]:
     return out
 
 
+FRED_SOURCE = "arch/x86/kernel/cpu/common.c"
+
+
+def reach_facts(source_tree: Path | None, config_file: Path | None) -> dict[str, str | None]:
+    """What the tree and the build's .config say about how a machine gets to code the entry
+    objects hold: the boot option FRED needs (common.c clears the feature unless ``fred=on``),
+    whether espfix64 exists (CONFIG_MODIFY_LDT_SYSCALL: the LDT a 16-bit SS needs), and who may
+    set a kernel data breakpoint.  None where the file is not at hand."""
+    out: dict[str, str | None] = {"fred": None, "modify_ldt": None, "breakpoint": None}
+    if source_tree is not None:
+        try:
+            lines = (Path(source_tree) / FRED_SOURCE).read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        at = next((n for n, line in enumerate(lines, 1) if 'cmdline_find_option(boot_command_line, "fred"' in line),
+                  None)
+        if at is not None and any('strncmp(arg, "on", 2)' in line for line in lines[at:at + 3]):
+            out["fred"] = f"{FRED_SOURCE}:{at}"
+        out["breakpoint"] = kernel_breakpoint_capability(source_tree)
+    if config_file is not None:
+        try:
+            text = Path(config_file).read_text(errors="replace")
+        except OSError:
+            text = None
+        if text is not None:
+            out["modify_ldt"] = "y" if re.search(r"^CONFIG_MODIFY_LDT_SYSCALL=y$", text, re.M) else "n"
+    return out
+
+
 def tree_facts(source_tree: Path | None) -> dict[str, tuple]:
     """What the checks read from files of the tree that are not compiled into the image, by
     file: a patch to one of them is reviewed by whether these facts change."""
@@ -177,4 +206,4 @@ def tree_facts(source_tree: Path | None) -> dict[str, tuple]:
             KERNEL_BREAKPOINT_SOURCE: ("who may set a kernel data breakpoint", cap)}
 
 
-__all__ = ["cite_decisions", "tree_facts", "kernel_breakpoint_capability", "KERNEL_BREAKPOINT_CAPABILITY", "iret_guards", "parse", "breakpoint_refusals", "parse_refusals", "BUILTIN_REFUSALS"]
+__all__ = ["cite_decisions", "reach_facts", "tree_facts", "kernel_breakpoint_capability", "KERNEL_BREAKPOINT_CAPABILITY", "iret_guards", "parse", "breakpoint_refusals", "parse_refusals", "BUILTIN_REFUSALS"]

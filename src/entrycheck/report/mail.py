@@ -36,12 +36,20 @@ def classes(findings: list[Finding]) -> list[str]:
                                           min(f.reach for f in findings if f.invariant == inv)))
 
 
+def class_findings(findings: list[Finding], invariant: str | None) -> list[Finding]:
+    """The findings of ``invariant`` (default: the first class in report order)."""
+    name = invariant or classes(findings)[0]
+    return [f for f in findings if f.invariant == name]
+
+
 def write(findings: list[Finding], *, target: str, kernel_version: str | None, invariant: str | None,
-          source_tree: Path | None, source_line: Callable[[Finding, str], str | None]) -> str:
-    """The mail for the findings of ``invariant`` (default: the first class in report order)."""
-    order = classes(findings)
-    name = invariant or order[0]
-    fs = [f for f in findings if f.invariant == name]
+          source_tree: Path | None, source_line: Callable[[Finding, str], str | None],
+          verify: Callable[[list[Finding], str], tuple[int, int, list[Finding]]] | None = None) -> str:
+    """The mail for the findings of ``invariant`` (default: the first class in report order).
+    ``verify(class findings, the patched file)``: (how many of them the fix removes, of how
+    many, the findings it adds), from a check with the fix applied."""
+    fs = class_findings(findings, invariant)
+    name = fs[0].invariant
     shortest = min(fs, key=lambda f: (f.reach, len(f.injections), fs.index(f)))
     symbol = shortest.site.partition("+")[0]
     inv = INVARIANTS.get(name)
@@ -75,10 +83,22 @@ def write(findings: list[Finding], *, target: str, kernel_version: str | None, i
         lines += _wrap(", ".join(f"{s} (x{n})" if n > 1 else s for s, n in sorted(others.items())[:12])
                        + (" ..." if len(others) > 12 else ""), "  ", "  ")
     fix = suggested_fix(fs, source_tree)
+    verified = verify(fs, fix[2]) if fix and verify is not None else None
     lines += ["", "Suggested fix"]
-    if fix:
+    if fix and verified is not None and verified[0] == 0:
+        lines += _wrap(f"Refusing breakpoints on {', '.join(fix[0])} in within_cpu_entry() was tried and "
+                       "removed none of these findings: no fix to suggest.", "  ", "  ")
+    elif fix:
         lines += _wrap(f"Refuse hardware breakpoints on {', '.join(fix[0])} in within_cpu_entry(), as on "
-                       "the other data the entry code reads there:", "  ", "  ")
+                       "the other data the entry code reads there.", "  ", "  ")
+        if verified is None:
+            lines += _wrap("Not verified: no check was run with it.", "  ", "  ")
+        else:
+            gone, total, added = verified
+            lines += _wrap(f"Verified by entrycheck with the change applied: {gone} of the {total} "
+                           f"findings fixed, {len(added)} new"
+                           + (": " + ", ".join(sorted({f'{f.invariant} at {f.site}' for f in added})[:6])
+                              if added else "") + ".", "  ", "  ")
         lines.append("")
         lines += fix[1].rstrip("\n").splitlines()
     else:
@@ -96,9 +116,9 @@ def write_redundant(w, *, target: str, kernel_version: str | None, others=()) ->
                    + (f" (kernel {kernel_version})" if kernel_version else "")
                    + f" on a model CPU, feature set {features}.")
     lines += ["", "What happens"]
-    lines += _wrap(f"{w.why}. It happens {w.writes} time(s) on the paths without injection "
-                   f"({', '.join(sorted({s for s, _ in w.paths}))}), {w.all_writes} time(s) over every "
-                   "explored path.", "  ", "  ")
+    lines += _wrap(f"{w.why}. It happens {w.per_path_text()} through {w.site}: {w.writes} time(s) on "
+                   f"the {len(w.paths)} path(s) without injection ({', '.join(sorted({s for s, _ in w.paths}))}), "
+                   f"{w.all_writes} time(s) over every explored path.", "  ", "  ")
     lines += ["", "When it could be skipped"]
     lines += _wrap(w.skip_if + ", as PARANOID_RESTORE_CR3 skips the CR3 write when the saved CR3 is "
                    "the current one.", "  ", "  ")
@@ -136,9 +156,10 @@ def watched_data(findings: list[Finding]) -> list[str]:
     return out
 
 
-def suggested_fix(findings: list[Finding], source_tree: Path | None) -> tuple[list[str], str] | None:
-    """(variables, unified diff of hw_breakpoint.c) for an ist-reentered class that a #DB
-    after an access to unprotected per-cpu data causes; None when not mechanical."""
+def suggested_fix(findings: list[Finding], source_tree: Path | None) -> tuple[list[str], str, str] | None:
+    """(variables, unified diff of hw_breakpoint.c, the file as patched) for an ist-reentered
+    class that a #DB after an access to unprotected per-cpu data causes; None when not
+    mechanical."""
     if not findings or findings[0].invariant != ROOT_CAUSE or source_tree is None:
         return None
     names = watched_data(findings)
@@ -165,7 +186,7 @@ def suggested_fix(findings: list[Finding], source_tree: Path | None) -> tuple[li
     new = old[:at] + add + old[at:]
     diff = "".join(difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a/{BREAKPOINT_SOURCE}",
                                         f"b/{BREAKPOINT_SOURCE}", n=1))
-    return names, diff
+    return names, diff, new
 
 
-__all__ = ["write", "write_redundant", "classes", "suggested_fix", "watched_data"]
+__all__ = ["write", "write_redundant", "classes", "class_findings", "suggested_fix", "watched_data"]
