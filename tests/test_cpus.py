@@ -130,8 +130,8 @@ def test_every_decision_is_found_in_the_tree(kernel: str, built_kernels: dict[st
     tree = built_kernels[kernel].source_tree
     cites = cite_decisions(tree)
     assert set(cites) == set(SOURCES)
-    # 6.1 has no FRED: the rule that PTI turns it off does not hold there, the rest do.
-    assert [k for k, v in cites.items() if v is None] == (["fred-pti"] if kernel == "6.1" else []), cites
+    # 6.1 has no FRED and no call depth tracking: the decisions about them are not in its tree.
+    assert {k for k, v in cites.items() if v is None} == ({"fred-pti", "stuff"} if kernel == "6.1" else set()), cites
     for key, where in cites.items():
         if where is None:
             continue
@@ -168,3 +168,21 @@ def test_an_infeasible_set_is_refused_with_its_rule_or_run_and_marked(built_kern
     assert all("infeasible" in v for v in doc["violations"] if v["features"] == "pti,fence_swapgs_kernel,"
                "fence_swapgs_user")
     assert "ON NO MACHINE" in p.stdout
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("kernel", ["6.1", "6.12"])
+def test_reach_is_read_from_the_tree_and_the_config(kernel: str, built_kernels: dict[str, KernelBuild]) -> None:
+    from entrycheck.kernel.guards import reach_facts
+
+    k = built_kernels[kernel]
+    facts = reach_facts(k.source_tree, k.config_file)
+    # FRED is off unless fred=on (6.12's common.c); 6.1 has no FRED.
+    if kernel == "6.12":
+        path, line = facts["fred"].rsplit(":", 1)
+        assert '"fred"' in (k.source_tree / path).read_text().splitlines()[int(line) - 1]
+    else:
+        assert facts["fred"] is None
+    assert facts["modify_ldt"] == "y"                 # defconfig keeps modify_ldt(), so espfix64 is reachable
+    assert facts["breakpoint"] == "CAP_SYS_ADMIN"     # hw_breakpoint.c's capable() test
+    assert reach_facts(None, None) == {"fred": None, "modify_ldt": None, "breakpoint": None}

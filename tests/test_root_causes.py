@@ -116,7 +116,10 @@ def test_check_json_and_text_lead_with_the_root_cause(kernel61, tmp_path) -> Non
     assert {v["site"].partition("+")[0] for v in doc["violations"]} == {"error_entry", "sync_regs"}
     v = doc["violations"][0]
     assert v["reach"] == "needs root" and v["folded"]
-    assert [p["kind"] for p in v["preconditions"]] == ["entry", "db"]
+    # the path's links, then what the machine must be: kernel_ibrs alone is an Intel CPU booted
+    # with spectre_v2=ibrs and its other mitigations off (image/cpus.py names one)
+    assert [p["kind"] for p in v["preconditions"]] == ["entry", "db", "machine"]
+    assert "spectre_v2=ibrs" in v["preconditions"][-1]["text"]
     text = proc.stdout
     assert text.index("ist-reentered") < text.index("reproduce:")
     assert "needs: a #DB in user mode" in text and "x86_spec_ctrl_current" in text

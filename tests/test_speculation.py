@@ -10,6 +10,7 @@ stock kernels under every CPU preset have only the findings explained here.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -284,3 +285,22 @@ def test_trace_replays_a_mispredicted_branch(suite, tmp_path: Path) -> None:
     p = subprocess.run(cli_ + ["trace", pristine, "--scenario", "exception-from-user", "--inject",
                                "mispredict@error_entry"], capture_output=True, text=True)
     assert p.returncode == 2 and "not a conditional branch" in p.stderr
+
+
+@pytest.mark.kernel
+def test_the_espfix_fence_fix_is_built_and_verified_before_the_mail_suggests_it(kernel612) -> None:
+    """Cascade Lake (no PTI, SWAPGS speculates): the espfix64 exit's SWAPGS class.  The mail's
+    fix adds FENCE_SWAPGS_USER_ENTRY after it; the tree is built with it and checked again."""
+    p = subprocess.run([sys.executable, "-c", "from entrycheck.cli import main; main()", "check", "debian:6.12",
+                        "--cpu", "cascadelake", "--depth", "1", "--scenarios", "irq-from-kernel", "--format", "mail",
+                        "--class", "swapgs-unfenced"], capture_output=True, text=True)
+    assert p.returncode == 1, p.stderr[-2000:]
+    mail = p.stdout
+    assert "native_irq_return_ldt" in mail.splitlines()[0]
+    assert all(len(line.expandtabs(8)) <= 72 for line in mail.splitlines()), \
+        [line for line in mail.splitlines() if len(line.expandtabs(8)) > 72]
+    m = re.search(r"Verified by entrycheck with the change applied: (\d+) of the (\d+) findings fixed, (\d+) new",
+                  " ".join(mail.split()))
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) > 0 and m.group(3) == "0", mail
+    assert "+\tFENCE_SWAPGS_USER_ENTRY" in mail and "espfix64: user space returns to a 16-bit SS" in " ".join(
+        mail.split())

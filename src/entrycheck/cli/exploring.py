@@ -20,8 +20,16 @@ def _echo_mail(findings, redundant, build, loaded, target: str, mail_class: str 
     if mail_class == "redundant-write" or (mail_class is None and not findings and redundant):
         if not redundant:
             raise InputError("no redundant writes to write up on the paths without injection")
+        def verify_write(w, fix):
+            from entrycheck.report.progress import terminal_progress
+
+            with terminal_progress() as progress:
+                return session.verify_redundant_fix(build, loaded, cfg, w, "fix.patch", fix.diff, workers=workers,
+                                                    progress=progress)
+
         click.echo(mail.write_redundant(redundant[0], target=target, kernel_version=build.kernel_version,
-                                        others=redundant[1:]), nl=False)
+                                        others=redundant[1:], source_tree=build.source_tree,
+                                        verify=verify_write if cfg is not None else None), nl=False)
         return
     if not findings:
         click.echo("No findings: nothing to write up.")
@@ -43,8 +51,14 @@ def _echo_mail(findings, redundant, build, loaded, target: str, mail_class: str 
         except Exception:  # noqa: BLE001 - a site outside the object has no line
             return None
 
-    def verify(fs, patched: str):
-        return session.verify_refusals(build, loaded, cfg, fs, patched, workers=workers)
+    def verify(fs, fix):
+        if not fix.compiled:
+            return session.verify_refusals(build, loaded, cfg, fs, fix.patched, workers=workers)
+        from entrycheck.report.progress import terminal_progress
+
+        with terminal_progress() as progress:
+            return session.verify_patch(build, loaded, cfg, fs, "fix.patch", fix.diff, workers=workers,
+                                        progress=progress)
 
     click.echo(mail.write(findings, target=target, kernel_version=build.kernel_version, invariant=mail_class,
                           source_tree=build.source_tree, source_line=source_line,

@@ -42,8 +42,9 @@ class RedundantWrite:
     def per_path_text(self) -> str:
         """'1 per path' when every path through the site writes it as often, else the range."""
         if len(self.per_path) == 1:
-            return f"{self.per_path[0]} per path"
-        return f"{min(self.per_path)} to {max(self.per_path)} per path"
+            n = self.per_path[0]
+            return "once per path" if n == 1 else f"{n} times per path"
+        return f"{min(self.per_path)} to {max(self.per_path)} times per path"
 
     def to_json(self) -> dict:
         return {"site": self.site, "register": self.register, "value": hex(self.value),

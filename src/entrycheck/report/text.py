@@ -36,22 +36,23 @@ def reproduce_command(target: str, f: Finding) -> str:
     return " ".join(parts)
 
 
-def shell_lines(command: str, indent: str, first: str) -> list[str]:
-    """A shell command in lines of at most 80 columns that can be pasted as printed: wrapped
-    between its words (each quoted for a shell), each line but the last ending in a backslash.  A
-    word longer than a line goes on at column 0 of the next (backslash-newline joins the two)."""
+def shell_lines(command: str, indent: str, first: str, width: int = WIDTH) -> list[str]:
+    """A shell command in lines of at most ``width`` columns that can be pasted as printed:
+    wrapped between its words (each quoted for a shell), each line but the last ending in a
+    backslash.  A word longer than a line goes on at column 0 of the next (backslash-newline
+    joins the two)."""
     lines: list[str] = []
     line, empty = first, True
     for raw in shlex.split(command):
         word = shlex.quote(raw)
-        if not empty and len(line) + 1 + len(word) > WIDTH - 2:
+        if not empty and len(line) + 1 + len(word) > width - 2:
             lines.append(line + " \\")
             line = indent
         elif not empty:
             line += " "
         empty = False
-        while len(line) + len(word) > WIDTH - 1:
-            room = WIDTH - 2 - len(line)                 # the backslash is the last column
+        while len(line) + len(word) > width - 1:
+            room = width - 2 - len(line)                 # the backslash is the last column
             cut = room
             while cut > 1 and len(shlex.quote(raw[:cut])) > room:
                 cut -= 1
