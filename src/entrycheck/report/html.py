@@ -17,7 +17,7 @@ import hashlib
 import os
 import shlex
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -214,10 +214,13 @@ def check_html(result: CheckResult, *, build, loaded, target: str, command: str 
     ordered = sorted(result.findings, key=lambda f: (f.invariant != "ist-reentered", f.reach))
     views = finding_views(ordered, side)
     cfg = result.config
-    by_inv: dict[str, list[FindingView]] = defaultdict(list)
-    for v in views:
-        by_inv[v.finding.invariant].append(v)
+    from entrycheck.explore.fixes import group
     from entrycheck.props.invariants import INVARIANTS
+
+    # One entry per thing to fix (explore/fixes.py), in the order of their first finding.
+    fix_groups = group(ordered)
+    view_of = {id(v.finding): v for v in views}
+    groups = [(g, [view_of[id(f)] for f in g.findings if id(f) in view_of]) for g in fix_groups]
 
     fs0 = str(result.feature_sets[0]) if result.feature_sets else "none"
     cost = result.cost()
@@ -227,7 +230,8 @@ def check_html(result: CheckResult, *, build, loaded, target: str, command: str 
         verdict_bad=bool(result.findings), verdict="VIOLATIONS FOUND" if result.findings else "clean",
         command=command, cfg=cfg, result=result, feature_sets=[str(f) for f in result.feature_sets],
         vectors=",".join(v.label for v in cfg.vectors), effects=",".join(e.value for e in cfg.effects),
-        matrix=check_matrix(result, views), plots=check_plots(result), groups=list(by_inv.items()),
+        matrix=check_matrix(result, views), plots=check_plots(result), groups=groups,
+        configurations=cfg.configurations,
         invariants=INVARIANTS, views=views, replayed=sum(1 for v in views if v.trace is not None),
         cost=cost, sites=_site_rows(cost, side, fs0), has_lines=bool(side.lines), window=TRACE_WINDOW,
         coverage=[(c, _by_symbol(c.rows)) for c in coverage])
