@@ -517,12 +517,17 @@ def verify_refusals(build, loaded: LoadedObject, cfg: CheckConfig, findings: lis
     return gone, len(findings), [f for f in fixed.findings if key(f) not in before]
 
 
+def _restricted(cfg: CheckConfig, paths) -> CheckConfig:
+    """The check restricted to the feature sets and scenarios of ``paths`` ((scenario, feature
+    set) pairs; a user-value variant counts as its scenario)."""
+    sets = tuple(dict.fromkeys(FeatureSet.parse(fs) for _, fs in paths))
+    return replace(cfg, feature_sets=sets, scenarios=tuple(dict.fromkeys(sc.partition("[")[0] for sc, _ in paths)),
+                   configurations=tuple(c for c in cfg.configurations if c[0] in {str(s) for s in sets}))
+
+
 def _class_config(cfg: CheckConfig, findings: list) -> CheckConfig:
     """The check restricted to the feature sets and scenarios that showed ``findings``."""
-    sets = tuple(dict.fromkeys(f.features for f in findings))
-    return replace(cfg, feature_sets=sets, scenarios=tuple(dict.fromkeys(f.scenario.partition("[")[0]
-                                                                          for f in findings)),
-                   configurations=tuple(c for c in cfg.configurations if c[0] in {str(s) for s in sets}))
+    return _restricted(cfg, [(f.scenario, f.features) for f in findings])
 
 
 def verify_patch(build, loaded: LoadedObject, cfg: CheckConfig, findings: list, name: str, diff_text: str, *,
@@ -550,9 +555,7 @@ def verify_redundant_fix(build, loaded: LoadedObject, cfg: CheckConfig, w, name:
     before, after, the findings only the fixed build has)."""
     from entrycheck.kernel.review import patched_build
 
-    sets = tuple(dict.fromkeys(FeatureSet.parse(f) for _, f in w.paths))
-    small = replace(cfg, feature_sets=sets, scenarios=tuple(dict.fromkeys(s.partition("[")[0] for s, _ in w.paths)),
-                    configurations=tuple(c for c in cfg.configurations if c[0] in {str(s) for s in sets}))
+    small = _restricted(cfg, w.paths)
     patched = patched_build(build, [(name, diff_text)], **({"progress": progress} if progress else {})).build
     done = diff(build, loaded, patched, object_ref(patched).load(), small, workers=workers, progress=progress)
     msr = w.register != "CR3"
