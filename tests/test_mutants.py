@@ -108,13 +108,18 @@ def reproducer(f: Finding) -> str:
 
 
 def entry_text(obj: Path) -> bytes:
-    """The entry code of a (linked) object: .entry.text, and entry_64_fred.o's .noinstr.text."""
+    """The entry code of a (linked) object: .entry.text, and entry_64_fred.o's .noinstr.text,
+    with the alternatives that patch it (which site each replacement goes to is in the
+    relocations of .altinstructions: two ALTERNATIVEs swapped change only those)."""
     with obj.open("rb") as f:
         elf = ELFFile(f)
         section = elf.get_section_by_name(".entry.text")
         assert section is not None, f"{obj} has no .entry.text"
         fred = elf.get_section_by_name(".noinstr.text")
-        return section.data() + (fred.data() if fred is not None else b"")
+        alts = elf.get_section_by_name(".rela.altinstructions")
+        sites = b"".join(f"{r['r_offset']}:{r['r_info_sym']}:{r['r_addend']};".encode()
+                         for r in (alts.iter_relocations() if alts is not None else ()))
+        return section.data() + (fred.data() if fred is not None else b"") + sites
 
 
 def assert_complete(result: CheckResult, what: str) -> None:

@@ -29,6 +29,7 @@ def test_root_causes_come_first_then_the_easiest_to_reach() -> None:
     result = CheckResult((FS,), CheckConfig(scenarios=("syscall",), feature_sets=(FS,)),
                          findings=[hard, easy, root], all_findings=3, runs=3)
     text = check_summary(result, target="entry_64.o", kernel_version=None)
-    headers = [line.split(" (")[0] for line in text.splitlines()
-               if line.split(" (")[0] in ("ist-reentered", "stale-tlb", "context-not-restored")]
+    # each entry is "INVARIANT: what one fix changes (...)"
+    headers = [line.split(":")[0] for line in text.splitlines()
+               if line.split(":")[0] in ("ist-reentered", "stale-tlb", "context-not-restored")]
     assert headers == ["ist-reentered", "stale-tlb", "context-not-restored"]
