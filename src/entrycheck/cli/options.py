@@ -215,10 +215,10 @@ def configurations(sets, source_tree, allow_infeasible: bool, cpus=(), cmdline: 
     """Per feature set: (set, the configuration that has it, the rule it breaks).  A set that
     breaks a feasibility rule the tree makes is refused unless ``allow_infeasible``."""
     from entrycheck.image.cpus import configurations as of_cpus
-    from entrycheck.image.cpus import infeasible, witness
+    from entrycheck.image.cpus import SOURCES, infeasible, witness
     from entrycheck.kernel.guards import cite_decisions
 
-    cites = cite_decisions(source_tree)
+    cites = cite_decisions(source_tree, SOURCES)
     named = {fs: c.label for fs, c in of_cpus(cpus, cmdline).items()}
     out = []
     for fs in sets:

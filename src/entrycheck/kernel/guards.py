@@ -145,17 +145,16 @@ def kernel_breakpoint_capability(source_tree: Path) -> str | None:
     return cap.group(1) if cap else None
 
 
-def cite_decisions(source_tree: Path | None) -> dict[str, str | None]:
-    """Where the tree makes each decision of image/cpus.py's ``SOURCES``: "file:line", or None
-    when its line is not in the tree (the rule resting on it then does not hold there).
-    Without a tree, the line in Debian's 6.12.118, marked so."""
-    from entrycheck.image.cpus import SOURCES
-
+def cite_decisions(source_tree: Path | None, sources) -> dict[str, str | None]:
+    """Where the tree makes each decision of ``sources`` (image/cpus.py's ``SOURCES``: per key a
+    file, the text of its line, that line in 6.12.118): "file:line", or None when its line is
+    not in the tree (the rule resting on it then does not hold there).  Without a tree, the line
+    in Debian's 6.12.118, marked so."""
     if source_tree is None:
-        return {k: f"{s.file}:{s.line} (6.12.118)" for k, s in SOURCES.items()}
+        return {k: f"{s.file}:{s.line} (6.12.118)" for k, s in sources.items()}
     lines: dict[str, list[str] | None] = {}
     out: dict[str, str | None] = {}
-    for key, s in SOURCES.items():
+    for key, s in sources.items():
         if s.file not in lines:
             try:
                 lines[s.file] = (Path(source_tree) / s.file).read_text(errors="replace").splitlines()
