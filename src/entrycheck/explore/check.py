@@ -53,6 +53,10 @@ class CheckConfig(ExploreConfig):
     # per feature set: (set, the CPU and boot options that have it or "", the rule it breaks or "")
     configurations: tuple[tuple[str, str, str], ...] = ()
 
+    def infeasible_sets(self) -> dict[str, str]:
+        """The feature sets run under --allow-infeasible, with the rule each breaks."""
+        return {fs: rule for fs, _, rule in self.configurations if rule}
+
     def explore_config(self) -> ExploreConfig:
         return ExploreConfig(**{f.name: getattr(self, f.name) for f in fields(ExploreConfig)})
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from entrycheck import __version__
 from entrycheck.explore.costmodel import CostModel
 from entrycheck.explore.diff import DiffResult, scenario_summary
-from entrycheck.report.jsonout import configurations_json
-from entrycheck.report.text import WIDTH, _wrap, configuration_lines, infeasible_sets
+from entrycheck.report.jsonout import configurations_json, findings_json
+from entrycheck.report.text import WIDTH, _wrap, configuration_lines
 
 PARANOID_FROM_KERNEL = ("nmi-from-kernel", "mc-from-kernel", "db-from-kernel")
 
@@ -143,18 +143,6 @@ def patch_lines(patch) -> list[str]:
     return lines
 
 
-def _marked(findings, cfg) -> list[dict]:
-    """Findings as JSON, each of a set run under --allow-infeasible with the rule it breaks."""
-    bad = infeasible_sets(cfg)
-    out = []
-    for f in findings:
-        d = f.to_json()
-        if str(f.features) in bad:
-            d["infeasible"] = bad[str(f.features)]
-        out.append(d)
-    return out
-
-
 def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version: str | None,
               new_version: str | None, model: CostModel, nmi_rate: float | None, patch=None,
               kernel_c: tuple[str, str] = ("", "")) -> dict:
@@ -192,8 +180,8 @@ def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version
                      "scenarios": list(g.scenarios)} for g in result.groups],
         "unmatched": [{"side": side, "symbol": sym, "paths": n} for side, sym, n in result.unmatched_groups()],
         "configurations": configurations_json(cfg),
-        "new_violations": _marked(result.new_violations, cfg),
-        "fixed_violations": _marked(result.fixed_violations, cfg),
+        "new_violations": findings_json(result.new_violations, cfg),
+        "fixed_violations": findings_json(result.fixed_violations, cfg),
         "cost_model": model.to_json(),
         "nmi_rate": nmi_rate,
         **({"patch": patch.to_json()} if patch is not None else {}),

@@ -13,6 +13,18 @@ from entrycheck.machine import events as ev
 from entrycheck.machine.model import decode_cr3
 
 
+def findings_json(findings, cfg) -> list[dict]:
+    """Findings as JSON, each of a set run under --allow-infeasible with the rule it breaks."""
+    bad = cfg.infeasible_sets()
+    out = []
+    for f in findings:
+        d = f.to_json()
+        if str(f.features) in bad:
+            d["infeasible"] = bad[str(f.features)]
+        out.append(d)
+    return out
+
+
 def fix_groups(findings) -> list[dict]:
     """The findings by what one fix changes (explore/fixes.py), each naming its findings by
     their index in the list of findings."""
@@ -34,15 +46,11 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
     """``matches``: per finding its address-free identity (explore/baseline.py); ``baseline``:
     (the file, the findings not in it)."""
     cfg = result.config
-    violations = [f.to_json() for f in result.findings]
+    violations = findings_json(result.findings, cfg)
     if matches is not None:
         for v, m in zip(violations, matches):
             v["match"] = m
     extra = {}
-    bad = {fs: rule for fs, _, rule in cfg.configurations if rule}
-    for v, f in zip(violations, result.findings):
-        if str(f.features) in bad:
-            v["infeasible"] = bad[str(f.features)]
     if baseline is not None:
         new = {id(f) for f in baseline[1]}
         for v, f in zip(violations, result.findings):

@@ -117,11 +117,6 @@ def coverage_lines(coverage, shown: int = 10) -> list[str]:
     return lines
 
 
-def infeasible_sets(cfg) -> dict[str, str]:
-    """The feature sets run under --allow-infeasible, with the rule each breaks."""
-    return {fs: rule for fs, _, rule in cfg.configurations if rule}
-
-
 def configuration_lines(cfg) -> list[str]:
     """Per feature set, the CPU and boot options that have it (or the rule it breaks)."""
     if not cfg.configurations:
@@ -144,16 +139,17 @@ def configuration_lines(cfg) -> list[str]:
     return lines
 
 
-def finding_lines(findings: list[Finding], target: str, cfg) -> list[str]:
+def finding_lines(findings: list[Finding], target: str, cfg, before_dedup: int) -> list[str]:
     """The findings, one entry per thing to fix (explore/fixes.py): root causes first, then
     the easiest to reach; each with its shortest path, how to replay it and its other sites."""
     from entrycheck.explore.fixes import group
 
     groups = group(findings)
-    lines = [f"VIOLATIONS: {len(findings)} distinct, {len(groups)} thing(s) to fix"]
+    lines = [f"VIOLATIONS: {len(findings)} distinct ({before_dedup} before deduplication), {len(groups)} "
+             "thing(s) to fix"]
     order = sorted(groups, key=lambda g: (g.invariant != ROOT_CAUSE, min(f.reach for f in g.findings),
                                           groups.index(g)))
-    bad = infeasible_sets(cfg)
+    bad = cfg.infeasible_sets()
     for g in order:
         fs = list(g.findings)
         shortest = min(fs, key=lambda f: (f.reach, len(f.injections), fs.index(f)))
@@ -206,7 +202,7 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
         lines += _wrap(f"exploration error (reported, the rest went on): {err}", "    ", "  ")
     lines.append("")
     if result.findings:
-        lines += finding_lines(result.findings, target, cfg)
+        lines += finding_lines(result.findings, target, cfg, result.all_findings)
     else:
         lines.append("No violations.")
     lines.append("")
