@@ -17,6 +17,7 @@ fence, one Spectre v2 mode), each citing the decision in the tree.
 
 from __future__ import annotations
 
+import functools
 import shlex
 from dataclasses import dataclass
 
@@ -150,6 +151,13 @@ def derive(cpu: Cpu, cmdline: str = "") -> Derived:
             f.discard(name)
             why.append(("-" + name, source))
 
+    def ibpb_on_entry() -> None:
+        # retbleed's and SRSO's IBPB mitigation alike: "IBPB on entry already obviates the need
+        # for software-based untraining so clear those"
+        add("entry_ibpb", "entry-ibpb")
+        drop("unret", "entry-ibpb")
+        drop("rethunk", "entry-ibpb")
+
     if cpu.has("pcid") and "nopcid" not in opts:
         add("pcid", "nopcid")
     if cpu.has("fsgsbase") and "nofsgsbase" not in opts:
@@ -191,9 +199,7 @@ def derive(cpu: Cpu, cmdline: str = "") -> Derived:
     ibpb_entry = False
     if cpu.has("retbleed") and not off and retbleed != "off":
         if retbleed == "ibpb" and cpu.has("ibpb"):
-            add("entry_ibpb", "entry-ibpb")
-            drop("unret", "entry-ibpb")
-            drop("rethunk", "entry-ibpb")
+            ibpb_on_entry()
             ibpb_entry = True
         elif retbleed == "stuff" and mode == "retpoline":
             add("rethunk", "stuff")                    # call depth tracking: the RSB stuffed on entry
@@ -208,9 +214,7 @@ def derive(cpu: Cpu, cmdline: str = "") -> Derived:
     srso = opts.get("spec_rstack_overflow", "safe-ret")
     if cpu.has("srso") and not off and srso != "off" and not ibpb_entry:
         if srso == "ibpb":
-            add("entry_ibpb", "entry-ibpb")
-            drop("unret", "entry-ibpb")
-            drop("rethunk", "entry-ibpb")
+            ibpb_on_entry()
         else:
             add("rethunk", "srso")
             add("unret", "srso")
@@ -327,11 +331,6 @@ def infeasible(fs: FeatureSet) -> list[Breach]:
     return out
 
 
-__all__ = ["CPUS", "Cpu", "CpuPreset", "Derived", "ENTRY_OPTIONS", "PRESETS", "SOURCES", "Source", "Breach",
-           "configuration", "configurations", "witness",
-           "derive", "infeasible", "parse_cmdline", "preset", "preset_sets"]
-
-
 # ---- the configurations a feature set stands for ------------------------------------------------
 # Features that do not tell configurations apart for the model: SMAP's CLAC/STAC change only AC,
 # which nothing in kernel mode reads but DEBUG_ENTRY's check, and that check masks AC out without
@@ -355,18 +354,23 @@ def _choices() -> list[str]:
     return sorted(lines, key=lambda s: (len(s.split()), s))
 
 
-_WITNESSES: dict[frozenset[str], CpuPreset] | None = None
+@functools.cache
+def _witnesses() -> dict[frozenset[str], CpuPreset]:
+    """Every preset under every command line of ``_choices``, by what the model runs of it."""
+    found: dict[frozenset[str], CpuPreset] = {}
+    for line in _choices():
+        for cpu in CPUS.values():
+            d = derive(cpu, line)
+            found.setdefault(_effective(d.features.names), CpuPreset(cpu.name, cpu.description, d.features, line))
+    return found
 
 
 def witness(fs: FeatureSet) -> CpuPreset | None:
     """A preset and boot options whose features are ``fs`` for everything the model runs (the
     first found, fewest options first), or None when no CPU here can have it."""
-    global _WITNESSES
-    if _WITNESSES is None:
-        found: dict[frozenset[str], CpuPreset] = {}
-        for line in _choices():
-            for cpu in CPUS.values():
-                d = derive(cpu, line)
-                found.setdefault(_effective(d.features.names), CpuPreset(cpu.name, cpu.description, d.features, line))
-        _WITNESSES = found
-    return _WITNESSES.get(_effective(fs.names))
+    return _witnesses().get(_effective(fs.names))
+
+
+__all__ = ["CPUS", "Cpu", "CpuPreset", "Derived", "ENTRY_OPTIONS", "PRESETS", "SOURCES", "Source", "Breach",
+           "configuration", "configurations", "witness",
+           "derive", "infeasible", "parse_cmdline", "preset", "preset_sets"]
