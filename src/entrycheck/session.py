@@ -474,7 +474,7 @@ def machine_preconditions(findings: list, build, cfg: CheckConfig) -> list:
     from entrycheck.image.cpus import witness
     from entrycheck.kernel.guards import KERNEL_BREAKPOINT_CAPABILITY, reach_facts
 
-    facts = reach_facts(build.source_tree, getattr(build, "config_file", None))
+    facts = reach_facts(build.source_tree, build.config_file)
     named = {fs: cpu for fs, cpu, _ in cfg.configurations}
     cap = facts.get("breakpoint")
     out = []
@@ -489,82 +489,6 @@ def machine_preconditions(findings: list, build, cfg: CheckConfig) -> list:
                         for p in pre)
         out.append(replace(f, preconditions=pre + for_machine(f, named[key], facts)))
     return out
-
-
-def verify_refusals(build, loaded: LoadedObject, cfg: CheckConfig, findings: list, patched: str, *,
-                    workers: int | None = None) -> tuple[int, int, list]:
-    """A within_cpu_entry() fix checked: the check run again, on the feature sets and scenarios
-    of ``findings``, with the breakpoint refusals of ``patched`` (hw_breakpoint.c as the fix
-    leaves it; the file is not compiled into the image, the checks read it).  (how many of
-    ``findings`` are gone, how many there were, the findings the fixed run has that the
-    original did not)."""
-    from entrycheck.explore.baseline import finding_key, keys_by_features
-    from entrycheck.kernel.guards import parse_refusals
-
-    refusals = parse_refusals(patched)
-    ref = replace(object_ref(build), refusals=refusals)
-    small = _class_config(cfg, findings)
-    original = run_check(object_ref(build), small, workers=workers or default_workers())
-    fixed = run_check(ref, small, workers=workers or default_workers())
-    keys_of = keys_by_features(loaded)
-
-    def key(f) -> str:
-        return repr(finding_key(keys_of(f), f))
-
-    after = {key(f) for f in fixed.findings}
-    before = {key(f) for f in original.findings}
-    gone = sum(1 for f in findings if key(f) not in after)
-    return gone, len(findings), [f for f in fixed.findings if key(f) not in before]
-
-
-def _restricted(cfg: CheckConfig, paths) -> CheckConfig:
-    """The check restricted to the feature sets and scenarios of ``paths`` ((scenario, feature
-    set) pairs; a user-value variant counts as its scenario)."""
-    sets = tuple(dict.fromkeys(FeatureSet.parse(fs) for _, fs in paths))
-    return replace(cfg, feature_sets=sets, scenarios=tuple(dict.fromkeys(sc.partition("[")[0] for sc, _ in paths)),
-                   configurations=tuple(c for c in cfg.configurations if c[0] in {str(s) for s in sets}))
-
-
-def _class_config(cfg: CheckConfig, findings: list) -> CheckConfig:
-    """The check restricted to the feature sets and scenarios that showed ``findings``."""
-    return _restricted(cfg, [(f.scenario, f.features) for f in findings])
-
-
-def verify_patch(build, loaded: LoadedObject, cfg: CheckConfig, findings: list, name: str, diff_text: str, *,
-                 workers: int | None = None, progress: Progress | None = None) -> tuple[int, int, list]:
-    """A fix to code the image holds checked: the tree built with ``diff_text`` applied and
-    both builds checked on the feature sets and scenarios of ``findings``, as ``review``
-    does.  (how many of ``findings`` the fixed build no longer has, how many there were, the
-    findings only the fixed build has)."""
-    from entrycheck.explore.baseline import finding_key, keys_by_features
-    from entrycheck.kernel.review import patched_build
-
-    patched = patched_build(build, [(name, diff_text)], **({"progress": progress} if progress else {})).build
-    done = diff(build, loaded, patched, object_ref(patched).load(), _class_config(cfg, findings),
-                workers=workers, progress=progress)
-    keys_of = keys_by_features(loaded)
-    fixed = {repr(finding_key(keys_of(f), f)) for f in done.result.fixed_violations}
-    gone = sum(1 for f in findings if repr(finding_key(keys_of(f), f)) in fixed)
-    return gone, len(findings), list(done.result.new_violations)
-
-
-def verify_redundant_fix(build, loaded: LoadedObject, cfg: CheckConfig, w, name: str, diff_text: str, *,
-                         workers: int | None = None, progress: Progress | None = None) -> tuple[int, int, list]:
-    """A fix of a redundant write checked: both builds checked on the write's paths (feature
-    sets and scenarios); (the redundant writes of its register on the paths without injection
-    before, after, the findings only the fixed build has)."""
-    from entrycheck.kernel.review import patched_build
-
-    small = _restricted(cfg, w.paths)
-    patched = patched_build(build, [(name, diff_text)], **({"progress": progress} if progress else {})).build
-    done = diff(build, loaded, patched, object_ref(patched).load(), small, workers=workers, progress=progress)
-    msr = w.register != "CR3"
-
-    def redundant(result) -> int:
-        cost = result.cost()
-        return cost.msr_redundant if msr else cost.cr3_redundant
-
-    return redundant(done.old.result), redundant(done.new.result), list(done.result.new_violations)
 
 
 def coverage(build, loaded: LoadedObject, result: CheckResult):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from entrycheck import session
+from entrycheck import fixcheck, session
 from entrycheck.cli import EXIT_INTERNAL, _commit, _json_text, _load, _outputs, cli
 from entrycheck.cli.options import DiffOptions, ExploreOptions, as_given, diff_options, explore_options, resolve
 from entrycheck.errors import InputError
@@ -24,8 +24,8 @@ def _echo_mail(findings, redundant, build, loaded, target: str, mail_class: str 
             from entrycheck.report.progress import terminal_progress
 
             with terminal_progress() as progress:
-                return session.verify_redundant_fix(build, loaded, cfg, w, "fix.patch", fix.diff, workers=workers,
-                                                    progress=progress)
+                return fixcheck.verify_redundant_fix(build, loaded, cfg, w, "fix.patch", fix.diff, workers=workers,
+                                                     progress=progress)
 
         click.echo(mail.write_redundant(redundant[0], target=target, kernel_version=build.kernel_version,
                                         others=redundant[1:], source_tree=build.source_tree,
@@ -53,12 +53,12 @@ def _echo_mail(findings, redundant, build, loaded, target: str, mail_class: str 
 
     def verify(fs, fix):
         if not fix.compiled:
-            return session.verify_refusals(build, loaded, cfg, fs, fix.patched, workers=workers)
+            return fixcheck.verify_refusals(build, loaded, cfg, fs, fix.patched, workers=workers)
         from entrycheck.report.progress import terminal_progress
 
         with terminal_progress() as progress:
-            return session.verify_patch(build, loaded, cfg, fs, "fix.patch", fix.diff, workers=workers,
-                                        progress=progress)
+            return fixcheck.verify_patch(build, loaded, cfg, fs, "fix.patch", fix.diff, workers=workers,
+                                         progress=progress)
 
     click.echo(mail.write(findings, target=target, kernel_version=build.kernel_version, invariant=mail_class,
                           source_tree=build.source_tree, source_line=source_line,
