@@ -296,7 +296,8 @@ def test_the_espfix_fence_fix_is_built_and_verified_before_the_mail_suggests_it(
                         "--class", "swapgs-unfenced"], capture_output=True, text=True)
     assert p.returncode == 1, p.stderr[-2000:]
     mail = p.stdout
-    assert "native_irq_return_ldt" in mail.splitlines()[0]
+    assert mail.splitlines()[0] == "Subject: [PATCH] x86/entry/64: Fence SWAPGS in the espfix64 return"
+    assert "\nFixes: 18ec54fdd6d1\n" in mail
     assert all(len(line.expandtabs(8)) <= 72 for line in mail.splitlines()), \
         [line for line in mail.splitlines() if len(line.expandtabs(8)) > 72]
     m = re.search(r"Verified by entrycheck with the change applied: (\d+) of the (\d+) findings fixed, (\d+) new",

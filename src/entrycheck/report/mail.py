@@ -54,12 +54,15 @@ def write(findings: list[Finding], *, target: str, kernel_version: str | None, i
     shortest = min(fs, key=lambda f: (f.reach, len(f.injections), fs.index(f)))
     symbol = shortest.site.partition("+")[0]
     inv = INVARIANTS.get(name)
-    subject = f"Subject: x86/entry: {name} at {symbol}"
-    lines = [subject + (f" ({shortest.reach.label})" if len(subject) + len(shortest.reach.label) < 69 else "")]
+    fix = suggested_fix(fs, source_tree)
+    verified = verify(fs, fix) if fix and verify is not None else None
+    proven = fix is not None and verified is not None and verified[0] > 0
+    lines = [subject(fix if proven else None, f"{name} in {symbol}", name)]
     lines.append("")
     lines += _wrap(f"Found by exhaustive exception injection into the compiled entry code of {target}"
                    + (f" (kernel {kernel_version})" if kernel_version else "")
                    + f", feature set {shortest.features}. {len(fs)} distinct path(s) show it.")
+    lines += [""] + _wrap("Reach: " + reach_line(shortest))
     lines += ["", "What happens"]
     lines += _wrap(shortest.message, "  ", "  ")
     if inv is not None:
@@ -71,6 +74,10 @@ def write(findings: list[Finding], *, target: str, kernel_version: str | None, i
     lines += ["", f"What it needs ({shortest.reach.label})"]
     for p in shortest.preconditions:
         lines += _wrap(f"{p.text} ({p.reach.label})", "    ", "  - ")
+    origin = introduced(fs)
+    lines += ["", "Introduced by"]
+    lines += _wrap(origin[1] if origin else "not known to entrycheck: the tree carries no history and no "
+                   "change entrycheck cites matches this class.", "  ", "  ")
     lines += ["", "Reproduce"]
     lines += _shell(reproduce_command(target, shortest))
     if shortest.trace:
@@ -83,8 +90,6 @@ def write(findings: list[Finding], *, target: str, kernel_version: str | None, i
         lines += ["", "Also at"]
         lines += _wrap(", ".join(f"{s} (x{n})" if n > 1 else s for s, n in sorted(others.items())[:12])
                        + (" ..." if len(others) > 12 else ""), "  ", "  ")
-    fix = suggested_fix(fs, source_tree)
-    verified = verify(fs, fix) if fix and verify is not None else None
     lines += ["", "Suggested fix"]
     if fix and verified is not None and verified[0] == 0:
         lines += _wrap(f"{fix.what} was tried and removed none of these findings: no fix to suggest.", "  ", "  ")
@@ -105,6 +110,8 @@ def write(findings: list[Finding], *, target: str, kernel_version: str | None, i
                               "after the exit's VERW returns to it without one (entry_64.S leaves it on "
                               "purpose)." if known else ""), "  ", "  ")
         lines.append("")
+        if origin and origin[2] and proven:
+            lines += [f"Fixes: {origin[0]}", ""]
         lines += fix.diff.rstrip("\n").splitlines()
     else:
         lines += _wrap("Not mechanical: the trace above shows where the path goes wrong.", "  ", "  ")
@@ -139,7 +146,7 @@ def redundant_fix(w, source_tree: Path | None) -> Fix | None:
     return Fix("Skip IBRS_EXIT's write when the value IBRS_ENTER saved has IBRS set",
                "as PARANOID_RESTORE_CR3 skips the CR3 write when the saved CR3 is current: IBRS_ENTER "
                "did not write SPEC_CTRL then, so it still holds that value", path, new, _diff(path, old, new, 3),
-               True)
+               True, "Skip IBRS_EXIT's redundant SPEC_CTRL write")
 
 
 def write_redundant(w, *, target: str, kernel_version: str | None, others=(), source_tree: Path | None = None,
@@ -148,7 +155,11 @@ def write_redundant(w, *, target: str, kernel_version: str | None, others=(), so
     redundant writes of that register on the paths without injection before and after the fix,
     the findings it adds)."""
     scenario, features = w.paths[0]
-    lines = [f"Subject: x86/entry: redundant {w.register} write at {w.site}"]
+    fix = redundant_fix(w, source_tree)
+    verified = verify(w, fix) if fix is not None and verify is not None else None
+    proven = fix is not None and verified is not None and verified[1] < verified[0]
+    lines = [subject(fix if proven else None, f"redundant {w.register} write at {w.site}",
+                     f"redundant {w.register} write")]
     lines.append("")
     lines += _wrap(f"Found by running the compiled entry code of {target}"
                    + (f" (kernel {kernel_version})" if kernel_version else "")
@@ -169,8 +180,6 @@ def write_redundant(w, *, target: str, kernel_version: str | None, others=(), so
         lines += ["", "Other redundant writes"]
         lines += _wrap(", ".join(f"{o.site} ({o.register})" for o in others), "  ", "  ")
     lines += ["", "Suggested fix"]
-    fix = redundant_fix(w, source_tree)
-    verified = verify(w, fix) if fix is not None and verify is not None else None
     if fix is not None and (verified is None or verified[1] < verified[0]):
         lines += _wrap(f"{fix.what}, {fix.why}.", "  ", "  ")
         if verified is None:
@@ -191,6 +200,65 @@ def write_redundant(w, *, target: str, kernel_version: str | None, others=(), so
                        "must.", "  ", "  ")
     lines += ["", "-- ", f"entrycheck {__version__}"]
     return "\n".join(lines) + "\n"
+
+
+# The subsystem prefix of a change to each file, as the tree's history names it.
+_SUBSYSTEM = {
+    "arch/x86/kernel/hw_breakpoint.c": "x86/hw_breakpoint",
+    "arch/x86/entry/entry_64_fred.S": "x86/fred",
+    "arch/x86/entry/entry_64.S": "x86/entry/64",
+    "arch/x86/entry/calling.h": "x86/entry",
+}
+
+
+def subject(fix: Fix | None, what: str, short: str = "") -> str:
+    """The mail's subject: a patch's when a fix was verified, else a report's (``short`` when
+    ``what`` makes it too long)."""
+    if fix is not None and fix.summary:
+        line = f"Subject: [PATCH] {_SUBSYSTEM.get(fix.file, 'x86/entry')}: {fix.summary}"
+        if len(line) <= WIDTH:
+            return line
+    line = f"Subject: [BUG] x86/entry: {what}"
+    return line if len(line) <= WIDTH or not short else f"Subject: [BUG] x86/entry: {short}"
+
+
+def reach_line(f: Finding) -> str:
+    """Who can cause the finding and on which machine, in one line."""
+    machine = [p.text for p in f.preconditions if p.kind == "machine"]
+    return f.reach.label + (f"; {machine[0]}" if machine else "")
+
+
+# Where a class comes from, as the history entrycheck cites has it: (invariant, where it shows —
+# a site's symbol or a datum a breakpoint watches —, commit, what it did).
+INTRODUCED = (
+    ("verw-missing", "asm_fred_exit_user", "6613d82e617d",
+     "6613d82e617d moved the exit-to-user VERW out of C into the IDT exits' assembly; the FRED exit "
+     "to user mode has none, and no C code on its path clears the buffers any more."),
+    ("swapgs-unfenced", "native_irq_return_ldt", "18ec54fdd6d1",
+     "18ec54fdd6d1 fenced the SWAPGS of the kernel entries against speculation; the espfix64 "
+     "return to kernel mode, which runs SWAPGS twice, was left out."),
+    ("ist-reentered", "cpu_current_top_of_stack", "1591584e2e76",
+     "1591584e2e76 moved the top of stack out of cpu_tss_rw, which within_cpu_entry() refuses, into "
+     "a per-cpu variable it does not refuse."),
+)
+
+
+def introduced(findings: list[Finding]) -> tuple[str, str, bool] | None:
+    """(commit, why, whether it accounts for the whole class) of the change that introduced the
+    class, if a cited one matches it: at its site, or for one of the data its breakpoints watch
+    (the others' origin unknown)."""
+    sites = {f.site.partition("+")[0] for f in findings}
+    data = watched_data(findings)
+    for invariant, where, commit, why in INTRODUCED:
+        if findings[0].invariant != invariant:
+            continue
+        if where in sites:
+            return commit, why, True
+        if where in data:
+            rest = [d for d in data if d != where]
+            return commit, f"for {where}: {why}" + (
+                f" For {', '.join(rest)}: not known to entrycheck." if rest else ""), not rest
+    return None
 
 
 def _shell(command: str) -> list[str]:
@@ -229,22 +297,25 @@ class Fix:
     patched: str
     diff: str
     compiled: bool
+    summary: str = ""              # the patch's subject after the subsystem prefix
 
 
 # Fixes that add one line of the entry code after another: (invariant, site symbol, file,
-# the line after which, the line to add, what, why).
+# the line after which, the line to add, what, why, the patch's subject).
 _ASM_FIXES = (
     ("swapgs-unfenced", "native_irq_return_ldt", "arch/x86/entry/entry_64.S",
      "\tswapgs\t\t\t\t\t/* to kernel GS */\n", "\tFENCE_SWAPGS_USER_ENTRY\n",
      "Fence the espfix64 exit's SWAPGS with FENCE_SWAPGS_USER_ENTRY",
      "as 18ec54fdd6d1 fenced the entries' SWAPGS: without PTI nothing serialises before the per-cpu "
-     "load of espfix_waddr, which a mispredicted SS test reaches with the user GSBASE"),
+     "load of espfix_waddr, which a mispredicted SS test reaches with the user GSBASE",
+     "Fence SWAPGS in the espfix64 return"),
     ("verw-missing", "asm_fred_exit_user", "arch/x86/entry/entry_64_fred.S",
      "SYM_INNER_LABEL(asm_fred_exit_user, SYM_L_GLOBAL)\n\tFRED_EXIT\n", "\tCLEAR_CPU_BUFFERS\n",
      "Clear the CPU buffers before ERETU in asm_fred_exit_user",
      "as the IDT exits to user mode do since 3c7501722e6b put VERW just before the user-space "
      "transition in assembly and 6613d82e617d left it to the asm exits: the FRED exit was added "
-     "without it, and no C code on its path does it"),
+     "without it, and no C code on its path does it",
+     "Clear CPU buffers before ERETU to user mode"),
 )
 
 
@@ -278,9 +349,11 @@ def suggested_fix(findings: list[Finding], source_tree: Path | None) -> Fix | No
                   f"\t\tif (within_area(addr, end, (unsigned long)&per_cpu(\n"
                   f"\t\t\t\t{n}, cpu),\n\t\t\t\tsizeof({n})))\n\t\t\treturn true;\n" for n in names)
     new = old[:at] + add + old[at:]
+    short = f"Protect {names[0]}" if len(names) == 1 and len(names[0]) <= 30 else \
+        "Refuse breakpoints on entry data"
     return Fix(f"Refuse hardware breakpoints on {', '.join(names)} in within_cpu_entry()",
                "as on the other data the entry code reads there", BREAKPOINT_SOURCE, new,
-               _diff(BREAKPOINT_SOURCE, old, new, 1), False)
+               _diff(BREAKPOINT_SOURCE, old, new, 1), False, short)
 
 
 def _diff(path: str, old: str, new: str, context: int) -> str:
@@ -289,7 +362,7 @@ def _diff(path: str, old: str, new: str, context: int) -> str:
 
 
 def _asm_fix(findings: list[Finding], source_tree: Path) -> Fix | None:
-    for invariant, symbol, path, after, add, what, why in _ASM_FIXES:
+    for invariant, symbol, path, after, add, what, why, short in _ASM_FIXES:
         if not all(f.invariant == invariant and f.site.startswith(symbol) for f in findings):
             continue
         try:
@@ -299,8 +372,8 @@ def _asm_fix(findings: list[Finding], source_tree: Path) -> Fix | None:
         if old.count(after) != 1:
             return None
         new = old.replace(after, after + add)
-        return Fix(what, why, path, new, _diff(path, old, new, 3), True)
+        return Fix(what, why, path, new, _diff(path, old, new, 3), True, short)
     return None
 
 
-__all__ = ["Fix", "redundant_fix", "write", "write_redundant", "classes", "class_findings", "suggested_fix", "watched_data"]
+__all__ = ["Fix", "INTRODUCED", "introduced", "reach_line", "subject", "redundant_fix", "write", "write_redundant", "classes", "class_findings", "suggested_fix", "watched_data"]
