@@ -64,6 +64,13 @@ def test_cpu_all_is_every_preset_and_each_boot_option_that_changes_it() -> None:
         assert configuration(c.name, c.cmdline).features == fs and not infeasible(fs), c.label
 
 
+def test_cpu_presets_is_every_preset_booted_with_the_cmdline() -> None:
+    got = cpus.configurations(["presets"])
+    assert [c.label for c in got.values()] == list(PRESETS)
+    nopti = cpus.configurations(["presets"], "nopti")
+    assert all(c.cmdline == "nopti" and "pti" not in fs for fs, c in nopti.items())
+
+
 def test_bad_boot_options_are_input_errors() -> None:
     for line, match in (("retbleed=maybe", "retbleed=maybe: one of"), ("quiet", "'quiet' is not one"),
                         ("nopti=1", "nopti takes no value")):
@@ -168,6 +175,19 @@ def test_an_infeasible_set_is_refused_with_its_rule_or_run_and_marked(built_kern
     assert all("infeasible" in v for v in doc["violations"] if v["features"] == "pti,fence_swapgs_kernel,"
                "fence_swapgs_user")
     assert "ON NO MACHINE" in p.stdout
+    # trace refuses such a set too; a finding of one replays with the mark its check gave it
+    trace = [sys.executable, "-c", "from entrycheck.cli import main; main()", "trace", str(k.object_path),
+             "--tree", str(k.source_tree)]
+    p = subprocess.run(trace + ["--scenario", "syscall", "--features", "pti,fence_swapgs_kernel,fence_swapgs_user"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "only without pti" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    finding = tmp_path / "f.json"
+    finding.write_text(json.dumps({"violations": [{"scenario": "syscall", "injections": [],
+                                                   "features": "pti,fence_swapgs_kernel,fence_swapgs_user",
+                                                   "infeasible": "fence_swapgs_user is set only without pti"}]}))
+    p = subprocess.run(trace + ["--finding", str(finding)], capture_output=True, text=True)
+    assert p.returncode == 0 and "is on no machine: fence_swapgs_user is set only without pti" in p.stderr, p.stderr
+    assert "sysretq" in p.stdout.lower()
 
 
 @pytest.mark.kernel

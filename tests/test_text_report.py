@@ -33,3 +33,62 @@ def test_root_causes_come_first_then_the_easiest_to_reach() -> None:
     headers = [line.split(":")[0] for line in text.splitlines()
                if line.split(":")[0] in ("ist-reentered", "stale-tlb", "context-not-restored")]
     assert headers == ["ist-reentered", "stale-tlb", "context-not-restored"]
+
+
+def test_the_nmi_after_verw_corner_case_is_one_group_and_not_a_thing_to_fix() -> None:
+    """Returns to user mode after an NMI that followed the exit's VERW, at three exits, are one
+    corner case entry_64.S leaves on purpose: one group, counted apart from the things to fix;
+    a VERW missing without that NMI stays a thing to fix per exit."""
+    from entrycheck.explore.fixes import VERW_CORNER_CASE, group, to_fix
+    from entrycheck.props.invariants import VERW_AFTER_NMI
+
+    corner = [Finding("verw-missing", "syscall", FS, (), (Injection(Vector.NMI, s, 1),), s,
+                      "SYSRET to user mode after an exception ...: " + VERW_AFTER_NMI, (), ())
+              for s in ("entry_SYSRETQ_unsafe_stack+0xa", "native_irq_return_iret", "entry_SYSRETL_compat+0x58")]
+    plain = finding("verw-missing", Reach.UNPRIVILEGED, "asm_fred_exit_user+0x10")
+    groups = group(corner + [plain])
+    assert [g.mechanism for g in groups][0] == VERW_CORNER_CASE and len(groups) == 2
+    assert groups[0].documented == VERW_AFTER_NMI and not groups[1].documented
+    assert to_fix(groups) == 1
+    result = CheckResult((FS,), CheckConfig(scenarios=("syscall",), feature_sets=(FS,)),
+                         findings=corner + [plain], all_findings=4, runs=4)
+    text = " ".join(check_summary(result, target="entry_64.o", kernel_version=None).split())
+    assert "4 distinct (4 before deduplication), 1 thing(s) to fix, 1 corner case(s) the kernel leaves on purpose" \
+        in text
+    assert "not to fix: the NMI return to kernel mode skips CLEAR_CPU_BUFFERS on purpose" in text
+
+
+def test_a_check_without_speculation_features_says_speculation_was_not_checked() -> None:
+    """The model sets hold no CPU bug: the report says what it did not check and how to."""
+    root = finding("ist-reentered", Reach.ROOT, "asm_exc_nmi+0x30")
+    for sets, said in (((FS,), True), ((FS, FeatureSet.parse("pcid,fsgsbase,bug_swapgs,fence_swapgs_kernel")), False)):
+        result = CheckResult(sets, CheckConfig(scenarios=("syscall",), feature_sets=sets),
+                             findings=[root], all_findings=1, runs=1)
+        text = " ".join(check_summary(result, target="entry_64.o", kernel_version=None).split())
+        assert ("not checked: speculation" in text and "--cpu presets" in text) == said, text
+
+
+def test_mail_subjects_are_a_patch_when_the_fix_is_verified_and_fit_72_columns() -> None:
+    from entrycheck.report.mail import _ASM_FIXES, Fix, introduced, subject
+
+    fix = Fix("what", "why", "arch/x86/entry/entry_64_fred.S", "", "", True, "Clear CPU buffers before ERETU to user mode")
+    assert subject(fix, "verw-missing in asm_fred_exit_user") == \
+        "Subject: [PATCH] x86/fred: Clear CPU buffers before ERETU to user mode"
+    assert subject(None, "verw-missing in asm_fred_exit_user") == \
+        "Subject: [BUG] x86/entry: verw-missing in asm_fred_exit_user"
+    for entry in _ASM_FIXES:
+        patch = Fix("", "", entry[2], "", "", True, entry[-1])
+        assert subject(patch, "x").startswith("Subject: [PATCH] x86/"), entry
+    long = subject(None, "verw-missing in entry_SYSRETL_compat_unsafe_stack_and_more", "verw-missing")
+    assert long == "Subject: [BUG] x86/entry: verw-missing"
+    # Where a class comes from: its site, or one of the data its breakpoints watch.
+    fred = [finding("verw-missing", Reach.UNPRIVILEGED, "asm_fred_exit_user+0x10")]
+    assert introduced(fred)[0] == "6613d82e617d" and introduced(fred)[2]
+    db = Precondition(Reach.ROOT, "db", "a kernel data breakpoint on {} (per-cpu)")
+    two = [Finding("ist-reentered", "db-from-user", FS, (), (), "sync_regs+0x4", "m", (),
+                   (Precondition(db.reach, "db", db.text.format(name)),)) for name in
+           ("cpu_current_top_of_stack", "x86_spec_ctrl_current")]
+    commit, why, whole = introduced(two)
+    assert commit == "1591584e2e76" and not whole and "For x86_spec_ctrl_current: not known" in why
+    assert introduced(two[:1])[2]
+    assert introduced([finding("stale-tlb", Reach.UNPRIVILEGED, "asm_fred_exit_user+0x10")]) is None

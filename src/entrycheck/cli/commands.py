@@ -12,7 +12,7 @@ import click
 
 from entrycheck import session
 from entrycheck.cli import _commit, _json_text, _load, _outputs, cli
-from entrycheck.cli.options import TREE_OPTION, config_options
+from entrycheck.cli.options import TREE_OPTION, config_options, configurations
 from entrycheck.errors import InputError
 
 
@@ -61,10 +61,12 @@ def disasm(target: str, symbol: str, features: str, tree: str | None, intel: boo
 @click.option("--handler-effects", default=None, metavar="LIST", help="Handlers also do this (see check).")
 @click.option("--finding", default=None, metavar="FILE[:N]",
               help="Replay violation N (default 0) of a check JSON file.")
+@click.option("--allow-infeasible", is_flag=True, help="Run a --features set no machine can have.")
 @TREE_OPTION
 @config_options
 @click.option("--json", "json_out", default=None, metavar="PATH|-", help="Write the trace as JSON.")
-def trace(target, scenario_name, features, injects, handler_effects, finding, tree, json_out, config) -> None:
+def trace(target, scenario_name, features, injects, handler_effects, finding, allow_infeasible, tree, json_out,
+          config) -> None:
     """Run one path instruction by instruction and show every privileged state change."""
     from entrycheck.explore.check import parse_effects
     from entrycheck.explore.replay import parse_injection, trace as run_trace
@@ -75,7 +77,9 @@ def trace(target, scenario_name, features, injects, handler_effects, finding, tr
     from entrycheck.report.text import trace_text
 
     if finding:
-        scenario_name, features, injects, handler_effects = _from_finding(finding)
+        # a finding of a set its check ran under --allow-infeasible replays as it was found
+        scenario_name, features, injects, handler_effects, marked = _from_finding(finding)
+        allow_infeasible = allow_infeasible or marked
     if not scenario_name:
         from entrycheck.explore.scenarios import SCENARIOS
 
@@ -84,6 +88,8 @@ def trace(target, scenario_name, features, injects, handler_effects, finding, tr
     out = _outputs(json_out)
     build, loaded = _load(target, tree, config)
     fs = FeatureSet.parse(features)
+    fs.validate(loaded.features)
+    (_, _, rule), = configurations((fs,), build.source_tree, allow_infeasible)
     image = loaded.image(fs)
     world = build_world(image)
     injections = tuple(parse_injection(i, image) for i in injects)
@@ -95,6 +101,8 @@ def trace(target, scenario_name, features, injects, handler_effects, finding, tr
     _commit(out)
     if json_out != "-":
         click.echo(trace_text(t, image, target=target, features=str(fs)))
+    if rule:
+        click.echo(f"feature set {fs} is on no machine: {rule}", err=True)
 
 
 def _from_finding(spec: str):
@@ -116,7 +124,7 @@ def _from_finding(spec: str):
             raise TypeError
     except (KeyError, TypeError, AttributeError, ValueError, RecursionError):
         raise InputError(f"{path} has no violation {index or 0} (expected the JSON of entrycheck check)") from None
-    return v["scenario"], v["features"], injects, ",".join(effects) or None
+    return v["scenario"], v["features"], injects, ",".join(effects) or None, bool(v.get("infeasible"))
 
 
 

@@ -145,7 +145,7 @@ class ExploreOptions:
         from entrycheck.kernelabi.world import IDT_SYMBOLS
 
         sets = feature_sets(self.features, self.cpu, self.cmdline)
-        if any(n.strip().lower() == "all" for value in self.cpu for n in value.split(",")):
+        if any(n.strip().lower() in ("all", "presets") for value in self.cpu for n in value.split(",")):
             # a configuration needing a feature this kernel does not have (call depth tracking
             # before 6.2) is not one of this kernel's
             from entrycheck.image.features import parse_feature_sets
@@ -245,9 +245,9 @@ def explore_options(f):
         click.option("--features", "features", multiple=True, metavar="LIST", help=FEATURES_HELP),
         click.option("--cpu", "cpu", multiple=True, metavar="NAME",
                      help="A feature set as Linux 6.12 sets it for a CPU at its default boot (or under "
-                     "--cmdline): sandybridge, skylake, cascadelake, alderlake, zen2, zen3, zen4; all: each "
-                     "of them also booted with each boot option that changes its entry code (see "
-                     "'entrycheck cpus')."),
+                     "--cmdline): sandybridge, skylake, cascadelake, alderlake, zen2, zen3, zen4; presets: all "
+                     "seven; all: each of them also booted with each boot option that changes its entry "
+                     "code (see 'entrycheck cpus')."),
         click.option("--cmdline", default=None, metavar="OPTIONS",
                      help="Boot options of the --cpu presets, e.g. \"retbleed=ibpb nofsgsbase\": their features "
                      "are derived as bugs.c, common.c and pti.c decide them (see 'entrycheck cpus')."),

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from entrycheck.explore.paths import Finding
+from entrycheck.props.invariants import VERW_AFTER_NMI
 
 BREAKPOINT = "a kernel data breakpoint on "
 _REENTRY = re.compile(r"^(\w+) delivered through IST \d+ while the frame of the (\w+)")
@@ -26,6 +27,12 @@ class FixGroup:
     invariant: str
     mechanism: str                 # what one fix changes
     findings: tuple[Finding, ...]
+
+    @property
+    def documented(self) -> str:
+        """Why the kernel leaves the group alone on purpose, where its source says so ("": a thing
+        to fix)."""
+        return VERW_AFTER_NMI if self.mechanism == VERW_CORNER_CASE else ""
 
     @property
     def paths(self) -> int:
@@ -39,8 +46,11 @@ class FixGroup:
         return sorted(count.items(), key=lambda kv: (-kv[1], kv[0]))
 
     def watched(self) -> list[str]:
-        """The data the group's #DB breakpoints watch, by name (offsets and addresses dropped)."""
+        """The data the group's #DB breakpoints watch, by name (offsets and addresses dropped), for
+        the group of an IST stack re-entered."""
         out: list[str] = []
+        if self.invariant != "ist-reentered":
+            return out
         for f in self.findings:
             for p in f.preconditions:
                 if p.kind == "db" and p.text.startswith(BREAKPOINT):
@@ -55,7 +65,13 @@ class FixGroup:
         return {"invariant": self.invariant, "mechanism": self.mechanism, "paths": self.paths,
                 "findings": [index[id(f)] for f in self.findings],
                 "sites": [{"site": s, "paths": n} for s, n in self.sites()],
+                **({"documented": self.documented} if self.documented else {}),
                 **({"watched": self.watched()} if self.watched() else {})}
+
+
+# One mechanism wherever the exit is: the exit's VERW ran, an NMI came after it and its return
+# to kernel mode did not clear the buffers again.
+VERW_CORNER_CASE = "an NMI after the exit's VERW returns to it without clearing the CPU buffers again"
 
 
 def _symbol(site: str) -> str:
@@ -77,6 +93,8 @@ def mechanism(f: Finding) -> str:
         where = _symbol(branch.at) if branch is not None else _symbol(f.site)
         return f"a mispredicted branch in {where} reaches a %gs: access with the user GSBASE unfenced"
     if f.invariant == "verw-missing":
+        if VERW_AFTER_NMI in f.message:
+            return VERW_CORNER_CASE
         return f"a return to user mode without VERW in {_symbol(f.site)}"
     return f"{f.invariant} in {_symbol(f.site)}"
 
@@ -89,4 +107,9 @@ def group(findings: list[Finding]) -> list[FixGroup]:
     return [FixGroup(inv, mech, tuple(fs)) for (inv, mech), fs in by.items()]
 
 
-__all__ = ["FixGroup", "group", "mechanism"]
+def to_fix(groups: list[FixGroup]) -> int:
+    """How many of ``groups`` are things to fix (not corner cases the kernel documents)."""
+    return sum(1 for g in groups if not g.documented)
+
+
+__all__ = ["FixGroup", "VERW_CORNER_CASE", "group", "mechanism", "to_fix"]

@@ -248,7 +248,7 @@ def preset(name: str) -> CpuPreset:
     try:
         return PRESETS[name.strip().lower()]
     except KeyError:
-        raise InputError(f"unknown CPU preset {name!r}; choose from {', '.join(PRESETS)} (or all)") from None
+        raise InputError(f"unknown CPU preset {name!r}; choose from {', '.join(PRESETS)} (or presets, all)") from None
 
 
 def configuration(name: str, cmdline: str = "") -> CpuPreset:
@@ -265,12 +265,17 @@ ENTRY_OPTIONS: tuple[str, ...] = ("nopti", "pti=on", "nopcid", "nofsgsbase", "no
 
 def configurations(names, cmdline: str = "") -> dict[FeatureSet, CpuPreset]:
     """The configurations of ``--cpu`` values (each may list several, comma-separated) booted
-    with ``cmdline``, by feature set (the first that gives a set names it).  ``all``: every
-    preset at its default boot, then each with each of ``ENTRY_OPTIONS`` added."""
+    with ``cmdline``, by feature set (the first that gives a set names it).  ``presets``: every
+    preset (booted with ``cmdline``); ``all``: every preset at its default boot, then each with
+    each of ``ENTRY_OPTIONS`` added."""
     out: dict[FeatureSet, CpuPreset] = {}
     for value in names:
         for name in value.split(","):
-            if name.strip().lower() == "all":
+            if name.strip().lower() == "presets":
+                for cpu in CPUS:
+                    c = configuration(cpu, cmdline)
+                    out.setdefault(c.features, c)
+            elif name.strip().lower() == "all":
                 for extra in ("",) + ENTRY_OPTIONS:
                     for cpu in CPUS:
                         c = configuration(cpu, f"{cmdline} {extra}".strip())

@@ -99,5 +99,10 @@ def spec_config(features) -> SpecConfig | None:
     return cfg if (cfg.swapgs or cfg.tracks or cfg.branches) else None
 
 
-__all__ = ["IST_INDEX", "IST_ORDER", "ist_index", "tss_ist_slot", "FRED_LEVELS", "FRED_STACKS", "SYSCALL_MASK",
+def speculation_checked(feature_sets) -> bool:
+    """Whether any of the feature sets switches a speculation check on."""
+    return any(spec_config(fs.names) is not None for fs in feature_sets)
+
+
+__all__ = ["speculation_checked", "IST_INDEX", "IST_ORDER", "ist_index", "tss_ist_slot", "FRED_LEVELS", "FRED_STACKS", "SYSCALL_MASK",
            "Helper", "ASM_HELPERS", "UNTRAIN_FUNCTIONS", "RETURN_THUNKS", "RETURNING_HELPERS", "spec_config"]

@@ -9,6 +9,7 @@ from entrycheck.explore.check import CheckResult
 from entrycheck.explore.paths import Cost
 from entrycheck.explore.replay import Trace
 from entrycheck.image.image import Image
+from entrycheck.kernelabi.linux import speculation_checked
 from entrycheck.machine import events as ev
 from entrycheck.machine.model import decode_cr3
 
@@ -85,6 +86,7 @@ def check_json(result: CheckResult, *, target: str, kernel_version: str | None, 
         "errors": list(result.errors),
         "violations": violations,
         "fixes": fix_groups(result.findings),
+        "speculation_checked": speculation_checked(result.feature_sets),
         "violations_before_dedup": result.all_findings,
         "violations_by_invariant": dict(sorted(by_invariant.items())),
         "cr3": base.cr3_json(),

@@ -11,6 +11,7 @@ from entrycheck.explore.coverage import COPY
 from entrycheck.explore.paths import Cost, Finding
 from entrycheck.explore.replay import Trace
 from entrycheck.image.image import Image
+from entrycheck.kernelabi.linux import speculation_checked
 from entrycheck.machine import events as ev
 from entrycheck.machine.model import decode_cr3
 
@@ -28,8 +29,11 @@ def _wrap(text: str, indent: str = "", first: str | None = None, width: int = WI
                          break_long_words=True, break_on_hyphens=False) or [first.rstrip()]
 
 
-def reproduce_command(target: str, f: Finding) -> str:
+def reproduce_command(target: str, f: Finding, infeasible: bool = False) -> str:
+    """The trace command that replays ``f`` (``infeasible``: its set is on no machine)."""
     parts = [f"entrycheck trace {target} --scenario {f.scenario}", f"--features {f.features}"]
+    if infeasible:
+        parts.append("--allow-infeasible")
     if f.effects:
         parts.append(f"--handler-effects {','.join(f.effects)}")
     parts += [f"--inject {i.spec()}" for i in f.injections]
@@ -142,11 +146,13 @@ def configuration_lines(cfg) -> list[str]:
 def finding_lines(findings: list[Finding], target: str, cfg, before_dedup: int) -> list[str]:
     """The findings, one entry per thing to fix (explore/fixes.py): root causes first, then
     the easiest to reach; each with its shortest path, how to replay it and its other sites."""
-    from entrycheck.explore.fixes import group
+    from entrycheck.explore.fixes import group, to_fix
 
     groups = group(findings)
-    lines = [f"VIOLATIONS: {len(findings)} distinct ({before_dedup} before deduplication), {len(groups)} "
-             "thing(s) to fix"]
+    documented = len(groups) - to_fix(groups)
+    lines = _wrap(f"VIOLATIONS: {len(findings)} distinct ({before_dedup} before deduplication), {to_fix(groups)} "
+                  "thing(s) to fix" + (f", {documented} corner case(s) the kernel leaves on purpose"
+                                       if documented else ""), "    ", "")
     order = sorted(groups, key=lambda g: (g.invariant != ROOT_CAUSE, min(f.reach for f in g.findings),
                                           groups.index(g)))
     bad = cfg.infeasible_sets()
@@ -158,6 +164,8 @@ def finding_lines(findings: list[Finding], target: str, cfg, before_dedup: int) 
                        f"{shortest.reach.label} at the easiest)", "    ", "")
         if g.watched():
             lines += _wrap("data watched: " + ", ".join(g.watched()), "      ", "    ")
+        if g.documented:
+            lines += _wrap("not to fix: " + g.documented, "      ", "    ")
         needs = [p.text for p in shortest.preconditions]
         if needs:
             lines += _wrap("needs: " + "; ".join(needs), "      ", "    ")
@@ -169,7 +177,8 @@ def finding_lines(findings: list[Finding], target: str, cfg, before_dedup: int) 
         if folded:
             lines += _wrap("symptoms folded under it (--unfold lists them): " + ", ".join(folded), "    ", "    ")
         lines.append("    reproduce:")
-        lines += shell_lines(reproduce_command(target, shortest), "        ", "      ")
+        lines += shell_lines(reproduce_command(target, shortest, str(shortest.features) in bad), "        ",
+                             "      ")
         others = [(s, n) for s, n in g.sites() if s != shortest.site]
         if others:
             lines += _wrap("also at (paths): " + ", ".join(f"{s} ({n})" for s, n in others[:8])
@@ -188,6 +197,10 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
                    + (f" x {len(cfg.branches())} handler-effect branches" if cfg.effects else "")
                    + f"; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}")
     lines += configuration_lines(cfg)
+    if not speculation_checked(result.feature_sets):
+        lines += _wrap("not checked: speculation (no set has a CPU bug or a speculation mitigation such as "
+                       "bug_swapgs, clear_cpu_buf or a return thunk); --cpu presets checks the seven preset "
+                       "CPUs as they boot", "    ", "")
     if result.user_values:
         n = len(result.feature_sets)
         shown = [v + ("" if len(sets) == n else f" ({len(sets)} sets)") for v, sets in result.user_values.items()]
