@@ -122,6 +122,26 @@ def test_vc_is_injected_only_before_instructions_that_raise_it(sev612: KernelBui
     assert {image.instruction_text(image.parse_location(s)).split()[0] for s in sites} <= {"rdmsr", "wrmsr"}
 
 
+def test_entry_ibpb_before_vc_switch_off_ist_nests_a_vc_on_the_vc_stack(sev612: KernelBuild) -> None:
+    """Zen 2 booted with retbleed=ibpb, as an SEV-ES guest: paranoid_entry's UNTRAIN_RET_FROM_CALL
+    calls entry_ibpb, whose WRMSR of PRED_CMD (not an MSR the VMSA holds) faults with #VC where
+    the hypervisor intercepts it — before vc_switch_off_ist has left the #VC stack, so the nested
+    #VC overwrites the outer one's frame.  At the default boot (untraining by a return thunk, no
+    WRMSR) the same paths are clean."""
+    from entrycheck.image.cpus import configuration
+
+    found = {}
+    for cmdline in ("retbleed=ibpb", ""):
+        fs = FeatureSet.of(configuration("zen2", cmdline).features.names + ("sev_es",))
+        cfg = CheckConfig(feature_sets=(fs,), scenarios=("vc-from-kernel",), depth=1, vectors=(Vector.VC,))
+        found[cmdline] = run_check(ref(sev612), cfg, workers=1).findings
+    assert ("entry_ibpb" in str(configuration("zen2", "retbleed=ibpb").features)
+            and "entry_ibpb" not in str(configuration("zen2").features))
+    assert [(f.invariant, f.site) for f in found["retbleed=ibpb"]] == [("ist-reentered", "entry_ibpb")]
+    assert "vc delivered through IST" in found["retbleed=ibpb"][0].message
+    assert found[""] == []
+
+
 # --------------------------------------------------------------------------- coverage
 
 

@@ -21,6 +21,7 @@ import bisect
 from entrycheck.explore.preconditions import DataNames, Precondition, Reach, for_injection
 from entrycheck.image import layout
 from entrycheck.kernel.guards import BUILTIN_REFUSALS
+from entrycheck.kernelabi.linux import IBPB_HELPERS
 from entrycheck.kernelabi.stubs import c_footprint
 from entrycheck.machine.api import StepLog
 from entrycheck.machine.model import RFLAGS_IF, CpuState, Vector, armed, can_deliver
@@ -98,10 +99,15 @@ class DeliveryPolicy:
 
     def raises_vc(self, pc: int) -> bool:
         """#VC is a fault of the instruction at ``pc`` (image/insns.py says which an SEV-ES
-        hypervisor intercepts); a C function's stub raises none: its #VCs are its own."""
+        hypervisor intercepts); a C function's stub raises none: its #VCs are its own.  The
+        stub of an IBPB helper (entry_ibpb) does: its WRMSR of PRED_CMD, an MSR the VMSA does
+        not hold, faults where the hypervisor intercepts it.  It is delivered at the stub's
+        first instruction: what entry_ibpb runs before its WRMSR only loads the WRMSR's
+        operands, which the #VC handler saves and restores."""
         got = self._vc_sites.get(pc)
         if got is None:
-            got = self._vc_sites[pc] = pc not in self.world.config.stubs and \
+            stub = self.world.config.stubs.get(pc)
+            got = self._vc_sites[pc] = stub in IBPB_HELPERS if stub is not None else \
                 self.image.code_section(pc) is not None and self.image.instructions.raises_vc(pc)
         return got
 

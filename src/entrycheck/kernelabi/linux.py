@@ -79,6 +79,7 @@ ASM_HELPERS: Mapping[str, Helper] = MappingProxyType({
 })
 UNTRAIN_FUNCTIONS = frozenset(n for n, h in ASM_HELPERS.items() if h in (Helper.UNTRAIN, Helper.IBPB))
 RETURN_THUNKS = frozenset(n for n, h in ASM_HELPERS.items() if h is Helper.RETURN_THUNK)
+IBPB_HELPERS = frozenset(n for n, h in ASM_HELPERS.items() if h is Helper.IBPB)
 # Helpers that only return: a mispredicted path runs through them (entry_ibpb's WRMSR serialises).
 RETURNING_HELPERS = frozenset(n for n, h in ASM_HELPERS.items() if h is not Helper.IBPB)
 
@@ -105,4 +106,4 @@ def speculation_checked(feature_sets) -> bool:
 
 
 __all__ = ["speculation_checked", "IST_INDEX", "IST_ORDER", "ist_index", "tss_ist_slot", "FRED_LEVELS", "FRED_STACKS", "SYSCALL_MASK",
-           "Helper", "ASM_HELPERS", "UNTRAIN_FUNCTIONS", "RETURN_THUNKS", "RETURNING_HELPERS", "spec_config"]
+           "Helper", "ASM_HELPERS", "UNTRAIN_FUNCTIONS", "RETURN_THUNKS", "IBPB_HELPERS", "RETURNING_HELPERS", "spec_config"]
