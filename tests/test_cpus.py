@@ -113,7 +113,11 @@ def test_every_default_set_names_a_configuration_that_has_it() -> None:
             got.discard("bug_swapgs")          # nothing speculates without a fence feature
         assert got == set(fs.names), (fs, w.label)
     assert witness(PRESETS["zen2"].features).label == "zen2"
-    assert witness(FeatureSet.parse("sev_es")) is None        # no SEV-ES guest among the presets
+    # SEV-ES is the guest's: an AMD configuration as a guest has it, an Intel one does not
+    guest = witness(FeatureSet.parse("sev_es,fsgsbase"))
+    assert guest.name.startswith("zen") and guest.label.endswith(", as an SEV-ES guest")
+    assert set(guest.features.names) == {"sev_es", "fsgsbase"}
+    assert witness(FeatureSet.parse("sev_es,kernel_ibrs")) is None
 
 
 def test_cmdline_needs_cpu_and_is_checked_before_any_work(tmp_path: Path) -> None:

@@ -234,10 +234,11 @@ class CpuPreset:
     cpu: str
     features: FeatureSet
     cmdline: str = ""
+    guest: str = ""              # the kind of guest the kernel runs as ("": bare metal or any)
 
     @property
     def label(self) -> str:
-        return f"{self.name} {self.cmdline}".strip()
+        return f"{self.name} {self.cmdline}".strip() + (f", as {self.guest}" if self.guest else "")
 
 
 PRESETS: dict[str, CpuPreset] = {c.name: CpuPreset(c.name, c.description, derive(c).features)
@@ -372,7 +373,13 @@ def _witnesses() -> dict[frozenset[str], CpuPreset]:
 
 def witness(fs: FeatureSet) -> CpuPreset | None:
     """A preset and boot options whose features are ``fs`` for everything the model runs (the
-    first found, fewest options first), or None when no CPU here can have it."""
+    first found, fewest options first), or None when no CPU here can have it.  SEV-ES is not the
+    CPU's but the guest's: an AMD preset's set plus ``sev_es`` is that preset as an SEV-ES guest."""
+    if "sev_es" in fs.names:
+        host = witness(FeatureSet.of(n for n in fs.names if n != "sev_es"))
+        if host is None or CPUS[host.name].vendor != "amd":
+            return None
+        return CpuPreset(host.name, host.cpu, fs, host.cmdline, "an SEV-ES guest")
     return _witnesses().get(_effective(fs.names))
 
 
