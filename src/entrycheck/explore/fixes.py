@@ -69,9 +69,10 @@ class FixGroup:
                 **({"watched": self.watched()} if self.watched() else {})}
 
 
-# One mechanism wherever the exit is: the exit's VERW ran, an NMI came after it and its return
-# to kernel mode did not clear the buffers again.
-VERW_CORNER_CASE = "an NMI after the exit's VERW returns to it without clearing the CPU buffers again"
+# One mechanism wherever the exit is: the exit's VERW ran, an exception came after it and its
+# return to kernel mode did not clear the buffers again.
+VERW_CORNER_CASE = ("an exception after the exit's VERW (an NMI, #MC or #DB) returns to it without "
+                    "clearing the CPU buffers again")
 
 
 def _symbol(site: str) -> str:
