@@ -92,3 +92,17 @@ def test_mail_subjects_are_a_patch_when_the_fix_is_verified_and_fit_72_columns()
     assert commit == "1591584e2e76" and not whole and "For x86_spec_ctrl_current: not known" in why
     assert introduced(two[:1])[2]
     assert introduced([finding("stale-tlb", Reach.UNPRIVILEGED, "asm_fred_exit_user+0x10")]) is None
+
+
+def test_the_mail_of_the_documented_corner_case_suggests_no_fix() -> None:
+    from entrycheck.props.invariants import VERW_AFTER_NMI
+    from entrycheck.report.mail import write
+
+    f = Finding("verw-missing", "syscall", FS, (), (Injection(Vector.NMI, "entry_SYSRETQ_unsafe_stack+0xa", 1),),
+                "entry_SYSRETQ_unsafe_stack+0xa", "SYSRET to user mode after ...: " + VERW_AFTER_NMI, (), ())
+    mail = write([f], target="debian:6.12", kernel_version=None, invariant=None, source_tree=None,
+                 source_line=lambda f, at: None)
+    flat = " ".join(mail.split())
+    assert mail.startswith("Subject: [BUG] x86/entry: verw-missing")
+    assert "Suggested fix None: the kernel leaves this on purpose: the NMI return to kernel mode skips" in flat
+    assert all(len(line.expandtabs(8)) <= 72 for line in mail.splitlines())

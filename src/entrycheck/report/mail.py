@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from entrycheck import __version__
+from entrycheck.explore.fixes import group
 from entrycheck.explore.paths import Finding
 from entrycheck.kernel.guards import BREAKPOINT_SOURCE
 from entrycheck.props.invariants import INVARIANTS, VERW_AFTER_NMI
@@ -113,6 +114,8 @@ def write(findings: list[Finding], *, target: str, kernel_version: str | None, i
         if origin and origin[2] and proven:
             lines += [f"Fixes: {origin[0]}", ""]
         lines += fix.diff.rstrip("\n").splitlines()
+    elif all(g.documented for g in group(fs)):
+        lines += _wrap("None: the kernel leaves this on purpose: " + group(fs)[0].documented + ".", "  ", "  ")
     else:
         lines += _wrap("Not mechanical: the trace above shows where the path goes wrong.", "  ", "  ")
     lines += ["", "-- ", f"entrycheck {__version__}"]
