@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import textwrap
 
@@ -12,7 +13,7 @@ import click
 
 from entrycheck import session
 from entrycheck.cli import _commit, _json_text, _load, _outputs, cli
-from entrycheck.cli.options import TREE_OPTION, config_options, configurations
+from entrycheck.cli.options import TREE_OPTION, as_given, config_options, configurations
 from entrycheck.errors import InputError
 
 
@@ -100,7 +101,9 @@ def trace(target, scenario_name, features, injects, handler_effects, finding, al
                                                   features=str(fs))))
     _commit(out)
     if json_out != "-":
-        click.echo(trace_text(t, image, target=target, features=str(fs)))
+        # the header is the command that replays it: the build's options included
+        given = SimpleNamespace(tree=tree, config=config[0], kconfig=config[1], c_stubs=config[2])
+        click.echo(trace_text(t, image, target=as_given(target, given), features=str(fs)))
     if rule:
         click.echo(f"feature set {fs} is on no machine: {rule}", err=True)
 
