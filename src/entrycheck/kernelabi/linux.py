@@ -105,5 +105,6 @@ def speculation_checked(feature_sets) -> bool:
     return any(spec_config(fs.names) is not None for fs in feature_sets)
 
 
-__all__ = ["speculation_checked", "IST_INDEX", "IST_ORDER", "ist_index", "tss_ist_slot", "FRED_LEVELS", "FRED_STACKS", "SYSCALL_MASK",
-           "Helper", "ASM_HELPERS", "UNTRAIN_FUNCTIONS", "RETURN_THUNKS", "IBPB_HELPERS", "RETURNING_HELPERS", "spec_config"]
+__all__ = ["IST_INDEX", "IST_ORDER", "ist_index", "tss_ist_slot", "FRED_LEVELS", "FRED_STACKS", "SYSCALL_MASK",
+           "Helper", "ASM_HELPERS", "UNTRAIN_FUNCTIONS", "RETURN_THUNKS", "IBPB_HELPERS", "RETURNING_HELPERS",
+           "spec_config", "speculation_checked"]
