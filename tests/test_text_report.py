@@ -71,7 +71,8 @@ def test_a_check_without_speculation_features_says_speculation_was_not_checked()
 def test_mail_subjects_are_a_patch_when_the_fix_is_verified_and_fit_72_columns() -> None:
     from entrycheck.report.mail import _ASM_FIXES, Fix, introduced, subject
 
-    fix = Fix("what", "why", "arch/x86/entry/entry_64_fred.S", "", "", True, "Clear CPU buffers before ERETU to user mode")
+    fix = Fix("what", "why", "arch/x86/entry/entry_64_fred.S", "", "", True,
+              "Clear CPU buffers before ERETU to user mode")
     assert subject(fix, "verw-missing in asm_fred_exit_user") == \
         "Subject: [PATCH] x86/fred: Clear CPU buffers before ERETU to user mode"
     assert subject(None, "verw-missing in asm_fred_exit_user") == \

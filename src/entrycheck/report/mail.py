@@ -379,4 +379,5 @@ def _asm_fix(findings: list[Finding], source_tree: Path) -> Fix | None:
     return None
 
 
-__all__ = ["Fix", "INTRODUCED", "introduced", "reach_line", "subject", "redundant_fix", "write", "write_redundant", "classes", "class_findings", "suggested_fix", "watched_data"]
+__all__ = ["Fix", "INTRODUCED", "introduced", "reach_line", "subject", "redundant_fix", "write", "write_redundant",
+           "classes", "class_findings", "suggested_fix", "watched_data"]
