@@ -19,6 +19,7 @@ from entrycheck.explore.paths import Finding
 from entrycheck.props.invariants import VERW_AFTER_NMI
 
 BREAKPOINT = "a kernel data breakpoint on "
+_PER_CPU = re.compile(r"\w+(?:\+0x[0-9a-f]+)? \(per-cpu\)")
 _REENTRY = re.compile(r"^(\w+) delivered through IST \d+ while the frame of the (\w+)")
 
 
@@ -46,20 +47,8 @@ class FixGroup:
         return sorted(count.items(), key=lambda kv: (-kv[1], kv[0]))
 
     def watched(self) -> list[str]:
-        """The data the group's #DB breakpoints watch, by name (offsets and addresses dropped), for
-        the group of an IST stack re-entered."""
-        out: list[str] = []
-        if self.invariant != "ist-reentered":
-            return out
-        for f in self.findings:
-            for p in f.preconditions:
-                if p.kind == "db" and p.text.startswith(BREAKPOINT):
-                    what = p.text[len(BREAKPOINT):]
-                    name = "the task stack" if what.startswith("task stack") else \
-                        re.split(r"[+ ]", what, maxsplit=1)[0]
-                    if name not in out:
-                        out.append(name)
-        return out
+        """The data the group's #DB breakpoints watch, for the group of an IST stack re-entered."""
+        return watched_data(self.findings) if self.invariant == "ist-reentered" else []
 
     def to_json(self, index: dict[int, int]) -> dict:
         return {"invariant": self.invariant, "mechanism": self.mechanism, "paths": self.paths,
@@ -67,6 +56,23 @@ class FixGroup:
                 "sites": [{"site": s, "paths": n} for s, n in self.sites()],
                 **({"documented": self.documented} if self.documented else {}),
                 **({"watched": self.watched()} if self.watched() else {})}
+
+
+def watched_data(findings, per_cpu_only: bool = False) -> list[str]:
+    """The data the findings' #DB breakpoints watch, by name (offsets and addresses dropped; the
+    task stack as "the task stack"), each once in order; ``per_cpu_only``: the per-cpu variables."""
+    out: list[str] = []
+    for f in findings:
+        for p in f.preconditions:
+            if p.kind != "db" or not p.text.startswith(BREAKPOINT):
+                continue
+            what = p.text[len(BREAKPOINT):]
+            if per_cpu_only and not _PER_CPU.match(what):
+                continue
+            name = "the task stack" if what.startswith("task stack") else re.split(r"[+ ]", what, maxsplit=1)[0]
+            if name not in out:
+                out.append(name)
+    return out
 
 
 # One mechanism wherever the exit is: the exit's VERW ran, an exception came after it and its
@@ -113,4 +119,4 @@ def to_fix(groups: list[FixGroup]) -> int:
     return sum(1 for g in groups if not g.documented)
 
 
-__all__ = ["FixGroup", "VERW_CORNER_CASE", "group", "mechanism", "to_fix"]
+__all__ = ["FixGroup", "VERW_CORNER_CASE", "group", "mechanism", "to_fix", "watched_data"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from entrycheck import __version__
-from entrycheck.explore.fixes import group
+from entrycheck.explore import fixes
 from entrycheck.explore.paths import Finding
 from entrycheck.kernel.guards import BREAKPOINT_SOURCE
 from entrycheck.props.invariants import INVARIANTS, VERW_AFTER_NMI
@@ -92,6 +92,7 @@ def write(findings: list[Finding], *, target: str, kernel_version: str | None, i
         lines += _wrap(", ".join(f"{s} (x{n})" if n > 1 else s for s, n in sorted(others.items())[:12])
                        + (" ..." if len(others) > 12 else ""), "  ", "  ")
     lines += ["", "Suggested fix"]
+    groups = fixes.group(fs)
     if fix and verified is not None and verified[0] == 0:
         lines += _wrap(f"{fix.what} was tried and removed none of these findings: no fix to suggest.", "  ", "  ")
     elif fix:
@@ -114,8 +115,8 @@ def write(findings: list[Finding], *, target: str, kernel_version: str | None, i
         if origin and origin[2] and proven:
             lines += [f"Fixes: {origin[0]}", ""]
         lines += fix.diff.rstrip("\n").splitlines()
-    elif all(g.documented for g in group(fs)):
-        lines += _wrap("None: the kernel leaves this on purpose: " + group(fs)[0].documented + ".", "  ", "  ")
+    elif all(g.documented for g in groups):
+        lines += _wrap("None: the kernel leaves this on purpose: " + groups[0].documented + ".", "  ", "  ")
     else:
         lines += _wrap("Not mechanical: the trace above shows where the path goes wrong.", "  ", "  ")
     lines += ["", "-- ", f"entrycheck {__version__}"]
@@ -279,13 +280,7 @@ def _shell(command: str) -> list[str]:
 
 def watched_data(findings: list[Finding]) -> list[str]:
     """The per-cpu variables the class's #DB preconditions name (breakpoints on them)."""
-    out = []
-    for f in findings:
-        for p in f.preconditions:
-            m = re.match(r"a kernel data breakpoint on (\w+)(?:\+0x[0-9a-f]+)? \(per-cpu\)", p.text)
-            if p.kind == "db" and m and m.group(1) not in out:
-                out.append(m.group(1))
-    return out
+    return fixes.watched_data(findings, per_cpu_only=True)
 
 
 @dataclass(frozen=True)
