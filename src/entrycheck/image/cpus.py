@@ -272,12 +272,8 @@ def configurations(names, cmdline: str = "") -> dict[FeatureSet, CpuPreset]:
     out: dict[FeatureSet, CpuPreset] = {}
     for value in names:
         for name in value.split(","):
-            if name.strip().lower() == "presets":
-                for cpu in CPUS:
-                    c = configuration(cpu, cmdline)
-                    out.setdefault(c.features, c)
-            elif name.strip().lower() == "all":
-                for extra in ("",) + ENTRY_OPTIONS:
+            if name.strip().lower() in ("presets", "all"):
+                for extra in ("",) + (ENTRY_OPTIONS if name.strip().lower() == "all" else ()):
                     for cpu in CPUS:
                         c = configuration(cpu, f"{cmdline} {extra}".strip())
                         out.setdefault(c.features, c)
