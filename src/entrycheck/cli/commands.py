@@ -102,8 +102,8 @@ def trace(target, scenario_name, features, injects, handler_effects, finding, al
     _commit(out)
     if json_out != "-":
         # the header is the command that replays it: the build's options included
-        given = SimpleNamespace(tree=tree, config=config[0], kconfig=config[1], c_stubs=config[2])
-        click.echo(trace_text(t, image, target=as_given(target, given), features=str(fs)))
+        shown = as_given(target, SimpleNamespace(tree=tree, build_config=config))
+        click.echo(trace_text(t, image, target=shown, features=str(fs)))
     if rule:
         click.echo(f"feature set {fs} is on no machine: {rule}", err=True)
 

@@ -33,16 +33,18 @@ def resolve(target: str, tree: str | None, progress, config: tuple = (None, (), 
 
 
 def as_given(target: str, opts) -> str:
-    """TARGET with the options that chose its build (--tree, --config, --kconfig), quoted for a
-    shell: what a reproducer command needs to load the same image."""
+    """TARGET with the options that chose its build (``opts.tree``, and ``opts.build_config``:
+    --config, --kconfig, --c-stubs as ``config_options`` gives them), quoted for a shell: what a
+    reproducer command needs to load the same image."""
+    config, kconfig, c_stubs = opts.build_config
     args = [target]
     if opts.tree:
         args += ["--tree", opts.tree]
-    if opts.config:
-        args += ["--config", opts.config]
-    for option in opts.kconfig:
+    if config:
+        args += ["--config", config]
+    for option in kconfig:
         args += ["--kconfig", option]
-    if opts.c_stubs:
+    if c_stubs:
         args.append("--c-stubs")
     return shlex.join(args)
 
