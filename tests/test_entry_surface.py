@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from entrycheck.explore.check import CheckConfig
-from entrycheck.session import ObjectRef, run_check
+from entrycheck.session import ObjectRef, object_ref, run_check
 from entrycheck.explore.coverage import COPY, coverage
 from entrycheck.explore.replay import trace
 from entrycheck.explore.scenarios import scenario
@@ -71,6 +71,28 @@ def test_fred_build_is_clean_with_fred(fred612: KernelBuild) -> None:
     cover = {c.name: c for c in coverage(load_build(fred612).image(FeatureSet.parse("")), fred612.parts,
                                          frozenset().union(*result.covered.values()), (True, False))}
     assert cover["entry_64_fred.o"].percent == 100.0 and cover["entry_64.o"].covered == 0
+
+
+def test_a_fred_build_booted_without_fred_puts_pt_regs_below_the_padding(fred612: KernelBuild,
+                                                                         kernel612: KernelBuild) -> None:
+    """CONFIG_X86_FRED reserves two words at the task stack's end (thread_info.h); the IDT entries
+    put pt_regs below them, where arch_enter_from_user_mode() checks it.  The padding the world
+    uses is the tree's, with and without FRED built."""
+    import re
+
+    from entrycheck.kernelabi.linux import stack_padding
+
+    text = (fred612.source_tree / "arch/x86/include/asm/thread_info.h").read_text()
+    x86_64 = text[text.index("#else /* x86-64 */"):]
+    m = re.search(r"# ifdef CONFIG_X86_FRED\s+#\s*define TOP_OF_KERNEL_STACK_PADDING \((\d+) \* (\d+)\)\s+# else\s+"
+                  r"#\s*define TOP_OF_KERNEL_STACK_PADDING 0", x86_64)
+    assert m, x86_64[:400]
+    assert stack_padding(load_build(fred612).symbols) == int(m.group(1)) * int(m.group(2))
+    assert stack_padding(load_build(kernel612).symbols) == 0
+    cfg = CheckConfig(feature_sets=(FeatureSet.parse("pti,pcid"),), scenarios=("syscall", "exception-from-user"),
+                      depth=0)
+    result = run_check(object_ref(fred612), cfg, workers=1)      # the noinstr C runs: its WARNs are checked
+    assert result.findings == [], [(f.invariant, f.scenario, f.site, f.message) for f in result.findings]
 
 
 def test_fred_with_pti_reaches_kernel_memory_with_the_user_page_tables(fred612: KernelBuild) -> None:

@@ -84,6 +84,20 @@ IBPB_HELPERS = frozenset(n for n, h in ASM_HELPERS.items() if h is Helper.IBPB)
 RETURNING_HELPERS = frozenset(n for n, h in ASM_HELPERS.items() if h is not Helper.IBPB)
 
 
+# TOP_OF_KERNEL_STACK_PADDING (arch/x86/include/asm/thread_info.h): on x86-64 two words with
+# CONFIG_X86_FRED (a FRED frame holds two more, the event data and a reserved word), else none.
+# The top of stack the IDT entries and sync_regs put pt_regs under (pcpu_hot.top_of_stack, the
+# TSS's sp1: task_top_of_stack()) is that far below the stack's end; FRED's RSP0 is the end itself
+# (update_task_stack()).  CONFIG_X86_FRED is what builds entry_64_fred.o, whose entry point the
+# object then has.
+FRED_STACK_PADDING = 16
+
+
+def stack_padding(symbols) -> int:
+    """TOP_OF_KERNEL_STACK_PADDING of the kernel whose linked entry objects define ``symbols``."""
+    return FRED_STACK_PADDING if "asm_fred_entrypoint_user" in symbols else 0
+
+
 # ---- speculation mitigations, by the X86_FEATURE_* names the alternatives use ------------------
 def spec_config(features) -> SpecConfig | None:
     """The checks a feature set asks for: each one when the mitigation whose ordering it checks
@@ -107,4 +121,4 @@ def speculation_checked(feature_sets) -> bool:
 
 __all__ = ["IST_INDEX", "IST_ORDER", "ist_index", "tss_ist_slot", "FRED_LEVELS", "FRED_STACKS", "SYSCALL_MASK",
            "Helper", "ASM_HELPERS", "UNTRAIN_FUNCTIONS", "RETURN_THUNKS", "IBPB_HELPERS", "RETURNING_HELPERS",
-           "spec_config", "speculation_checked"]
+           "spec_config", "speculation_checked", "FRED_STACK_PADDING", "stack_padding"]

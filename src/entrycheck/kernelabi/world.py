@@ -266,13 +266,15 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
     if tss is None:
         raise InputError(f"{loaded.path}: the entry code never uses cpu_tss_rw; cannot model its TSS")
     put("cpu_tss_rw", offsets["TSS_sp0"], entry_top)
-    put("cpu_tss_rw", offsets["TSS_sp1"], task_top)
+    # task_top_of_stack(): pt_regs's end, below the stack's end by TOP_OF_KERNEL_STACK_PADDING
+    pt_regs_top = task_top - linux.stack_padding(loaded.symbols)
+    put("cpu_tss_rw", offsets["TSS_sp1"], pt_regs_top)
     for vec in IST_ORDER:
         put("cpu_tss_rw", linux.tss_ist_slot(0, offsets, vec), ist_tops[vec])
     put("cpu_tlbstate", offsets["TLB_STATE_loaded_mm_asid"], params.asid, 2)
     put("cpu_tlbstate", offsets["TLB_STATE_user_pcid_flush_mask"], 0, 2)
-    put("pcpu_hot", offsets["X86_top_of_stack"], task_top)
-    put("cpu_current_top_of_stack", 0, task_top)
+    put("pcpu_hot", offsets["X86_top_of_stack"], pt_regs_top)
+    put("cpu_current_top_of_stack", 0, pt_regs_top)
     put("x86_spec_ctrl_current", 0, SPEC_CTRL_IBRS if ibrs else 0)
     put("fixed_percpu_data", offsets["FIXED_stack_canary"], params.stack_canary)
     if loaded.noinstr_c:
