@@ -210,3 +210,37 @@ def test_reach_is_read_from_the_tree_and_the_config(kernel: str, built_kernels: 
     assert facts["modify_ldt"] == "y"                 # defconfig keeps modify_ldt(), so espfix64 is reachable
     assert facts["breakpoint"] == "CAP_SYS_ADMIN"     # hw_breakpoint.c's capable() test
     assert reach_facts(None, None) == {"fred": None, "modify_ldt": None, "breakpoint": None}
+
+
+@pytest.mark.kernel
+def test_a_default_check_adds_the_presets_at_depth_0_and_says_what_it_leaves(built_kernels: dict[str, KernelBuild],
+                                                                             tmp_path: Path) -> None:
+    """The 16 model sets hold no CPU bug: a default check adds the seven presets as they boot,
+    explored at depth 0 (their paths and mispredicted branches), and finds the espfix64 SWAPGS
+    class on 6.12 with them; sets asked for (--features, --cpu) are explored as asked."""
+    from entrycheck.cli.options import ExploreOptions
+    from entrycheck.explore.check import make_units
+    from entrycheck.image import load_build
+
+    k = built_kernels["6.12"]
+    loaded = load_build(k)
+    cfg = ExploreOptions().check_config(loaded, k.source_tree)
+    presets = set(cpus.preset_sets(["presets"]))
+    assert set(cfg.paths_only) == presets and cfg.feature_sets[:16] == all_model_feature_sets()
+    assert cfg.depth == 1 and {u.depth for u in make_units(cfg) if u.features in presets} == {0}
+    assert {u.depth for u in make_units(cfg) if u.features not in presets} == {None}
+    named = {fs: cpu for fs, cpu, _ in cfg.configurations}
+    assert all(named[str(fs)] == configuration(c).label for c in CPUS for fs in [configuration(c).features])
+    assert not cfg.not_checked                          # 6.12's defconfig builds no FRED entry
+    assert not ExploreOptions(features=("pti,pcid",)).check_config(loaded, k.source_tree).paths_only
+    assert not ExploreOptions(cpu=("zen2",)).check_config(loaded, k.source_tree).paths_only
+    out = tmp_path / "c.json"
+    p = subprocess.run([sys.executable, "-c", "from entrycheck.cli import main; main()", "check", "debian:6.12",
+                        "--scenarios", "irq-from-kernel", "--json", str(out)], capture_output=True, text=True)
+    assert p.returncode == 1, p.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["paths_only"]) == {str(fs) for fs in presets} and doc["speculation_checked"]
+    espfix = [v for v in doc["violations"] if v["invariant"] == "swapgs-unfenced"]
+    assert espfix and all(v["site"].startswith("native_irq_return_ldt") and v["features"] in doc["paths_only"]
+                          for v in espfix)
+    assert "and the 7 preset CPUs as they boot at depth 0" in " ".join(p.stdout.split())

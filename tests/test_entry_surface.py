@@ -181,3 +181,13 @@ def test_coverage_names_each_object_and_what_it_missed(kernel612: KernelBuild) -
     # irq_entries_start's other stubs are copies of the one that ran; its first stub ran.
     assert any(s.why == COPY and s.first.startswith("irq_entries_start") for s in main.spans)
     assert by["entry_64_compat.o"].copied_percent == 100.0
+
+
+def test_a_check_of_a_fred_build_without_fred_says_the_fred_entry_did_not_run(fred612: KernelBuild) -> None:
+    """No preset CPU has FRED: a default check of a FRED build runs the IDT entries only and says so."""
+    from entrycheck.cli.options import ExploreOptions
+
+    loaded = load_build(fred612)
+    said = ExploreOptions().check_config(loaded, fred612.source_tree).not_checked
+    assert len(said) == 1 and said[0].startswith("the FRED entry (entry_64_fred.o is built")
+    assert not ExploreOptions(features=("fred",)).check_config(loaded, fred612.source_tree).not_checked

@@ -110,7 +110,7 @@ def test_unknown_cpu_preset_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert len(p.stderr.strip().splitlines()) == 1
 
 
-def _fixture_findings(tmp_path: Path, features: str):
+def _fixture_findings(tmp_path: Path, features: str, depth: int = 2):
     """The demo's hand-written entry fixture (GNU as at test time), whose paranoid_entry has the
     conditional SWAPGS of Linux before 18ec54fdd6d1: no LFENCE on either side."""
     from entrycheck.demo.run import VARIANTS, assemble, find_assembler
@@ -119,7 +119,7 @@ def _fixture_findings(tmp_path: Path, features: str):
     obj = assemble(find_assembler(), VARIANTS[0], tmp_path)
     result = run_check(ObjectRef(obj, None, None),
                        CheckConfig(scenarios=("nmi-from-kernel", "syscall"), feature_sets=(FeatureSet.parse(features),),
-                                   depth=2, user_values=False))
+                                   depth=depth, user_values=False))
     return result, {(f.scenario, tuple(i.spec() for i in f.injections), f.site) for f in result.findings
                     if f.invariant == "swapgs-unfenced"}
 
@@ -138,6 +138,16 @@ def test_an_unfenced_conditional_swapgs_is_found_both_ways(tmp_path: Path) -> No
     assert all(s == "syscall" for s, _, _ in found), found
     _, found = _fixture_findings(tmp_path, "fence_swapgs_kernel,bug_swapgs")
     assert ("nmi-from-kernel", ("mispredict@paranoid_entry+0x46",), "exc_nmi") in found
+
+
+def test_depth_0_still_follows_the_paths_mispredicted_branches(tmp_path: Path) -> None:
+    """A mispredicted branch is not an injection: at depth 0 the scenario's own path is still
+    followed down both sides of each conditional branch (and nothing is injected)."""
+    result, found = _fixture_findings(tmp_path, "fence_swapgs_kernel,bug_swapgs", depth=0)
+    assert result.speculated > 0
+    assert ("nmi-from-kernel", ("mispredict@paranoid_entry+0x46",), "exc_nmi") in found
+    assert all(len(i) == 1 for _, i, _ in found), found
+    assert len(result.paths) == len(result.config.scenarios)
 
 
 def test_a_reproducer_loads_the_image_the_check_ran(tmp_path: Path) -> None:

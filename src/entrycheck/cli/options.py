@@ -154,9 +154,20 @@ class ExploreOptions:
 
             given = set(parse_feature_sets(self.features))
             sets = tuple(fs for fs in sets if fs in given or all(n in loaded.features.numbers for n in fs.names))
+        cpus, paths_only = self.cpu, ()
+        if not self.features and not self.cpu:
+            # The model sets hold no CPU bug: the seven presets as they boot join them at depth 0, so
+            # that a default check runs the speculation checks on every path.
+            paths_only = tuple(fs for fs in feature_sets((), ("presets",))
+                               if fs not in sets and all(n in loaded.features.numbers for n in fs.names))
+            sets, cpus = sets + paths_only, ("presets",)
         for fs in sets:
             fs.validate(loaded.features)
-        origins = configurations(sets, source_tree, self.allow_infeasible, self.cpu, self.cmdline or "")
+        not_checked = ()
+        if "asm_fred_entrypoint_user" in loaded.symbols and not any("fred" in fs for fs in sets):
+            not_checked = ("the FRED entry (entry_64_fred.o is built, but no set has fred and no preset CPU has "
+                           "FRED; e.g. --features fred,pcid,fsgsbase,smap,clear_cpu_buf runs it)",)
+        origins = configurations(sets, source_tree, self.allow_infeasible, cpus, self.cmdline or "")
         vecs = parse_vectors(self.vectors)
         if self.vectors == DEFAULT_VECTORS:
             # The default vectors the object has an entry for (a fixture without interrupt entries).
@@ -169,7 +180,8 @@ class ExploreOptions:
                            effects=parse_effects(self.handler_effects), prune=not self.no_prune,
                            share=not self.no_share, max_runs=self.max_runs, fold=not self.unfold,
                            user_values=self.user_values, user_depth=self.user_depth, spec_window=self.spec_window,
-                           configurations=origins)
+                           configurations=origins, paths_only=paths_only,
+                           not_checked=not_checked)
 
     def _runnable(self, loaded, sets) -> tuple[str, ...]:
         """The scenarios to explore: the default ones this object has an entry for (a fixture

@@ -52,6 +52,15 @@ class CheckConfig(ExploreConfig):
     irq_flush: bool = True                # interrupt scenarios also run with tlb-shootdown
     # per feature set: (set, the CPU and boot options that have it or "", the rule it breaks or "")
     configurations: tuple[tuple[str, str, str], ...] = ()
+    # sets of feature_sets explored at depth 0 whatever the depth: their paths and those paths'
+    # mispredicted branches (the preset CPUs a default check adds for the speculation checks)
+    paths_only: tuple[FeatureSet, ...] = ()
+    # entry code the object has that no feature set runs, each with how to check it
+    not_checked: tuple[str, ...] = ()
+
+    def depth_of(self, fs: FeatureSet) -> int:
+        """The nesting depth ``fs`` is explored to."""
+        return 0 if fs in self.paths_only else self.depth
 
     def infeasible_sets(self) -> dict[str, str]:
         """The feature sets run under --allow-infeasible, with the rule each breaks."""
@@ -196,7 +205,9 @@ def make_units(cfg: CheckConfig, parts: int = 1, variants: Variants | None = Non
             if sc.needs and sc.needs not in fs:
                 continue
             own = (variants or {}).get((fs, name), ())
-            for sc_name, depth in [(name, None)] + [(v, min(cfg.depth, cfg.user_depth)) for v in own]:
+            top = cfg.depth_of(fs)
+            for sc_name, depth in [(name, None if top == cfg.depth else top)] + \
+                    [(v, min(top, cfg.user_depth)) for v in own]:
                 for effects in cfg.branches(scenario(sc_name)):
                     n = parts if (cfg.depth if depth is None else depth) >= 1 else 1
                     units.extend(Unit(index, fs, sc_name, effects, p, n, depth) for p in range(n))

@@ -174,8 +174,8 @@ class _Unit:
 
     # ---- injection points --------------------------------------------------------------
     def _explore_level(self, node: Node, depth_left: int, top: tuple[int, int] | None = None) -> None:
-        if depth_left <= 0:
-            return
+        if depth_left <= 0 and not self.ex.speculating:
+            return                   # (at depth 0 a path's mispredicted branches are still its own)
         depth = len(self.roots.stack)
         try:
             self._explore_boundaries(node, depth_left, top)
@@ -190,7 +190,7 @@ class _Unit:
         seen_blocked = False
         hits: dict[int, int] = {}
         cursor = log.cursor()
-        vectors = self.config.vectors
+        vectors = self.config.vectors if depth_left > 0 else ()
         entry = self._entry(node)
         fred = ex.world.config.fred is not None
         for k in range(first, last):

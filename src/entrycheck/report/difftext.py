@@ -6,7 +6,7 @@ from entrycheck import __version__
 from entrycheck.explore.costmodel import CostModel
 from entrycheck.explore.diff import DiffResult, scenario_summary
 from entrycheck.report.jsonout import configurations_json, findings_json
-from entrycheck.report.text import WIDTH, _wrap, configuration_lines
+from entrycheck.report.text import WIDTH, _wrap, configuration_lines, paths_only_lines
 
 PARANOID_FROM_KERNEL = ("nmi-from-kernel", "mc-from-kernel", "db-from-kernel")
 
@@ -24,10 +24,13 @@ def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: Cost
     for which, text in (("both", kernel_c[0]),) if kernel_c[0] == kernel_c[1] else zip(("old", "new"), kernel_c):
         if text:
             lines += _wrap(f"{which}: {text}", "       ", "  ")
-    lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.old.feature_sets)} feature sets; vectors "
-                   f"{','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}"
+    lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.old.feature_sets) - len(cfg.paths_only) * bool(cfg.depth)} feature "
+                   f"sets; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}"
                    + (f"; handler effects {','.join(e.value for e in cfg.effects)}" if cfg.effects else ""))
+    lines += paths_only_lines(cfg)
     lines += configuration_lines(cfg)
+    for what in cfg.not_checked:
+        lines += _wrap(f"not checked: {what}", "    ", "")
     lines += _wrap(f"{result.matched_count} paths matched, {result.only_old_count} only in old, "
                    f"{result.only_new_count} only in new")
     both = len(result.new.findings) - len(result.new_violations)
@@ -169,6 +172,8 @@ def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version
         "scenario_names": list(cfg.scenarios),
         "vectors": [v.label for v in cfg.vectors],
         "depth": cfg.depth,
+        "paths_only": [str(fs) for fs in cfg.paths_only],
+        "not_checked": list(cfg.not_checked),
         "handler_effects": [e.value for e in cfg.effects],
         "paths_matched": result.matched_count,
         "paths_only_in_old": result.only_old_count,

@@ -121,6 +121,15 @@ def coverage_lines(coverage, shown: int = 10) -> list[str]:
     return lines
 
 
+def paths_only_lines(cfg) -> list[str]:
+    """What the sets explored at depth 0 whatever the depth are there for."""
+    if not cfg.paths_only or cfg.depth == 0:
+        return []
+    return _wrap(f"and the {len(cfg.paths_only)} preset CPUs as they boot at depth 0: their paths and the "
+                 "paths' mispredicted branches, for the speculation checks (--cpu presets injects there too)",
+                 "    ", "")
+
+
 def configuration_lines(cfg) -> list[str]:
     """Per feature set, the CPU and boot options that have it (or the rule it breaks)."""
     if not cfg.configurations:
@@ -128,6 +137,8 @@ def configuration_lines(cfg) -> list[str]:
     lines = _wrap("feature sets, each with a CPU and boot options that have it ('entrycheck cpus'):", "    ", "")
     for fs, cpu, rule in cfg.configurations:
         what = f"ON NO MACHINE: {rule}" if rule else cpu or "none of the presets has it"
+        if cfg.depth and fs in {str(p) for p in cfg.paths_only}:
+            what += " (depth 0)"
         if len(fs) + len(what) + 4 <= WIDTH:
             lines.append(f"  {fs}: {what}")
             continue
@@ -193,14 +204,17 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
                   "")
     if kernel_c:
         lines += _wrap(kernel_c, "    ", "")
-    lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.feature_sets)} feature sets"
+    lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.feature_sets) - len(cfg.paths_only) * bool(cfg.depth)} feature sets"
                    + (f" x {len(cfg.branches())} handler-effect branches" if cfg.effects else "")
                    + f"; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}")
+    lines += paths_only_lines(cfg)
     lines += configuration_lines(cfg)
     if not speculation_checked(result.feature_sets):
         lines += _wrap("not checked: speculation (no set has a CPU bug or a speculation mitigation such as "
                        "bug_swapgs, clear_cpu_buf or a return thunk); --cpu presets checks the seven preset "
                        "CPUs as they boot", "    ", "")
+    for what in cfg.not_checked:
+        lines += _wrap(f"not checked: {what}", "    ", "")
     if result.user_values:
         n = len(result.feature_sets)
         shown = [v + ("" if len(sets) == n else f" ({len(sets)} sets)") for v, sets in result.user_values.items()]
