@@ -241,6 +241,31 @@ def test_a_compat_or_fred_entry_bug_is_found_by_diff(suite: Suite, mutant: Mutan
 
 
 @pytest.mark.kernel
+def test_a_nested_nmi_after_a_debug_exceptions_iret_is_explored(suite: Suite, tmp_path: Path) -> None:
+    """The nested-NMI history (CVE-2015-3290/5157): an NMI, a #DB inside its handler whose IRET
+    unblocks NMIs, then a second NMI in the rest of the outer handler.  With the nested-NMI
+    branch sent straight to nested_nmi_out, an NMI that arrives after exc_nmi returned is never
+    processed.  `diff` finds it from an NMI's own path at depth 2 (the #DB's run goes on into the
+    outer handler with NMIs unblocked: those boundaries are explored for NMIs) and from a system
+    call at depth 3 (NMI, #DB, NMI)."""
+    mutant = next(m for m in MUTANTS if m.name == "nested-nmi-dropped-after-mc")
+    cli = [sys.executable, "-c", "from entrycheck.cli import main; main()"]
+    for depth, scenario, chain in ((2, "nmi-from-kernel", ("db", "nmi")), (3, "syscall", ("nmi", "db", "nmi"))):
+        out = tmp_path / f"diff{depth}.json"
+        p = subprocess.run(cli + ["diff", str(suite.kernel(mutant).object_path), str(suite.build(mutant).object_path),
+                                  "--depth", str(depth), "--scenarios", scenario, "--features", "none",
+                                  "--vectors", "db,nmi", "--json", str(out)], capture_output=True, text=True)
+        assert p.returncode == 1, p.stdout[-2000:] + p.stderr
+        new = json.loads(out.read_text())["new_violations"]
+        lost = [v for v in new if v["invariant"] == "nmi-lost-or-corrupted"]
+        assert {v["invariant"] for v in new} == {"nmi-lost-or-corrupted"}, new[:2]
+        chains = {tuple(i["vector"] for i in v["injections"]) for v in lost}
+        assert chains == {chain}, chains
+        assert all(v["message"].startswith("an NMI was never processed") for v in lost)
+        assert any(v["site"].startswith("end_repeat_nmi") for v in lost)     # after exc_nmi returned
+
+
+@pytest.mark.kernel
 def test_stale_tlb_is_checked_by_default_through_interrupts(suite: Suite, tmp_path: Path) -> None:
     """Without --handler-effects: an interrupt may be a TLB-flush IPI, so the lost user-ASID flush
     of user-cr3-ignores-flush-mask is found on the interrupt's own return."""

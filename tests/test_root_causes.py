@@ -85,8 +85,10 @@ def test_a_nested_nmi_is_a_reentry_only_before_the_frame_is_copied(kernel612) ->
     roots = [f for f in result.findings if f.invariant == "ist-reentered"]
     assert roots
     for f in roots:
-        assert "latched" in f.message and f.reach is Reach.MACHINE_CHECK, f.message
-        assert any(i.vector.label == "mc" for i in f.injections)
+        # let in by the #MC's IRET: latched meanwhile, or arriving in the rest of the NMI handler
+        assert f.reach is Reach.MACHINE_CHECK, f.message
+        labels = [i.vector.label for i in f.injections]
+        assert "latched" in f.message and "mc" in labels or labels[-2:] == ["mc", "nmi"], (labels, f.message)
     # The frame is copied by the end of first_nmi's copy loop; nothing after it re-enters.
     copied = [f for f in roots if f.site.startswith(("repeat_nmi", "end_repeat_nmi", "nested_nmi"))]
     assert not copied, [(f.site, f.message) for f in copied]

@@ -193,8 +193,12 @@ class _Unit:
         vectors = self.config.vectors if depth_left > 0 else ()
         entry = self._entry(node)
         fred = ex.world.config.fred is not None
+        rest = node.continuation if node.continuation is not None else last
         for k in range(first, last):
             i = k - log.start
+            if k == rest:
+                # the rest of the parent's run, with NMIs unblocked: only an NMI is new there
+                vectors = tuple(v for v in vectors if v is Vector.NMI)
             pc = log.pcs[i]
             hits[pc] = hits.get(pc, 0) + 1
             if latched is not None and k >= latched.step:
@@ -247,7 +251,8 @@ class _Unit:
                     roots.stack.pop()
                     self.pre = self.entry_pre + node.pre + (pre,)
                     self._report_reentry(r)
-            if ex.speculating and cpu.cpl == 0 and i + 1 < len(log.pcs) and pc not in ex.world.config.stubs:
+            if ex.speculating and k < rest and cpu.cpl == 0 and i + 1 < len(log.pcs) and \
+                    pc not in ex.world.config.stubs:
                 jcc = ex.image.instructions.conditional(pc)
                 if jcc is not None and log.pcs[i + 1] in jcc:
                     wrong = jcc[1] if log.pcs[i + 1] == jcc[0] else jcc[0]
@@ -313,6 +318,8 @@ class _Unit:
         if rec.delivered is not None:
             child.points = node.converge_points(k, state)
             child.point_nodes = node.rejoinable(k)
+            if node.continuation is not None and k >= node.continuation:
+                child.points, child.point_nodes = child.points[:1], child.point_nodes[:1]
         else:
             child.points, child.point_nodes = node.points, node.point_nodes
         return child
@@ -340,7 +347,8 @@ class _Unit:
         chain = node.chain + (link,)
         prune = self.config.prune
         key = None
-        if prune and self.config.share:
+        rest = node.continuation is not None and k >= node.continuation
+        if prune and self.config.share and not rest:
             key = Memo.key(vector, log.cpus[i], log.outstanding[i], log.home, self.options)
             entry = ex.memo.lookup(key, log.regs[i], memory, log.outstanding[i], node.targets(k, memory))
             if entry is not None and self._attribute(node, k, entry, link):
@@ -348,6 +356,8 @@ class _Unit:
                 return
         state = log.state(k, cursor.frozen())
         points = node.converge_points(k, state) if prune else ()
+        if rest:
+            points = points[:1]          # its exception has returned: it can only rejoin this run
         rec = self._run(Request(state, deliver=vector, level=Level.EVENTS, converge=points, options=self.options,
                                 budget=self.config.budget, budget_from=k, cut_loops=prune))
         position = node.position + node.index(k)

@@ -42,6 +42,18 @@ class Node:
         first = self.log.start
         end = record.resumed_step if record.resumed_step is not None else record.final.steps
         self.window = (first, end)
+        # Where the run goes on after its exception returned, the rest is its parent's run — unless
+        # that return unblocked NMIs the parent had blocked (an IRET inside an NMI handler): then an
+        # NMI may arrive at each boundary of the rest, which the parent never let in.  Those
+        # boundaries are this run's too, for NMIs alone (``continuation``: the first of them).
+        self.continuation: int | None = None
+        if parent is not None and record.resumed_step is not None:
+            last = first + len(self.log.pcs)
+            r = record.resumed_step - first
+            if 0 <= r < len(self.log.pcs) and not self.log.cpus[r].nmi_blocked and \
+                    parent.log.cpus[parent_k - parent.log.start].nmi_blocked:
+                self.window = (first, last)
+                self.continuation = record.resumed_step
         if parent is None:
             before, pre_local, self.position = EMPTY, (), 0
         else:
