@@ -289,12 +289,15 @@ def derive_set(ref: ObjectRef, cfg: CheckConfig, fs: FeatureSet) -> tuple[tuple,
 
     ex = explorer(ref, cfg, fs)
     out, errors = [], []
+    # Variants are explored to this depth; at depth 0 no exception is delivered on their paths,
+    # so only what their own paths do tells them apart.
+    vectors = cfg.vectors if min(cfg.depth_of(fs), cfg.user_depth) > 0 else ()
     for name in cfg.scenarios:
         sc = scenario(name)
         if (sc.needs and sc.needs not in fs) or (sc.vector is not None and sc.vector not in ex.world.config.idt):
             continue
         try:
-            out.append((name, tuple(v.name for v in derive(ex, sc, cfg.vectors))))
+            out.append((name, tuple(v.name for v in derive(ex, sc, vectors))))
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - a fault of the model: recorded, the check goes on
