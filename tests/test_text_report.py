@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from entrycheck.explore.check import CheckConfig, CheckResult
 from entrycheck.explore.paths import Finding
 from entrycheck.explore.preconditions import Precondition, Reach
@@ -107,3 +109,19 @@ def test_the_mail_of_the_documented_corner_case_suggests_no_fix() -> None:
     assert mail.startswith("Subject: [BUG] x86/entry: verw-missing")
     assert "Suggested fix None: the kernel leaves this on purpose: the NMI return to kernel mode skips" in flat
     assert all(len(line.expandtabs(8)) <= 72 for line in mail.splitlines())
+
+
+def test_sets_explored_at_depth_0_are_counted_and_marked_apart() -> None:
+    """A default check's preset CPUs run at depth 0: the headline counts the sets explored to the
+    check's depth, a line says what the others are for, and each is marked in the list."""
+    preset = FeatureSet.parse("pcid,fsgsbase,bug_swapgs,fence_swapgs_kernel")
+    cfg = CheckConfig(scenarios=("syscall",), feature_sets=(FS, preset), depth=1, paths_only=(preset,),
+                      configurations=((str(FS), "zen4", ""), (str(preset), "skylake", "")))
+    result = CheckResult((FS, preset), cfg, runs=2)
+    text = " ".join(check_summary(result, target="entry_64.o", kernel_version=None).split())
+    assert "1 scenarios x 1 feature sets" in text
+    assert "and the 1 preset CPUs as they boot at depth 0" in text
+    assert f"{preset}: skylake (depth 0)" in text and f"{FS}: zen4 (depth 0)" not in text
+    at0 = " ".join(check_summary(CheckResult((FS, preset), replace(cfg, depth=0), runs=2), target="entry_64.o",
+                                 kernel_version=None).split())
+    assert "1 scenarios x 2 feature sets" in at0 and "(depth 0)" not in at0

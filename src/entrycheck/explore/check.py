@@ -62,6 +62,10 @@ class CheckConfig(ExploreConfig):
         """The nesting depth ``fs`` is explored to."""
         return 0 if fs in self.paths_only else self.depth
 
+    def sets_at_depth(self) -> int:
+        """How many feature sets are explored to the check's depth (the others: at depth 0)."""
+        return sum(1 for fs in self.feature_sets if self.depth_of(fs) == self.depth)
+
     def infeasible_sets(self) -> dict[str, str]:
         """The feature sets run under --allow-infeasible, with the rule each breaks."""
         return {fs: rule for fs, _, rule in self.configurations if rule}

@@ -24,8 +24,8 @@ def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: Cost
     for which, text in (("both", kernel_c[0]),) if kernel_c[0] == kernel_c[1] else zip(("old", "new"), kernel_c):
         if text:
             lines += _wrap(f"{which}: {text}", "       ", "  ")
-    lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.old.feature_sets) - len(cfg.paths_only) * bool(cfg.depth)} feature "
-                   f"sets; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}"
+    lines += _wrap(f"{len(cfg.scenarios)} scenarios x {cfg.sets_at_depth()} feature sets; vectors "
+                   f"{','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}"
                    + (f"; handler effects {','.join(e.value for e in cfg.effects)}" if cfg.effects else ""))
     lines += paths_only_lines(cfg)
     lines += configuration_lines(cfg)

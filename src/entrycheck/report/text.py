@@ -204,7 +204,7 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
                   "")
     if kernel_c:
         lines += _wrap(kernel_c, "    ", "")
-    lines += _wrap(f"{len(cfg.scenarios)} scenarios x {len(result.feature_sets) - len(cfg.paths_only) * bool(cfg.depth)} feature sets"
+    lines += _wrap(f"{len(cfg.scenarios)} scenarios x {cfg.sets_at_depth()} feature sets"
                    + (f" x {len(cfg.branches())} handler-effect branches" if cfg.effects else "")
                    + f"; vectors {','.join(v.label for v in cfg.vectors)}; depth {cfg.depth}")
     lines += paths_only_lines(cfg)
