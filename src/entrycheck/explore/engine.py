@@ -348,9 +348,12 @@ class _Unit:
         prune = self.config.prune
         key = None
         rest = node.continuation is not None and k >= node.continuation
-        if prune and self.config.share and not rest:
+        if prune and self.config.share:
             key = Memo.key(vector, log.cpus[i], log.outstanding[i], log.home, self.options)
-            entry = ex.memo.lookup(key, log.regs[i], memory, log.outstanding[i], node.targets(k, memory))
+            targets = node.targets(k, memory)
+            if rest:
+                targets = (targets[0], None)     # its exception has returned: only this run is there
+            entry = ex.memo.lookup(key, log.regs[i], memory, log.outstanding[i], targets)
             if entry is not None and self._attribute(node, k, entry, link):
                 self.result.shared += 1
                 return
