@@ -318,8 +318,6 @@ class _Unit:
         if rec.delivered is not None:
             child.points = node.converge_points(k, state)
             child.point_nodes = node.rejoinable(k)
-            if node.continuation is not None and k >= node.continuation:
-                child.points, child.point_nodes = child.points[:1], child.point_nodes[:1]
         else:
             child.points, child.point_nodes = node.points, node.point_nodes
         return child
@@ -347,20 +345,14 @@ class _Unit:
         chain = node.chain + (link,)
         prune = self.config.prune
         key = None
-        rest = node.continuation is not None and k >= node.continuation
         if prune and self.config.share:
             key = Memo.key(vector, log.cpus[i], log.outstanding[i], log.home, self.options)
-            targets = node.targets(k, memory)
-            if rest:
-                targets = (targets[0], None)     # its exception has returned: only this run is there
-            entry = ex.memo.lookup(key, log.regs[i], memory, log.outstanding[i], targets)
+            entry = ex.memo.lookup(key, log.regs[i], memory, log.outstanding[i], node.targets(k, memory))
             if entry is not None and self._attribute(node, k, entry, link):
                 self.result.shared += 1
                 return
         state = log.state(k, cursor.frozen())
         points = node.converge_points(k, state) if prune else ()
-        if rest:
-            points = points[:1]          # its exception has returned: it can only rejoin this run
         rec = self._run(Request(state, deliver=vector, level=Level.EVENTS, converge=points, options=self.options,
                                 budget=self.config.budget, budget_from=k, cut_loops=prune))
         position = node.position + node.index(k)

@@ -111,7 +111,7 @@ class Node:
         log = self.log
         own = Target(len(log.outstanding[i]), log.regs[i], memory, log.cpus[i], log.outstanding[i], self.live,
                      self.live_words, k)
-        if not self.points:
+        if not self.points or self.in_rest(k):
             return own, None
         p = self.points[0]
         if self._anc is None:
@@ -165,16 +165,23 @@ class Node:
             inherited = all(id(v) in before for v in violations)
         return violations, inherited, path, ends
 
+    def in_rest(self, k: int) -> bool:
+        """Whether boundary k comes after this run's exception returned (``continuation``): a run
+        injected there can only rejoin this one."""
+        return self.continuation is not None and k >= self.continuation
+
     def rejoinable(self, k: int) -> tuple[tuple["Node", int], ...]:
         """The recorded runs a run injected at boundary k may return into: this one at k, then
         each outer one at the boundary its exception interrupted (``Request.converge``'s order)."""
-        return ((self, k),) + self.point_nodes
+        return ((self, k),) if self.in_rest(k) else ((self, k),) + self.point_nodes
 
     def converge_points(self, k: int, state) -> tuple[ConvergePoint, ...]:
         """The stop rule of a run injected at boundary k from ``state``: rejoin this run at k, or
         any outer run where its exception returns."""
-        return (ConvergePoint(len(state.outstanding), state, self.live, k, 0),) + \
-            tuple(ConvergePoint(p.index, p.ref, p.live, p.boundary, t + 1) for t, p in enumerate(self.points))
+        own = (ConvergePoint(len(state.outstanding), state, self.live, k, 0),)
+        if self.in_rest(k):
+            return own
+        return own + tuple(ConvergePoint(p.index, p.ref, p.live, p.boundary, t + 1) for t, p in enumerate(self.points))
 
 
 __all__ = ["Node"]
