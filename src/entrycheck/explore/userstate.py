@@ -89,7 +89,7 @@ def _signature(explorer, sc: Scenario, vectors: tuple[Vector, ...], live: set[in
                                        budget=budget, cut_loops=True))
     log = rec.steps
     sig: list = [(rec.outcome, tuple(log.pcs))]
-    if sc.user.rflags is not None or any(getattr(sc.user, f) is not None for f in RETURN_FIELDS):
+    if not vectors or sc.user.rflags is not None or any(getattr(sc.user, f) is not None for f in RETURN_FIELDS):
         # Kernel code sees these only through the path's own frame (R11, pt_regs): an exception
         # delivered on the way saves the kernel's RFLAGS and RIP, not these.
         return tuple(sig)
