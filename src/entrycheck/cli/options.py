@@ -32,14 +32,14 @@ def resolve(target: str, tree: str | None, progress, config: tuple = (None, (), 
     return with_c_stubs(build) if config[2:] and config[2] else build
 
 
-def as_given(target: str, opts) -> str:
-    """TARGET with the options that chose its build (``opts.tree``, and ``opts.build_config``:
-    --config, --kconfig, --c-stubs as ``config_options`` gives them), quoted for a shell: what a
+def as_given(target: str, tree: str | None, build_config: tuple) -> str:
+    """TARGET with the options that chose its build (--tree, and ``build_config``: --config,
+    --kconfig, --c-stubs as ``config_options`` gives them), quoted for a shell: what a
     reproducer command needs to load the same image."""
-    config, kconfig, c_stubs = opts.build_config
+    config, kconfig, c_stubs = build_config
     args = [target]
-    if opts.tree:
-        args += ["--tree", opts.tree]
+    if tree:
+        args += ["--tree", tree]
     if config:
         args += ["--config", config]
     for option in kconfig:
@@ -144,7 +144,11 @@ class ExploreOptions:
         """The CheckConfig these options ask for, validated against a loaded object (and the
         feasibility rules as its source tree, if any, makes them)."""
         from entrycheck.explore.check import parse_effects, parse_vectors
+        from entrycheck.kernelabi.linux import fred_built
         from entrycheck.kernelabi.world import IDT_SYMBOLS
+
+        def here(fs) -> bool:                 # this kernel has every feature of fs
+            return all(n in loaded.features.numbers for n in fs.names)
 
         sets = feature_sets(self.features, self.cpu, self.cmdline)
         if any(n.strip().lower() in ("all", "presets") for value in self.cpu for n in value.split(",")):
@@ -153,18 +157,17 @@ class ExploreOptions:
             from entrycheck.image.features import parse_feature_sets
 
             given = set(parse_feature_sets(self.features))
-            sets = tuple(fs for fs in sets if fs in given or all(n in loaded.features.numbers for n in fs.names))
+            sets = tuple(fs for fs in sets if fs in given or here(fs))
         cpus, paths_only = self.cpu, ()
         if not self.features and not self.cpu:
             # The model sets hold no CPU bug: the seven presets as they boot join them at depth 0, so
             # that a default check runs the speculation checks on every path.
-            paths_only = tuple(fs for fs in feature_sets((), ("presets",))
-                               if fs not in sets and all(n in loaded.features.numbers for n in fs.names))
+            paths_only = tuple(fs for fs in feature_sets((), ("presets",)) if fs not in sets and here(fs))
             sets, cpus = sets + paths_only, ("presets",)
         for fs in sets:
             fs.validate(loaded.features)
         not_checked = ()
-        if "asm_fred_entrypoint_user" in loaded.symbols and not any("fred" in fs for fs in sets):
+        if fred_built(loaded.symbols) and not any("fred" in fs for fs in sets):
             not_checked = ("the FRED entry (entry_64_fred.o is built, but no set has fred and no preset CPU has "
                            "FRED; e.g. --features fred,pcid,fsgsbase,smap,clear_cpu_buf runs it)",)
         origins = configurations(sets, source_tree, self.allow_infeasible, cpus, self.cmdline or "")

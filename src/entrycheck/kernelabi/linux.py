@@ -91,11 +91,17 @@ RETURNING_HELPERS = frozenset(n for n, h in ASM_HELPERS.items() if h is not Help
 # (update_task_stack()).  CONFIG_X86_FRED is what builds entry_64_fred.o, whose entry point the
 # object then has.
 FRED_STACK_PADDING = 16
+FRED_ENTRY = "asm_fred_entrypoint_user"       # the FRED entry point (entry_64_fred.S)
+
+
+def fred_built(symbols) -> bool:
+    """Whether the linked entry objects defining ``symbols`` hold FRED's entry (CONFIG_X86_FRED)."""
+    return FRED_ENTRY in symbols
 
 
 def stack_padding(symbols) -> int:
     """TOP_OF_KERNEL_STACK_PADDING of the kernel whose linked entry objects define ``symbols``."""
-    return FRED_STACK_PADDING if "asm_fred_entrypoint_user" in symbols else 0
+    return FRED_STACK_PADDING if fred_built(symbols) else 0
 
 
 # ---- speculation mitigations, by the X86_FEATURE_* names the alternatives use ------------------
@@ -121,4 +127,5 @@ def speculation_checked(feature_sets) -> bool:
 
 __all__ = ["IST_INDEX", "IST_ORDER", "ist_index", "tss_ist_slot", "FRED_LEVELS", "FRED_STACKS", "SYSCALL_MASK",
            "Helper", "ASM_HELPERS", "UNTRAIN_FUNCTIONS", "RETURN_THUNKS", "IBPB_HELPERS", "RETURNING_HELPERS",
-           "spec_config", "speculation_checked", "FRED_STACK_PADDING", "stack_padding"]
+           "spec_config", "speculation_checked", "FRED_STACK_PADDING", "FRED_ENTRY", "fred_built",
+           "stack_padding"]

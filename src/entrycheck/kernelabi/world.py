@@ -320,9 +320,9 @@ def build_world(image: Image, params: WorldParams = WorldParams()) -> World:
             raise InputError(f"{loaded.path}: no {IDT_SYMBOLS[vec]}; is this the x86-64 entry_64.o?")
     tss_base = percpu_base + tss
     fred = None
-    if "fred" in image.features.names and "asm_fred_entrypoint_user" in loaded.symbols:
+    if "fred" in image.features.names and linux.fred_built(loaded.symbols):
         # cpu_init_fred_exceptions()/cpu_init_fred_rsps(): RSP0 the task stack, RSP1..3 as linux.py says.
-        fred = FredConfig(loaded.symbols["asm_fred_entrypoint_user"],
+        fred = FredConfig(loaded.symbols[linux.FRED_ENTRY],
                                 (task_top,) + tuple(ist_tops[v] for v in linux.FRED_STACKS), linux.FRED_LEVELS)
     config = MachineConfig(regions=tuple(regions), idt=MappingProxyType(idt),
                            ist_slots=MappingProxyType({v: linux.tss_ist_slot(tss_base, offsets, v)
