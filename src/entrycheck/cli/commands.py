@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import textwrap
 
@@ -102,7 +101,7 @@ def trace(target, scenario_name, features, injects, handler_effects, finding, al
     _commit(out)
     if json_out != "-":
         # the header is the command that replays it: the build's options included
-        shown = as_given(target, SimpleNamespace(tree=tree, build_config=config))
+        shown = as_given(target, tree, config)
         click.echo(trace_text(t, image, target=shown, features=str(fs)))
     if rule:
         click.echo(f"feature set {fs} is on no machine: {rule}", err=True)

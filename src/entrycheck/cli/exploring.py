@@ -124,7 +124,7 @@ def check(target, opts: ExploreOptions, json_out, html_out, explain, baseline, o
         raise InputError("--format mail writes to standard output: give --json a file")
     known = known_findings.load(baseline) if baseline else None
     build, loaded = _load(target, opts.tree, opts.build_config)
-    target = as_given(target, opts)
+    target = as_given(target, opts.tree, opts.build_config)
     cfg = opts.check_config(loaded, build.source_tree)
     with terminal_progress() as progress:
         done = session.check(build, loaded, cfg, workers=opts.workers, scheduler=opts.scheduler, progress=progress,
@@ -230,7 +230,8 @@ def diff(old, new, opts: ExploreOptions, report: DiffOptions) -> None:
     old_build, old_loaded = _load(old, opts.tree, opts.build_config)
     new_build, new_loaded = _load(new, opts.tree, opts.build_config)
     _run_diff(old_build, old_loaded, new_build, new_loaded, opts, report, out,
-              {"old_target": as_given(old, opts), "new_target": as_given(new, opts)})
+              {"old_target": as_given(old, opts.tree, opts.build_config),
+               "new_target": as_given(new, opts.tree, opts.build_config)})
 
 
 @cli.command()
@@ -264,6 +265,6 @@ def review(target, patches, opts: ExploreOptions, report: DiffOptions) -> None:
                 click.echo(f"note: {pl.file} hunk {pl.hunk} applied at line {pl.placed_line} (header says "
                            f"{pl.header_line}; {pl.context_mismatches} context lines differ)", err=True)
     _run_diff(base, session.object_ref(base).load(), new_build, session.object_ref(new_build).load(), opts, report, out,
-              {"old_target": as_given(target, opts), "new_target": as_given(str(patched.tree), opts),
-               "patches": texts},
+              {"old_target": as_given(target, opts.tree, opts.build_config),
+               "new_target": as_given(str(patched.tree), opts.tree, opts.build_config), "patches": texts},
               review=(texts, patched.applied.placements if patched.applied is not None else None))

@@ -6,7 +6,7 @@ from entrycheck import __version__
 from entrycheck.explore.costmodel import CostModel
 from entrycheck.explore.diff import DiffResult, scenario_summary
 from entrycheck.report.jsonout import configurations_json, findings_json
-from entrycheck.report.text import WIDTH, _wrap, configuration_lines, paths_only_lines
+from entrycheck.report.text import WIDTH, _wrap, configuration_lines, not_checked_lines, paths_only_lines
 
 PARANOID_FROM_KERNEL = ("nmi-from-kernel", "mc-from-kernel", "db-from-kernel")
 
@@ -29,8 +29,7 @@ def diff_text(result: DiffResult, *, old_label: str, new_label: str, model: Cost
                    + (f"; handler effects {','.join(e.value for e in cfg.effects)}" if cfg.effects else ""))
     lines += paths_only_lines(cfg)
     lines += configuration_lines(cfg)
-    for what in cfg.not_checked:
-        lines += _wrap(f"not checked: {what}", "    ", "")
+    lines += not_checked_lines(cfg)
     lines += _wrap(f"{result.matched_count} paths matched, {result.only_old_count} only in old, "
                    f"{result.only_new_count} only in new")
     both = len(result.new.findings) - len(result.new_violations)

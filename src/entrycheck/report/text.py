@@ -130,6 +130,11 @@ def paths_only_lines(cfg) -> list[str]:
                  "    ", "")
 
 
+def not_checked_lines(cfg) -> list[str]:
+    """Entry code the object has that no feature set ran, each with how to run it."""
+    return [line for what in cfg.not_checked for line in _wrap(f"not checked: {what}", "    ", "")]
+
+
 def configuration_lines(cfg) -> list[str]:
     """Per feature set, the CPU and boot options that have it (or the rule it breaks)."""
     if not cfg.configurations:
@@ -213,8 +218,7 @@ def check_summary(result: CheckResult, *, target: str, kernel_version: str | Non
         lines += _wrap("not checked: speculation (no set has a CPU bug or a speculation mitigation such as "
                        "bug_swapgs, clear_cpu_buf or a return thunk); --cpu presets checks the seven preset "
                        "CPUs as they boot", "    ", "")
-    for what in cfg.not_checked:
-        lines += _wrap(f"not checked: {what}", "    ", "")
+    lines += not_checked_lines(cfg)
     if result.user_values:
         n = len(result.feature_sets)
         shown = [v + ("" if len(sets) == n else f" ({len(sets)} sets)") for v, sets in result.user_values.items()]
