@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import shlex
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from entrycheck.errors import InputError
 from entrycheck.image.features import FeatureSet
@@ -127,6 +128,13 @@ def parse_cmdline(text: str) -> dict[str, str]:
     return out
 
 
+@functools.cache
+def _options(cmdline: str) -> MappingProxyType:
+    """``parse_cmdline``, once per command line (derive() is asked for every preset under
+    every line ``_witnesses`` tries)."""
+    return MappingProxyType(parse_cmdline(cmdline))
+
+
 @dataclass(frozen=True)
 class Derived:
     features: FeatureSet
@@ -137,7 +145,7 @@ def derive(cpu: Cpu, cmdline: str = "") -> Derived:
     """The features Linux 6.12 sets for ``cpu`` booted with ``cmdline``, in the order
     cpu_select_mitigations() decides them, each with the decision it comes from.  (6.1
     differs in one corner: its ``pti=on`` holds against ``mitigations=off``.)"""
-    opts = parse_cmdline(cmdline)
+    opts = _options(cmdline)
     off = opts.get("mitigations") == "off"
     f: set[str] = set()
     why: list[tuple[str, str]] = []
