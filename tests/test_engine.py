@@ -167,6 +167,47 @@ def test_shared_handler_runs_stand_for_what_brute_force_finds(number, tmp_path) 
     assert pruned.skipped == len(full) - len(kept) > 0
 
 
+@needs_as
+def test_a_recorded_runs_rest_is_summarised_as_its_events_from_there(tmp_path) -> None:
+    """Node.suffix (one pass from the end) against Summaries.of over the events left, at every
+    boundary of the demo's paths and of an NMI's run injected into each."""
+    from entrycheck.explore.node import Node
+    from entrycheck.explore.scenarios import SCENARIOS, delivery, start_state, stub_options
+    from entrycheck.machine.api import Level, Request
+    from entrycheck.machine.model import Vector
+    from entrycheck.session import explorer
+
+    obj = assemble(find_assembler(), VARIANTS[2], tmp_path)
+    fs = FeatureSet.parse("pti,pcid")
+    cfg = replace(demo_config(), feature_sets=(fs,))
+    ex = explorer(ObjectRef(obj, None, None), cfg, fs)
+    checked = 0
+    for name in ("syscall", "mc-from-kernel"):
+        sc = SCENARIOS[name]
+        options = stub_options(sc, frozenset(), ex.config.pt_regs_contract)
+        rec = ex.run(Request(start_state(ex.world, sc, ex.pristine), deliver=delivery(ex.world, sc),
+                             level=Level.STEPS, options=options))
+        root = Node(ex.summaries, ex.world, ex.wbase, rec, None, 0, (), -1)
+        nodes = [root]
+        log = root.log
+        for k in range(log.start, log.start + len(log.pcs), 7):
+            got = ex.run(Request(log.state(k, _memory_at(log, k)), deliver=Vector.NMI, level=Level.STEPS,
+                              options=options))
+            nodes.append(Node(ex.summaries, ex.world, ex.wbase, got, root, k, (), -1))
+        for node in nodes:
+            first, last = node.log.start, node.log.start + len(node.log.pcs)
+            for k in range(first, last):
+                assert node.suffix(k) == ex.summaries.of(node.events, node.index(k))
+                checked += 1
+    assert checked > 100
+
+
+def _memory_at(log, k: int):
+    cursor = log.cursor()
+    cursor.advance(k)
+    return cursor.frozen()
+
+
 def test_batches_keep_a_feature_set_on_one_worker_when_there_are_enough_sets() -> None:
     from entrycheck.explore.check import CheckConfig, make_batches, make_units
     from entrycheck.image.features import FeatureSet

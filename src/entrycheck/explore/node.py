@@ -61,7 +61,8 @@ class Node:
             before, pre_local = parent.prefix[i], parent.local_pre[i]
             self.position = parent.position + i
         n = len(self.events)
-        self.prefix: list[PathSummary] = summaries.prefixes(self.events, before)
+        self._contributions = tuple(summaries.contributions(self.events))
+        self.prefix: list[PathSummary] = summaries.prefixes(self.events, before, self._contributions)
         self.local_pre: list[tuple] = [pre_local] * (n + 1)
         own_local = local_violations(world, self.events, self.position)
         li = 0
@@ -71,7 +72,7 @@ class Node:
                 li += 1
             self.local_pre[i + 1] = self.local_pre[i] + own_local[start:li] if li > start else self.local_pre[i]
         self.own_local = own_local
-        self._suffix: dict[int, PathSummary] = {}
+        self._suffix: list[PathSummary] | None = None
         self._live: LiveIndex | None = None
         self._live_words: frozenset[int] | None = None
         self.points: tuple[ConvergePoint, ...] = ()
@@ -85,11 +86,9 @@ class Node:
 
     def suffix(self, k: int) -> PathSummary:
         """The summary of this run's events after boundary k."""
-        i = self.index(k)
-        got = self._suffix.get(i)
-        if got is None:
-            got = self._suffix[i] = self._summaries.of(self.events, i)
-        return got
+        if self._suffix is None:
+            self._suffix = self._summaries.suffixes(len(self.events), self._contributions)
+        return self._suffix[self.index(k)]
 
     @property
     def live(self) -> LiveIndex:

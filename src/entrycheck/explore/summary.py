@@ -105,13 +105,15 @@ class Summaries:
                 nmi = nmi + s
         return PathSummary(self._costs.intern(cost), self._traces.intern(cr3), nmi)
 
-    def prefixes(self, events: Sequence[Event], before: PathSummary) -> list[PathSummary]:
+    def prefixes(self, events: Sequence[Event], before: PathSummary,
+                 contributions: Sequence[tuple] | None = None) -> list[PathSummary]:
         """The summary of the path up to each event: element i covers ``before`` and the first i
-        events (element 0 is ``before``; unchanged stretches share one object)."""
+        events (element 0 is ``before``; unchanged stretches share one object).
+        ``contributions``: the events' ``contributions``, when the caller has them."""
         out = [before] * (len(events) + 1)
         cur = before
         last = 0
-        for i, c, t, s in self.contributions(events):
+        for i, c, t, s in (self.contributions(events) if contributions is None else contributions):
             for j in range(last + 1, i + 1):
                 out[j] = cur
             cur = PathSummary(self.add_cost(cur.cost, c) if c is not None else cur.cost,
@@ -120,6 +122,25 @@ class Summaries:
             last = i + 1
             out[last] = cur
         for j in range(last + 1, len(out)):
+            out[j] = cur
+        return out
+
+    def suffixes(self, n: int, contributions: Sequence[tuple]) -> list[PathSummary]:
+        """The summary of a run's events from each index on, for a run of ``n`` events whose
+        ``contributions`` are given: element i is ``of(events, i)`` (element n is empty), in one
+        pass from the end (each summary is its event's contribution followed by the next one)."""
+        out: list[PathSummary] = [EMPTY] * (n + 1)
+        cur = EMPTY
+        nxt = n
+        for i, c, t, s in reversed(contributions):
+            for j in range(i + 1, nxt):
+                out[j] = cur
+            cur = PathSummary(self.add_cost(c, cur.cost) if c is not None else cur.cost,
+                              self.concat((t,), cur.cr3) if t is not None else cur.cr3,
+                              s + cur.nmi if s is not NO_NMI else cur.nmi)
+            out[i] = cur
+            nxt = i
+        for j in range(nxt):
             out[j] = cur
         return out
 
