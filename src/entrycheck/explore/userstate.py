@@ -85,13 +85,16 @@ def _signature(explorer, sc: Scenario, vectors: tuple[Vector, ...], live: set[in
     options = stub_options(sc, frozenset(), explorer.config.pt_regs_contract)
     budget = explorer.config.budget
     start = start_state(world, sc, explorer.pristine)
-    rec = explorer.machine.run(Request(start, deliver=delivery(explorer.world, sc), level=Level.STEPS, options=options,
+    # Kernel code sees the return fields and RFLAGS only through the path's own frame (R11,
+    # pt_regs): an exception delivered on the way saves the kernel's RFLAGS and RIP, not these.
+    probing = bool(vectors) and sc.user.rflags is None and all(getattr(sc.user, f) is None for f in RETURN_FIELDS)
+    # Without probes the path's instructions are all a signature needs (PCS: no state per boundary).
+    rec = explorer.machine.run(Request(start, deliver=delivery(explorer.world, sc),
+                                       level=Level.STEPS if probing else Level.PCS, options=options,
                                        budget=budget, cut_loops=True))
     log = rec.steps
     sig: list = [(rec.outcome, tuple(log.pcs))]
-    if not vectors or sc.user.rflags is not None or any(getattr(sc.user, f) is not None for f in RETURN_FIELDS):
-        # Kernel code sees these only through the path's own frame (R11, pt_regs): an exception
-        # delivered on the way saves the kernel's RFLAGS and RIP, not these.
+    if not probing:
         return tuple(sig)
     user_rsp = start.regs.rsp
     user_gs = start.cpu.gs_base
@@ -117,7 +120,7 @@ def _signature(explorer, sc: Scenario, vectors: tuple[Vector, ...], live: set[in
             if not explorer.policy.allowed(vector, log, k, single_steps, entry) or \
                     (vector is Vector.NMI and cpu.nmi_blocked):
                 continue
-            probe = explorer.machine.run(Request(state, deliver=vector, level=Level.STEPS, options=options,
+            probe = explorer.machine.run(Request(state, deliver=vector, level=Level.PCS, options=options,
                                                  budget=budget, cut_loops=True))
             sig.append((pc, vector, probe.outcome, tuple(probe.steps.pcs)))
     return tuple(sig)
