@@ -35,6 +35,7 @@ class SiteMap:
         self._map: dict[int, int] = {}
         self._kept: dict[str, list[int]] = {}     # symbol -> its instructions in the old build
         self._replaced: tuple[set[int], set[int]] = (set(), set())   # mapped, but another instruction: old, new
+        self._sites: dict[str, str | None] = {}
         old_syms, new_syms = _code_symbols(old), _code_symbols(new)
         old_secs, new_secs = _unnamed_code(old), _unnamed_code(new)
         pairs = [(name, _listing(old, name, old_syms[name]), _listing(new, name, new_syms[name]))
@@ -55,6 +56,13 @@ class SiteMap:
             self._kept[name] = [addr for addr, _ in a]
 
     def site(self, at: str) -> str | None:
+        """The new build's name of the old build's site ``at`` (None: it has none); asked once
+        per distinct site (a diff asks it for every CR3 write of every matched path)."""
+        if at not in self._sites:
+            self._sites[at] = self._site(at)
+        return self._sites[at]
+
+    def _site(self, at: str) -> str | None:
         try:
             addr = self.old.parse_location(at)
         except Exception:  # noqa: BLE001 - an unknown site simply has no counterpart

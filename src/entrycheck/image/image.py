@@ -187,7 +187,7 @@ class Image:
     # ---- symbols ------------------------------------------------------------------
     @cached_property
     def _sorted_symbols(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
-        items = sorted(self.all_symbols().items(), key=lambda kv: (kv[1], kv[0]))
+        items = sorted(self._symbol_map.items(), key=lambda kv: (kv[1], kv[0]))
         return tuple(a for _, a in items), tuple(n for n, _ in items)
 
     def all_symbols(self) -> dict[str, int]:
@@ -200,8 +200,12 @@ class Image:
         out.update({n: layout.PERCPU_BASE + off for n, off in res.percpu.items()})
         return out
 
+    @cached_property
+    def _symbol_map(self) -> dict[str, int]:
+        return self.all_symbols()
+
     def address_of(self, name: str) -> int:
-        sym = self.all_symbols()
+        sym = self._symbol_map
         if name in sym:
             return sym[name]
         raise InputError(f"unknown symbol {name!r} in {self.loaded.path}")
