@@ -57,6 +57,27 @@ def test_pruned_and_brute_force_exploration_find_the_same(built_kernels, series:
         assert p.cost.cr3_json() == brute_cost[(p.scenario, p.features, p.effects, p.injections)]
 
 
+def test_a_finding_shown_before_is_not_run_again_for_its_trace(built_kernels, monkeypatch) -> None:
+    """A leaf whose findings the merge would not show (an earlier one of its boundary has each
+    key) is not replayed for an instruction trace: the findings, their traces and how many paths
+    showed each are those of replaying every such leaf."""
+    from entrycheck import session
+    from entrycheck.explore.findings import Findings
+
+    cfg = CheckConfig(scenarios=("mc-from-kernel",), depth=2, vectors=(Vector.NMI,),
+                      feature_sets=fsets("pti,pcid"), effects=(Effect.SWITCH_KERNEL_ASID,))
+    session.reset()
+    short = run_check(ref(built_kernels["6.12"]), cfg)
+    session.reset()
+    monkeypatch.setattr(Findings, "shown_before", lambda *args: False)
+    full = run_check(ref(built_kernels["6.12"]), cfg)
+    session.reset()
+    assert short.findings and all(f.trace for f in short.findings)
+    assert [f.to_json() for f in short.findings] == [f.to_json() for f in full.findings]
+    assert [f.key() for f in short.raw_findings] == [f.key() for f in full.raw_findings]
+    assert short.executed < full.executed
+
+
 def _db_breakpoint_on_top_of_stack(finding) -> bool:
     """The other genuine pristine finding: a #DB from user mode whose handler, still on the #DB
     IST stack, calls sync_regs, which reads the per-cpu top of stack (cpu_current_top_of_stack in

@@ -363,12 +363,12 @@ class _Unit:
         if r is not None and self.roots.new_root(r):
             self.roots.stack.append(r)
             try:
-                self._leaf_verdict(node, k, state, vector, violations, inherited, chain, position, local)
+                self._leaf_verdict(node, k, state, vector, violations, inherited, chain, position, local, rec.events)
             finally:
                 self.roots.stack.pop()
             self._report_reentry(r)
             return
-        if self._leaf_verdict(node, k, state, vector, violations, inherited, chain, position, local):
+        if self._leaf_verdict(node, k, state, vector, violations, inherited, chain, position, local, rec.events):
             return
         if key is not None and rec.converged in (0, 1) and not own.local:
             # A clean run that rejoined: run it again with the dataflow log, to share it.
@@ -380,10 +380,10 @@ class _Unit:
                             flowed.final.memory, flowed.final.cpu, Shared(own, flowed.final.cpu))
 
     def _leaf_verdict(self, node: Node, k: int, state: Snapshot, vector: Vector, violations, inherited: bool,
-                      chain, position: int, local: tuple) -> bool:
-        """Report a leaf's violations; True when it broke an invariant itself."""
+                      chain, position: int, local: tuple, events: tuple[Event, ...]) -> bool:
+        """Report a leaf's violations (``events``: its own run's); True when it broke an invariant itself."""
         if violations and not inherited:
-            self._leaf_findings(node, k, state, vector, violations, chain, position, local)
+            self._leaf_findings(node, k, state, vector, violations, chain, position, local, events)
             return True
         if violations:
             self._findings(violations, chain, (), k, {id(v): k for v in violations}, local,
@@ -434,7 +434,12 @@ class _Unit:
             self.result.converged += 1
 
     def _leaf_findings(self, node: Node, k: int, state: Snapshot, vector: Vector, violations: list[Violation],
-                       chain, position: int, local: tuple) -> None:
+                       chain, position: int, local: tuple, events: tuple[Event, ...]) -> None:
+        if self.findings.shown_before(self.group.findings, self.where, self.roots, violations, chain, local):
+            # No trace of these would be shown: the leaf's own run says the rest.
+            self._findings(violations, chain, (), k, {id(v): k for v in violations}, local,
+                           self.findings.relied_on(node.path_events(node.index(k)) + events))
+            return
         # Leaves keep no instruction trace: replay the same run recorded.
         rec = self._run(Request(state, deliver=vector, level=Level.PCS, options=self.options,
                                 budget=self.config.budget, budget_from=k, cut_loops=self.config.prune))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from entrycheck.explore.paths import Finding
+from entrycheck.explore.paths import Finding, finding_key
 from entrycheck.explore.preconditions import Precondition, Reach
 from entrycheck.image.features import FeatureSet
 from entrycheck.image.image import Image
@@ -40,6 +40,7 @@ class Findings:
         self._guarded: dict[int, Precondition] = {}   # instructions only a build option compiles in
         self._early: dict[int, Precondition | None] = {}
         self._disasm: dict[int, str] = {}
+        self._shown: list | None = None               # shown_before's keys of the findings list last asked of
 
     # ---- build options ---------------------------------------------------------------------
     def set_guards(self, guards) -> None:
@@ -126,6 +127,28 @@ class Findings:
             trace = self.trace_window(pcs, steps[id(v)] - pcs_start)
             out.append(Finding(v.invariant, where.scenario, where.features, where.effects, chain,
                                self.image.symbolize(v.pc), v.message, trace, pre + options))
+
+    def shown_before(self, out: list[Finding], where: Where, roots: RootCauses, violations: list[Violation],
+                     chain: tuple[Injection, ...], local: tuple) -> bool:
+        """Whether ``add`` would fold each of these violations, or append it after a finding in
+        ``out`` with its key and a chain no longer: the merge keeps the first finding of a key
+        (or a shorter one), so such a finding's trace is never shown."""
+        cut = roots.cut()
+        at = {id(t[3]): t[2] for t in local} if cut is not None else {}
+        keys = self._shown               # (the list it is of, how much of it is read, key -> shortest chain)
+        if keys is None or keys[0] is not out:
+            keys = self._shown = [out, 0, {}]
+        for f in out[keys[1]:]:
+            k = f.key()
+            keys[2][k] = min(keys[2].get(k, len(f.injections)), len(f.injections))
+        keys[1] = len(out)
+        for v in violations:
+            if cut is not None and at.get(id(v), cut) >= cut:
+                continue
+            k = finding_key(v.invariant, where.scenario, self.image.symbolize(v.pc), chain)
+            if keys[2].get(k, len(chain) + 1) > len(chain):
+                return False
+        return True
 
     def reentry(self, where: Where, r: Reentry, pre: tuple[Precondition, ...]) -> Finding:
         """The finding of an ist-reentered root cause, with the symptoms folded under it."""

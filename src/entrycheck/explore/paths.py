@@ -138,6 +138,15 @@ def cr3_trace_of(events, image: Image) -> tuple[tuple[str, int, bool], ...]:
     return tuple(t for t in (cr3_entry(e, image) for e in events) if t is not None)
 
 
+def finding_key(invariant: str, scenario: str, site: str, injections: tuple[Injection, ...]) -> tuple:
+    """``Finding.key`` of a finding that would be made of these."""
+    from entrycheck.explore.scenarios import SCENARIOS
+
+    sc = SCENARIOS.get(scenario)
+    entry = sc.vector.label if sc and sc.vector else "syscall"
+    return (invariant, site, (entry,) + tuple(i.vector.label for i in injections))
+
+
 @dataclass(frozen=True)
 class Finding:
     invariant: str
@@ -159,11 +168,7 @@ class Finding:
     def key(self) -> tuple:
         """Deduplication key: (invariant, site, vector chain), the chain starting with the
         scenario's own entry (syscall, or the exception it starts with)."""
-        from entrycheck.explore.scenarios import SCENARIOS
-
-        sc = SCENARIOS.get(self.scenario)
-        entry = sc.vector.label if sc and sc.vector else "syscall"
-        return (self.invariant, self.site, (entry,) + tuple(i.vector.label for i in self.injections))
+        return finding_key(self.invariant, self.scenario, self.site, self.injections)
 
     def to_json(self) -> dict:
         return {"invariant": self.invariant, "scenario": self.scenario, "features": str(self.features),
