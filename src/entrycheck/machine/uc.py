@@ -131,10 +131,14 @@ class Unicorn:
         self._wrb(self.h, self._all_ids, self._all_ptrs, 18)
 
     def mem_read(self, phys: int, size: int) -> bytes:
-        buf = self._mbuf if size <= 0x1000 else ctypes.create_string_buffer(size)
+        buf = self._mbuf
+        if size > len(buf):
+            # One buffer of the largest size asked (the writable memory, read whole at every
+            # recorded run's end and loop watch): not a zero-filled one per read.
+            buf = self._mbuf = ctypes.create_string_buffer(size)
         if self._mrd(self.h, phys, buf, size):
             raise InternalError(f"cannot read physical memory at {phys:#x}")
-        return buf.raw[:size]
+        return ctypes.string_at(buf, size)
 
     def mem_write(self, phys: int, data: bytes) -> None:
         if self._mwr(self.h, phys, data, len(data)):
