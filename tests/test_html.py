@@ -162,8 +162,10 @@ def test_review_of_the_seed_patch_in_chromium(review_report, browser, tmp_path, 
     verdict = page.locator("#verdict")
     assert "no new violations" in verdict.inner_text() and "clean" in verdict.get_attribute("class")
     # matrix: one cell per scenario x feature set, "changed" exactly where the JSON has changed paths
-    changed = Counter((e["scenario"].split("[")[0], e["features"]) for e in doc["scenarios"]   # variants count
-                      if e["cr3_writes_changed"])                                             # in their scenario
+    changed: Counter = Counter()          # a user-value variant counts in its scenario; an entry is a class
+    for e in doc["scenarios"]:
+        if e["cr3_writes_changed"]:
+            changed[(e["scenario"].split("[")[0], e["features"])] += e["paths"]
     got = cells(page)
     assert len(got) == len(doc["scenario_names"]) * len(doc["feature_sets"]) == 9
     for c in got:

@@ -80,6 +80,20 @@ def test_no_change_without_pti(seed_review) -> None:
             assert e["injections"][0]["at"].startswith("exc_debug+"), e
 
 
+def test_changed_paths_are_listed_by_class(seed_review) -> None:
+    """The JSON lists the changed paths (and each path without injection) by class: one entry per
+    scenario, feature set, effects, costs, outcomes and verdict, with how many paths it stands for."""
+    _, doc = seed_review
+    entries = doc["scenarios"]
+    changed = [e for e in entries if e["cr3_writes_changed"]]
+    assert sum(e["paths"] for e in changed) == doc["paths_changed"] > len(changed)
+    assert all(e["paths"] == 1 for e in entries if not e["injections"])
+    classes = [(e["scenario"], e["features"], tuple(e["effects"]), bool(e["injections"]),
+                json.dumps(e["old"], sort_keys=True), json.dumps(e["new"], sort_keys=True), e["behaviour_changed"],
+                e["cr3_writes_changed"]) for e in entries]
+    assert len(classes) == len(set(classes))
+
+
 def test_returns_into_the_user_cr3_window_are_unchanged(kernel61, seed_review) -> None:
     """An exception taken after SWITCH_TO_USER_CR3 in the SYSRET path returns with the user CR3:
     both kernels must still write CR3 there — the patch may not drop those writes."""
@@ -87,24 +101,28 @@ def test_returns_into_the_user_cr3_window_are_unchanged(kernel61, seed_review) -
     from entrycheck.image.decode import sweep
     from entrycheck.image.features import FeatureSet
 
-    _, doc = seed_review
-    image = load_build(kernel61).image(FeatureSet.parse("pti,pcid"))
+    from entrycheck.explore.check import CheckConfig
+    from entrycheck.kernel.review import patched_build
+    from entrycheck.session import diff, object_ref, run_check
+
+    assert seed_review[0].returncode == 0, seed_review[0].stderr     # (it built the patched tree)
+    fs = FeatureSet.parse("pti,pcid")
+    loaded = load_build(kernel61)
+    image = loaded.image(fs)
     start, end = image.symbol_range("entry_SYSCALL_64")
     sysret = image.address_of("entry_SYSRETQ_unsafe_stack")
     insns = list(sweep(image.read(start, end - start), start))
     last_write = [i for i in insns if i.op_str.endswith("%cr3") and i.address < sysret][-1]
     window = {image.symbolize(i.address) for i in insns if last_write.end <= i.address <= sysret + 0x10}
-    changed = {(e["scenario"], e["features"], tuple(i["at"] for i in e["injections"])) for e in doc["scenarios"]
-               if e["cr3_writes_changed"]}
-    in_window = [key for key in changed if key[0] == "syscall" and len(key[2]) == 1 and key[2][0] in window]
-    assert in_window == []
+    # Every changed path (the JSON lists one per class of them)
+    patched = patched_build(kernel61, [(SEED.name, SEED.read_text())]).build
+    cfg = CheckConfig(scenarios=("syscall",), feature_sets=(fs,), depth=1, user_values=False)
+    done = diff(kernel61, loaded, patched, load_build(patched), cfg, workers=1)
+    changed = list(done.result.changed())
+    assert [d.injections for d in changed if len(d.injections) == 1 and d.injections[0].at in window] == []
     # ... and the window was explored: an exception arrives at each of its boundaries up to the
     # SYSRET's unsafe stack (the kernel runs there on the user CR3).
-    from entrycheck.explore.check import CheckConfig
-    from entrycheck.session import object_ref, run_check
-
-    result = run_check(object_ref(kernel61), CheckConfig(scenarios=("syscall",), feature_sets=(
-        FeatureSet.parse("pti,pcid"),), depth=1, user_values=False))
+    result = run_check(object_ref(kernel61), cfg)
     injected = {p.injections[0].at for p in result.paths if len(p.injections) == 1}
     must = {s for s in window if image.parse_location(s) <= sysret}
     assert must and must <= injected, sorted(must - injected)
@@ -160,7 +178,7 @@ def test_diff_of_the_debian_kernels_shows_the_same_class_of_change(kernel61, ker
     assert any("end_repeat_nmi" in d for d in descriptions)
     # every other difference is explained: a change group or an unmatched-code group
     changed = [e for e in doc["scenarios"] if e["cr3_writes_changed"] or e["behaviour_changed"]]
-    assert sum(c["paths"] for c in doc["changes"]) == len(changed)
+    assert sum(c["paths"] for c in doc["changes"]) == sum(e["paths"] for e in changed)
     assert sum(u["paths"] for u in doc["unmatched"]) == doc["paths_only_in_old"] + doc["paths_only_in_new"]
     assert "What changed" in proc.stdout and max(len(line) for line in proc.stdout.splitlines()) <= 80
 

@@ -70,6 +70,10 @@ class Cost:
     def __bool__(self) -> bool:
         return any(getattr(self, f) for f in _COUNTS) or bool(self.cr3_sites or self.redundant_sites)
 
+    def counts(self) -> tuple[int, ...]:
+        """The counts (what ``to_json`` shows), without the sites."""
+        return tuple(getattr(self, f) for f in _COUNTS)
+
     def cr3_json(self) -> dict:
         return {"writes": self.cr3_writes, "flushing_writes": self.cr3_flushing,
                 "noflush_writes": self.cr3_noflush, "redundant_writes": self.cr3_redundant}

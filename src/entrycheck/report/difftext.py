@@ -150,10 +150,10 @@ def diff_json(result: DiffResult, *, old_label: str, new_label: str, old_version
               kernel_c: tuple[str, str] = ("", "")) -> dict:
     cfg = result.old.config
     entries = []
-    for d, changed in result.listed():
+    for d, changed, n in result.listed():
         entries.append({
             "scenario": d.scenario, "features": str(d.features), "effects": list(d.effects),
-            "injections": [i.to_json() for i in d.injections],
+            "injections": [i.to_json() for i in d.injections], "paths": n,
             "old": {**d.old.cost.to_json(), "outcome": d.old.outcome, "cycles": model.cycles(d.old.cost)},
             "new": {**d.new.cost.to_json(), "outcome": d.new.outcome, "cycles": model.cycles(d.new.cost)},
             "behaviour_changed": d.behaviour_changed,
