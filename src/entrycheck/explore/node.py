@@ -62,7 +62,7 @@ class Node:
             self.position = parent.position + i
         n = len(self.events)
         self._contributions = tuple(summaries.contributions(self.events))
-        self.prefix: list[PathSummary] = summaries.prefixes(self.events, before, self._contributions)
+        self.prefix: list[PathSummary] = summaries.prefixes(len(self.events), before, self._contributions)
         self.local_pre: list[tuple] = [pre_local] * (n + 1)
         own_local = local_violations(world, self.events, self.position)
         li = 0

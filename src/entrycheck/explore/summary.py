@@ -105,15 +105,14 @@ class Summaries:
                 nmi = nmi + s
         return PathSummary(self._costs.intern(cost), self._traces.intern(cr3), nmi)
 
-    def prefixes(self, events: Sequence[Event], before: PathSummary,
-                 contributions: Sequence[tuple] | None = None) -> list[PathSummary]:
-        """The summary of the path up to each event: element i covers ``before`` and the first i
-        events (element 0 is ``before``; unchanged stretches share one object).
-        ``contributions``: the events' ``contributions``, when the caller has them."""
-        out = [before] * (len(events) + 1)
+    def prefixes(self, n: int, before: PathSummary, contributions: Sequence[tuple]) -> list[PathSummary]:
+        """The summary of the path up to each event of a run of ``n`` events whose
+        ``contributions`` are given: element i covers ``before`` and the first i events (element 0
+        is ``before``; unchanged stretches share one object)."""
+        out = [before] * (n + 1)
         cur = before
         last = 0
-        for i, c, t, s in (self.contributions(events) if contributions is None else contributions):
+        for i, c, t, s in contributions:
             for j in range(last + 1, i + 1):
                 out[j] = cur
             cur = PathSummary(self.add_cost(cur.cost, c) if c is not None else cur.cost,
