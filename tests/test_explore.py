@@ -78,6 +78,38 @@ def test_a_finding_shown_before_is_not_run_again_for_its_trace(built_kernels, mo
     assert short.executed < full.executed
 
 
+def test_a_nested_nmi_that_repeats_its_outer_nmi_rejoins_a_siblings_run(built_kernels) -> None:
+    """6.12's NMI entry (DEBUG_ENTRY) unblocks NMIs with an IRET to repeat_nmi, so inside an #MC
+    that interrupts the NMI handler from there on an NMI arrives at every boundary; it finds an
+    NMI executing and sets the outer NMI to repeat, a change the rest of the run reads, so it
+    rejoins no recorded run.  The first such leaf of an #MC run is recorded and every later one
+    rejoins it (``Sibling``): each path ends, costs and writes CR3 as running it to its end does,
+    with the same findings, and the leaves run to their end are a few."""
+    from dataclasses import replace
+
+    from entrycheck import session
+    from entrycheck.explore.scenarios import SCENARIOS
+
+    build = built_kernels["6.12"]
+    fs = FeatureSet.parse("pti,pcid")
+    cfg = CheckConfig(scenarios=("nmi-from-kernel",), depth=2, vectors=(Vector.MC, Vector.NMI), feature_sets=(fs,))
+    got = {}
+    session.reset()
+    for prune in (True, False):
+        ex = session.explorer(session.object_ref(build), replace(cfg, prune=prune), fs)
+        # Every 40th boundary of the NMI's path from the 37th: NMIs are unblocked at each.
+        r = ex.explore(SCENARIOS["nmi-from-kernel"], part=37, parts=40)
+        paths = {p.injections: (p.outcome, p.cost, p.end_state, p.cr3_trace) for p in r.table.rows()}
+        got[prune] = (r, paths, {f.key() for f in r.findings})
+    session.reset()
+    (pruned, kept, found), (brute, every, all_found) = got[True], got[False]
+    assert pruned.beside > 1000 and brute.beside == 0
+    assert len(kept) - pruned.converged < len(every) / 10
+    assert found == all_found
+    assert kept.keys() <= every.keys() and len(kept) > len(every) * 0.9
+    assert {k: every[k] for k in kept} == kept
+
+
 def _db_breakpoint_on_top_of_stack(finding) -> bool:
     """The other genuine pristine finding: a #DB from user mode whose handler, still on the #DB
     IST stack, calls sync_regs, which reads the per-cpu top of stack (cpu_current_top_of_stack in

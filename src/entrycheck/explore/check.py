@@ -140,6 +140,7 @@ class CheckResult:
     skipped: int = 0
     executed: int = 0          # runs the machine really made (depends on how the work was split)
     shared: int = 0            # paths a shared handler run stood for (likewise)
+    beside: int = 0            # leaves that rejoined a sibling leaf's run (likewise)
     speculated: int = 0        # mispredicted branches followed (swapgs-unfenced), not counted as runs
     stopped_because: str = STOPPED_DONE
     errors: list[str] = field(default_factory=list)
@@ -255,6 +256,7 @@ def merge(units: list[Unit], per_unit: list[UnitResult], cfg: CheckConfig) -> Ch
         result.skipped += ur.skipped
         result.executed += ur.executed
         result.shared += ur.shared
+        result.beside += ur.beside
         result.speculated += ur.speculated
         if ur.covered:
             result.covered[unit.features] = result.covered.get(unit.features, frozenset()) | ur.covered

@@ -16,6 +16,9 @@ everything to its end and must find the same):
   registers, model state and every word the recorded run still reads before writing are
   what that run had there, the rest of the run is the recorded run's (deterministic
   execution from equal inputs): it stops, and the recorded continuation stands for the rest.
+  A leaf whose exception returned but changed what the recorded run reads (a nested NMI asks
+  the outer one to repeat) may likewise rejoin an earlier leaf of the same node and vector
+  that did the same (explore/node.py ``Sibling``), recorded for that.
 * Latched NMIs.  An NMI that arrives while NMIs are blocked only sets the latch, which
   nothing reads until the unblocking IRET; every boundary of one blocked stretch therefore
   leads to the same state at that IRET, and only the first is run.
@@ -35,7 +38,7 @@ from typing import Callable
 from entrycheck.explore.delivery import DeliveryPolicy
 from entrycheck.explore.findings import Findings, Where
 from entrycheck.explore.memo import Memo
-from entrycheck.explore.node import Node
+from entrycheck.explore.node import Node, Sibling
 from entrycheck.explore.paths import PathTable
 from entrycheck.explore.preconditions import Precondition, for_effect, for_entry, for_injection, for_user
 from entrycheck.explore.scenarios import Scenario, delivery, start_state, stub_options
@@ -353,11 +356,23 @@ class _Unit:
                 return
         state = log.state(k, cursor.frozen())
         points = node.converge_points(k, state) if prune else ()
-        rec = self._run(Request(state, deliver=vector, level=Level.EVENTS, converge=points, options=self.options,
+        sibling = node.siblings.get(vector) if prune else None
+        beside = sibling.point(node, k, len(state.outstanding), len(points)) if sibling is not None else None
+        rec = self._run(Request(state, deliver=vector, level=Level.EVENTS,
+                                converge=points + (beside,) if beside is not None else points, options=self.options,
                                 budget=self.config.budget, budget_from=k, cut_loops=prune))
         position = node.position + node.index(k)
         own = ex.own(rec.events, position)
-        converged_at = node.rejoinable(k)[rec.converged] if rec.converged is not None else None
+        by_sibling = beside is not None and rec.converged == beside.tag
+        if rec.converged is None:
+            converged_at = None
+        elif by_sibling:
+            converged_at = (sibling.run, beside.boundary)
+            sibling.served += 1
+            sibling.missed = 0
+            self.result.beside += 1
+        else:
+            converged_at = node.rejoinable(k)[rec.converged]
         violations, inherited, local = self._leaf_path(node, k, own, rec, converged_at, link)
         r = self._latched_reentry(node, k, rec.events, position, chain)
         if r is not None and self.roots.new_root(r):
@@ -370,7 +385,10 @@ class _Unit:
             return
         if self._leaf_verdict(node, k, state, vector, violations, inherited, chain, position, local, rec.events):
             return
-        if key is not None and rec.converged in (0, 1) and not own.local:
+        if prune and converged_at is None:
+            self._beside(node, k, state, vector, link, rec, violations or own.local or r is not None)
+            return
+        if key is not None and rec.converged in (0, 1) and not by_sibling and not own.local:
             # A clean run that rejoined: run it again with the dataflow log, to share it.
             flowed = self._run(Request(state, deliver=vector, level=Level.FLOW, converge=points,
                                        options=self.options, budget=self.config.budget, budget_from=k))
@@ -378,6 +396,30 @@ class _Unit:
             if flow is not None and flowed.converged == rec.converged:
                 ex.memo.add(key, flow, flowed.converged, state.regs, state.memory, flowed.final.regs,
                             flowed.final.memory, flowed.final.cpu, Shared(own, flowed.final.cpu))
+
+    def _beside(self, node: Node, k: int, state: Snapshot, vector: Vector, link: Injection, rec: Record,
+                broke) -> None:
+        """A leaf whose exception returned to its boundary but rejoined no run: record it for later
+        leaves of the node to rejoin (``Sibling``), when it ended as a path does and broke nothing.
+        A sibling that has served a leaf is replaced at once; one that has not, only at the 1st,
+        2nd, 4th ... leaf it missed since (so a node where none rejoin records a few)."""
+        if rec.resumed_step is None or rec.outcome is not Outcome.RETURNED or broke:
+            return
+        sibling = node.siblings.get(vector)
+        if sibling is not None and not sibling.served:
+            sibling.missed += 1
+            if sibling.missed & (sibling.missed - 1):
+                return
+        ex = self.ex
+        again = self._run(Request(state, deliver=vector, level=Level.STEPS, options=self.options,
+                                  budget=self.config.budget, budget_from=k, cut_loops=True))
+        if again.resumed_step is None or again.outcome is not rec.outcome:
+            return
+        run = Node(self.summaries, ex.world, ex.wbase, again, node, k, node.chain + (link,), -1)
+        fresh = Sibling(run, k)
+        if sibling is not None and not sibling.served:
+            fresh.missed = sibling.missed
+        node.siblings[vector] = fresh
 
     def _leaf_verdict(self, node: Node, k: int, state: Snapshot, vector: Vector, violations, inherited: bool,
                       chain, position: int, local: tuple, events: tuple[Event, ...]) -> bool:

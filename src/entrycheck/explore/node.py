@@ -79,6 +79,7 @@ class Node:
         self.point_nodes: tuple[tuple["Node", int], ...] = ()
         self._anc: tuple | None = None
         self.attributed: dict[tuple, tuple] = {}     # (index, memo entry) -> path summary
+        self.siblings: dict = {}                     # vector -> Sibling: a leaf's run later leaves may rejoin
 
     def index(self, k: int) -> int:
         """How many of this run's events happened by boundary k."""
@@ -183,4 +184,38 @@ class Node:
         return own + tuple(ConvergePoint(p.index, p.ref, p.live, p.boundary, t + 1) for t, p in enumerate(self.points))
 
 
-__all__ = ["Node"]
+class Sibling:
+    """A leaf's run, recorded, that later leaves of the same node and vector may rejoin.
+
+    Its exception returned to the boundary it interrupted but changed a word the node's run
+    still reads (a nested NMI tells the NMI it interrupted to repeat itself), so it did not
+    rejoin the node; it ran on through the node's code from there.  A leaf injected at a later
+    boundary j whose exception returns in the state this run had when it reached j (the same
+    change made, nothing else the rest reads different) is this run from there on: its rest
+    stands for the leaf's (``Request.converge``, checked by the machine as any convergence)."""
+
+    def __init__(self, run: Node, k: int) -> None:
+        self.run, self.k = run, k                    # its recorded run, the boundary it was injected at
+        self.resumed = run.record.resumed_step       # where its exception returned
+        self._cursor = run.log.cursor()
+        self._at = run.log.start
+        self.served = 0                              # leaves that rejoined it
+        self.missed = 0                              # leaves since that did not
+
+    def point(self, node: Node, j: int, index: int, tag: int) -> ConvergePoint | None:
+        """The stop rule for a leaf of ``node`` injected at boundary j whose exception's return
+        takes outstanding to ``index``: this run's state where it reached j (as many steps after
+        its own return as j is after k, at the same instruction), or None."""
+        log = self.run.log
+        s = self.resumed + (j - self.k)
+        i = s - log.start
+        if j <= self.k or i >= len(log.pcs) or log.pcs[i] != node.log.pcs[j - node.log.start]:
+            return None
+        if s < self._at:
+            self._cursor = log.cursor()
+        self._at = s
+        self._cursor.advance(s)
+        return ConvergePoint(index, log.state(s, self._cursor.frozen()), self.run.live, s, tag)
+
+
+__all__ = ["Node", "Sibling"]

@@ -40,7 +40,7 @@ class RunState:
     delivered: Interrupted | None = None
     resumed_step: int | None = None
     converged: int | None = None
-    points: dict[int, ConvergePoint] = field(default_factory=dict)
+    points: dict[int, tuple[ConvergePoint, ...]] = field(default_factory=dict)   # by index, in order
     inject: list[tuple[int, Vector, int]] = field(default_factory=list)
     hits: int = 0
     # STEPS

@@ -106,7 +106,10 @@ class _Core:
         limit = req.budget_from + req.budget
         run = ctx.run = RunState(req, start.steps, start.outstanding, start.chain, start.home, limit)
         ctx.options = req.options
-        run.points = {p.index: p for p in req.converge}
+        points: dict[int, tuple] = {}
+        for p in req.converge:
+            points[p.index] = points.get(p.index, ()) + (p,)
+        run.points = points
         run.tf_watch = bool(start.regs.rflags & model.RFLAGS_TF) and not req.speculate
         run.speculative = req.speculate
         run.window_from = start.steps

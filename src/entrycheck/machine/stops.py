@@ -69,25 +69,30 @@ class Stops:
                 run.events.append(Resumed(step=run.steps, pc=rip, cpu=ctx.cpu, injection=inj, regs=context_of(regs)))
                 if inj is run.delivered and run.resumed_step is None:
                     run.resumed_step = run.steps
-                point = run.points.get(k)
-                if point is not None and self._same_state(point, regs):
-                    run.converged = point.tag
-                    if run.flow is not None:
-                        run.flow.append((Op.STOP,))
-                    ctx.end(Outcome.STOPPED, "converged")
+                memory: list = []
+                for point in run.points.get(k, ()):
+                    if self._same_state(point, regs, memory):
+                        run.converged = point.tag
+                        if run.flow is not None:
+                            run.flow.append((Op.STOP,))
+                        ctx.end(Outcome.STOPPED, "converged")
+                        break
                 return
         if run.flow is not None:
             run.flow.append((Op.LANDED, tuple(scanned), -1))
 
-    def _same_state(self, point: ConvergePoint, regs: tuple[int, ...]) -> bool:
-        """Registers, model state and every word the reference run still reads equal to its state."""
+    def _same_state(self, point: ConvergePoint, regs: tuple[int, ...], memory: list) -> bool:
+        """Registers, model state and every word the reference run still reads equal to its state
+        (``memory``: the writable memory once read, for the next point of the same return)."""
         ctx = self.ctx
         ref = point.ref
         if ctx.cpu is not ref.cpu and ctx.cpu != ref.cpu:
             return False
         if ctx.run.outstanding != ref.outstanding or regs != ref.regs:
             return False
-        cur = ctx.u.mem_read(ctx.wbase, ctx.wsize)
+        if not memory:
+            memory.append(ctx.u.mem_read(ctx.wbase, ctx.wsize))
+        cur = memory[0]
         if cur == ref.memory:
             return True
         live = point.live
