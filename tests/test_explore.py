@@ -110,6 +110,37 @@ def test_a_nested_nmi_that_repeats_its_outer_nmi_rejoins_a_siblings_run(built_ke
     assert {k: every[k] for k in kept} == kept
 
 
+def test_a_recorded_run_stops_where_it_rejoins_its_parents_or_a_siblings(built_kernels) -> None:
+    """Depth 3: an NMI's run recorded for the exceptions injected into it stops where its return
+    reaches the state its parent run had there, or a sibling's run had (a nested NMI inside the
+    NMI handler, after its IRET to repeat_nmi); the rest of that run stands for its own and for
+    the paths injected into it that return there.  Every path ends, costs and writes CR3 as
+    running everything to its end does (one boundary of the #MC's path, to keep it short)."""
+    from dataclasses import replace
+
+    from entrycheck import session
+    from entrycheck.explore.scenarios import SCENARIOS
+
+    build = built_kernels["6.12"]
+    fs = FeatureSet.parse("pti,pcid")
+    cfg = CheckConfig(scenarios=("mc-from-kernel",), depth=3, vectors=(Vector.NMI,), feature_sets=(fs,))
+    got = {}
+    session.reset()
+    for prune in (True, False):
+        ex = session.explorer(session.object_ref(build), replace(cfg, prune=prune), fs)
+        r = ex.explore(SCENARIOS["mc-from-kernel"], part=5, parts=200)
+        got[prune] = (r, {p.injections: (p.outcome, p.cost, p.end_state, p.cr3_trace, p.converged)
+                          for p in r.table.rows()})
+    session.reset()
+    (pruned, kept), (brute, every) = got[True], got[False]
+    joined = [chain for chain, p in kept.items() if len(chain) == 2 and p[4]]
+    assert len(joined) > 100 and pruned.beside > 100
+    assert pruned.executed < brute.executed / 10
+    assert {f.key() for f in pruned.findings} == {f.key() for f in brute.findings}
+    assert kept.keys() <= every.keys()
+    assert {k: every[k][:4] for k in kept} == {k: p[:4] for k, p in kept.items()}
+
+
 def _db_breakpoint_on_top_of_stack(finding) -> bool:
     """The other genuine pristine finding: a #DB from user mode whose handler, still on the #DB
     IST stack, calls sync_regs, which reads the per-cpu top of stack (cpu_current_top_of_stack in

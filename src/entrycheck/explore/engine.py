@@ -48,7 +48,7 @@ from entrycheck.explore.unit import (DEFAULT_VECTORS, Budget, Ended, ExploreConf
 from entrycheck.kernelabi.linux import ist_index
 from entrycheck.kernelabi.stubs import Effect, Stubs
 from entrycheck.kernelabi.world import World
-from entrycheck.machine.api import Level, Record, Request
+from entrycheck.machine.api import ConvergePoint, Level, Record, Request
 from entrycheck.machine.events import Event, Fault, FaultKind, Injection, Outcome
 from entrycheck.machine.flow import Analyser
 from entrycheck.machine.machine import Machine
@@ -157,7 +157,7 @@ class _Unit:
         base = Node(self.summaries, ex.world, ex.wbase, rec, None, 0, (), -1)
         if part == 0:
             group = Group(-1, (0, 0))
-            base.row = self._evaluate_node(base, (), group)
+            base.row, _ = self._evaluate_node(base, (), group)
             group.rows = (0, len(self.table))
             self.result.groups.append(group)
         else:
@@ -303,9 +303,27 @@ class _Unit:
     def _record(self, node: Node, k: int, state: Snapshot, vector: Vector, link: Injection,
                 pre: Precondition) -> Node:
         ex = self.ex
-        rec = self._run(Request(state, deliver=vector, level=Level.STEPS, options=self.options,
+        # Where NMIs are not blocked, the run stops where its exception returns into this run at k,
+        # or into a sibling's run at k (as a leaf does): its rest is theirs.  (Where they are, its
+        # return may unblock them, and the rest is explored as its continuation.)
+        sibling = beside = None
+        joinable = self.config.prune and not node.log.cpus[k - node.log.start].nmi_blocked and not node.in_rest(k)
+        points: tuple[ConvergePoint, ...] = ()
+        if joinable:
+            points = (ConvergePoint(len(state.outstanding), state, node.live, k, 0),)
+            sibling = node.siblings.get(("record", vector))
+            beside = sibling.point(node, k, len(state.outstanding), 1) if sibling is not None else None
+            if beside is not None:
+                points += (beside,)
+        rec = self._run(Request(state, deliver=vector, level=Level.STEPS, converge=points, options=self.options,
                                 budget=self.config.budget, cut_loops=self.config.prune))
         child = Node(self.summaries, ex.world, ex.wbase, rec, node, k, node.chain + (link,), -1)
+        if rec.converged == 0:
+            child.join(node, k)
+        elif rec.converged == 1:
+            child.join(sibling.run, beside.boundary)
+            sibling.served += 1
+            self.result.beside += 1
         self.covered.update(rec.steps.pcs)
         child.pre = node.pre + (pre,)
         r = self._latched_reentry(node, k, rec.events, child.position, child.chain)
@@ -313,19 +331,29 @@ class _Unit:
             child.latched = r
             self.roots.stack.append(r)
             try:
-                child.row = self._evaluate_node(child, child.chain, self.group)
+                child.row, broke = self._evaluate_node(child, child.chain, self.group)
             finally:
                 self.roots.stack.pop()
         else:
-            child.row = self._evaluate_node(child, child.chain, self.group)
+            child.row, broke = self._evaluate_node(child, child.chain, self.group)
         if rec.delivered is not None:
             child.points = node.converge_points(k, state)
             child.point_nodes = node.rejoinable(k)
+            if child.joined is not None and rec.converged == 1:
+                # What rejoins this run where its exception returned rejoins the sibling there.
+                child.points += (ConvergePoint(beside.index, beside.ref, beside.live, beside.boundary, 0),)
+                child.point_nodes += (child.joined,)
         else:
             child.points, child.point_nodes = node.points, node.point_nodes
+        if joinable and rec.converged is None and rec.resumed_step is not None and \
+                rec.outcome is Outcome.RETURNED and not broke and r is None:
+            node.siblings[("record", vector)] = Sibling(child, k)
         return child
 
-    def _evaluate_node(self, node: Node, chain: tuple[Injection, ...], group: Group) -> int:
+    def _evaluate_node(self, node: Node, chain: tuple[Injection, ...], group: Group) -> tuple[int, bool]:
+        """The row of a recorded run's path, and whether that path broke an invariant."""
+        if node.joined is not None:
+            return self._evaluate_joined(node, chain, group)
         rec = node.record
         n = len(node.events)
         upto = node.prefix[n]
@@ -339,7 +367,24 @@ class _Unit:
             steps = {id(v): v.step for v in violations}
             self._findings(violations, chain, node.log.pcs, node.log.start, steps, node.local_pre[n],
                            self.findings.relied_on(node.path_events(n)), group)
-        return row
+        return row, bool(violations)
+
+    def _evaluate_joined(self, node: Node, chain: tuple[Injection, ...], group: Group) -> tuple[int, bool]:
+        """A recorded run that rejoined another: its path is its parent's up to the injection, its
+        own run, and the rest of the run it rejoined (as a converged leaf's)."""
+        parent, k = node.parent, node.parent_k
+        i = parent.index(k)
+        own = self.ex.own(node.events, node.position)
+        violations, _, path, ends = parent.path(i, own, node.record, node.joined)
+        row = self.table.add(parent.row, chain[-1], ends.outcome.value, path.cost,
+                             self.ex.end_state(ends.outcome, ends.final.cpu), path.cr3, True)
+        self.result.converged += 1
+        if violations:
+            n = len(node.events)
+            steps = {id(v): v.step for v in violations}
+            self._findings(violations, chain, node.log.pcs, node.log.start, steps, node.local_pre[n],
+                           self.findings.relied_on(node.path_events(n)), group)
+        return row, bool(violations)
 
     # ---- leaves --------------------------------------------------------------------------
     def _leaf(self, node: Node, k: int, i: int, memory, cursor, vector: Vector, link: Injection) -> None:

@@ -13,7 +13,7 @@ import bisect
 
 from entrycheck.explore.memo import Target
 from entrycheck.explore.summary import EMPTY, PathSummary, Summaries
-from entrycheck.machine.api import ConvergePoint, LiveIndex, Record, StepLog
+from entrycheck.machine.api import ConvergePoint, JoinedLive, LiveIndex, Record, StepLog
 from entrycheck.machine.events import Delivered, Event, Injection
 from entrycheck.props.invariants import End, local_violations, verdict
 from entrycheck.props.reentry import Reentry
@@ -80,23 +80,41 @@ class Node:
         self._anc: tuple | None = None
         self.attributed: dict[tuple, tuple] = {}     # (index, memo entry) -> path summary
         self.siblings: dict = {}                     # vector -> Sibling: a leaf's run later leaves may rejoin
+        # Where this run stopped because it rejoined another recorded run (``join``): that run and
+        # its boundary; its rest stands for this run's.
+        self.joined: tuple["Node", int] | None = None
+        self.ends: Record = record                   # the record of where this run's path ends
 
     def index(self, k: int) -> int:
         """How many of this run's events happened by boundary k."""
         return bisect.bisect_right(self.steps, k)
 
     def suffix(self, k: int) -> PathSummary:
-        """The summary of this run's events after boundary k."""
+        """The summary of this run's events after boundary k (and of the rest it rejoined)."""
         if self._suffix is None:
-            self._suffix = self._summaries.suffixes(len(self.events), self._contributions)
+            suffix = self._summaries.suffixes(len(self.events), self._contributions)
+            if self.joined is not None:
+                ref, at = self.joined
+                tail = ref.suffix(at)
+                suffix = [self._summaries.join(s, tail) for s in suffix]
+            self._suffix = suffix
         return self._suffix[self.index(k)]
+
+    def join(self, ref: "Node", at: int) -> None:
+        """This run stopped where it reached ``ref``'s state at boundary ``at`` (it converged)."""
+        self.joined = (ref, at)
+        self.ends = ref.ends
 
     @property
     def live(self) -> LiveIndex:
         if self._live is None:
             space = self.record.final
-            self._live = LiveIndex(self.log.accesses, self._wbase, len(space.memory))
-            self._live_words = frozenset(w for w in self._live.words())
+            live = LiveIndex(self.log.accesses, self._wbase, len(space.memory))
+            if self.joined is not None:
+                ref, at = self.joined
+                live = JoinedLive(live, ref.live, at)
+            self._live = live
+            self._live_words = frozenset(w for w in live.words())
         return self._live
 
     @property
@@ -145,7 +163,7 @@ class Node:
         if converged_at is not None:
             ref, ref_k = converged_at
             path = self._summaries.join(path, ref.suffix(ref_k))
-            ends = ref.record
+            ends = ref.ends
         else:
             ends = rec
         final = rec.final if isinstance(rec, Record) else rec

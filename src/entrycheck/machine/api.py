@@ -105,12 +105,34 @@ class LiveIndex:
     def live(self, word: int, boundary: int) -> bool:
         """Whether the value of ``word`` at ``boundary`` is read later (accesses of instruction k
         carry step k + 1)."""
+        return self.after(word, boundary) is True
+
+    def after(self, word: int, boundary: int) -> bool | None:
+        """Whether the next access of ``word`` after ``boundary`` reads it; None: there is none."""
         got = self._index.get(word)
         if got is None:
-            return False
+            return None
         steps, reads = got
         j = bisect.bisect_left(steps, boundary + 1)
-        return j < len(steps) and reads[j]
+        return reads[j] if j < len(steps) else None
+
+
+class JoinedLive:
+    """The liveness of a run that stopped where it rejoined another (``then`` at its boundary
+    ``at``): its own accesses first, then the other's from there."""
+
+    def __init__(self, first: LiveIndex, then, at: int) -> None:
+        self.first, self.then, self.at = first, then, at
+
+    def words(self) -> frozenset[int]:
+        return self.first.words() | self.then.words()
+
+    def after(self, word: int, boundary: int) -> bool | None:
+        got = self.first.after(word, boundary)
+        return self.then.after(word, self.at) if got is None else got
+
+    def live(self, word: int, boundary: int) -> bool:
+        return self.after(word, boundary) is True
 
 
 @dataclass(frozen=True)
@@ -241,5 +263,5 @@ class StubHandler(Protocol):
     def enter(self, ctx: Context, name: str) -> None: ...
 
 
-__all__ = ["Level", "Op", "REG_LOCS", "FLAG_GROUPS", "FLAG_LOCS", "N_LOCS", "GROUP_MASKS", "MachineConfig", "LiveIndex", "ConvergePoint", "Request",
+__all__ = ["Level", "Op", "REG_LOCS", "FLAG_GROUPS", "FLAG_LOCS", "N_LOCS", "GROUP_MASKS", "MachineConfig", "LiveIndex", "JoinedLive", "ConvergePoint", "Request",
            "StepLog", "MemoryCursor", "Record", "Context", "StubHandler", "DEFAULT_BUDGET"]
