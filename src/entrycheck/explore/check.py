@@ -140,7 +140,7 @@ class CheckResult:
     skipped: int = 0
     executed: int = 0          # runs the machine really made (depends on how the work was split)
     shared: int = 0            # paths a shared handler run stood for (likewise)
-    beside: int = 0            # leaves that rejoined a sibling leaf's run (likewise)
+    beside: int = 0            # runs that rejoined a sibling's run (likewise)
     speculated: int = 0        # mispredicted branches followed (swapgs-unfenced), not counted as runs
     stopped_because: str = STOPPED_DONE
     errors: list[str] = field(default_factory=list)

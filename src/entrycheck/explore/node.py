@@ -79,7 +79,7 @@ class Node:
         self.point_nodes: tuple[tuple["Node", int], ...] = ()
         self._anc: tuple | None = None
         self.attributed: dict[tuple, tuple] = {}     # (index, memo entry) -> path summary
-        self.siblings: dict = {}                     # vector -> Sibling: a leaf's run later leaves may rejoin
+        self.siblings: dict = {}                     # vector (leaves), ("record", vector) -> Sibling
         # Where this run stopped because it rejoined another recorded run (``join``): that run and
         # its boundary; its rest stands for this run's.
         self.joined: tuple["Node", int] | None = None
@@ -203,25 +203,26 @@ class Node:
 
 
 class Sibling:
-    """A leaf's run, recorded, that later leaves of the same node and vector may rejoin.
+    """A recorded run injected at boundary k of a node (a leaf's, recorded for this, or one
+    recorded for deeper injection) that later runs of the same node and vector may rejoin.
 
     Its exception returned to the boundary it interrupted but changed a word the node's run
     still reads (a nested NMI tells the NMI it interrupted to repeat itself), so it did not
-    rejoin the node; it ran on through the node's code from there.  A leaf injected at a later
+    rejoin the node; it ran on through the node's code from there.  A run injected at a later
     boundary j whose exception returns in the state this run had when it reached j (the same
     change made, nothing else the rest reads different) is this run from there on: its rest
-    stands for the leaf's (``Request.converge``, checked by the machine as any convergence)."""
+    stands for that run's (``Request.converge``, checked by the machine as any convergence)."""
 
     def __init__(self, run: Node, k: int) -> None:
         self.run, self.k = run, k                    # its recorded run, the boundary it was injected at
         self.resumed = run.record.resumed_step       # where its exception returned
         self._cursor = run.log.cursor()
         self._at = run.log.start
-        self.served = 0                              # leaves that rejoined it
-        self.missed = 0                              # leaves since that did not
+        self.served = 0                              # runs that rejoined it
+        self.missed = 0                              # leaves since that did not (leaves' siblings)
 
     def point(self, node: Node, j: int, index: int, tag: int) -> ConvergePoint | None:
-        """The stop rule for a leaf of ``node`` injected at boundary j whose exception's return
+        """The stop rule for a run injected at boundary j of ``node`` whose exception's return
         takes outstanding to ``index``: this run's state where it reached j (as many steps after
         its own return as j is after k, at the same instruction), or None."""
         log = self.run.log

@@ -59,7 +59,7 @@ class UnitResult:
     skipped: int = 0
     executed: int = 0                # runs the machine really made
     shared: int = 0                  # leaves attributed to a shared run
-    beside: int = 0                  # leaves that rejoined a sibling's run (explore/node.py Sibling)
+    beside: int = 0                  # runs that rejoined a sibling's run (explore/node.py Sibling)
     stopped: str = "done"
     error: str = ""
     speculated: int = 0              # mispredicted branches followed (runs not counted as paths)
