@@ -16,9 +16,10 @@ everything to its end and must find the same):
   registers, model state and every word the recorded run still reads before writing are
   what that run had there, the rest of the run is the recorded run's (deterministic
   execution from equal inputs): it stops, and the recorded continuation stands for the rest.
-  A leaf whose exception returned but changed what the recorded run reads (a nested NMI asks
-  the outer one to repeat) may likewise rejoin an earlier leaf of the same node and vector
-  that did the same (explore/node.py ``Sibling``), recorded for that.
+  A run whose exception returned but changed what the recorded run reads (a nested NMI asks
+  the outer one to repeat) may likewise rejoin an earlier run of the same node and vector
+  that did the same (explore/node.py ``Sibling``: a leaf's, recorded for that, or a run
+  recorded to inject into, which stops where it rejoins as a leaf does: ``Node.join``).
 * Latched NMIs.  An NMI that arrives while NMIs are blocked only sets the latch, which
   nothing reads until the unblocking IRET; every boundary of one blocked stretch therefore
   leads to the same state at that IRET, and only the first is run.
