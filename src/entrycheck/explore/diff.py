@@ -262,7 +262,7 @@ class DiffResult:
         classes)."""
         classes: dict[tuple, list] = {}
         for ot, nt, orows, nrows in self.pairs:
-            cache = self._changed.get((id(ot), id(nt)), {})
+            cache = self._changed[(id(ot), id(nt))]
             keys: dict[tuple, tuple | None] = {}
             for a, b in zip(orows, nrows):
                 injected = ot.link[a] >= 0
@@ -270,13 +270,12 @@ class DiffResult:
                 if pk in keys:
                     got = keys[pk]
                 else:
-                    changed = cache.get(pk[1], (False,))[0]
+                    changed, behaviour = cache[pk[1]][:2]          # every pair was judged (_summarise)
                     got = None
                     if changed or not injected:
-                        oout, nout = ot.outcomes[ot.outcome[a]], nt.outcomes[nt.outcome[b]]
-                        behaviour = ot.ends[ot.end[a]] != nt.ends[nt.end[b]] or oout != nout
-                        got = (ot.scenario, ot.features, ot.effects, injected, ot.costs[ot.cost[a]].counts(), oout,
-                               nt.costs[nt.cost[b]].counts(), nout, behaviour, changed)
+                        got = (ot.scenario, ot.features, ot.effects, injected, ot.costs[ot.cost[a]].counts(),
+                               ot.outcomes[ot.outcome[a]], nt.costs[nt.cost[b]].counts(),
+                               nt.outcomes[nt.outcome[b]], behaviour, changed)
                     keys[pk] = got
                 if got is None:
                     continue
