@@ -309,9 +309,10 @@ class _Unit:
         # return may unblock them, and the rest is explored as its continuation.)
         sibling = beside = None
         joinable = self.config.prune and not node.log.cpus[k - node.log.start].nmi_blocked and not node.in_rest(k)
+        rejoin = node.converge_points(k, state)
         points: tuple[ConvergePoint, ...] = ()
         if joinable:
-            points = (ConvergePoint(len(state.outstanding), state, node.live, k, 0),)
+            points = rejoin[:1]                    # this run at k
             sibling = node.siblings.get(("record", vector))
             beside = sibling.point(node, k, len(state.outstanding), 1) if sibling is not None else None
             if beside is not None:
@@ -338,11 +339,12 @@ class _Unit:
         else:
             child.row, broke = self._evaluate_node(child, child.chain, self.group)
         if rec.delivered is not None:
-            child.points = node.converge_points(k, state)
+            child.points = rejoin
             child.point_nodes = node.rejoinable(k)
-            if child.joined is not None and rec.converged == 1:
-                # What rejoins this run where its exception returned rejoins the sibling there.
-                child.points += (ConvergePoint(beside.index, beside.ref, beside.live, beside.boundary, 0),)
+            if rec.converged == 1:
+                # What rejoins this run where its exception returned rejoins the sibling there
+                # (``converge_points`` numbers the points again).
+                child.points += (beside,)
                 child.point_nodes += (child.joined,)
         else:
             child.points, child.point_nodes = node.points, node.point_nodes
